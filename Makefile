@@ -1,0 +1,33 @@
+# Two commands set everything up on a fresh machine: `make demo` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DEMO_DATA := runs/demo-data
+
+.PHONY: demo test lint bench clean
+
+# One stamp per install flavour, so editing pyproject.toml reinstalls.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -e .
+	touch $@
+
+$(VENV)/.installed-dev: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --disable-pip-version-check -e '.[dev]'
+	touch $@
+
+demo: $(VENV)/.installed
+	test -d $(DEMO_DATA) || $(BIN)/ctscan make-demo-data $(DEMO_DATA)
+	$(BIN)/ctscan inspect $(DEMO_DATA)
+	$(BIN)/ctscan split $(DEMO_DATA) --out runs/demo
+
+test: $(VENV)/.installed-dev
+	$(BIN)/ruff check .
+	$(BIN)/python -m pytest
+
+bench: $(VENV)/.installed
+	$(BIN)/python bench/data_pipeline.py
+
+clean:
+	rm -rf runs .pytest_cache .ruff_cache

@@ -1,0 +1,110 @@
+"""`ctscan inspect`: what is in a dataset, what could not be read, and what could fool a model."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.preprocessing import OneHotEncoder
+from sklearn.tree import DecisionTreeClassifier
+
+from data_utils.cache import CTDataset
+from data_utils.split import group_rows
+
+# A metadata feature that beats the majority class by this much is a shortcut worth a warning.
+SHORTCUT_LIFT = 0.10
+
+
+def inspect_dataset(ds: CTDataset) -> dict:
+    """The doctor's findings as one JSON-ready dict (the --json output)."""
+    by_class = {name: np.flatnonzero(ds.labels == label) for label, name in enumerate(ds.class_names)}
+    report = {
+        "data": str(ds.root),
+        "positive_class": ds.positive_class,
+        "classes": {name: len(rows) for name, rows in by_class.items()},
+        "modes": {
+            name: dict(Counter(ds.modes[i] for i in rows).most_common())
+            for name, rows in by_class.items()
+        },
+        "sizes": {name: _size_range([ds.sizes[i] for i in rows]) for name, rows in by_class.items()},
+        "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
+        "duplicate_groups": _groups_of(ds, np.unique(ds.sha256, return_inverse=True)[1]),
+        "near_duplicate_groups": _groups_of(ds, group_rows(ds, "duplicates")),
+        "warnings": [],
+    }
+    report["warnings"] = _shortcut_warnings(ds) + _balance_warnings(report["classes"])
+    if ds.skipped:
+        report["warnings"].append(f"{len(ds.skipped)} file(s) could not be read and are skipped")
+    return report
+
+
+def _size_range(sizes: list[tuple[int, int]]) -> dict[str, list[int]]:
+    w, h = np.array(sizes).T
+    return {"width": [int(w.min()), int(w.max())], "height": [int(h.min()), int(h.max())]}
+
+
+def _groups_of(ds: CTDataset, group_ids: np.ndarray) -> list[list[str]]:
+    members: dict[int, list[str]] = {}
+    for path, g in zip(ds.paths, group_ids.tolist(), strict=True):
+        members.setdefault(g, []).append(path)
+    return sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda m: m[0])
+
+
+def shortcut_accuracy(features: np.ndarray, labels: np.ndarray) -> tuple[float, float] | None:
+    """Cross-validated accuracy of a shallow tree that sees only `features`, and chance level."""
+    folds = min(5, int(np.bincount(labels).min()))
+    if folds < 2:
+        return None
+    tree = DecisionTreeClassifier(max_depth=3, random_state=0)
+    cv = StratifiedKFold(folds, shuffle=True, random_state=0)
+    accuracy = cross_val_score(tree, features, labels, cv=cv).mean()
+    return float(accuracy), float(np.bincount(labels).max() / len(labels))
+
+
+def _shortcut_warnings(ds: CTDataset) -> list[str]:
+    features = {
+        "image mode": OneHotEncoder().fit_transform(np.array(ds.modes)[:, None]).toarray(),
+        "image size": np.array(ds.sizes),
+    }
+    warnings = []
+    for name, x in features.items():
+        result = shortcut_accuracy(x, ds.labels)
+        if result and result[0] - result[1] >= SHORTCUT_LIFT:
+            warnings.append(
+                f"{name} predicts the label: a classifier that sees only the {name} reaches "
+                f"{result[0]:.0%} accuracy (majority class {result[1]:.0%}). ctscan decodes every "
+                "file to 8-bit grayscale at one size, so its models cannot use this, but a model "
+                "trained elsewhere on these files may have, and its accuracy may be inflated."
+            )
+    return warnings
+
+
+def _balance_warnings(classes: dict[str, int]) -> list[str]:
+    small, large = sorted(classes.values())
+    if large > 3 * small:
+        return [f"classes are imbalanced ({classes}); consider pos_weight when training"]
+    return []
+
+
+def format_report(report: dict) -> str:
+    """The human-readable version of inspect_dataset's dict."""
+    lines = [f"dataset {report['data']}  (positive class: {report['positive_class']})"]
+    for name, count in report["classes"].items():
+        modes = ", ".join(f"{m} {n}" for m, n in report["modes"][name].items())
+        size = report["sizes"][name]
+        lines.append(
+            f"  {name:<12} {count:>6} images   modes: {modes}   width {size['width'][0]}-"
+            f"{size['width'][1]}, height {size['height'][0]}-{size['height'][1]} px"
+        )
+    lines.append(f"skipped (unreadable): {len(report['skipped'])}")
+    lines += [f"  {s['path']}: {s['reason']}" for s in report["skipped"]]
+    for key, title in [("duplicate_groups", "byte-identical groups"),
+                       ("near_duplicate_groups", "near-identical groups (kept in one split)")]:
+        groups = report[key]
+        lines.append(f"{title}: {len(groups)}, {sum(map(len, groups))} files")
+        lines += [f"  {' = '.join(g)}" for g in groups[:10]]
+        if len(groups) > 10:
+            lines.append(f"  ... {len(groups) - 10} more (see --json)")
+    lines += [f"WARNING: {w}" for w in report["warnings"]]
+    return "\n".join(lines)

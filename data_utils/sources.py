@@ -1,0 +1,120 @@
+"""Find the labelled image files of a dataset: a folder of class folders, or a CSV manifest."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass
+from pathlib import Path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
+POSITIVE_HINTS = ("covid", "positive")
+
+
+class DataError(Exception):
+    """Input the user has to fix (missing folder, one class, bad manifest...). The CLI exits 2."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: Path  # absolute
+    rel: str  # relative to the dataset root, as written to split.json and reports
+    class_name: str
+    group: str | None = None  # patient id from a manifest's group column
+
+
+@dataclass(frozen=True)
+class Source:
+    root: Path
+    samples: list[Sample]
+    class_names: tuple[str, str]  # (negative, positive): label 1 means class_names[1]
+
+    @property
+    def positive_class(self) -> str:
+        return self.class_names[1]
+
+    def label(self, sample: Sample) -> int:
+        return self.class_names.index(sample.class_name)
+
+
+def discover(data: Path, positive_class: str | None = None) -> Source:
+    """Read a class-folder tree (Kaggle layout: COVID/, non-COVID/) or a `path,label[,group]` CSV."""
+    data = Path(data).expanduser()
+    if not data.exists():
+        raise DataError(f"{data}: no such file or folder")
+    if data.is_file():
+        root, samples = data.parent.resolve(), _read_manifest(data)
+        where = str(data)
+    else:
+        root, samples = data.resolve(), _read_class_folders(data)
+        where = str(data)
+    names = sorted({s.class_name for s in samples})
+    if len(names) < 2:
+        found = f"only class {names[0]!r}" if names else "no images"
+        raise DataError(f"{where}: found {found}; a binary classifier needs exactly two classes")
+    if len(names) > 2:
+        raise DataError(f"{where}: found {len(names)} classes {names}; ctscan needs exactly two")
+    return Source(root=root, samples=samples, class_names=_order_classes(names, positive_class, where))
+
+
+def _read_class_folders(root: Path) -> list[Sample]:
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise DataError(f"{root}: no class folders (expected e.g. {root}/COVID and {root}/non-COVID)")
+    samples = []
+    for class_dir in class_dirs:
+        files = sorted(
+            p for p in class_dir.rglob("*")
+            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+        )
+        if not files:
+            raise DataError(f"{class_dir}: class folder holds no image files")
+        samples += [
+            Sample(p.resolve(), p.relative_to(root).as_posix(), class_dir.name) for p in files
+        ]
+    return samples
+
+
+def _read_manifest(manifest: Path) -> list[Sample]:
+    root = manifest.parent.resolve()
+    with manifest.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f)
+        columns = [c.strip() for c in reader.fieldnames or []]
+        if "path" not in columns or "label" not in columns:
+            raise DataError(f"{manifest}: header must be path,label[,group]; found {columns}")
+        samples = []
+        for line_no, row in enumerate(reader, start=2):
+            row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
+            if not row["path"] or not row["label"]:
+                raise DataError(f"{manifest}:{line_no}: empty path or label")
+            path = (root / row["path"]).resolve()
+            if not path.is_relative_to(root):
+                raise DataError(f"{manifest}:{line_no}: path {row['path']!r} escapes {root}")
+            samples.append(
+                Sample(path, path.relative_to(root).as_posix(), row["label"], row.get("group") or None)
+            )
+    if not samples:
+        raise DataError(f"{manifest}: manifest lists no images")
+    return samples
+
+
+def _order_classes(names: list[str], positive_class: str | None, where: str) -> tuple[str, str]:
+    if positive_class is not None:
+        matches = [n for n in names if n.lower() == positive_class.lower()]
+        if not matches:
+            raise DataError(f"{where}: --positive-class {positive_class!r} is not one of {names}")
+        positive = matches[0]
+    else:
+        # "non-COVID" contains "covid" too, so a name counts only if it does not negate the hint.
+        hits = [
+            n for n in names
+            if any(h in n.lower() for h in POSITIVE_HINTS)
+            and not n.lower().startswith(("non", "not", "no-", "no_", "neg"))
+        ]
+        if len(hits) != 1:
+            raise DataError(
+                f"{where}: cannot tell which of {names} is the positive class; "
+                "pass --positive-class NAME"
+            )
+        positive = hits[0]
+    negative = next(n for n in names if n != positive)
+    return negative, positive

@@ -1,0 +1,168 @@
+"""Stratified, seeded train/val/test split that never lets related slices straddle two splits.
+
+Files are first joined into groups, then whole groups are dealt to splits:
+- byte-identical files (same sha256) are always one group, whatever --group-by says;
+- `manifest`: the manifest's group column (patient id) joins files too;
+- `duplicates` (default): near-identical slices join too: 256-bit pHashes at Hamming distance
+  <= NEAR_DUPLICATE_BITS (of 256). On the 314-slice real sample that joins the 2 byte-identical
+  pairs and 5 same-class pairs at distance 20-40 that are visibly the same patient (Non-Covid
+  (787) and (987) are one slice, 200 file numbers apart); the closest pair with different labels,
+  visibly different patients, is at distance 50.
+Groups joined this way are transitive: A~B and B~C puts A, B and C together.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
+
+from data_utils.cache import CTDataset
+from data_utils.files import write_json
+from data_utils.sources import DataError
+
+SPLITS = ("train", "val", "test")
+GROUP_BY = ("none", "manifest", "duplicates")
+NEAR_DUPLICATE_BITS = 40
+
+
+@dataclass(frozen=True)
+class Split:
+    assignment: np.ndarray  # int8 [N]: index into SPLITS for each dataset row
+    groups: np.ndarray  # int [N]: group id of each row; rows of one group share a split
+    seed: int
+    ratios: tuple[float, float, float]
+    group_by: str
+
+    def indices(self, name: str) -> np.ndarray:
+        return np.flatnonzero(self.assignment == SPLITS.index(name))
+
+
+def near_duplicate_pairs(phash: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
+    """Pairs (i, j), i < j, of rows whose packed hashes differ in at most max_bits bits."""
+    pairs = []
+    for start in range(0, len(phash), 512):  # chunks keep the N x N x 32 XOR small in memory
+        block = phash[start : start + 512]
+        dist = np.bitwise_count(block[:, None, :] ^ phash[None, :, :]).sum(-1, dtype=np.int32)
+        i, j = np.nonzero(dist <= max_bits)
+        i += start
+        pairs.append(np.stack([i, j], 1)[i < j])
+    return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+
+
+def group_rows(ds: CTDataset, group_by: str) -> np.ndarray:
+    """Connected components of 'must share a split' links; returns a group id per row."""
+    if group_by not in GROUP_BY:
+        raise DataError(f"--group-by must be one of {GROUP_BY}, got {group_by!r}")
+    keys = [ds.sha256]
+    if group_by == "manifest":
+        if any(g is None for g in ds.groups):
+            raise DataError(
+                f"{ds.root}: --group-by manifest needs a CSV manifest with a group column "
+                "filled in for every row (path,label,group)"
+            )
+        keys.append(ds.groups)
+    links = [_same_key_links(k) for k in keys]
+    if group_by == "duplicates":
+        links.append(near_duplicate_pairs(ds.phash))
+    edges = np.concatenate(links)
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(ds),) * 2)
+    return connected_components(graph, directed=False)[1]
+
+
+def _same_key_links(keys: list) -> np.ndarray:
+    """Link each row to the first row with the same key."""
+    first: dict = {}
+    return np.array([(first.setdefault(k, i), i) for i, k in enumerate(keys)], np.int64)
+
+
+def split_dataset(
+    ds: CTDataset,
+    ratios: tuple[float, float, float] = (0.7, 0.2, 0.1),
+    seed: int = 0,
+    group_by: str = "duplicates",
+) -> Split:
+    """Deal whole groups to train/val/test so each split gets its share of each class."""
+    ratios = _check_ratios(ratios)
+    groups = group_rows(ds, group_by)
+    rng = np.random.default_rng(seed)
+    sizes = np.bincount(groups)
+    split_of_group = np.full(len(sizes), -1, np.int8)
+    # A group's stratum is its majority label (near-duplicates can span both classes).
+    positives = np.bincount(groups, weights=ds.labels)
+    stratum = (positives * 2 > sizes).astype(int)
+    for label in (0, 1):
+        members = np.flatnonzero(stratum == label)
+        members = rng.permutation(members)
+        # Big groups first, random among equals: the greedy fill then lands close to the ratios.
+        members = members[np.argsort(-sizes[members], kind="stable")]
+        target = np.asarray(ratios) * sizes[members].sum()
+        filled = np.zeros(3)
+        for g in members:
+            k = int(np.argmax(target - filled))
+            filled[k] += sizes[g]
+            split_of_group[g] = k
+    split = Split(split_of_group[groups], groups, seed, ratios, group_by)
+    _check(split, ds)
+    return split
+
+
+def _check_ratios(ratios: tuple[float, ...]) -> tuple[float, float, float]:
+    if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
+        raise DataError(f"split ratios must be three positive numbers summing to 1, got {ratios}")
+    return tuple(float(r) for r in ratios)
+
+
+def _check(split: Split, ds: CTDataset) -> None:
+    sha = np.asarray(ds.sha256)
+    seen = [set(sha[split.indices(name)]) for name in SPLITS]
+    for a in range(3):
+        for b in range(a + 1, 3):
+            leaked = seen[a] & seen[b]
+            if leaked:  # not `assert`: this must hold under python -O too
+                raise AssertionError(f"in both {SPLITS[a]} and {SPLITS[b]}: {sorted(leaked)[:3]}")
+    for name in SPLITS:
+        counts = np.bincount(ds.labels[split.indices(name)], minlength=2)
+        for label, count in enumerate(counts):
+            if count == 0:
+                raise DataError(
+                    f"{ds.root}: the {name} split got no {ds.class_names[label]!r} images; the "
+                    f"dataset has too few independent groups ({split.groups.max() + 1}) for "
+                    f"ratios {split.ratios}. Add data or use --group-by none (leaky)."
+                )
+
+
+def write_split(split: Split, ds: CTDataset, path: Path) -> None:
+    """split.json: enough to rebuild the split, and to audit it, without the images."""
+    files = [
+        {
+            "path": ds.paths[i],
+            "sha256": ds.sha256[i],
+            "label": ds.class_names[ds.labels[i]],
+            "group": int(split.groups[i]),
+            "split": SPLITS[split.assignment[i]],
+        }
+        for i in range(len(ds))
+    ]
+    write_json(path, {
+        "seed": split.seed,
+        "ratios": dict(zip(SPLITS, split.ratios, strict=True)),
+        "group_by": split.group_by,
+        "near_duplicate_bits": NEAR_DUPLICATE_BITS if split.group_by == "duplicates" else None,
+        "positive_class": ds.positive_class,
+        "counts": split_counts(split, ds),
+        "files": files,
+    })
+
+
+def split_counts(split: Split, ds: CTDataset) -> dict[str, dict[str, int]]:
+    return {
+        name: {
+            cls: int((ds.labels[split.indices(name)] == label).sum())
+            for label, cls in enumerate(ds.class_names)
+        }
+        for name in SPLITS
+    }
