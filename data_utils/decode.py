@@ -79,5 +79,5 @@ def _fit_square(img: Image.Image, size: int, resize: str) -> np.ndarray:
 
 
 def perceptual_hash(pixels: np.ndarray) -> np.ndarray:
-    """256-bit DCT hash of a decoded slice, packed into 32 bytes; near-identical slices are close."""
+    """256-bit DCT hash of a decoded slice packed in 32 bytes; near-identical slices are close."""
     return np.packbits(imagehash.phash(Image.fromarray(pixels), hash_size=PHASH_SIZE).hash)

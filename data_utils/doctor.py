@@ -18,7 +18,7 @@ SHORTCUT_LIFT = 0.10
 
 def inspect_dataset(ds: CTDataset) -> dict:
     """The doctor's findings as one JSON-ready dict (the --json output)."""
-    by_class = {name: np.flatnonzero(ds.labels == label) for label, name in enumerate(ds.class_names)}
+    by_class = {name: np.flatnonzero(ds.labels == i) for i, name in enumerate(ds.class_names)}
     report = {
         "data": str(ds.root),
         "positive_class": ds.positive_class,
@@ -27,7 +27,8 @@ def inspect_dataset(ds: CTDataset) -> dict:
             name: dict(Counter(ds.modes[i] for i in rows).most_common())
             for name, rows in by_class.items()
         },
-        "sizes": {name: _size_range([ds.sizes[i] for i in rows]) for name, rows in by_class.items()},
+        "sizes": {name: _size_range([ds.sizes[i] for i in rows])
+                  for name, rows in by_class.items()},
         "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
         "duplicate_groups": _groups_of(ds, np.unique(ds.sha256, return_inverse=True)[1]),
         "near_duplicate_groups": _groups_of(ds, group_rows(ds, "duplicates")),

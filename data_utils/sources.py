@@ -37,29 +37,28 @@ class Source:
 
 
 def discover(data: Path, positive_class: str | None = None) -> Source:
-    """Read a class-folder tree (Kaggle layout: COVID/, non-COVID/) or a `path,label[,group]` CSV."""
+    """Read a class-folder tree (Kaggle layout: COVID/, non-COVID/) or a path,label[,group] CSV."""
     data = Path(data).expanduser()
     if not data.exists():
         raise DataError(f"{data}: no such file or folder")
     if data.is_file():
         root, samples = data.parent.resolve(), _read_manifest(data)
-        where = str(data)
     else:
         root, samples = data.resolve(), _read_class_folders(data)
-        where = str(data)
+    where = str(data)
     names = sorted({s.class_name for s in samples})
     if len(names) < 2:
         found = f"only class {names[0]!r}" if names else "no images"
         raise DataError(f"{where}: found {found}; a binary classifier needs exactly two classes")
     if len(names) > 2:
         raise DataError(f"{where}: found {len(names)} classes {names}; ctscan needs exactly two")
-    return Source(root=root, samples=samples, class_names=_order_classes(names, positive_class, where))
+    return Source(root, samples, _order_classes(names, positive_class, where))
 
 
 def _read_class_folders(root: Path) -> list[Sample]:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        raise DataError(f"{root}: no class folders (expected e.g. {root}/COVID and {root}/non-COVID)")
+        raise DataError(f"{root}: no class folders (expected e.g. {root}/COVID, {root}/non-COVID)")
     samples = []
     for class_dir in class_dirs:
         files = sorted(
@@ -89,9 +88,8 @@ def _read_manifest(manifest: Path) -> list[Sample]:
             path = (root / row["path"]).resolve()
             if not path.is_relative_to(root):
                 raise DataError(f"{manifest}:{line_no}: path {row['path']!r} escapes {root}")
-            samples.append(
-                Sample(path, path.relative_to(root).as_posix(), row["label"], row.get("group") or None)
-            )
+            rel = path.relative_to(root).as_posix()
+            samples.append(Sample(path, rel, row["label"], row.get("group") or None))
     if not samples:
         raise DataError(f"{manifest}: manifest lists no images")
     return samples

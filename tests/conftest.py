@@ -1,0 +1,50 @@
+"""Shared fixtures: small generated datasets, the real sample when present, an isolated cache."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLE = Path(os.environ.get("CTSCAN_SAMPLE_DIR", REPO.parent / "shared/data/sarscov2-ct-sample"))
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
+    """No test reads or writes the user's ~/.cache/ctscan."""
+    cache = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("CTSCAN_CACHE_DIR", str(cache))
+    return cache
+
+
+@pytest.fixture
+def sample_dir() -> Path:
+    if not (SAMPLE / "COVID").is_dir():
+        pytest.skip(f"real CT sample not found at {SAMPLE} (set CTSCAN_SAMPLE_DIR)")
+    return SAMPLE
+
+
+def smooth_image(rng: np.random.Generator, size: int = 48) -> np.ndarray:
+    """A distinct uint8 picture with enough structure at every scale for a stable pHash."""
+    coarse = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8))
+    return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC))
+
+
+def make_class_folders(root: Path, n_per_class: int = 20, seed: int = 0,
+                       classes: tuple[str, ...] = ("COVID", "non-COVID")) -> Path:
+    rng = np.random.default_rng(seed)
+    for name in classes:
+        (root / name).mkdir(parents=True)
+        for i in range(n_per_class):
+            Image.fromarray(smooth_image(rng)).save(root / name / f"{name} ({i}).png")
+    return root
+
+
+def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
+    """Every file under root with its size and mtime: compare before/after to prove no writes."""
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*"))}

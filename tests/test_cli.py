@@ -1,0 +1,52 @@
+import json
+
+from conftest import make_class_folders, tree_snapshot
+
+from tuning.cli import main
+
+
+def test_inspect_json_has_the_documented_keys(tmp_path, capsys):
+    root = make_class_folders(tmp_path / "data", 6)
+    (root / "COVID" / "bad.png").write_bytes(b"\x89PNG broken")
+    (root / "COVID" / "dup.png").write_bytes((root / "COVID" / "COVID (0).png").read_bytes())
+    assert main(["inspect", str(root), "--json", "--image-size", "32"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"] == {"non-COVID": 6, "COVID": 7}
+    assert report["positive_class"] == "COVID"
+    assert report["skipped"][0]["path"] == "COVID/bad.png" and report["skipped"][0]["reason"]
+    assert report["duplicate_groups"] == [["COVID/COVID (0).png", "COVID/dup.png"]]
+    assert report["modes"] == {"non-COVID": {"L": 6}, "COVID": {"L": 7}}
+    assert report["warnings"] == ["1 file(s) could not be read and are skipped"]
+
+
+def test_inspect_warns_when_mode_follows_the_label(tmp_path, capsys):
+    root = make_class_folders(tmp_path / "data", 20)
+    from PIL import Image  # every positive slice saved as RGB, as in the real data
+    for f in (root / "COVID").iterdir():
+        Image.open(f).convert("RGB").save(f)
+    assert main(["inspect", str(root), "--image-size", "32"]) == 0
+    out = capsys.readouterr().out
+    assert "WARNING: image mode predicts the label" in out and "100% accuracy" in out
+    assert "COVID" in out and "RGB 20" in out
+
+
+def test_bad_input_exits_2_naming_the_path(tmp_path, capsys):
+    assert main(["inspect", str(tmp_path / "missing")]) == 2
+    assert f"{tmp_path / 'missing'}: no such file" in capsys.readouterr().err
+    (tmp_path / "onlycovid" / "COVID").mkdir(parents=True)
+    make_class_folders(tmp_path / "single", 2, classes=("COVID",))
+    assert main(["split", str(tmp_path / "single"), "--out", str(tmp_path / "run")]) == 2
+    assert "single: found only class 'COVID'" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_split_writes_split_json_and_leaves_data_alone(tmp_path, capsys):
+    root = make_class_folders(tmp_path / "data", 30)
+    before = tree_snapshot(root)
+    run = tmp_path / "run"
+    assert main(["split", str(root), "--out", str(run), "--image-size", "32", "--seed", "5"]) == 0
+    split = json.loads((run / "split.json").read_text())
+    assert split["seed"] == 5 and split["group_by"] == "duplicates"
+    assert split["counts"]["test"] == {"non-COVID": 3, "COVID": 3}
+    assert "wrote" in capsys.readouterr().out
+    assert tree_snapshot(root) == before

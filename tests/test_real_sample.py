@@ -1,0 +1,62 @@
+"""The real SARS-CoV-2 CT sample (../shared/data): its traps are handled, not just survived."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from data_utils.cache import load_dataset
+from data_utils.decode import decode_image
+from data_utils.split import SPLITS, split_dataset
+from tuning.cli import main
+
+DUPLICATE_PAIRS = [("Covid (128).png", "Covid (129).png"), ("Covid (134).png", "Covid (135).png")]
+
+
+@pytest.fixture
+def sample(sample_dir):
+    return load_dataset(sample_dir, progress=False)
+
+
+def test_all_314_slices_load(sample):
+    assert len(sample) == 314 and sample.skipped == []
+    assert sample.positive_class == "COVID"
+    assert np.bincount(sample.labels).tolist() == [154, 160]
+    assert sample.images.shape == (314, 224, 224)
+
+
+@pytest.mark.parametrize("group_by", ["none", "duplicates"])
+def test_duplicate_pairs_share_a_split(sample, group_by):
+    for seed in range(10):
+        split = split_dataset(sample, seed=seed, group_by=group_by)
+        where = {p.split("/")[-1]: SPLITS[s] for p, s in zip(sample.paths, split.assignment,
+                                                              strict=True)}
+        for a, b in DUPLICATE_PAIRS:
+            assert where[a] == where[b]
+
+
+def test_rgb_and_rgba_versions_of_one_slice_decode_identically(sample_dir):
+    rgb_file = next(p for p in sorted((sample_dir / "COVID").iterdir())
+                    if Image.open(p).mode == "RGB")
+    rgb = Image.open(rgb_file)
+    versions = {}
+    for mode in ("RGB", "RGBA", "L"):
+        buf = io.BytesIO()
+        rgb.convert(mode).save(buf, format="PNG")
+        versions[mode] = decode_image(buf.getvalue(), 224).pixels
+    np.testing.assert_array_equal(versions["RGB"], versions["RGBA"])
+    np.testing.assert_array_equal(versions["RGB"], versions["L"])
+
+
+def test_inspect_warns_about_the_mode_shortcut(sample_dir, capsys):
+    assert main(["inspect", str(sample_dir), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["classes"] == {"non-COVID": 154, "COVID": 160}
+    assert report["modes"]["non-COVID"] == {"RGBA": 154}
+    assert report["modes"]["COVID"] == {"RGBA": 105, "RGB": 55}
+    assert report["skipped"] == []
+    assert ["COVID/Covid (128).png", "COVID/Covid (129).png"] in report["duplicate_groups"]
+    assert ["COVID/Covid (134).png", "COVID/Covid (135).png"] in report["duplicate_groups"]
+    assert any(w.startswith("image mode predicts the label") for w in report["warnings"])

@@ -1,0 +1,105 @@
+import json
+
+import numpy as np
+import pytest
+from conftest import make_class_folders, smooth_image
+from PIL import Image
+
+from data_utils.cache import load_dataset
+from data_utils.sources import DataError
+from data_utils.split import SPLITS, split_counts, split_dataset, write_split
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    return load_dataset(make_class_folders(tmp_path / "data", 60), image_size=32, progress=False)
+
+
+def test_stratified_ratios(dataset):
+    split = split_dataset(dataset, seed=3)
+    counts = split_counts(split, dataset)
+    for cls in dataset.class_names:
+        assert [counts[name][cls] for name in SPLITS] == [42, 12, 6]
+
+
+def test_same_seed_same_split_json_other_seed_differs(dataset, tmp_path):
+    for name, seed in [("a", 1), ("b", 1), ("c", 2)]:
+        write_split(split_dataset(dataset, seed=seed), dataset, tmp_path / name / "split.json")
+    a, b, c = ((tmp_path / n / "split.json").read_bytes() for n in "abc")
+    assert a == b and a != c
+    content = json.loads(a)
+    assert content["seed"] == 1 and content["ratios"] == {"train": 0.7, "val": 0.2, "test": 0.1}
+    assert len(content["files"]) == 120
+    assert set(content["files"][0]) == {"path", "sha256", "label", "group", "split"}
+
+
+def _with_copies(tmp_path, near: bool):
+    """60+60 distinct images plus, for 10 of them, a byte-identical or a near-identical copy."""
+    root = make_class_folders(tmp_path / "data", 60)
+    rng = np.random.default_rng(0)
+    for i in range(10):
+        src = root / "COVID" / f"COVID ({i}).png"
+        if near:
+            pixels = np.asarray(Image.open(src)).astype(int) + rng.integers(-3, 4, (48, 48))
+            Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / "COVID" / f"n{i}.png")
+        else:
+            (root / "COVID" / f"n{i}.png").write_bytes(src.read_bytes())
+    return load_dataset(root, image_size=32, progress=False)
+
+
+def _split_of(ds, split):
+    return {p: SPLITS[s] for p, s in zip(ds.paths, split.assignment, strict=True)}
+
+
+@pytest.mark.parametrize("group_by", ["none", "duplicates"])
+def test_byte_identical_files_never_straddle(tmp_path, group_by):
+    ds = _with_copies(tmp_path, near=False)
+    for seed in range(5):
+        where = _split_of(ds, split_dataset(ds, seed=seed, group_by=group_by))
+        assert all(where[f"COVID/n{i}.png"] == where[f"COVID/COVID ({i}).png"] for i in range(10))
+
+
+def test_near_identical_grouped_only_with_duplicates(tmp_path):
+    ds = _with_copies(tmp_path, near=True)
+    straddled = {"none": 0, "duplicates": 0}
+    for group_by in straddled:
+        for seed in range(5):
+            where = _split_of(ds, split_dataset(ds, seed=seed, group_by=group_by))
+            straddled[group_by] += sum(
+                where[f"COVID/n{i}.png"] != where[f"COVID/COVID ({i}).png"] for i in range(10))
+    assert straddled["duplicates"] == 0
+    assert straddled["none"] > 0  # so the check above can fail
+
+
+def test_distinct_images_are_not_grouped(dataset):
+    assert split_dataset(dataset, group_by="duplicates").groups.max() + 1 == len(dataset)
+
+
+def test_manifest_groups_keep_patients_together(tmp_path):
+    rng = np.random.default_rng(1)
+    rows = []
+    for patient in range(24):
+        label = "covid" if patient % 2 else "normal"
+        for s in range(5):
+            Image.fromarray(smooth_image(rng)).save(tmp_path / f"p{patient}-{s}.png")
+            rows.append(f"p{patient}-{s}.png,{label},patient{patient}")
+    (tmp_path / "m.csv").write_text("path,label,group\n" + "\n".join(rows))
+    ds = load_dataset(tmp_path / "m.csv", image_size=32, progress=False)
+    split = split_dataset(ds, group_by="manifest", seed=4)
+    for patient in range(24):
+        assert len({split.assignment[i] for i, g in enumerate(ds.groups)
+                    if g == f"patient{patient}"}) == 1
+    assert split.groups.max() + 1 == 24
+
+
+def test_manifest_grouping_needs_a_group_column(dataset):
+    with pytest.raises(DataError, match="needs a CSV manifest with a group column"):
+        split_dataset(dataset, group_by="manifest")
+
+
+def test_too_few_groups_and_bad_ratios_are_clear_errors(tmp_path):
+    ds = load_dataset(make_class_folders(tmp_path / "d", 3), image_size=32, progress=False)
+    with pytest.raises(DataError, match="split got no"):
+        split_dataset(ds)
+    with pytest.raises(DataError, match="summing to 1"):
+        split_dataset(ds, ratios=(0.5, 0.2, 0.2))
