@@ -13,6 +13,7 @@ import csv
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -52,19 +53,13 @@ def make_demo_data(out_dir: Path, n_per_class: int = 300, size: int = 256, seed:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
         rows = []
-        for class_idx, label in enumerate(CLASSES):
+        for label in CLASSES:
             (tmp / label).mkdir()
-            # One random stream per class and per patient: the output does not depend on the
-            # order of generation, and changing one class leaves the other untouched.
-            runs = _plan_runs(np.random.default_rng([seed, class_idx]), n_per_class)
-            digits = max(3, len(str(len(runs) - 1)))
-            for p, n_slices in enumerate(runs):
-                group = f"{_PREFIX[label]}-p{p:0{digits}d}"
-                rng = np.random.default_rng([seed, class_idx, p + 1])
-                for s, sl in enumerate(_render_patient(rng, label == "COVID", n_slices, size)):
-                    rel = f"{label}/{group}-s{s:02d}.png"
-                    Image.fromarray(sl.image).save(tmp / rel, format="PNG")
-                    rows.append((rel, label, group))
+        for label, group, slices in _iter_patients(n_per_class, size, seed):
+            for s, sl in enumerate(slices):
+                rel = f"{label}/{group}-s{s:02d}.png"
+                Image.fromarray(sl.image).save(tmp / rel, format="PNG")
+                rows.append((rel, label, group))
         with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f, lineterminator="\n")
             writer.writerow(("path", "label", "group"))
@@ -88,16 +83,32 @@ def _refuse_existing(out_dir: Path) -> None:
         raise FileExistsError(f"refusing to overwrite existing file: {out_dir}")
 
 
+def _iter_patients(
+    n_per_class: int, size: int, seed: int
+) -> Iterator[tuple[str, str, list[RenderedSlice]]]:
+    """Yield (label, group, slices) for every patient of the dataset, in manifest order."""
+    for class_idx, label in enumerate(CLASSES):
+        # One random stream per class and per patient: the output does not depend on the
+        # order of generation, and changing one class leaves the other untouched.
+        runs = _plan_runs(np.random.default_rng([seed, class_idx]), n_per_class)
+        digits = max(3, len(str(len(runs) - 1)))
+        for p, n_slices in enumerate(runs):
+            rng = np.random.default_rng([seed, class_idx, p + 1])
+            group = f"{_PREFIX[label]}-p{p:0{digits}d}"
+            yield label, group, _render_patient(rng, label == "COVID", n_slices, size)
+
+
 def _plan_runs(rng: np.random.Generator, n_total: int) -> list[int]:
     """Split n_total slices into per-patient runs of _MIN_SLICES.._MAX_SLICES slices."""
     runs = []
     left = n_total
     while left > 0:
         n = int(rng.integers(_MIN_SLICES, _MAX_SLICES + 1))
-        if left - n < _MIN_SLICES and left <= _MAX_SLICES:
-            n = left  # fold a would-be tiny last patient into this one
-        runs.append(min(n, left))
-        left -= runs[-1]
+        if left - n < _MIN_SLICES:
+            # Never leave a tiny last patient: take everything, or leave exactly the minimum.
+            n = left if left <= _MAX_SLICES else left - _MIN_SLICES
+        runs.append(n)
+        left -= n
     return runs
 
 
@@ -118,8 +129,9 @@ def _render_patient(
 
     chest, body = _render_chest(rng, xx, yy, px)
     lungs = [_sample_lung(rng, body, side, xx, yy, px) for side in (-1, 1)]
-    heart_r0 = _radius(xx, yy, body[0] + 0.1 * body[2], body[1] - 0.4 * body[3],
-                       0.26 * body[2], 0.36 * body[3])
+    heart_r0 = _radius(
+        xx, yy, body[0] + 0.1 * body[2], body[1] - 0.4 * body[3], 0.26 * body[2], 0.36 * body[3]
+    )
     lesions = _sample_lesions(rng, n_slices)
     z0, dz = rng.uniform(0.15, 0.75), rng.uniform(0.015, 0.03)  # position along the thorax
     lung_level = rng.uniform(15, 40)
@@ -199,8 +211,12 @@ def _render_chest(
     n = int(rng.integers(5, 9))
     ang = np.concatenate([rng.uniform(0.15, 1.35, n), np.pi - rng.uniform(0.15, 1.35, n)])
     rr = 1 - fat_frac - rng.uniform(0.03, 0.07)
-    ribs = _splat((h, w), cy + rr * ay * np.sin(ang), cx + rr * ax * np.cos(ang),
-                  np.full(ang.size, 900.0 * px * px))
+    ribs = _splat(
+        (h, w),
+        cy + rr * ay * np.sin(ang),
+        cx + rr * ax * np.cos(ang),
+        np.full(ang.size, 900.0 * px * px),
+    )
     img += _blur(ribs, 1.8 * px)
 
     # Patient table: a curved bright band below the back, clear of the body.
@@ -227,7 +243,10 @@ def _sample_lung(
     n_branch = int(rng.integers(6, 12))
     n_dots = int(rng.integers(15, 45))  # vessels crossing the slice plane
     return {
-        "cx": cx, "cy": cy, "ax": ax, "ay": ay,
+        "cx": cx,
+        "cy": cy,
+        "ax": ax,
+        "ay": ay,
         "r0": _radius(xx, yy, cx, cy, ax, ay),
         "wobble": _harmonics(rng, theta, 0.05) - 0.18 * medial,
         "wobble_z": _harmonics(rng, theta, 0.02),
@@ -272,7 +291,7 @@ def _sample_lesions(rng: np.random.Generator, n_slices: int) -> list[dict]:
                 "lung": lung,
                 "u": (2 * lung - 1) * rad * np.cos(ang),
                 "v": rad * np.sin(ang),
-                "r": rng.uniform(0.15, 0.4),
+                "r": rng.uniform(0.22 if j == 0 else 0.12, 0.45),
                 "aspect": rng.uniform(0.7, 1.4),
                 # The first lesion spans the whole run, so every positive slice shows a finding.
                 "zc": (n_slices - 1) / 2 if j == 0 else rng.uniform(-2, n_slices + 1),
@@ -286,8 +305,13 @@ def _sample_lesions(rng: np.random.Generator, n_slices: int) -> list[dict]:
 
 
 def _render_lesions(
-    lesions: list[dict], lungs: list[dict], i: int, grow: float, mottle: np.ndarray,
-    xx: np.ndarray, yy: np.ndarray,
+    lesions: list[dict],
+    lungs: list[dict],
+    i: int,
+    grow: float,
+    mottle: np.ndarray,
+    xx: np.ndarray,
+    yy: np.ndarray,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Added intensity and half-maximum mask of the lesions cut by slice i, not yet lung-clipped."""
     add = np.zeros(xx.shape, np.float32)
@@ -299,8 +323,14 @@ def _render_lesions(
         lung = lungs[les["lung"]]
         ax, ay = lung["ax"] * grow, lung["ay"] * grow
         r = les["r"] * np.sqrt(through)  # an ellipsoid's cross-section shrinks towards its ends
-        d = _radius(xx, yy, lung["cx"] + les["u"] * ax, lung["cy"] + les["v"] * ay,
-                    r * ax * les["aspect"], r * ay)
+        d = _radius(
+            xx,
+            yy,
+            lung["cx"] + les["u"] * ax,
+            lung["cy"] + les["v"] * ay,
+            r * ax * les["aspect"],
+            r * ay,
+        )
         # The noise field roughens the outline too, so patches are not clean ovals.
         blob = _soft_inside(1 - d * (1 + 0.15 * mottle), les["soft"])
         texture = np.clip(1 + les["mottle"] * mottle, 0.2, 2.0)

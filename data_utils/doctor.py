@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections import Counter
 
 import numpy as np
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.model_selection import StratifiedGroupKFold, cross_val_score
 from sklearn.preprocessing import OneHotEncoder
 from sklearn.tree import DecisionTreeClassifier
 
@@ -19,10 +19,12 @@ SHORTCUT_LIFT = 0.10
 def inspect_dataset(ds: CTDataset) -> dict:
     """The doctor's findings as one JSON-ready dict (the --json output)."""
     by_class = {name: np.flatnonzero(ds.labels == i) for i, name in enumerate(ds.class_names)}
+    groups = group_rows(ds, "duplicates")
+    classes = {name: len(rows) for name, rows in by_class.items()}
     report = {
         "data": str(ds.root),
         "positive_class": ds.positive_class,
-        "classes": {name: len(rows) for name, rows in by_class.items()},
+        "classes": classes,
         "modes": {
             name: dict(Counter(ds.modes[i] for i in rows).most_common())
             for name, rows in by_class.items()
@@ -31,10 +33,15 @@ def inspect_dataset(ds: CTDataset) -> dict:
                   for name, rows in by_class.items()},
         "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
         "duplicate_groups": _groups_of(ds, np.unique(ds.sha256, return_inverse=True)[1]),
-        "near_duplicate_groups": _groups_of(ds, group_rows(ds, "duplicates")),
-        "warnings": [],
+        "near_duplicate_groups": _groups_of(ds, groups),
+        "warnings": _shortcut_warnings(ds, groups) + _balance_warnings(classes),
     }
-    report["warnings"] = _shortcut_warnings(ds) + _balance_warnings(report["classes"])
+    mixed = [g for g in report["near_duplicate_groups"]
+             if len({ds.labels[ds.paths.index(p)] for p in g}) > 1]
+    if mixed:
+        report["warnings"].append(
+            f"{len(mixed)} near-identical group(s) hold both labels (first: {mixed[0][0]} ~ "
+            f"{mixed[0][-1]}): mislabelled files, or slices too alike to tell apart")
     if ds.skipped:
         report["warnings"].append(f"{len(ds.skipped)} file(s) could not be read and are skipped")
     return report
@@ -52,31 +59,40 @@ def _groups_of(ds: CTDataset, group_ids: np.ndarray) -> list[list[str]]:
     return sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda m: m[0])
 
 
-def shortcut_accuracy(features: np.ndarray, labels: np.ndarray) -> tuple[float, float] | None:
-    """Cross-validated accuracy of a shallow tree that sees only `features`, and chance level."""
-    folds = min(5, int(np.bincount(labels).min()))
+def shortcut_accuracy(
+    features: np.ndarray, labels: np.ndarray, groups: np.ndarray
+) -> tuple[float, float] | None:
+    """Cross-validated accuracy of a shallow tree that sees only `features`, and chance level.
+
+    Folds keep near-identical groups whole; otherwise the tree would just recognise patients
+    (whose slices share a size) and the check would cry wolf.
+    """
+    folds = min(5, len(np.unique(groups[labels == 0])), len(np.unique(groups[labels == 1])))
     if folds < 2:
         return None
     tree = DecisionTreeClassifier(max_depth=3, random_state=0)
-    cv = StratifiedKFold(folds, shuffle=True, random_state=0)
-    accuracy = cross_val_score(tree, features, labels, cv=cv).mean()
+    cv = StratifiedGroupKFold(folds, shuffle=True, random_state=0)
+    accuracy = cross_val_score(tree, features, labels, cv=cv, groups=groups).mean()
     return float(accuracy), float(np.bincount(labels).max() / len(labels))
 
 
-def _shortcut_warnings(ds: CTDataset) -> list[str]:
+def _shortcut_warnings(ds: CTDataset, groups: np.ndarray) -> list[str]:
     features = {
-        "image mode": OneHotEncoder().fit_transform(np.array(ds.modes)[:, None]).toarray(),
-        "image size": np.array(ds.sizes),
+        "image mode": (OneHotEncoder().fit_transform(np.array(ds.modes)[:, None]).toarray(),
+                       "ctscan decodes every file to the same 8-bit grayscale, so its models "
+                       "cannot see the mode"),
+        "image size": (np.array(ds.sizes),
+                       "with --resize pad the black bars still show the aspect ratio to the "
+                       "model; --resize stretch hides it"),
     }
     warnings = []
-    for name, x in features.items():
-        result = shortcut_accuracy(x, ds.labels)
+    for name, (x, consequence) in features.items():
+        result = shortcut_accuracy(x, ds.labels, groups)
         if result and result[0] - result[1] >= SHORTCUT_LIFT:
             warnings.append(
                 f"{name} predicts the label: a classifier that sees only the {name} reaches "
-                f"{result[0]:.0%} accuracy (majority class {result[1]:.0%}). ctscan decodes every "
-                "file to 8-bit grayscale at one size, so its models cannot use this, but a model "
-                "trained elsewhere on these files may have, and its accuracy may be inflated."
+                f"{result[0]:.0%} accuracy (majority class {result[1]:.0%}); {consequence}. "
+                "Accuracy reported elsewhere on these files may be inflated by it."
             )
     return warnings
 
@@ -104,7 +120,8 @@ def format_report(report: dict) -> str:
                        ("near_duplicate_groups", "near-identical groups (kept in one split)")]:
         groups = report[key]
         lines.append(f"{title}: {len(groups)}, {sum(map(len, groups))} files")
-        lines += [f"  {' = '.join(g)}" for g in groups[:10]]
+        lines += [f"  {' = '.join(g[:3])}" + (f" (+{len(g) - 3} more)" if len(g) > 3 else "")
+                  for g in groups[:10]]
         if len(groups) > 10:
             lines.append(f"  ... {len(groups) - 10} more (see --json)")
     lines += [f"WARNING: {w}" for w in report["warnings"]]

@@ -1,0 +1,46 @@
+import numpy as np
+from conftest import make_class_folders
+from PIL import Image
+
+from data_utils.cache import load_dataset
+from data_utils.doctor import inspect_dataset
+
+
+def _resave(folder, size):
+    for f in folder.iterdir():
+        Image.open(f).resize(size).save(f)
+
+
+def test_size_that_follows_the_label_is_warned_about(tmp_path):
+    root = make_class_folders(tmp_path / "d", 20)
+    _resave(root / "COVID", (64, 40))
+    report = inspect_dataset(load_dataset(root, image_size=32, progress=False))
+    [warning] = report["warnings"]
+    assert warning.startswith("image size predicts the label") and "--resize stretch" in warning
+    assert report["sizes"]["COVID"] == {"width": [64, 64], "height": [40, 40]}
+
+
+def test_no_false_alarm_when_sizes_only_identify_patients(tmp_path):
+    """Each 'patient' (a run of near-identical slices) has its own size, in both classes."""
+    rng = np.random.default_rng(0)
+    for name in ("COVID", "non-COVID"):
+        (tmp_path / name).mkdir()
+        for patient in range(12):
+            base = rng.integers(0, 256, (16, 16)).astype(float)
+            size = (int(rng.integers(40, 90)), int(rng.integers(40, 90)))
+            for s in range(4):
+                noisy = (base + rng.normal(0, 2, base.shape)).clip(0, 255).astype(np.uint8)
+                Image.fromarray(noisy).resize(size, Image.Resampling.BICUBIC).save(
+                    tmp_path / name / f"p{patient}-{s}.png")
+    report = inspect_dataset(load_dataset(tmp_path, image_size=48, progress=False))
+    assert len(report["near_duplicate_groups"]) == 24  # the patients were found
+    assert report["warnings"] == []
+
+
+def test_near_identical_files_with_different_labels_are_flagged(tmp_path):
+    root = make_class_folders(tmp_path / "d", 10)
+    pixels = np.asarray(Image.open(root / "COVID" / "COVID (0).png")).astype(int) + 1
+    Image.fromarray(pixels.clip(0, 255).astype(np.uint8)).save(root / "non-COVID" / "twin.png")
+    report = inspect_dataset(load_dataset(root, image_size=32, progress=False))
+    assert ["COVID/COVID (0).png", "non-COVID/twin.png"] in report["near_duplicate_groups"]
+    assert any("hold both labels" in w for w in report["warnings"])

@@ -1,0 +1,129 @@
+"""One typed training config: defaults here, then a YAML file, then `--set key=value` overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+from ctmodels import ARCHS
+from ctmodels.resnet import ACTIVATIONS
+from data_utils.decode import RESIZE_MODES
+from data_utils.files import atomic_write
+
+
+class ConfigError(ValueError):
+    """A config key or value the user has to fix; the message names the key."""
+
+
+@dataclass
+class TrainConfig:
+    # model
+    arch: str = "resnet18"
+    head: list[int] = field(default_factory=list)  # hidden layer sizes of the classifier head
+    dropout: float = 0.0
+    activation: str = "relu"
+    weights: str = "none"  # none | imagenet | PATH to a state_dict
+    freeze_backbone_epochs: int = 0  # train only the head for this many epochs first
+    # optimisation
+    optimizer: str = "adamw"  # adamw | sgd
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9  # sgd only
+    batch_size: int = 32
+    epochs: int = 20
+    lr_schedule: str = "cosine"  # cosine (after linear warmup) | constant
+    warmup_epochs: float = 1.0
+    label_smoothing: float = 0.0
+    pos_weight: float | None = None  # BCE weight of positives; None = 1
+    # data
+    image_size: int = 224
+    resize: str = "pad"
+    aug_strength: float = 0.5  # scales every augmentation range; 0 = none
+    num_workers: int = 0  # CPU threads for torch on CPU; 0 = torch's default
+    # early stopping on val AUC
+    patience: int = 5
+    min_delta: float = 0.001
+    # run
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+
+    def __post_init__(self) -> None:
+        _check_choice("arch", self.arch, ARCHS)
+        _check_choice("activation", self.activation, ACTIVATIONS)
+        _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
+        _check_choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
+        _check_choice("resize", self.resize, RESIZE_MODES)
+        for key in ("lr", "batch_size", "epochs", "image_size"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        if not 0 <= self.aug_strength <= 1:
+            raise ConfigError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
+        if not 0 <= self.dropout < 1:
+            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check_choice(key: str, value: str, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key} must be one of {sorted(choices)}, got {value!r}")
+
+
+def _coerce(key: str, value, annotation):
+    """YAML reads `lr: 1` as int and `lr: 1e-3` as str: convert to the field's type or say why."""
+    hint = annotation
+    if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
+        if value is None:
+            return None
+        hint = next(a for a in typing.get_args(hint) if a is not type(None))
+    origin = typing.get_origin(hint) or hint
+    try:
+        if origin is list:
+            if not isinstance(value, list | tuple):
+                raise TypeError
+            return [_coerce(key, v, typing.get_args(hint)[0]) for v in value]
+        if origin is float and isinstance(value, int | float | str) and not isinstance(value, bool):
+            return float(value)
+        if origin is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if origin is str and isinstance(value, str | int | float):
+            return str(value)
+    except (TypeError, ValueError):
+        pass
+    raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+def make_config(values: dict) -> TrainConfig:
+    """Build a config from a dict; unknown keys are an error naming the key."""
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(hints)}")
+    return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+
+
+def load_config(path: Path | None = None, overrides: list[str] = ()) -> TrainConfig:
+    """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML: 1e-3, [256, 64])."""
+    values: dict = {}
+    if path is not None:
+        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{path}: expected a mapping of config keys")
+        values.update(loaded)
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects key=value, got {item!r}")
+        values[key.strip()] = yaml.safe_load(raw)
+    return make_config(values)
+
+
+def save_config(config: TrainConfig, path: Path) -> None:
+    with atomic_write(path, "w") as f:
+        yaml.safe_dump(config.to_dict(), f, sort_keys=False)
