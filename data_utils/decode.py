@@ -11,12 +11,10 @@ import io
 import warnings
 from dataclasses import dataclass
 
-import imagehash
 import numpy as np
 from PIL import Image, ImageOps
 
 RESIZE_MODES = ("pad", "stretch")
-PHASH_SIZE = 16  # 256-bit pHash: the 64-bit default cannot tell two patients' CT slices apart
 # Modes whose pixels are integers or floats wider than 8 bits; Pillow's convert("L") clips them.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 
@@ -77,7 +75,3 @@ def _fit_square(img: Image.Image, size: int, resize: str) -> np.ndarray:
     canvas[top : top + h, left : left + w] = img.resize((w, h), Image.Resampling.BILINEAR)
     return canvas
 
-
-def perceptual_hash(pixels: np.ndarray) -> np.ndarray:
-    """256-bit DCT hash of a decoded slice packed in 32 bytes; near-identical slices are close."""
-    return np.packbits(imagehash.phash(Image.fromarray(pixels), hash_size=PHASH_SIZE).hash)

@@ -44,7 +44,8 @@ def test_split_writes_split_json_and_leaves_data_alone(tmp_path, capsys):
     root = make_class_folders(tmp_path / "data", 30)
     before = tree_snapshot(root)
     run = tmp_path / "run"
-    assert main(["split", str(root), "--out", str(run), "--image-size", "32", "--seed", "5"]) == 0
+    args = ["split", str(root), "--out", str(run), "--image-size", "32", "--split-seed", "5"]
+    assert main(args) == 0
     split = json.loads((run / "split.json").read_text())
     assert split["seed"] == 5 and split["group_by"] == "duplicates"
     assert split["counts"]["test"] == {"non-COVID": 3, "COVID": 3}

@@ -1,0 +1,127 @@
+import numpy as np
+import pytest
+import torch
+
+import tuning.train as train_module
+from data_utils.cache import load_dataset
+from data_utils.demo import make_demo_data
+from data_utils.split import split_dataset
+from tuning.config import ConfigError, load_config, make_config
+from tuning.train import load_checkpoint, train_trial, trial_data
+
+TINY = {"image_size": 32, "batch_size": 16, "epochs": 2, "aug_strength": 0.5, "seed": 1,
+        "num_workers": 2}
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    root = make_demo_data(tmp_path_factory.mktemp("demo") / "data", n_per_class=30, size=64)
+    ds = load_dataset(root, 32, cache_dir=tmp_path_factory.mktemp("cache"), progress=False)
+    split = split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none")
+    return ds, split
+
+
+def _history(out):
+    timing = {"epoch_time", "images_per_sec"}
+    return [{k: v for k, v in m.items() if k not in timing}
+            for m in load_checkpoint(out / "last.pt")["history"]]
+
+
+def test_unknown_or_mistyped_config_keys_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="unknown config key 'learning_rate'"):
+        load_config(overrides=["learning_rate=0.1"])
+    with pytest.raises(ConfigError, match="batch_size: expected int, got 'big'"):
+        load_config(overrides=["batch_size=big"])
+    (tmp_path / "c.yaml").write_text("arch: resnet50\nhead: [256, 64]\nlr: 1e-4\nwieght_decay: 0\n")
+    with pytest.raises(ConfigError, match="'wieght_decay'"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "c.yaml").write_text("arch: resnet50\nhead: [256, 64]\nlr: 1e-4\n")
+    config = load_config(tmp_path / "c.yaml", ["lr=3e-4"])
+    assert (config.arch, config.head, config.lr) == ("resnet50", [256, 64], 3e-4)
+    assert load_config(overrides=["head=[8]", "pos_weight=2"]).pos_weight == 2.0
+    with pytest.raises(ConfigError, match="arch must be one of"):
+        make_config({"arch": "resnet9"})
+
+
+def test_same_seed_same_metrics(demo, tmp_path):
+    ds, split = demo
+    config = make_config(TINY)
+    first = train_trial(config, trial_data(ds, split), tmp_path / "a")
+    second = train_trial(config, trial_data(ds, split), tmp_path / "b")
+    assert _history(tmp_path / "a") == _history(tmp_path / "b")
+    assert first["val_auc"] == second["val_auc"]
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(demo, tmp_path):
+    ds, split = demo
+    config = make_config({**TINY, "epochs": 3})
+    train_trial(config, trial_data(ds, split), tmp_path / "straight")
+
+    class Killed(Exception):
+        pass
+
+    def kill_after_first_epoch(metrics):
+        if metrics["epoch"] == 1:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_trial(config, trial_data(ds, split), tmp_path / "resumed", kill_after_first_epoch)
+    assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
+    seen = []
+    train_trial(config, trial_data(ds, split), tmp_path / "resumed", seen.append)
+    assert [m["epoch"] for m in seen] == [2, 3]  # continued, did not start over
+    assert _history(tmp_path / "resumed") == _history(tmp_path / "straight")
+
+
+def test_checkpoint_is_one_dict_loadable_with_weights_only(demo, tmp_path):
+    ds, split = demo
+    best = train_trial(make_config(TINY), trial_data(ds, split), tmp_path)
+    checkpoint = torch.load(tmp_path / "best.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "epoch", "config", "metrics",
+            "best_val_auc"} <= set(checkpoint)
+    assert checkpoint["best_val_auc"] == best["val_auc"] == checkpoint["metrics"]["val_auc"]
+    assert checkpoint["config"]["arch"] == "resnet18"
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_early_stopping_stops_when_val_auc_stalls(demo, tmp_path):
+    ds, split = demo
+    config = make_config({**TINY, "epochs": 10, "lr": 1e-12, "patience": 2, "min_delta": 0.01})
+    seen = []
+    train_trial(config, trial_data(ds, split), tmp_path, seen.append)
+    assert [m["epoch"] for m in seen] == [1, 2, 3]  # best at 1, then 2 epochs without gain
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 0
+
+
+def test_freeze_backbone_epochs_train_only_the_head_first(demo, tmp_path, monkeypatch):
+    ds, split = demo
+    trainable = []
+    real = train_module.set_backbone_trainable
+
+    def spy(model, flag):
+        real(model, flag)
+        trainable.append(model.conv1.weight.requires_grad)
+
+    monkeypatch.setattr(train_module, "set_backbone_trainable", spy)
+    train_trial(make_config({**TINY, "epochs": 3, "freeze_backbone_epochs": 2}),
+                trial_data(ds, split), tmp_path)
+    assert trainable == [False, False, True]
+
+
+def test_training_never_sees_the_test_split(demo, tmp_path, monkeypatch):
+    ds, split = demo
+    touched = []
+    real = train_module.train_batches
+    monkeypatch.setattr(train_module, "train_batches",
+                        lambda images, *a, **k: touched.append(images.clone()) or real(images, *a,
+                                                                                        **k))
+    real_predict = train_module.predict_proba
+    monkeypatch.setattr(train_module, "predict_proba",
+                        lambda model, images, *a: touched.append(images.clone())
+                        or real_predict(model, images, *a))
+    train_trial(make_config(TINY), trial_data(ds, split), tmp_path)
+    seen = {bytes(img.numpy()) for batch in touched for img in batch}
+    test_images = {bytes(ds.images[i]) for i in split.indices("test")}
+    train_val = {bytes(ds.images[i]) for i in np.r_[split.indices("train"), split.indices("val")]}
+    assert seen == train_val
+    assert not seen & test_images

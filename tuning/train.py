@@ -1,0 +1,250 @@
+"""One training trial: the loop that `ctscan train` and every Ray Tune trial run.
+
+Plain functions in the manner of torchvision's references/classification/train.py:
+`train_one_epoch`, `evaluate`, and `train_trial` around them with early stopping and checkpoints.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+from sklearn.metrics import f1_score, roc_auc_score
+from torch import nn
+from tqdm import tqdm
+
+from ctmodels import build_model
+from data_utils.augment import normalize, train_batches
+from data_utils.files import atomic_write
+from tuning.config import TrainConfig
+
+if TYPE_CHECKING:  # not imported at run time: a GPU box may lack imagehash, this loop does not
+    from data_utils.cache import CTDataset
+    from data_utils.split import Split
+
+Reporter = Callable[[dict], None]
+
+
+@dataclass
+class TrialData:
+    """The train and val rows of a dataset. The test split is not in here, by construction."""
+
+    train_images: np.ndarray  # uint8 [N, S, S]
+    train_labels: np.ndarray  # int64 [N]
+    val_images: np.ndarray
+    val_labels: np.ndarray
+
+
+def trial_data(ds: CTDataset, split: Split) -> TrialData:
+    train, val = split.indices("train"), split.indices("val")
+    return TrialData(ds.images[train], ds.labels[train], ds.images[val], ds.labels[val])
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _autocast(device: torch.device):
+    # bf16 needs no loss scaling; on CPU autocast would only slow the convolutions down.
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+def train_one_epoch(
+    model: nn.Module,
+    criterion: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+    progress: str | None = None,
+) -> tuple[float, int]:
+    """Returns (mean train loss, images seen)."""
+    model.train()
+    device = images.device
+    total, seen = torch.zeros((), device=device), 0
+    batches = train_batches(images, labels, config.batch_size, config.aug_strength, generator)
+    steps = math.ceil(len(images) / config.batch_size)
+    for x, y in tqdm(batches, total=steps, desc=progress, leave=False, disable=progress is None):
+        if len(y) < 2:  # BatchNorm cannot train on one image; happens at most once per epoch
+            continue
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        target = y.float()
+        if config.label_smoothing:
+            target = target * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
+        with _autocast(device):
+            loss = criterion(model(x).squeeze(1).float(), target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+        total += loss.detach() * len(y)  # stays on device: no sync per step
+        seen += len(y)
+    return total.item() / max(seen, 1), seen
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
+    """Probability of the positive class for a uint8 [N, S, S] tensor; no augmentation."""
+    model.eval()
+    out = []
+    for chunk in images.split(batch_size):
+        x = normalize(chunk)
+        if images.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(images.device):
+            out.append(model(x).squeeze(1).float())
+    return torch.sigmoid(torch.cat(out))
+
+
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
+    """Val loss, accuracy at 0.5, ROC AUC and F1."""
+    prob = predict_proba(model, images)
+    y = labels.float()
+    loss = nn.functional.binary_cross_entropy(prob.clamp(1e-7, 1 - 1e-7), y).item()
+    prob, y = prob.cpu().numpy(), labels.cpu().numpy()
+    pred = (prob >= 0.5).astype(int)
+    return {
+        "val_loss": loss,
+        "val_accuracy": float((pred == y).mean()),
+        "val_auc": float(roc_auc_score(y, prob)) if len(np.unique(y)) == 2 else float("nan"),
+        "val_f1": float(f1_score(y, pred, zero_division=0)),
+    }
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
+                               weight_decay=config.weight_decay, nesterov=True)
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
+                   steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Per-step multiplier: linear warmup, then cosine to 0 over the remaining epochs."""
+    warmup = config.warmup_epochs * steps_per_epoch
+    total = config.epochs * steps_per_epoch
+
+    def factor(step: int) -> float:
+        if config.lr_schedule == "constant":
+            return 1.0
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
+    for name, param in model.named_parameters():
+        param.requires_grad = trainable or name.startswith("fc.")
+
+
+def save_checkpoint(path: Path, checkpoint: dict) -> None:
+    with atomic_write(path) as f:
+        torch.save(checkpoint, f)
+
+
+def load_checkpoint(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def train_trial(
+    config: TrainConfig,
+    data: TrialData,
+    out_dir: Path,
+    report: Reporter | None = None,
+    progress: bool = False,
+) -> dict:
+    """Train one config; resume from out_dir/last.pt if it exists. Returns the best epoch's metrics.
+
+    Writes out_dir/best.pt (best val AUC so far) and out_dir/last.pt (resume point) every epoch,
+    then calls report(metrics) so a caller (Ray Tune) can snapshot out_dir as a checkpoint.
+    """
+    out_dir = Path(out_dir)
+    device = pick_device(config.device)
+    if config.num_workers and device.type == "cpu":
+        torch.set_num_threads(config.num_workers)
+    torch.manual_seed(config.seed)  # initial weights and dropout
+    generator = torch.Generator(device).manual_seed(config.seed)  # batch order, augmentation
+
+    model = build_model(config.arch, config.head, config.dropout, config.activation,
+                        config.weights).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    criterion = nn.BCEWithLogitsLoss(
+        pos_weight=None if config.pos_weight is None else torch.tensor(config.pos_weight,
+                                                                         device=device))
+    optimizer = make_optimizer(model, config)
+    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
+    scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+
+    # The whole uint8 dataset moves to the device once; batches are gathered there.
+    train_x = torch.from_numpy(data.train_images).to(device)
+    train_y = torch.from_numpy(data.train_labels).to(device)
+    val_x = torch.from_numpy(data.val_images).to(device)
+    val_y = torch.from_numpy(data.val_labels).to(device)
+
+    start_epoch, best, stale, history = 0, {"val_auc": -math.inf}, 0, []
+    if (out_dir / "last.pt").exists():
+        state = load_checkpoint(out_dir / "last.pt")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        generator.set_state(state["rng"]["generator"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_epoch, best = state["epoch"] + 1, state["best_metrics"]
+        stale, history = state["stale_epochs"], state["history"]
+
+    for epoch in range(start_epoch, config.epochs):
+        if stale >= config.patience:
+            break
+        set_backbone_trainable(model, epoch >= config.freeze_backbone_epochs)
+        started = time.perf_counter()
+        desc = f"epoch {epoch + 1}/{config.epochs}" if progress else None
+        train_loss, seen = train_one_epoch(model, criterion, optimizer, scheduler, train_x,
+                                           train_y, config, generator, desc)
+        train_time = time.perf_counter() - started
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": train_loss,
+            **evaluate(model, val_x, val_y),
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time": time.perf_counter() - started,
+            "images_per_sec": seen / train_time,
+        }
+        history.append(metrics)
+        if metrics["val_auc"] > best["val_auc"] + config.min_delta:
+            best, stale = metrics, 0
+        else:
+            stale += 1
+        checkpoint = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "epoch": epoch,
+            "config": config.to_dict(),
+            "metrics": metrics,
+            "best_val_auc": best["val_auc"],
+            "best_metrics": best,
+            "stale_epochs": stale,
+            "history": history,
+            "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
+        }
+        if best is metrics:
+            save_checkpoint(out_dir / "best.pt", checkpoint)
+        save_checkpoint(out_dir / "last.pt", checkpoint)
+        if report is not None:
+            report(metrics)
+    return best
