@@ -20,7 +20,7 @@ $(VENV)/.installed-dev: pyproject.toml
 demo: $(VENV)/.installed
 	test -d $(DEMO_DATA) || $(BIN)/ctscan make-demo-data $(DEMO_DATA)
 	$(BIN)/ctscan inspect $(DEMO_DATA)
-	$(BIN)/ctscan split $(DEMO_DATA) --out runs/demo
+	$(BIN)/ctscan train --demo --out runs/demo-train
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -28,6 +28,7 @@ test: $(VENV)/.installed-dev
 
 bench: $(VENV)/.installed
 	$(BIN)/python bench/data_pipeline.py
+	$(BIN)/python bench/trainer_overhead.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -51,3 +51,27 @@ def test_split_writes_split_json_and_leaves_data_alone(tmp_path, capsys):
     assert split["counts"]["test"] == {"non-COVID": 3, "COVID": 3}
     assert "wrote" in capsys.readouterr().out
     assert tree_snapshot(root) == before
+
+
+def test_train_writes_checkpoints_tensorboard_and_resumes(tmp_path, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    root = make_class_folders(tmp_path / "data", 20)
+    run = tmp_path / "run"
+    args = ["train", str(root), "--out", str(run), "--group-by", "none", "--set", "epochs=2",
+            "--set", "image_size=32", "--set", "batch_size=8"]
+    assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "best epoch" in out and f"tensorboard --logdir {run}" in out
+    assert {p.name for p in run.iterdir()} >= {"split.json", "config.yaml", "best.pt", "last.pt",
+                                               "tensorboard"}
+    events = EventAccumulator(str(run / "tensorboard")).Reload()
+    assert {"val_auc", "val_loss", "train_loss", "lr", "images_per_sec"} <= set(
+        events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("val_auc")] == [1, 2]
+    assert events.Tags()["images"] == ["augmented_training_images"]
+
+    assert main(args) == 0  # same command again: resumes, and there is nothing left to do
+    assert "epoch   1" not in capsys.readouterr().out
+    assert main([*args, "--set", "lr=0.1"]) == 2
+    assert "holds a run with a different config" in capsys.readouterr().err
