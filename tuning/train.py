@@ -176,6 +176,7 @@ def train_trial(
     device = pick_device(config.device)
     if config.num_workers and device.type == "cpu":
         torch.set_num_threads(config.num_workers)
+    torch.backends.cudnn.benchmark = device.type == "cuda"  # fixed input shapes: pick fastest
     torch.manual_seed(config.seed)  # initial weights and dropout
     generator = torch.Generator(device).manual_seed(config.seed)  # batch order, augmentation
 
