@@ -136,7 +136,11 @@ def _check(split: Split, ds: CTDataset) -> None:
 
 
 def write_split(split: Split, ds: CTDataset, path: Path) -> None:
-    """split.json: enough to rebuild the split, and to audit it, without the images."""
+    write_json(path, split_record(split, ds))
+
+
+def split_record(split: Split, ds: CTDataset) -> dict:
+    """split.json's content: enough to rebuild the split, and to audit it, without the images."""
     files = [
         {
             "path": ds.paths[i],
@@ -147,7 +151,7 @@ def write_split(split: Split, ds: CTDataset, path: Path) -> None:
         }
         for i in range(len(ds))
     ]
-    write_json(path, {
+    return {
         "seed": split.seed,
         "ratios": dict(zip(SPLITS, split.ratios, strict=True)),
         "group_by": split.group_by,
@@ -155,7 +159,7 @@ def write_split(split: Split, ds: CTDataset, path: Path) -> None:
         "positive_class": ds.positive_class,
         "counts": split_counts(split, ds),
         "files": files,
-    })
+    }
 
 
 def split_counts(split: Split, ds: CTDataset) -> dict[str, dict[str, int]]:

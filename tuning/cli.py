@@ -15,15 +15,18 @@ from data_utils.decode import RESIZE_MODES
 from data_utils.demo import make_demo_data
 from data_utils.doctor import format_report, inspect_dataset
 from data_utils.sources import DataError
-from data_utils.split import GROUP_BY, split_counts, split_dataset, write_split
-from tuning.config import ConfigError, load_config, save_config
+from data_utils.split import GROUP_BY, split_counts, split_dataset, split_record, write_split
+from tuning.config import ConfigError, load_config, make_config, save_config
 from tuning.monitor import tensorboard_reporter
+from tuning.space import DEFAULT_SPACE, load_space
 from tuning.train import train_trial, trial_data
 
 DEMO_DATA = Path("runs/demo-data")
 # Small enough to learn something in about a minute on a 2-core CPU.
 DEMO_CONFIG = ["image_size=64", "epochs=8", "batch_size=32", "lr=2e-3", "aug_strength=0.3",
                "patience=4"]
+DEMO_SEARCH = {"num_samples": 8, "max_epochs": 6, "image_size": 64,
+               "search_space": DEFAULT_SPACE.with_name("search_space_demo.yaml")}
 
 
 def _source_options(data_required: bool = True) -> argparse.ArgumentParser:
@@ -60,17 +63,22 @@ def _split_options() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_split(args: argparse.Namespace, image_size: int, resize: str, out: Path):
-    """Load (cached) and split the dataset, write out/split.json and print the counts."""
-    ds = load_dataset(args.data, image_size, resize, args.cache_dir, args.positive_class)
-    split = split_dataset(ds, tuple(args.ratios), args.split_seed, args.group_by)
-    write_split(split, ds, out / "split.json")
+def prepare_split(data: Path, image_size: int, resize: str, split_options: dict,
+                  cache_dir: Path | None = None):
+    """Load (cached) and split the dataset and print the counts."""
+    ds = load_dataset(data, image_size, resize, cache_dir, split_options["positive_class"])
+    split = split_dataset(ds, tuple(split_options["ratios"]), split_options["seed"],
+                          split_options["group_by"])
     print(f"{len(ds)} images ({len(ds.skipped)} skipped), {split.groups.max() + 1} groups "
-          f"(--group-by {args.group_by}), split seed {args.split_seed}")
+          f"(--group-by {split.group_by}), split seed {split.seed}")
     for name, counts in split_counts(split, ds).items():
         print(f"  {name:<5} " + "  ".join(f"{c}: {n}" for c, n in counts.items()))
-    print(f"wrote {out / 'split.json'}")
     return ds, split
+
+
+def _split_options_of(args: argparse.Namespace) -> dict:
+    return {"ratios": args.ratios, "seed": args.split_seed, "group_by": args.group_by,
+            "positive_class": args.positive_class}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -82,24 +90,96 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    prepare_split(args, args.image_size, args.resize, args.out)
+    ds, split = prepare_split(args.data, args.image_size, args.resize, _split_options_of(args),
+                              args.cache_dir)
+    write_split(split, ds, args.out / "split.json")
+    print(f"wrote {args.out / 'split.json'}")
     return 0
 
 
-def cmd_train(args: argparse.Namespace) -> int:
+def _demo_data(args: argparse.Namespace, command: str) -> None:
+    """With --demo and no DATA, use (and if needed generate) the demo dataset."""
     if args.demo:
-        if args.data is None:
-            args.data = DEMO_DATA
+        args.data = args.data or DEMO_DATA
         if not args.data.exists():
             make_demo_data(args.data)
             print(f"generated demo data in {args.data}")
     elif args.data is None:
-        raise DataError("train needs DATA (a folder or manifest), or --demo")
+        raise DataError(f"{command} needs DATA (a folder or manifest), or --demo")
+
+
+def cmd_tune(args: argparse.Namespace) -> int:
+    import ray  # ray takes seconds to import; only this command needs it
+
+    from tuning.search import (
+        SearchOptions,
+        load_options,
+        read_text,
+        run_search,
+        save_options,
+        write_text,
+    )
+
+    if args.resume:
+        run_dir = args.resume if args.resume != "NAME" else str(Path(args.storage_path) / args.name)
+        options = load_options(run_dir)
+        print(f"resuming search {options.name} from {options.run_dir}")
+    else:
+        _demo_data(args, "tune")
+        demo = DEMO_SEARCH if args.demo else {}
+        options = SearchOptions(
+            data=str(args.data.resolve()),
+            num_samples=args.num_samples or demo.get("num_samples", 12),
+            max_epochs=args.max_epochs or demo.get("max_epochs", 10),
+            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+            max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+            storage_path=args.storage_path, seed=args.seed,
+            search_space=str(args.search_space or demo.get("search_space", DEFAULT_SPACE)),
+            base_config={"image_size": args.image_size or demo.get("image_size", 224),
+                         "weights": args.weights, "resize": args.resize,
+                         "epochs": args.max_epochs or demo.get("max_epochs", 10),
+                         "seed": args.seed},
+            split=_split_options_of(args),
+            **({"name": args.name} if args.name else {}),
+        )
+        load_space(Path(options.search_space))  # a bad space file fails here, before Ray starts
+        make_config(options.base_config)
+    config = make_config(options.base_config)
+    ds, split = prepare_split(Path(options.data), config.image_size, config.resize,
+                              options.split, args.cache_dir)
+    record = json.dumps(split_record(split, ds), indent=2) + "\n"
+    if args.resume and read_text(f"{options.run_dir}/split.json") != record:
+        raise DataError(f"{options.data} no longer gives the split this search started with "
+                        f"({options.run_dir}/split.json); the data or the code changed")
+    write_text(f"{options.run_dir}/split.json", record)
+    save_options(options)
+    data = trial_data(ds, split)
+    del ds  # the test split stays out of the object store
+    print(f"search {options.name}: {options.num_samples} trials, up to {options.max_epochs} "
+          f"epochs each, results in {options.run_dir}\n"
+          f"watch it with: tensorboard --logdir {options.run_dir}")
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    best = run_search(options, data, resume=bool(args.resume))
+    print(f"best trial {best['trial_id']} (epoch {best['best_epoch']}): "
+          f"val AUC {best['val_metrics']['val_auc']:.4f}, val accuracy "
+          f"{best['val_metrics']['val_accuracy']:.3f}; {best['trials']} trials, "
+          f"{best['trials_stopped_early']} stopped early\n"
+          f"  config: {json.dumps(best['searched'])}\n"
+          f"  checkpoint: {best['checkpoint']}\n  summary: {options.run_dir}/best.json")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    _demo_data(args, "train")
     config = load_config(args.config, [*(DEMO_CONFIG if args.demo else []), *args.overrides])
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     if (out / "config.yaml").exists() and load_config(out / "config.yaml") != config:
         raise DataError(f"{out} holds a run with a different config; pick another --out")
-    ds, split = prepare_split(args, config.image_size, config.resize, out)
+    ds, split = prepare_split(args.data, config.image_size, config.resize,
+                              _split_options_of(args), args.cache_dir)
+    write_split(split, ds, out / "split.json")
     save_config(config, out / "config.yaml")
     data = trial_data(ds, split)
     del ds  # the test images are not needed, nor kept, while training
@@ -156,6 +236,47 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"train on generated demo data ({DEMO_DATA}, made if absent) with a "
                         "small CPU-friendly config")
     p.set_defaults(func=cmd_train)
+
+    p = commands.add_parser(
+        "tune", parents=[_source_options(data_required=False), splitting],
+        help="search configs with Ray Tune (Optuna TPE + ASHA) on this machine or a Ray cluster")
+    p.add_argument("--demo", action="store_true",
+                   help=f"small CPU search on generated demo data ({DEMO_DATA}, made if absent): "
+                        "resnet18/34 at 64 px, 8 trials of up to 6 epochs")
+    p.add_argument("--search-space", type=Path,
+                   help=f"YAML search space (default: {DEFAULT_SPACE}, documented inside)")
+    p.add_argument("--num-samples", type=int, help="number of trials (default: 12; demo 8)")
+    p.add_argument("--max-epochs", type=int,
+                   help="epochs of a trial that is never stopped early (default: 10; demo 6)")
+    p.add_argument("--grace-period", type=int, default=1,
+                   help="epochs every trial gets before ASHA may stop it (default: 1)")
+    p.add_argument("--reduction-factor", type=int, default=3,
+                   help="ASHA keeps the top 1/FACTOR of trials at each rung (default: 3)")
+    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+                   help="CPUs reserved per trial; also its torch threads (default: 1)")
+    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+                   help="GPUs per trial; fractions pack trials, 0.25 = 4 per GPU (default: 0)")
+    p.add_argument("--max-concurrent", type=int, default=4,
+                   help="trials running at once, at most (default: 4)")
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="retries of a crashed trial, from its last checkpoint (default: 2)")
+    p.add_argument("--storage-path", default="runs",
+                   help="where runs live: a folder (default: runs/), a shared path, or an "
+                        "s3:// or gs:// URI for clusters")
+    p.add_argument("--name", help="run name (default: tune-TIMESTAMP); the run folder is "
+                   "STORAGE_PATH/NAME")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of TPE and of every trial (default: 0)")
+    p.add_argument("--address", help="join a running Ray cluster: 'auto' or ray://HOST:10001 "
+                   "(default: start Ray on this machine)")
+    p.add_argument("--resume", nargs="?", const="NAME", metavar="RUN_DIR",
+                   help="continue an interrupted search: --resume --name NAME, or --resume RUN_DIR")
+    p.add_argument("--image-size", type=int,
+                   help="image size of every trial (default: 224; demo 64)")
+    p.add_argument("--resize", choices=RESIZE_MODES, default="pad", help="pad (default) or stretch")
+    p.add_argument("--weights", default="none",
+                   help="initial weights of every trial: none (default), imagenet, or a path")
+    p.set_defaults(func=cmd_tune)
 
     p = commands.add_parser("make-demo-data", help="generate CT-like demo slices (Kaggle layout)")
     p.add_argument("dir", type=Path, help="new folder to create")

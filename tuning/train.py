@@ -166,11 +166,13 @@ def train_trial(
     out_dir: Path,
     report: Reporter | None = None,
     progress: bool = False,
+    save_best: bool = True,
 ) -> dict:
     """Train one config; resume from out_dir/last.pt if it exists. Returns the best epoch's metrics.
 
-    Writes out_dir/best.pt (best val AUC so far) and out_dir/last.pt (resume point) every epoch,
-    then calls report(metrics) so a caller (Ray Tune) can snapshot out_dir as a checkpoint.
+    Every epoch writes out_dir/last.pt (the resume point) and, when val AUC improved and
+    save_best is set, out_dir/best.pt; then calls report(metrics), so a caller (Ray Tune) can
+    snapshot last.pt as a checkpoint and keep the best snapshot itself (save_best=False).
     """
     out_dir = Path(out_dir)
     device = pick_device(config.device)
@@ -230,6 +232,8 @@ def train_trial(
             best, stale = metrics, 0
         else:
             stale += 1
+        # Tells a search that the trial ended by itself (not stopped by a scheduler).
+        metrics["final_epoch"] = epoch + 1 == config.epochs or stale >= config.patience
         checkpoint = {
             "model": model.state_dict(),
             "optimizer": optimizer.state_dict(),
@@ -243,7 +247,7 @@ def train_trial(
             "history": history,
             "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
         }
-        if best is metrics:
+        if save_best and best is metrics:
             save_checkpoint(out_dir / "best.pt", checkpoint)
         save_checkpoint(out_dir / "last.pt", checkpoint)
         if report is not None:

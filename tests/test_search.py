@@ -1,0 +1,168 @@
+"""`ctscan tune` on a local 2-CPU Ray: search space checks, end to end, retries."""
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+import ray
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from tensorboard.plugins.hparams import plugin_data_pb2
+
+from data_utils.cache import load_dataset
+from data_utils.demo import make_demo_data
+from data_utils.split import split_dataset
+from tuning.config import ConfigError
+from tuning.search import PrunedAwareOptunaSearch, SearchOptions, run_search, trainable
+from tuning.space import decode_params, load_space, to_param_space
+from tuning.train import trial_data
+
+TINY_SPACE = """
+arch: resnet18
+head: {choice: [[], [16]]}
+lr: {loguniform: [1.0e-5, 5.0e-2]}
+batch_size: 32
+aug_strength: {uniform: [0.0, 0.5]}
+"""
+
+
+@pytest.mark.parametrize("text, error", [
+    ("lr: {loguniform: [1.0e-3, 1.0e-5]}", "low 0.001 > high 1e-05"),
+    ("lr: {normal: [0, 1]}", "expected one of ('choice', 'uniform', 'loguniform', 'randint')"),
+    ("arch: {choice: []}", "choice needs a non-empty list"),
+    ("learning_rate: 0.1", "unknown config key 'learning_rate'"),
+    ("arch: {choice: [resnet18, vgg]}", "arch must be one of"),
+    ("lr: {loguniform: [0, 1]}", "loguniform needs low > 0"),
+    ("batch_size: {randint: [a, 4]}", "randint needs [low, high] numbers"),
+])
+def test_bad_space_files_are_clear_errors(tmp_path, text, error):
+    (tmp_path / "space.yaml").write_text(text)
+    with pytest.raises(ConfigError, match=str(tmp_path / "space.yaml")) as err:
+        load_space(tmp_path / "space.yaml")
+    assert error in str(err.value)
+
+
+def test_default_space_loads_and_lists_travel_as_json():
+    space = load_space()
+    assert set(space) >= {"arch", "head", "dropout", "lr", "weight_decay", "batch_size",
+                          "aug_strength", "optimizer", "freeze_backbone_epochs"}
+    head = to_param_space(space)["head"]
+    assert head.categories == ["[]", "[256]", "[512, 128]"]
+    assert decode_params({"head": "[512, 128]", "lr": 0.1}) == {"head": [512, 128], "lr": 0.1}
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def demo_search(tmp_path_factory, local_ray):
+    """A finished 6-trial search; the data folder is deleted before it starts."""
+    tmp = tmp_path_factory.mktemp("search")
+    root = make_demo_data(tmp / "data", n_per_class=40, size=64)
+    ds = load_dataset(root, 32, cache_dir=tmp / "cache", progress=False)
+    split = split_dataset(ds, seed=0)
+    data = trial_data(ds, split)
+    shutil.rmtree(root)  # trials must get pixels from Ray's object store, never from PNGs
+    (tmp / "space.yaml").write_text(TINY_SPACE)
+    options = SearchOptions(
+        data=str(root), num_samples=6, max_epochs=3, grace_period=1, reduction_factor=2,
+        max_concurrent=2, storage_path=str(tmp / "runs"), name="demo",
+        search_space=str(tmp / "space.yaml"),
+        base_config={"image_size": 32, "epochs": 3, "num_workers": 1})
+    best = run_search(options, data)
+    return options, best, ds, split, data
+
+
+def test_search_finds_a_best_trial_and_writes_best_json(demo_search):
+    options, best, *_ = demo_search
+    on_disk = json.loads((Path(options.run_dir) / "best.json").read_text())
+    assert on_disk == best
+    assert best["trials"] == 6 and best["errored_trials"] == 0
+    assert 0.5 < best["val_metrics"]["val_auc"] <= 1
+    assert best["config"]["image_size"] == 32 and best["config"]["head"] in ([], [16])
+    checkpoint = Path(best["checkpoint"])
+    assert checkpoint.is_file()
+    saved = torch.load(checkpoint, weights_only=True)
+    assert saved["metrics"]["val_auc"] == pytest.approx(best["val_metrics"]["val_auc"])
+
+
+def test_asha_stops_trials_and_optuna_records_them_as_pruned(demo_search):
+    options, best, *_ = demo_search
+    assert best["trials_stopped_early"] >= 1
+    searcher = PrunedAwareOptunaSearch()
+    searcher.restore_from_dir(options.run_dir)
+    states = [t.state for t in searcher._ot_study.trials]
+    assert len(states) == 6
+    assert states.count(optuna.trial.TrialState.PRUNED) == best["trials_stopped_early"]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 6 - best["trials_stopped_early"]
+
+
+def test_only_the_best_checkpoint_per_trial_is_kept(demo_search):
+    options, *_ = demo_search
+    trial_dirs = sorted(Path(options.run_dir).glob("trial_*"))
+    assert len(trial_dirs) == 6
+    for trial in trial_dirs:
+        assert [p.name for p in trial.glob("checkpoint_*/*")] == ["last.pt"]
+
+
+def test_trials_never_saw_the_test_split(demo_search):
+    *_, ds, split, data = demo_search
+    given = {bytes(img) for img in np.concatenate([data.train_images, data.val_images])}
+    test = {bytes(ds.images[i]) for i in split.indices("test")}
+    assert not given & test
+    assert len(data.train_labels) + len(data.val_labels) == len(ds) - len(split.indices("test"))
+
+
+def test_tensorboard_has_scalars_and_hparams_per_trial(demo_search):
+    options, *_ = demo_search
+    for trial in sorted(Path(options.run_dir).glob("trial_*")):
+        events = EventAccumulator(str(trial)).Reload()
+        assert {"ray/tune/val_auc", "ray/tune/val_loss", "ray/tune/lr"} <= set(
+            events.Tags()["scalars"])
+        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
+        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
+        assert {"lr", "head", "aug_strength"} <= set(hparams)
+
+
+def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray):
+    root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
+    ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    data = trial_data(ds, split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none"))
+    (tmp_path / "space.yaml").write_text("lr: {choice: [0.001]}\n")
+    marker = tmp_path / "crashed"
+
+    def crash_once(params, data, base_config):
+        """The real trainable, but the first run in this search dies right after epoch 1."""
+        import tuning.search as search
+
+        real_train_trial = search.train_trial
+
+        def train_then_crash(config, data, out_dir, report, **kwargs):
+            def report_then_crash(metrics):
+                report(metrics)
+                if not marker.exists():
+                    marker.touch()
+                    raise RuntimeError("injected crash after epoch 1")
+            return real_train_trial(config, data, out_dir, report_then_crash, **kwargs)
+
+        search.train_trial = train_then_crash
+        trainable(params, data, base_config)
+
+    options = SearchOptions(
+        data=str(root), num_samples=1, max_epochs=3, max_failures=1,
+        storage_path=str(tmp_path / "runs"), name="retry",
+        search_space=str(tmp_path / "space.yaml"),
+        base_config={"image_size": 32, "epochs": 3, "num_workers": 1, "patience": 99})
+    best = run_search(options, data, trainable_fn=crash_once)
+    assert marker.exists() and best["errored_trials"] == 0
+    [trial] = Path(options.run_dir).glob("trial_*")
+    results = (trial / "result.json").read_text().splitlines()
+    epochs = [json.loads(line)["epoch"] for line in results]
+    assert epochs == [1, 2, 3]  # resumed after epoch 1, did not start over
