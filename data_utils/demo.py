@@ -133,8 +133,18 @@ def _render_patient(
         xx, yy, body[0] + 0.1 * body[2], body[1] - 0.4 * body[3], 0.26 * body[2], 0.36 * body[3]
     )
     lesions = _sample_lesions(rng, n_slices)
+    nodules = _sample_nodules(rng, n_slices)
     z0, dz = rng.uniform(0.15, 0.75), rng.uniform(0.015, 0.03)  # position along the thorax
-    lung_level = rng.uniform(15, 40)
+    # Lung density varies a lot between patients and within the lungs, in both classes: overall
+    # level, a dependent (posterior) gradient, smooth patchiness, and in some patients a band of
+    # dependent atelectasis: denser lung along the back with a flat, gravity-made upper edge.
+    lung_level = rng.uniform(12, 45)
+    dependent = rng.uniform(0, 12)
+    patchy = rng.uniform(2, 5)
+    atelectasis = rng.uniform(10, 25) * (rng.uniform() < 0.3)
+    atelectasis_top = rng.uniform(0.45, 0.8)
+    lung_cy = (lungs[0]["cy"] + lungs[1]["cy"]) / 2
+    lung_ay = (lungs[0]["ay"] + lungs[1]["ay"]) / 2
     gain = rng.uniform(0.9, 1.1)  # scanner calibration differs between patients
     noise_sd = rng.uniform(5, 14)
     fields = [_smooth_field(rng, (h, w), 10) for _ in range(2)]
@@ -160,8 +170,12 @@ def _render_patient(
         lesion_add, lesion_mask = _render_lesions(lesions, lungs, i, grow, mottle, xx, yy)
         lesion_add *= lung_soft
         lesion_mask &= lung_mask
+        nodule_add = _render_lesions(nodules, lungs, i, grow, mottle, xx, yy)[0]
 
-        lung_value = lung_level + vessels
+        back = (yy - lung_cy) / (lung_ay * grow)  # -1 at the front of the lungs, +1 at the back
+        density = dependent * np.clip(back, 0, 1) ** 2 + patchy * mottle
+        density += atelectasis * _soft_inside(back - atelectasis_top, 0.05) * (1 + 0.2 * mottle)
+        lung_value = lung_level + vessels + density + nodule_add
         if positive:
             lung_value = lung_value + lesion_add
         else:
@@ -278,10 +292,15 @@ def _render_vessels(lung: dict, grow: float, dz: float, shape: tuple, px: float)
 
 
 def _sample_lesions(rng: np.random.Generator, n_slices: int) -> list[dict]:
-    """Lesions as ellipsoids in (lung-normalised x, y, slice index), so they persist over slices."""
+    """Lesions as ellipsoids in (lung-normalised x, y, slice index), so they persist over slices.
+
+    Severity varies by patient: mild cases have one or two faint ground-glass patches, barely
+    above the lung's own density variation; severe ones more, denser lesions.
+    """
+    severity = np.sqrt(rng.uniform(0.01, 1))  # most cases are clear, some mild
     lesions = []
-    for j in range(int(rng.integers(1, 7))):
-        ggo = rng.uniform() < 0.7  # ground glass is the commoner finding
+    for j in range(int(rng.integers(1, 2 + 4 * severity))):
+        ggo = rng.uniform() > 0.3 * severity  # ground glass is the commoner finding
         # COVID findings favour the periphery and the back of the lungs; the angle is measured
         # from the lateral direction, which also keeps lesions clear of the heart.
         lung = int(rng.integers(0, 2))
@@ -291,17 +310,39 @@ def _sample_lesions(rng: np.random.Generator, n_slices: int) -> list[dict]:
                 "lung": lung,
                 "u": (2 * lung - 1) * rad * np.cos(ang),
                 "v": rad * np.sin(ang),
-                "r": rng.uniform(0.22 if j == 0 else 0.12, 0.45),
+                "r": rng.uniform(0.25 if j == 0 else 0.12, 0.45),
                 "aspect": rng.uniform(0.7, 1.4),
                 # The first lesion spans the whole run, so every positive slice shows a finding.
                 "zc": (n_slices - 1) / 2 if j == 0 else rng.uniform(-2, n_slices + 1),
                 "zr": n_slices + 2 if j == 0 else rng.uniform(2, 8),
                 "soft": rng.uniform(0.12, 0.3) if ggo else rng.uniform(0.04, 0.08),
-                "amp": rng.uniform(30, 70) if ggo else rng.uniform(80, 120),
+                "amp": rng.uniform(0.7, 1) * (35 + 45 * severity if ggo else 80 + 40 * severity),
                 "mottle": rng.uniform(0.2, 0.5) if ggo else 0.15,
             }
         )
     return lesions
+
+
+def _sample_nodules(rng: np.random.Generator, n_slices: int) -> list[dict]:
+    """Benign mimics in both classes: small, dense, sharp round nodules anywhere in the lungs."""
+    nodules = []
+    for _ in range(int(rng.poisson(0.6))):
+        lung, rad, ang = int(rng.integers(0, 2)), rng.uniform(0, 0.8), rng.uniform(0, 2 * np.pi)
+        nodules.append(
+            {
+                "lung": lung,
+                "u": rad * np.cos(ang),
+                "v": rad * np.sin(ang),
+                "r": rng.uniform(0.05, 0.12),
+                "aspect": rng.uniform(0.85, 1.15),
+                "zc": rng.uniform(-1, n_slices),
+                "zr": rng.uniform(1.5, 3),
+                "soft": 0.05,
+                "amp": rng.uniform(40, 90),
+                "mottle": 0.0,
+            }
+        )
+    return nodules
 
 
 def _render_lesions(
