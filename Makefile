@@ -20,7 +20,7 @@ $(VENV)/.installed-dev: pyproject.toml
 demo: $(VENV)/.installed
 	test -d $(DEMO_DATA) || $(BIN)/ctscan make-demo-data $(DEMO_DATA)
 	$(BIN)/ctscan inspect $(DEMO_DATA)
-	$(BIN)/ctscan train --demo --out runs/demo-train
+	$(BIN)/ctscan tune --demo
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .

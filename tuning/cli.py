@@ -144,8 +144,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
             **({"name": args.name} if args.name else {}),
         )
         load_space(Path(options.search_space))  # a bad space file fails here, before Ray starts
-        make_config(options.base_config)
-    config = make_config(options.base_config)
+        if read_text(f"{options.run_dir}/search.json") is not None:
+            raise DataError(f"{options.run_dir} already holds a search; continue it with "
+                            f"--resume --name {options.name}, or pick another --name")
+    config = make_config(options.base_config)  # also checks --image-size and --weights
     ds, split = prepare_split(Path(options.data), config.image_size, config.resize,
                               options.split, args.cache_dir)
     record = json.dumps(split_record(split, ds), indent=2) + "\n"
