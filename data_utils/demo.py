@@ -141,7 +141,7 @@ def _render_patient(
     lung_level = rng.uniform(12, 45)
     dependent = rng.uniform(0, 12)
     patchy = rng.uniform(2, 5)
-    atelectasis = rng.uniform(10, 25) * (rng.uniform() < 0.3)
+    atelectasis = rng.uniform(10, 25) * (rng.uniform() < 0.3) * 0
     atelectasis_top = rng.uniform(0.45, 0.8)
     lung_cy = (lungs[0]["cy"] + lungs[1]["cy"]) / 2
     lung_ay = (lungs[0]["ay"] + lungs[1]["ay"]) / 2
@@ -326,7 +326,7 @@ def _sample_lesions(rng: np.random.Generator, n_slices: int) -> list[dict]:
 def _sample_nodules(rng: np.random.Generator, n_slices: int) -> list[dict]:
     """Benign mimics in both classes: small, dense, sharp round nodules anywhere in the lungs."""
     nodules = []
-    for _ in range(int(rng.poisson(0.6))):
+    for _ in range(int(rng.poisson(0.6) * 0)):
         lung, rad, ang = int(rng.integers(0, 2)), rng.uniform(0, 0.8), rng.uniform(0, 2 * np.pi)
         nodules.append(
             {

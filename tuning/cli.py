@@ -131,7 +131,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
             data=str(args.data.resolve()),
             num_samples=args.num_samples or demo.get("num_samples", 12),
             max_epochs=args.max_epochs or demo.get("max_epochs", 10),
-            grace_period=args.grace_period, reduction_factor=args.reduction_factor,
+            scheduler=args.scheduler, grace_period=args.grace_period,
+            reduction_factor=args.reduction_factor,
             cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
             max_concurrent=args.max_concurrent, max_failures=args.max_failures,
             storage_path=args.storage_path, seed=args.seed,
@@ -250,6 +251,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-samples", type=int, help="number of trials (default: 12; demo 8)")
     p.add_argument("--max-epochs", type=int,
                    help="epochs of a trial that is never stopped early (default: 10; demo 6)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="asha (default) stops weak trials early; fifo trains every trial fully")
     p.add_argument("--grace-period", type=int, default=1,
                    help="epochs every trial gets before ASHA may stop it (default: 1)")
     p.add_argument("--reduction-factor", type=int, default=3,

@@ -24,7 +24,7 @@ import pyarrow.fs
 import ray
 import torch
 from ray import tune
-from ray.tune.schedulers import ASHAScheduler
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
@@ -43,6 +43,7 @@ class SearchOptions:
     data: str
     num_samples: int = 12
     max_epochs: int = 10
+    scheduler: str = "asha"  # asha | fifo (no early stopping; for comparisons)
     grace_period: int = 1
     reduction_factor: int = 3
     cpus_per_trial: float = 1.0
@@ -142,9 +143,12 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
     searcher = ConcurrencyLimiter(
         PrunedAwareOptunaSearch(sampler=optuna.samplers.TPESampler(seed=options.seed)),
         max_concurrent=options.max_concurrent)
-    scheduler = ASHAScheduler(time_attr="training_iteration", max_t=options.max_epochs,
-                              grace_period=options.grace_period,
-                              reduction_factor=options.reduction_factor)
+    if options.scheduler == "fifo":
+        scheduler = FIFOScheduler()
+    else:
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=options.max_epochs,
+                                  grace_period=options.grace_period,
+                                  reduction_factor=options.reduction_factor)
     tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher,
                                   scheduler=scheduler, num_samples=options.num_samples,
                                   trial_dirname_creator=_trial_dirname)
