@@ -139,9 +139,9 @@ def _render_patient(
     # level, a dependent (posterior) gradient, smooth patchiness, and in some patients a band of
     # dependent atelectasis: denser lung along the back with a flat, gravity-made upper edge.
     lung_level = rng.uniform(12, 45)
-    dependent = rng.uniform(0, 12)
-    patchy = rng.uniform(2, 5)
-    atelectasis = rng.uniform(10, 25) * (rng.uniform() < 0.3) * 0
+    dependent = rng.uniform(0, 8)
+    patchy = rng.uniform(1, 3)
+    atelectasis = rng.uniform(8, 20) * (rng.uniform() < 0.25)
     atelectasis_top = rng.uniform(0.45, 0.8)
     lung_cy = (lungs[0]["cy"] + lungs[1]["cy"]) / 2
     lung_ay = (lungs[0]["ay"] + lungs[1]["ay"]) / 2
@@ -299,8 +299,8 @@ def _sample_lesions(rng: np.random.Generator, n_slices: int) -> list[dict]:
     """
     severity = np.sqrt(rng.uniform(0.01, 1))  # most cases are clear, some mild
     lesions = []
-    for j in range(int(rng.integers(1, 2 + 4 * severity))):
-        ggo = rng.uniform() > 0.3 * severity  # ground glass is the commoner finding
+    for j in range(int(rng.integers(1, 3 + 4 * severity))):
+        ggo = rng.uniform() < 0.7  # ground glass is the commoner finding
         # COVID findings favour the periphery and the back of the lungs; the angle is measured
         # from the lateral direction, which also keeps lesions clear of the heart.
         lung = int(rng.integers(0, 2))
@@ -326,7 +326,7 @@ def _sample_lesions(rng: np.random.Generator, n_slices: int) -> list[dict]:
 def _sample_nodules(rng: np.random.Generator, n_slices: int) -> list[dict]:
     """Benign mimics in both classes: small, dense, sharp round nodules anywhere in the lungs."""
     nodules = []
-    for _ in range(int(rng.poisson(0.6) * 0)):
+    for _ in range(int(rng.poisson(0.5))):
         lung, rad, ang = int(rng.integers(0, 2)), rng.uniform(0, 0.8), rng.uniform(0, 2 * np.pi)
         nodules.append(
             {

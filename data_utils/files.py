@@ -17,6 +17,7 @@ def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(fd, 0o644)  # mkstemp makes files owner-only; results are meant to be shared
     try:
         with os.fdopen(fd, mode) as f:
             yield f

@@ -1,7 +1,6 @@
 """`ctscan tune` on a local 2-CPU Ray: search space checks, end to end, retries."""
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +11,21 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
+import results.evaluate as evaluate_module
 from data_utils.cache import load_dataset
 from data_utils.demo import make_demo_data
+from data_utils.sources import DataError
 from data_utils.split import split_dataset
+from results.pipeline import report_run
+from results.predict import predict_paths
 from tuning.config import ConfigError
-from tuning.search import PrunedAwareOptunaSearch, SearchOptions, run_search, trainable
+from tuning.search import (
+    PrunedAwareOptunaSearch,
+    SearchOptions,
+    prepare_run,
+    run_search,
+    trainable,
+)
 from tuning.space import decode_params, load_space, to_param_space
 from tuning.train import trial_data
 
@@ -63,20 +72,23 @@ def local_ray():
 
 @pytest.fixture(scope="module")
 def demo_search(tmp_path_factory, local_ray):
-    """A finished 6-trial search; the data folder is deleted before it starts."""
+    """A finished 6-trial search; the data folder is hidden while it runs."""
     tmp = tmp_path_factory.mktemp("search")
     root = make_demo_data(tmp / "data", n_per_class=40, size=64)
     ds = load_dataset(root, 32, cache_dir=tmp / "cache", progress=False)
     split = split_dataset(ds, seed=0)
-    data = trial_data(ds, split)
-    shutil.rmtree(root)  # trials must get pixels from Ray's object store, never from PNGs
+    hidden = root.rename(tmp / "hidden")  # trials get pixels from Ray's object store, not PNGs
     (tmp / "space.yaml").write_text(TINY_SPACE)
     options = SearchOptions(
         data=str(root), num_samples=6, max_epochs=3, grace_period=1, reduction_factor=2,
         max_concurrent=2, storage_path=str(tmp / "runs"), name="demo",
         search_space=str(tmp / "space.yaml"),
-        base_config={"image_size": 32, "epochs": 3, "num_workers": 1})
+        base_config={"image_size": 32, "epochs": 3, "num_workers": 1},
+        split={"ratios": [0.7, 0.2, 0.1], "seed": 0, "group_by": "duplicates",
+               "positive_class": None})
+    data = prepare_run(options, ds, split)
     best = run_search(options, data)
+    hidden.rename(root)  # evaluation, later, reads the test files
     return options, best, ds, split, data
 
 
@@ -166,3 +178,72 @@ def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray
     results = (trial / "result.json").read_text().splitlines()
     epochs = [json.loads(line)["epoch"] for line in results]
     assert epochs == [1, 2, 3]  # resumed after epoch 1, did not start over
+
+
+@pytest.fixture(scope="module")
+def evaluated(demo_search):
+    options, *_ = demo_search
+    return report_run(options.run_dir, resamples=200, gradcams=2)
+
+
+def test_evaluation_writes_metrics_plots_report_and_export(demo_search, evaluated):
+    options, best, ds, split, _ = demo_search
+    metrics = json.loads((evaluated / "metrics.json").read_text())
+    assert metrics["trial_id"] == best["trial_id"]
+    assert metrics["test"]["n"] == len(split.indices("test"))
+    assert metrics["val"]["n"] == len(split.indices("val"))
+    for m in metrics["test"]["metrics"].values():
+        assert m["ci95"][0] <= m["value"] <= m["ci95"][1]
+    for name in ("roc", "pr", "confusion", "training_curves", "hparams"):
+        assert (evaluated / f"{name}.png").stat().st_size > 1000
+    report = (evaluated / "report.md").read_text()
+    assert "95% CI" in report and best["trial_id"] in report and "gradcam/" in report
+    export = Path(options.run_dir) / "export"
+    assert {"model.pt", "model.torchscript.pt", "config.json", "config.yaml",
+            "model_card.md"} <= {p.name for p in export.iterdir()}
+    assert EventAccumulator(str(evaluated / "tensorboard")).Reload().Tags()["images"]
+
+
+def test_predict_on_the_test_files_reproduces_evaluate(demo_search, evaluated):
+    options, *_ = demo_search
+    evaluated_probs = {r["path"]: r["prob"]
+                       for r in json.loads((evaluated / "test_predictions.json").read_text())}
+    root = Path(options.data)
+    rows = predict_paths(Path(options.run_dir) / "export", [root / p for p in evaluated_probs],
+                         progress=False)
+    assert [r["error"] for r in rows] == [None] * len(rows)
+    for row in rows:
+        rel = Path(row["path"]).relative_to(root).as_posix()
+        assert row["prob"] == pytest.approx(evaluated_probs[rel], abs=1e-6)
+
+
+def test_threshold_is_chosen_on_val_before_test_is_touched(demo_search, monkeypatch):
+    options, _, ds, split, _ = demo_search
+    events = []
+    real_predict, real_choose = evaluate_module.predict_proba, evaluate_module.choose_threshold
+    monkeypatch.setattr(evaluate_module, "predict_proba",
+                        lambda model, x: events.append(("predict", x.clone())) or
+                        real_predict(model, x))
+    monkeypatch.setattr(evaluate_module, "choose_threshold",
+                        lambda y, p, fixed: events.append(("threshold", len(y))) or
+                        real_choose(y, p, fixed))
+    evaluate_module.evaluate_run(options.run_dir, resamples=10)
+    val = ds.images[split.indices("val")]
+    test = ds.images[split.indices("test")]
+    assert [e[0] for e in events] == ["predict", "threshold", "predict"]
+    assert sorted(map(bytes, events[0][1].numpy())) == sorted(map(bytes, val))
+    assert events[1][1] == len(val)
+    assert sorted(map(bytes, events[2][1].numpy())) == sorted(map(bytes, test))
+
+
+def test_a_changed_test_file_stops_evaluation_naming_it(demo_search):
+    options, _, ds, split, _ = demo_search
+    victim = Path(options.data) / ds.paths[split.indices("test")[0]]
+    original = victim.read_bytes()
+    try:
+        victim.write_bytes(original[:-20] + b"\0" * 20)  # still a file, different bytes
+        with pytest.raises(DataError, match=f"{victim}: test file changed|{victim}: test file "
+                           "of split.json is missing"):
+            evaluate_module.evaluate_run(options.run_dir, resamples=10)
+    finally:
+        victim.write_bytes(original)

@@ -15,7 +15,7 @@ from data_utils.decode import RESIZE_MODES
 from data_utils.demo import make_demo_data
 from data_utils.doctor import format_report, inspect_dataset
 from data_utils.sources import DataError
-from data_utils.split import GROUP_BY, split_counts, split_dataset, split_record, write_split
+from data_utils.split import GROUP_BY, split_counts, split_dataset, write_split
 from tuning.config import ConfigError, load_config, make_config, save_config
 from tuning.monitor import tensorboard_reporter
 from tuning.space import DEFAULT_SPACE, load_space
@@ -111,14 +111,7 @@ def _demo_data(args: argparse.Namespace, command: str) -> None:
 def cmd_tune(args: argparse.Namespace) -> int:
     import ray  # ray takes seconds to import; only this command needs it
 
-    from tuning.search import (
-        SearchOptions,
-        load_options,
-        read_text,
-        run_search,
-        save_options,
-        write_text,
-    )
+    from tuning.search import SearchOptions, load_options, prepare_run, read_text, run_search
 
     if args.resume:
         run_dir = args.resume if args.resume != "NAME" else str(Path(args.storage_path) / args.name)
@@ -151,13 +144,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     config = make_config(options.base_config)  # also checks --image-size and --weights
     ds, split = prepare_split(Path(options.data), config.image_size, config.resize,
                               options.split, args.cache_dir)
-    record = json.dumps(split_record(split, ds), indent=2) + "\n"
-    if args.resume and read_text(f"{options.run_dir}/split.json") != record:
-        raise DataError(f"{options.data} no longer gives the split this search started with "
-                        f"({options.run_dir}/split.json); the data or the code changed")
-    write_text(f"{options.run_dir}/split.json", record)
-    save_options(options)
-    data = trial_data(ds, split)
+    data = prepare_run(options, ds, split, resume=bool(args.resume))
     del ds  # the test split stays out of the object store
     print(f"search {options.name}: {options.num_samples} trials, up to {options.max_epochs} "
           f"epochs each, results in {options.run_dir}\n"
@@ -165,13 +152,58 @@ def cmd_tune(args: argparse.Namespace) -> int:
     if not ray.is_initialized():
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
     best = run_search(options, data, resume=bool(args.resume))
+    ray.shutdown()
     print(f"best trial {best['trial_id']} (epoch {best['best_epoch']}): "
           f"val AUC {best['val_metrics']['val_auc']:.4f}, val accuracy "
           f"{best['val_metrics']['val_accuracy']:.3f}; {best['trials']} trials, "
           f"{best['trials_stopped_early']} stopped early\n"
           f"  config: {json.dumps(best['searched'])}\n"
           f"  checkpoint: {best['checkpoint']}\n  summary: {options.run_dir}/best.json")
+    from results.pipeline import report_run
+
+    print_results(report_run(options.run_dir, cache_dir=args.cache_dir))
     return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from results.pipeline import report_run
+
+    out = report_run(args.run_dir, args.threshold, args.bootstrap, args.seed, args.cache_dir)
+    print_results(out)
+    return 0
+
+
+def print_results(out: Path) -> None:
+    """The headline of results/metrics.json and where everything is."""
+    metrics = json.loads((out / "metrics.json").read_text())
+    test, threshold = metrics["test"], metrics["threshold"]
+    print(f"test split: {test['n']} images never used for training or model selection; "
+          f"threshold {threshold['value']:.3f} ({threshold['method']}, chosen on val)")
+    for name, m in test["metrics"].items():
+        print(f"  {name:<12} {m['value']:.3f}  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
+    print(f"report: {out / 'report.md'}\nexported model: {out.parent / 'export'}\n"
+          f"tensorboard --logdir {out.parent}")
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from results.pipeline import export_run
+
+    print(f"exported to {export_run(args.run_dir, args.out)}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from results.predict import main_predict
+
+    return main_predict(args.model_dir, args.paths, args.csv)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    from results.explain import explain_paths
+
+    written = explain_paths(args.model_dir, args.paths, args.out)
+    print(f"wrote {len(written)} Grad-CAM overlays to {args.out}")
+    return 0 if written else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -282,6 +314,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default="none",
                    help="initial weights of every trial: none (default), imagenet, or a path")
     p.set_defaults(func=cmd_tune)
+
+    p = commands.add_parser("evaluate", help="score a search's best trial once on the test "
+                            "split: metrics with 95%% CIs, plots, report, export")
+    p.add_argument("run_dir", help="the search's run folder (STORAGE_PATH/NAME)")
+    p.add_argument("--threshold", type=float,
+                   help="fixed decision threshold (default: maximise Youden's J on val)")
+    p.add_argument("--bootstrap", type=int, default=1000,
+                   help="bootstrap resamples for the confidence intervals (default: 1000)")
+    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--cache-dir", type=Path, help="decoded-dataset cache (default: as for tune)")
+    p.set_defaults(func=cmd_evaluate)
+
+    p = commands.add_parser("export", help="write the evaluated winner: state_dict, TorchScript, "
+                            "config.json/.yaml, model card")
+    p.add_argument("run_dir", help="an evaluated search's run folder")
+    p.add_argument("--out", type=Path, required=True, help="folder to export into")
+    p.set_defaults(func=cmd_export)
+
+    p = commands.add_parser("predict", help="probability of the positive class per image")
+    p.add_argument("model_dir", type=Path, help="an exported model folder (RUN_DIR/export)")
+    p.add_argument("paths", type=Path, nargs="+", help="images or folders of images")
+    p.add_argument("--csv", type=Path, help="also write the predictions to this CSV file")
+    p.set_defaults(func=cmd_predict)
+
+    p = commands.add_parser("explain", help="Grad-CAM heatmaps over the slices (where the model "
+                            "looked)")
+    p.add_argument("model_dir", type=Path, help="an exported model folder (RUN_DIR/export)")
+    p.add_argument("paths", type=Path, nargs="+", help="images or folders of images")
+    p.add_argument("--out", type=Path, required=True, help="folder for the overlay PNGs")
+    p.set_defaults(func=cmd_explain)
 
     p = commands.add_parser("make-demo-data", help="generate CT-like demo slices (Kaggle layout)")
     p.add_argument("dir", type=Path, help="new folder to create")

@@ -28,11 +28,15 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from data_utils.cache import CTDataset
+from data_utils.sources import DataError
+from data_utils.split import Split, split_record
 from tuning.config import ConfigError, make_config
 from tuning.space import DEFAULT_SPACE, decode_params, load_space, searched_keys, to_param_space
-from tuning.train import TrialData, train_trial
+from tuning.train import TrialData, train_trial, trial_data
 
 METRIC, MODE = "val_auc", "max"
+HISTORY_KEYS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "val_f1", "lr"]
 CHECKPOINT_FILE = "last.pt"  # train_trial's resume file; Ray's best checkpoint has the best one
 
 
@@ -206,6 +210,25 @@ def prune_checkpoints(results: tune.ResultGrid) -> None:
                 result.filesystem.delete_dir(entry.path)
 
 
+def trial_records(results: tune.ResultGrid, space: dict) -> list[dict]:
+    """trials.json: every trial's searched values, status and per-epoch history, best first."""
+    records = []
+    for result in results:
+        frame = result.metrics_dataframe
+        history = [] if frame is None else frame[HISTORY_KEYS].to_dict("records")
+        status = ("error" if result.error else "completed" if history and
+                  result.metrics.get("final_epoch") else "stopped early")
+        records.append({
+            "trial_id": result.metrics.get("trial_id") or Path(result.path).name[6:],
+            "params": decode_params({k: v for k, v in result.config.items() if k in space}),
+            "status": status,
+            "epochs": len(history),
+            "val_auc": max((h["val_auc"] for h in history), default=float("nan")),
+            "history": history,
+        })
+    return sorted(records, key=lambda r: -r["val_auc"] if r["history"] else 1)
+
+
 def summarize(options: SearchOptions, results: tune.ResultGrid) -> dict:
     """best.json: the best trial over all its epochs, its config and its best checkpoint."""
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
@@ -229,11 +252,22 @@ def summarize(options: SearchOptions, results: tune.ResultGrid) -> dict:
         "errored_trials": len(results.errors),
     }
     write_text(_join(options.run_dir, "best.json"), json.dumps(summary, indent=2) + "\n")
+    write_text(_join(options.run_dir, "trials.json"),
+               json.dumps(trial_records(results, space), indent=1) + "\n")
     return summary
 
 
-def save_options(options: SearchOptions) -> None:
+def prepare_run(options: SearchOptions, ds: CTDataset, split: Split,
+                resume: bool = False) -> TrialData:
+    """Write split.json and search.json into the run; return what trials get (no test rows)."""
+    record = json.dumps(split_record(split, ds), indent=2) + "\n"
+    split_uri = _join(options.run_dir, "split.json")
+    if resume and read_text(split_uri) != record:
+        raise DataError(f"{options.data} no longer gives the split this search started with "
+                        f"({split_uri}); the data or the code changed")
+    write_text(split_uri, record)
     write_text(_join(options.run_dir, "search.json"), json.dumps(asdict(options), indent=2))
+    return trial_data(ds, split)
 
 
 def load_options(run_dir: str) -> SearchOptions:

@@ -1,0 +1,128 @@
+"""`ctscan evaluate RUN_DIR`: score the search's winner once on the held-out test split.
+
+This is the only code that reads test images. The threshold is chosen on the validation split
+first and then applied unchanged to the test split.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from ray.tune import Checkpoint
+
+from ctmodels import build_model
+from data_utils.cache import CTDataset, load_dataset
+from data_utils.files import write_json
+from data_utils.sources import DataError
+from results.metrics import score, youden_threshold
+from tuning.config import make_config
+from tuning.search import load_options, read_text
+from tuning.train import predict_proba
+
+
+def _read_json(uri: str) -> dict | list:
+    text = read_text(uri)
+    if text is None:
+        raise DataError(f"{uri}: not found; is this a finished ctscan search?")
+    return json.loads(text)
+
+
+def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
+    """Rows of `ds` holding split `name` of split.json; every file must still be byte-identical."""
+    row_of = {path: i for i, path in enumerate(ds.paths)}
+    rows = []
+    for entry in split_json["files"]:
+        if entry["split"] != name:
+            continue
+        row = row_of.get(entry["path"])
+        if row is None:
+            raise DataError(f"{ds.root / entry['path']}: {name} file of split.json is missing "
+                            "or no longer readable")
+        if ds.sha256[row] != entry["sha256"]:
+            raise DataError(f"{ds.root / entry['path']}: {name} file changed since the split "
+                            "was made (sha256 differs)")
+        rows.append(row)
+    return np.array(rows, dtype=np.int64)
+
+
+def load_checkpoint_model(checkpoint: str, config) -> torch.nn.Module:
+    """The trial's weights from its checkpoint (a local path or a storage URI)."""
+    if "://" in checkpoint:
+        with tempfile.TemporaryDirectory() as tmp:
+            folder, name = checkpoint.rsplit("/", 1)
+            local = Path(Checkpoint(folder).to_directory(tmp)) / name
+            state = torch.load(local, map_location="cpu", weights_only=True)
+    else:
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    model = build_model(config.arch, config.head, config.dropout, config.activation)
+    model.load_state_dict(state["model"])
+    return model.eval()
+
+
+def choose_threshold(y_val: np.ndarray, prob_val: np.ndarray, fixed: float | None) -> dict:
+    if fixed is not None:
+        return {"method": "fixed", "value": float(fixed)}
+    return {"method": "youden", "value": youden_threshold(y_val, prob_val)}
+
+
+def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
+                 seed: int = 0, cache_dir: Path | None = None) -> tuple[dict, dict]:
+    """Score the best trial; returns (metrics.json content, arrays for plots and export)."""
+    options = load_options(run_dir)
+    best = _read_json(f"{run_dir}/best.json")
+    split_json = _read_json(f"{run_dir}/split.json")
+    config = make_config(best["config"])
+    ds = load_dataset(Path(options.data), config.image_size, config.resize, cache_dir,
+                      options.split.get("positive_class"))
+    val_rows = recorded_rows(ds, split_json, "val")
+    test_rows = recorded_rows(ds, split_json, "test")
+    model = load_checkpoint_model(best["checkpoint"], config)
+
+    y_val = ds.labels[val_rows]
+    prob_val = predict_proba(model, torch.from_numpy(ds.images[val_rows])).numpy()
+    chosen = choose_threshold(y_val, prob_val, threshold)
+    # Only now, with the threshold fixed, are the test images looked at.
+    y_test = ds.labels[test_rows]
+    prob_test = predict_proba(model, torch.from_numpy(ds.images[test_rows])).numpy()
+
+    metrics = {
+        "trial_id": best["trial_id"],
+        "checkpoint": best["checkpoint"],
+        "class_names": list(ds.class_names),
+        "positive_class": ds.positive_class,
+        "threshold": chosen,
+        "test": {
+            "n": len(y_test), "positives": int(y_test.sum()),
+            "negatives": int(len(y_test) - y_test.sum()),
+            **score(y_test, prob_test, chosen["value"], resamples, seed),
+            "at_0.5": score(y_test, prob_test, 0.5, resamples, seed),
+        },
+        "val": {"n": len(y_val), **score(y_val, prob_val, chosen["value"], resamples, seed)},
+        "bootstrap": {"resamples": resamples, "seed": seed},
+        "data": {
+            "path": str(ds.root), "images": len(ds),
+            "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
+            "split_counts": split_json["counts"], "group_by": split_json["group_by"],
+            "split_seed": split_json["seed"],
+            "split_sha256": hashlib.sha256(read_text(f"{run_dir}/split.json").encode())
+            .hexdigest(),
+        },
+        "config": best["config"],
+        "searched": best["searched"],
+    }
+    arrays = {"model": model, "config": config, "y_test": y_test, "prob_test": prob_test,
+              "test_paths": [ds.paths[i] for i in test_rows], "class_names": ds.class_names,
+              "test_files": [ds.root / ds.paths[i] for i in test_rows]}
+    return metrics, arrays
+
+
+def write_predictions(path: Path, arrays: dict) -> None:
+    rows = [{"path": p, "label": arrays["class_names"][y], "prob": float(q)}
+            for p, y, q in zip(arrays["test_paths"], arrays["y_test"], arrays["prob_test"],
+                               strict=True)]
+    write_json(path, rows)

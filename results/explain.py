@@ -1,0 +1,117 @@
+"""Grad-CAM heatmaps: which regions of a slice pushed the positive-class logit up.
+
+Selvaraju et al. 2017: weight each channel of the last convolutional stage (`layer4`) by its
+spatially averaged gradient of the logit, sum, ReLU, upsample to the input size.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data_utils.augment import normalize
+from data_utils.files import atomic_write
+from results.export import load_exported
+from results.predict import decode_batches, expand_paths
+
+
+def gradcam(model: nn.Module, x: torch.Tensor) -> np.ndarray:
+    """Grad-CAM of the positive logit: float [B, 1, S, S] input -> float32 [B, S, S] in [0, 1]."""
+    return _gradcam(model, x)[0]
+
+
+def _gradcam(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """(maps [B, S, S], logits [B]) from one forward and one backward pass."""
+    model.eval()  # BatchNorm in train mode would mix the images of the batch
+    captured: list[torch.Tensor] = []
+    hook = model.layer4.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    try:
+        with torch.enable_grad():
+            # The input requires grad so activations do too, even when every weight is frozen.
+            logits = model(x.detach().clone().requires_grad_(True)).squeeze(1)
+            # Eval mode keeps the images independent, so one backward of the sum gives each
+            # image's own gradient; autograd.grad leaves the parameters' .grad untouched.
+            (grads,) = torch.autograd.grad(logits.sum(), captured[0])
+    finally:
+        hook.remove()
+    acts = captured[0].detach()
+    weights = grads.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * acts).sum(dim=1, keepdim=True))
+    cam = F.interpolate(cam, size=x.shape[-2:], mode="bilinear", align_corners=False).squeeze(1)
+    low = cam.amin(dim=(1, 2), keepdim=True)
+    high = cam.amax(dim=(1, 2), keepdim=True)
+    cam = (cam - low) / (high - low).clamp_min(1e-7)  # a flat map (no evidence) stays all 0
+    return cam.cpu().numpy().astype(np.float32), logits.detach()
+
+
+def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
+                  batch_size: int = 16) -> list[Path]:
+    """Write `<stem>_gradcam.png` per readable image into out_dir; returns the written paths.
+
+    Unreadable files are skipped with a warning on stderr. out_dir may not be an input file's
+    folder or lie inside an input folder (a rerun would read the heatmaps as inputs).
+    """
+    out_dir = Path(out_dir)
+    files = expand_paths(paths)
+    _check_out_dir(out_dir, [Path(p) for p in paths], files)
+    model, config = load_exported(model_dir)
+    negative, positive = config["class_names"]
+    written: list[Path] = []
+    used: set[str] = set()
+    for batch in decode_batches(files, config, batch_size):
+        for path, _, error in batch:
+            if error is not None:
+                print(f"warning: skipped {path}: {error}", file=sys.stderr)
+        ok = [(path, pixels) for path, pixels, _ in batch if pixels is not None]
+        if not ok:
+            continue
+        pixels = np.stack([p for _, p in ok])
+        maps, logits = _gradcam(model, normalize(torch.from_numpy(pixels)))
+        for (path, image), cam, prob in zip(ok, maps, torch.sigmoid(logits).tolist(),
+                                            strict=True):
+            label = positive if prob >= config["threshold"] else negative
+            target = out_dir / _unique_name(path.stem, used)
+            _write_overlay(target, image, cam, f"{path.name}\n{label}  p({positive})={prob:.3f}")
+            written.append(target)
+    return written
+
+
+def _check_out_dir(out_dir: Path, inputs: list[Path], files: list[Path]) -> None:
+    out = out_dir.resolve()
+    for folder in {p.resolve() for p in inputs if p.is_dir()}:
+        if out == folder or folder in out.parents:
+            raise ValueError(f"{out_dir}: output folder is inside input folder {folder}; "
+                             "choose a folder outside the inputs")
+    for f in files:
+        if out == f.resolve().parent:
+            raise ValueError(f"{out_dir}: output folder holds input {f}; choose another folder")
+
+
+def _unique_name(stem: str, used: set[str]) -> str:
+    # Folders are expanded recursively, so COVID/1.png and non-COVID/1.png must not collide.
+    name, n = f"{stem}_gradcam.png", 1
+    while name in used:
+        n += 1
+        name = f"{stem}_{n}_gradcam.png"
+    used.add(name)
+    return name
+
+
+def _write_overlay(path: Path, image: np.ndarray, cam: np.ndarray, title: str) -> None:
+    # Imported here: matplotlib takes seconds to import and only this function needs it.
+    # A bare Figure (no pyplot) needs no GUI backend and keeps no global state between images.
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(4, 4.4), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 0.88))
+    ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1, interpolation="bilinear")
+    ax.set_axis_off()
+    fig.text(0.5, 0.94, title, ha="center", va="center", fontsize=9)
+    with atomic_write(path, "wb") as f:
+        fig.savefig(f, format="png", facecolor="white")

@@ -1,0 +1,121 @@
+"""Classify image files with an exported model, preprocessed exactly as in training."""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from data_utils.decode import decode_image
+from data_utils.files import atomic_write
+from data_utils.sources import IMAGE_SUFFIXES
+from results.export import load_exported, read_config
+from tuning.train import predict_proba
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Folders become their image files (recursively, sorted); files are kept as given.
+
+    A file named explicitly is kept whatever its suffix, so its decode error says what is wrong
+    with it; a missing path stays in and becomes an error row too.
+    """
+    out: list[Path] = []
+    for path in map(Path, paths):
+        if path.is_dir():
+            out += sorted(
+                p for p in path.rglob("*")
+                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
+            )
+        else:
+            out.append(path)
+    return out
+
+
+def decode_batches(files: list[Path], config: dict, batch_size: int
+                   ) -> Iterator[list[tuple[Path, np.ndarray | None, str | None]]]:
+    """(path, uint8 [S, S] pixels or None, error or None) per file, batch_size files at a time."""
+    for start in range(0, len(files), batch_size):
+        batch = []
+        for path in files[start : start + batch_size]:
+            try:
+                pixels = decode_image(path.read_bytes(), config["image_size"],
+                                      config["resize"]).pixels
+                batch.append((path, pixels, None))
+            except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
+                batch.append((path, None, f"{type(e).__name__}: {e}"))
+        yield batch
+
+
+def predict_paths(
+    model_dir: Path,
+    paths: list[Path],
+    batch_size: int = 64,
+    progress: bool = True,
+) -> list[dict]:
+    """One row per image: {"path", "prob", "label", "error"}; unreadable files get an error row.
+
+    Rows follow the input order, folders expanded in place; a folder without any image file
+    gets an error row of its own at the end, so it is not silently skipped.
+    """
+    model, config = load_exported(model_dir)
+    negative, positive = config["class_names"]
+    threshold = config["threshold"]
+    rows: list[dict] = []
+    empty: list[dict] = []
+    files: list[Path] = []
+    for path in map(Path, paths):
+        found = expand_paths([path])
+        if not found:  # only a folder expands to nothing
+            suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+            empty.append(_row(path, error=f"no image files ({suffixes}) in this folder"))
+        files += found
+    # A bar only when there is something to wait for; a handful of files prints no noise.
+    with tqdm(total=len(files), unit="img", disable=not progress or len(files) <= batch_size,
+              desc="predict") as bar:
+        for batch in decode_batches(files, config, batch_size):
+            ok = [pixels for _, pixels, _ in batch if pixels is not None]
+            probs = iter(predict_proba(model, torch.from_numpy(np.stack(ok))).tolist()
+                         if ok else [])
+            for path, pixels, error in batch:
+                if pixels is None:
+                    rows.append(_row(path, error=error))
+                else:
+                    prob = next(probs)
+                    rows.append(_row(path, prob, positive if prob >= threshold else negative))
+            bar.update(len(batch))
+    return rows + empty
+
+
+def _row(path: Path, prob: float | None = None, label: str | None = None,
+         error: str | None = None) -> dict:
+    return {"path": str(path), "prob": prob, "label": label, "error": error}
+
+
+def write_predictions_csv(rows: list[dict], path: Path, positive_class: str) -> None:
+    """CSV with columns path, prob_<positive_class>, label, error (empty where not applicable)."""
+    with atomic_write(Path(path), "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", f"prob_{positive_class}", "label", "error"])
+        for r in rows:
+            prob = "" if r["prob"] is None else repr(r["prob"])  # repr: round-trips exactly
+            writer.writerow([r["path"], prob, r["label"] or "", r["error"] or ""])
+
+
+def main_predict(model_dir: Path, paths: list[Path], csv_path: Path | None = None) -> int:
+    """`ctscan predict`: one line per image; exit code 1 if any image failed, else 0."""
+    rows = predict_paths(Path(model_dir), [Path(p) for p in paths])
+    for r in rows:
+        if r["error"] is None:
+            print(f"{r['path']}\t{r['prob']:.4f}\t{r['label']}")
+        else:
+            print(f"{r['path']}\tERROR\t{r['error']}")
+    if csv_path is not None:
+        positive = read_config(Path(model_dir))["class_names"][1]
+        write_predictions_csv(rows, Path(csv_path), positive)
+        print(f"wrote {csv_path}", file=sys.stderr)  # stdout stays one line per image
+    return 1 if any(r["error"] is not None for r in rows) else 0

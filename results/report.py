@@ -1,0 +1,318 @@
+"""report.md: the one-shot test result of the winning model, written for a clinician-researcher.
+
+Every number comes from the evaluate step's metrics dict; this module only words and lays them
+out. The order follows what a reader needs: what was found, how sure we are, how the model was
+chosen, what data it saw, and what the numbers do not mean.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import quote
+
+import yaml
+
+from data_utils.files import atomic_write
+
+METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "recall": "Sensitivity (recall)",
+    "specificity": "Specificity",
+    "precision": "Precision (PPV)",
+    "f1": "F1 score",
+    "roc_auc": "ROC AUC",
+    "pr_auc": "PR AUC (average precision)",
+}
+THRESHOLD_FREE = ("roc_auc", "pr_auc")  # the same at every threshold
+THRESHOLD_METHODS = {"youden": "Youden's J on the validation split", "fixed": "fixed"}
+LEADERBOARD_ROWS = 10
+MAX_SKIPPED_LISTED = 50
+
+GROUPING = {
+    "duplicates": (
+        "The train/validation/test split kept byte-identical files and near-identical slices "
+        "(perceptual-hash neighbours, in practice adjacent slices of one patient) on the same "
+        "side, so the model was never tested on a near-copy of a training image. The dataset has "
+        "no patient IDs, so less similar slices of one patient can still sit on both sides; the "
+        "test score may still be somewhat optimistic."),
+    "manifest": (
+        "The train/validation/test split kept all slices of one patient (the manifest's group "
+        "column) and byte-identical files on the same side, so no test patient was seen during "
+        "training or model selection."),
+    "none": (
+        "The train/validation/test split kept only byte-identical files together: near-identical "
+        "slices of one patient can sit in both training and test, so the model may have been "
+        "tested on near-copies of training images and the test score is likely optimistic."),
+}
+
+GRADCAM_NOTE = (
+    "Grad-CAM colours the regions that most raised the model's COVID score. Heat over the lung "
+    "parenchyma is what one hopes for; heat over borders, text, the scanner table or outside the "
+    "body suggests the model uses a shortcut. It shows where the model looked, not whether it "
+    "was right.")
+
+
+def _num(value: float | None, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    return f"{value:.{digits}f}"
+
+
+def _ci(entry: dict) -> str:
+    ci = entry.get("ci95")
+    if not ci or any(v is None or math.isnan(v) for v in ci):
+        return "n/a"
+    return f"{ci[0]:.3f}–{ci[1]:.3f}"
+
+
+def _with_ci(entry: dict) -> str:
+    return f"{_num(entry.get('value'))} (95% CI {_ci(entry)})"
+
+
+def _cell(value: object) -> str:
+    """A leaderboard/table cell: floats short but exact enough, pipes escaped."""
+    if isinstance(value, bool) or value is None:
+        text = "—" if value is None else str(value)
+    elif isinstance(value, float):
+        if math.isnan(value):
+            text = "n/a"
+        elif value != 0 and (abs(value) < 1e-2 or abs(value) >= 1e4):
+            text = f"{value:.1e}"  # lr, weight decay: 3.0e-04
+        else:
+            text = f"{value:.4g}"
+    else:
+        text = str(value)
+    return text.replace("|", "\\|")
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _image(alt: str, rel_path: str) -> str:
+    # Percent-encode so a path with spaces or parentheses still renders as a link.
+    return f"![{alt}]({quote(str(rel_path).replace(chr(92), '/'))})"
+
+
+def _threshold_text(threshold: dict, positive: str) -> str:
+    value, method = threshold["value"], threshold["method"]
+    rule = (f"A slice is called {positive} when the model's predicted probability is at least "
+            f"{value:.3g}")
+    if method == "youden":
+        return (f"{rule}, a threshold chosen on the validation split by Youden's J (the point "
+                f"that maximises sensitivity + specificity − 1), never on the test split.")
+    if method == "fixed":
+        return f"{rule}, a fixed threshold set in advance rather than tuned on any data."
+    return f"{rule}, a threshold chosen by the `{method}` method."
+
+
+def _summary(metrics: dict) -> list[str]:
+    test, positive = metrics["test"], metrics["positive_class"]
+    negative = _negative(metrics)
+    m = test["metrics"]
+    group_by = metrics.get("data", {}).get("group_by", "")
+    grouping = GROUPING.get(group_by, f"The train/validation/test split grouped slices by "
+                                      f"`{group_by}` and kept each group on one side.")
+    arch = metrics.get("config", {}).get("arch")
+    model = f"the model (trial {metrics['trial_id']}" + (f", {arch})" if arch else ")")
+    text = (
+        f"On {test['n']} held-out test slices ({test['positives']} {positive}, "
+        f"{test['negatives']} {negative}) that were never used for training or for choosing the "
+        f"model, {model} reached accuracy {_with_ci(m['accuracy'])}, sensitivity "
+        f"{_with_ci(m['recall'])} and specificity {_with_ci(m['specificity'])}; its ROC AUC was "
+        f"{_with_ci(m['roc_auc'])}. {_threshold_text(metrics['threshold'], positive)} "
+        f"{grouping} These are slice-level results from a single centre, not a validated "
+        f"diagnostic test; see [Limitations](#limitations).")
+    return ["## Summary", "", text, ""]
+
+
+def _negative(metrics: dict) -> str:
+    others = [c for c in metrics["class_names"] if c != metrics["positive_class"]]
+    return others[0] if others else "negative"
+
+
+def _metric_rows(entries: dict, keys: Sequence[str], extra: dict | None = None) -> list[list]:
+    rows = []
+    for key in keys:
+        if key in entries:
+            row = [METRIC_NAMES.get(key, key), _num(entries[key].get("value")), _ci(entries[key])]
+            if extra is not None:
+                row.append(_num(extra.get(key, {}).get("value")))
+            rows.append(row)
+    return rows
+
+
+def _confusion_table(cm: list[list[int]], negative: str, positive: str) -> list[str]:
+    (tn, fp), (fn, tp) = cm
+    return _table(["", f"predicted {negative}", f"predicted {positive}"],
+                  [[f"**true {negative}**", f"{tn} (TN)", f"{fp} (FP)"],
+                   [f"**true {positive}**", f"{fn} (FN)", f"{tp} (TP)"]])
+
+
+def _results(metrics: dict, plots: dict[str, str]) -> list[str]:
+    test, threshold = metrics["test"], metrics["threshold"]
+    positive, negative = metrics["positive_class"], _negative(metrics)
+    val = metrics.get("val")
+    boot = metrics.get("bootstrap", {})
+    keys = [k for k in METRIC_NAMES if k in test["metrics"]]
+    header = ["Metric", "Test value", "Test 95% CI"]
+    if val:
+        header.append(f"Validation (n={val['n']})")
+    how = THRESHOLD_METHODS.get(threshold["method"], threshold["method"])
+    lines = [f"## Test results at threshold {threshold['value']:.3g} ({how})", ""]
+    lines += _table(header, _metric_rows(test["metrics"], keys, val["metrics"] if val else None))
+    lines += [f"95% CIs: percentile bootstrap over test slices ({boot.get('resamples', '?')} "
+              f"resamples, seed {boot.get('seed', '?')}). ROC AUC and PR AUC do not depend on "
+              f"the threshold. The validation column is the split the model (and a tuned "
+              f"threshold) was chosen on; a large gap to the test value is a warning sign.", ""]
+
+    at_half = test.get("at_0.5")
+    if at_half and not math.isclose(threshold["value"], 0.5):
+        lines += ["### At the conventional threshold 0.5", ""]
+        free = [k for k in keys if k not in THRESHOLD_FREE]
+        lines += _table(["Metric", "Test value", "Test 95% CI"],
+                        _metric_rows(at_half["metrics"], free))
+        (tn, fp), (fn, tp) = at_half["confusion_matrix"]
+        lines += [f"Confusion matrix at 0.5: TN {tn}, FP {fp}, FN {fn}, TP {tp}.", ""]
+
+    (tn, fp), (fn, tp) = test["confusion_matrix"]
+    lines += ["### Confusion matrix", "",
+              f"Rows are the true class, columns the model's call at threshold "
+              f"{threshold['value']:.3g}. Of {fn + tp} {positive} slices the model missed {fn} "
+              f"(false negatives); of {tn + fp} {negative} slices it called {fp} {positive} "
+              f"(false positives).", ""]
+    lines += _confusion_table(test["confusion_matrix"], negative, positive)
+    lines += _figure(plots, "confusion", "Confusion matrix on the test split")
+    lines += ["### ROC and precision–recall curves", "",
+              "The red dot on the ROC curve is the operating point of the chosen threshold. On "
+              "the PR curve the dashed line is the share of positives, what a model without "
+              "skill would reach.", ""]
+    lines += _figure(plots, "roc", "ROC curve on the test split")
+    lines += _figure(plots, "pr", "Precision-recall curve on the test split")
+    return lines
+
+
+def _figure(plots: dict[str, str], name: str, alt: str) -> list[str]:
+    return [_image(alt, plots[name]), ""] if name in plots else []
+
+
+def _search(metrics: dict, leaderboard: list[dict], plots: dict[str, str]) -> list[str]:
+    lines = ["## How the model was chosen", "",
+             "A Ray Tune search trained many configurations on the training split and ranked "
+             "them by their best validation ROC AUC; the test split was scored once, for the "
+             "winner only, after the search had ended.", ""]
+    if "training_curves" in plots:
+        lines += ["### Training curves of the top trials", "",
+                  "Validation loss rising while training loss keeps falling means over-fitting.",
+                  ""]
+        lines += _figure(plots, "training_curves", "Training curves of the top trials")
+    if "hparams" in plots:
+        lines += ["### Hyperparameters vs validation AUC", "",
+                  "Each dot is one trial; the star is the winner. A clear trend means the "
+                  "setting mattered; a flat cloud means it did not, within the range searched.",
+                  ""]
+        lines += _figure(plots, "hparams", "Searched hyperparameters vs best validation AUC")
+    lines += _leaderboard(leaderboard, metrics["trial_id"])
+    config = metrics.get("config")
+    if config:
+        lines += ["### Winning configuration", "", "```yaml",
+                  yaml.safe_dump(config, sort_keys=False, default_flow_style=None).rstrip(),
+                  "```", "", f"Checkpoint: `{metrics.get('checkpoint', 'n/a')}`", ""]
+    return lines
+
+
+def _leaderboard(leaderboard: list[dict], winner: str) -> list[str]:
+    if not leaderboard:
+        return []
+    fixed = ("trial_id", "val_auc", "epochs", "status")
+    searched = list(dict.fromkeys(k for row in leaderboard for k in row if k not in fixed))
+    rows = []
+    for rank, row in enumerate(leaderboard[:LEADERBOARD_ROWS], 1):
+        trial = f"**{row['trial_id']}**" if row["trial_id"] == winner else row["trial_id"]
+        rows.append([rank, trial, _num(row.get("val_auc"), 4), _cell(row.get("epochs")),
+                     _cell(row.get("status"))] + [_cell(row.get(k)) for k in searched])
+    shown = min(len(leaderboard), LEADERBOARD_ROWS)
+    return ([f"### Leaderboard (top {shown} of {len(leaderboard)} trials, by validation AUC)", "",
+             "\"stopped early\" trials were cut by ASHA for trailing the others.", ""]
+            + _table(["#", "trial", "val AUC", "epochs", "status", *searched], rows))
+
+
+def _data(metrics: dict) -> list[str]:
+    data = metrics.get("data")
+    if not data:
+        return []
+    classes = list(metrics["class_names"])
+    lines = ["## Data", "",
+             f"`{data.get('path', '?')}`: {data.get('images', '?')} readable images, split by "
+             f"`group_by: {data.get('group_by', '?')}` with seed {data.get('split_seed', '?')}.",
+             ""]
+    counts = data.get("split_counts", {})
+    if counts:
+        rows = [[split, *(c.get(k, 0) for k in classes), sum(c.values())]
+                for split, c in counts.items()]
+        rows.append(["**total**", *(sum(c.get(k, 0) for c in counts.values()) for k in classes),
+                     sum(sum(c.values()) for c in counts.values())])
+        lines += _table(["split", *classes, "total"], rows)
+    skipped = data.get("skipped", [])
+    lines += [f"Skipped files (could not be decoded): {len(skipped) or 'none'}", ""]
+    lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:MAX_SKIPPED_LISTED]]
+    if len(skipped) > MAX_SKIPPED_LISTED:
+        lines.append(f"- … and {len(skipped) - MAX_SKIPPED_LISTED} more")
+    if skipped:
+        lines.append("")
+    return lines
+
+
+def _gradcams(gradcams: Sequence[str]) -> list[str]:
+    if not gradcams:
+        return []
+    lines = ["## Grad-CAM examples", "", GRADCAM_NOTE, ""]
+    for rel in gradcams:
+        name = Path(rel).stem.removesuffix("_gradcam")  # explain's `<stem>_gradcam.png`
+        lines += [f"**{name}**", "", _image(f"Grad-CAM of {name}", rel), ""]
+    return lines
+
+
+def _limitations(metrics: dict) -> list[str]:
+    boot = metrics.get("bootstrap", {})
+    return [
+        "## Limitations", "",
+        "- **Single-centre data.** The SARS-CoV-2 CT-scan dataset comes from hospitals in São "
+        "Paulo, Brazil. Scanners, protocols and patients elsewhere differ; expect lower "
+        "performance on other data, and validate externally before drawing conclusions.",
+        "- **Slice-level, not patient-level.** Every number is about single CT slices, not "
+        "patients or whole scans. A patient-level decision would need the slices of a scan "
+        "combined, which was not evaluated here.",
+        "- **Not a medical device.** This is a research result. It is not cleared or approved "
+        "for clinical use and must not guide diagnosis or treatment.",
+        f"- **Confidence intervals are optimistic.** They come from {boot.get('resamples', '?')} "
+        "bootstrap resamples of test slices, which treats slices as independent. Slices of one "
+        "patient that share the test split are not independent, so the true uncertainty is "
+        "larger than the intervals show.",
+        "- **Threshold.** The threshold was fixed before testing; on a population with a "
+        "different prevalence or scanner, sensitivity and specificity at that threshold will "
+        "shift, and precision with them.",
+        "",
+    ]
+
+
+def write_report(path: Path, metrics: dict, leaderboard: list[dict], plots: dict[str, str],
+                 gradcams: Sequence[str] = ()) -> None:
+    """Write report.md atomically; `plots` and `gradcams` are paths relative to its folder."""
+    positive = metrics["positive_class"]
+    lines = [f"# {positive} CT classifier: test report", "",
+             f"Positive class: **{positive}**. Trial `{metrics['trial_id']}`.", ""]
+    lines += _summary(metrics)
+    lines += _results(metrics, plots)
+    lines += _search(metrics, leaderboard, plots)
+    lines += _data(metrics)
+    lines += _gradcams(gradcams)
+    lines += _limitations(metrics)
+    text = "\n".join(lines).rstrip() + "\n"
+    # Bytes, not text mode: the report has non-ASCII (São Paulo, −, –) whatever the locale is.
+    with atomic_write(Path(path), "wb") as f:
+        f.write(text.encode("utf-8"))

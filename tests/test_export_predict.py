@@ -1,0 +1,206 @@
+"""Export round trips, prediction on files, and Grad-CAM heatmaps, on tiny random resnet18s."""
+
+from __future__ import annotations
+
+import copy
+import csv
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import tree_snapshot
+from PIL import Image
+
+from ctmodels import build_model
+from data_utils.augment import normalize
+from data_utils.decode import decode_image
+from results.explain import explain_paths, gradcam
+from results.export import export_model, load_exported
+from results.predict import main_predict, predict_paths
+from tuning.config import TrainConfig
+from tuning.train import predict_proba
+
+CLASSES = ("non-COVID", "COVID")
+
+
+def _export(root: Path, size: int) -> tuple[Path, torch.nn.Module]:
+    torch.manual_seed(0)
+    config = TrainConfig(arch="resnet18", head=[8], image_size=size)
+    model = build_model(config.arch, config.head, config.dropout, config.activation).eval()
+    extra = {
+        "searched": {"lr": 0.001, "head": [8]},
+        "test_metrics": {"auc": {"value": np.float64(0.9), "ci95": [0.8, 0.97]}},
+        "data": {"path": "/data/ct", "images": 4, "split_sha256": "ab" * 32,
+                 "group_by": "duplicates", "split_counts": {"test": {"COVID": 2}},
+                 "skipped": [{"path": "x.png", "reason": "empty file"}]},
+        "trial_id": "trial_0001",
+    }
+    return export_model(root / "model", model, config, CLASSES, 0.5, extra), model
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    return _export(tmp_path_factory.mktemp("export32"), 32)
+
+
+@pytest.fixture(scope="module")
+def exported64(tmp_path_factory) -> tuple[Path, torch.nn.Module]:
+    # 64 px: layer4 is 2 x 2, so a Grad-CAM map has some structure (at 32 px it is one pixel)
+    return _export(tmp_path_factory.mktemp("export64"), 64)
+
+
+def _images(folder: Path, n: int = 3, seed: int = 0) -> list[Path]:
+    """Small PNGs in modes L and RGB, one non-square (exercises padding)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    paths = []
+    for i in range(n):
+        shape = (40, 56) if i == 2 else (48, 48)
+        pixels = rng.integers(0, 256, shape, dtype=np.uint8)
+        img = Image.fromarray(pixels).convert("RGB" if i % 2 else "L")
+        paths.append(folder / f"slice{i}.png")
+        img.save(paths[-1])
+    return paths
+
+
+def test_export_round_trip(exported):
+    model_dir, model = exported
+    x = normalize(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
+    loaded, config = load_exported(model_dir)
+    assert not loaded.training
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
+    state = torch.load(model_dir / "model.pt", weights_only=True)
+    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
+    assert state.keys() == model.state_dict().keys()
+
+
+def test_torchscript_runs_with_plain_torch(exported, tmp_path):
+    model_dir, model = exported
+    images = torch.randint(0, 256, (4, 32, 32), dtype=torch.uint8)
+    torch.save(images, tmp_path / "in.pt")
+    script = textwrap.dedent(f"""
+        import sys, torch
+        model = torch.jit.load({str(model_dir / "model.torchscript.pt")!r})
+        images = torch.load({str(tmp_path / "in.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            torch.save(model(images), {str(tmp_path / "out.pt")!r})
+        assert not any(m.split(".")[0] in ("ctmodels", "data_utils", "tuning", "results")
+                       for m in sys.modules), "ctscan code was imported"
+    """)
+    # -I: isolated mode, so neither the cwd nor PYTHONPATH can put the repo on sys.path
+    done = subprocess.run([sys.executable, "-I", "-W", "ignore", "-c", script],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    logits = torch.load(tmp_path / "out.pt", weights_only=True)
+    with torch.no_grad():
+        expected = model(normalize(images)).squeeze(1)
+    assert logits.shape == (4,)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_config_and_model_card(exported):
+    model_dir, _ = exported
+    config = json.loads((model_dir / "config.json").read_text())
+    assert yaml.safe_load((model_dir / "config.yaml").read_text()) == config
+    for key in ("arch", "head", "dropout", "activation", "image_size", "resize", "normalization",
+                "threshold", "class_names", "positive_class", "train_config", "versions",
+                "searched", "test_metrics", "data", "trial_id"):
+        assert key in config, key
+    assert config["head"] == [8] and config["image_size"] == 32
+    assert config["class_names"] == list(CLASSES) and config["positive_class"] == "COVID"
+    assert set(config["normalization"]) >= {"mean", "std", "scale"}
+    assert config["train_config"]["arch"] == "resnet18"
+    assert config["test_metrics"]["auc"]["value"] == 0.9  # numpy scalar became a plain float
+    assert set(config["versions"]) == {"python", "torch", "torchvision", "numpy", "ctscan"}
+    card = (model_dir / "model_card.md").read_text()
+    for phrase in ("not a medical device", "Not for diagnosis", "São Paulo", "Slice-level",
+                   "optimistic", "torch.jit.load", "[0.8, 0.97]", "/data/ct",
+                   "    - COVID: 2", "skipped: 1"):
+        assert phrase in card, phrase
+
+
+def test_export_refuses_clashing_extra_and_missing_folder(tmp_path):
+    model = build_model("resnet18")
+    with pytest.raises(ValueError, match="threshold"):
+        export_model(tmp_path / "m", model, TrainConfig(), CLASSES, 0.5, {"threshold": 0.3})
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        load_exported(tmp_path / "nowhere")
+
+
+def test_predict_matches_direct_model_path(exported, tmp_path):
+    model_dir, model = exported
+    paths = _images(tmp_path / "in")
+    pixels = np.stack([decode_image(p.read_bytes(), 32, "pad").pixels for p in paths])
+    expected = predict_proba(model, torch.from_numpy(pixels)).tolist()
+    rows = predict_paths(model_dir, [tmp_path / "in"], batch_size=2, progress=False)
+    assert [r["path"] for r in rows] == [str(p) for p in paths]  # folder expanded, sorted
+    assert [r["prob"] for r in rows] == pytest.approx(expected, rel=1e-6)
+    for r in rows:
+        assert r["error"] is None
+        assert r["label"] == ("COVID" if r["prob"] >= 0.5 else "non-COVID")
+
+
+def test_corrupt_file_gets_error_row_and_exit_code(exported, tmp_path, capsys):
+    model_dir, _ = exported
+    good = _images(tmp_path / "in")
+    bad = tmp_path / "in" / "broken.png"
+    bad.write_bytes(b"not a png at all")
+    (tmp_path / "empty").mkdir()
+    rows = predict_paths(model_dir, [*good, bad, tmp_path / "empty"], progress=False)
+    assert [r["error"] is None for r in rows] == [True, True, True, False, False]
+    assert rows[3]["prob"] is None and rows[3]["label"] is None
+    assert rows[3]["error"].startswith("UnidentifiedImageError")
+    assert "no image files" in rows[4]["error"]
+
+    csv_path = tmp_path / "out" / "pred.csv"
+    assert main_predict(model_dir, [*good, bad], csv_path) == 1
+    assert "ERROR" in capsys.readouterr().out
+    with csv_path.open(newline="") as f:
+        table = list(csv.DictReader(f))
+    assert list(table[0]) == ["path", "prob_COVID", "label", "error"]
+    assert len(table) == 4 and table[3]["error"] and not table[3]["prob_COVID"]
+    assert float(table[0]["prob_COVID"]) == rows[0]["prob"]
+    assert main_predict(model_dir, good, None) == 0
+
+
+def test_gradcam_shape_range_and_input_dependence(exported64):
+    model = copy.deepcopy(exported64[1])
+    # A random net's logit gradients point down almost everywhere, so ReLU leaves all-zero maps;
+    # flipping the output layer turns the same evidence positive.
+    model.fc[-1].weight.data.neg_()
+    x = normalize(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8,
+                                generator=torch.Generator().manual_seed(1)))
+    maps = gradcam(model, x)
+    assert maps.shape == (3, 64, 64) and maps.dtype == np.float32
+    assert maps.min() >= 0 and maps.max() <= 1
+    assert not np.allclose(maps[0], maps[1])
+    assert not model.training
+    assert all(p.grad is None for p in model.parameters())
+    # hooks are gone: a second call captures only its own activations
+    assert not model.layer4._forward_hooks
+    np.testing.assert_allclose(gradcam(model, x[:1]), maps[:1], atol=1e-5)
+
+
+def test_explain_writes_pngs_only_into_out_dir(exported64, tmp_path, capsys):
+    model_dir, _ = exported64
+    inputs = tmp_path / "in"
+    _images(inputs)
+    (inputs / "broken.png").write_bytes(b"\x89PNG broken")
+    before = tree_snapshot(inputs)
+    written = explain_paths(model_dir, [inputs], tmp_path / "cams")
+    assert tree_snapshot(inputs) == before
+    assert [p.name for p in written] == [f"slice{i}_gradcam.png" for i in range(3)]
+    for p in written:
+        assert p.parent == tmp_path / "cams" and p.stat().st_size > 0
+        with Image.open(p) as img:
+            assert img.width > 64 and img.height > 64
+    assert "skipped" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="inside input folder"):
+        explain_paths(model_dir, [inputs], inputs / "cams")
