@@ -108,35 +108,43 @@ def _demo_data(args: argparse.Namespace, command: str) -> None:
         raise DataError(f"{command} needs DATA (a folder or manifest), or --demo")
 
 
+def _search_options(args: argparse.Namespace):
+    from tuning.search import SearchOptions
+
+    demo = DEMO_SEARCH if args.demo else {}
+    max_epochs = args.max_epochs or demo.get("max_epochs", 10)
+    return SearchOptions(
+        data=str(args.data.resolve()),
+        num_samples=args.num_samples or demo.get("num_samples", 12),
+        max_epochs=max_epochs,
+        scheduler=args.scheduler, grace_period=args.grace_period,
+        reduction_factor=args.reduction_factor,
+        cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
+        max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+        storage_path=args.storage_path, seed=args.seed,
+        search_space=str(args.search_space or demo.get("search_space", DEFAULT_SPACE)),
+        base_config={"image_size": args.image_size or demo.get("image_size", 224),
+                     "weights": args.weights, "resize": args.resize, "epochs": max_epochs,
+                     "seed": args.seed},
+        split=_split_options_of(args),
+        **({"name": args.name} if args.name else {}),
+    )
+
+
 def cmd_tune(args: argparse.Namespace) -> int:
     import ray  # ray takes seconds to import; only this command needs it
 
-    from tuning.search import SearchOptions, load_options, prepare_run, read_text, run_search
+    from tuning.search import join_uri, load_options, prepare_run, read_text, run_search
 
     if args.resume:
-        run_dir = args.resume if args.resume != "NAME" else str(Path(args.storage_path) / args.name)
+        if args.resume == "NAME" and not args.name:
+            raise DataError("--resume needs --name NAME (with --storage-path) or a RUN_DIR")
+        run_dir = args.resume if args.resume != "NAME" else join_uri(args.storage_path, args.name)
         options = load_options(run_dir)
         print(f"resuming search {options.name} from {options.run_dir}")
     else:
         _demo_data(args, "tune")
-        demo = DEMO_SEARCH if args.demo else {}
-        options = SearchOptions(
-            data=str(args.data.resolve()),
-            num_samples=args.num_samples or demo.get("num_samples", 12),
-            max_epochs=args.max_epochs or demo.get("max_epochs", 10),
-            scheduler=args.scheduler, grace_period=args.grace_period,
-            reduction_factor=args.reduction_factor,
-            cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
-            max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-            storage_path=args.storage_path, seed=args.seed,
-            search_space=str(args.search_space or demo.get("search_space", DEFAULT_SPACE)),
-            base_config={"image_size": args.image_size or demo.get("image_size", 224),
-                         "weights": args.weights, "resize": args.resize,
-                         "epochs": args.max_epochs or demo.get("max_epochs", 10),
-                         "seed": args.seed},
-            split=_split_options_of(args),
-            **({"name": args.name} if args.name else {}),
-        )
+        options = _search_options(args)
         load_space(Path(options.search_space))  # a bad space file fails here, before Ray starts
         if read_text(f"{options.run_dir}/search.json") is not None:
             raise DataError(f"{options.run_dir} already holds a search; continue it with "

@@ -63,10 +63,10 @@ class SearchOptions:
 
     @property
     def run_dir(self) -> str:
-        return _join(self.storage_path, self.name)
+        return join_uri(self.storage_path, self.name)
 
 
-def _join(storage: str, *parts: str) -> str:
+def join_uri(storage: str, *parts: str) -> str:
     if "://" in storage:
         return "/".join([storage.rstrip("/"), *parts])
     return str(Path(storage).expanduser().resolve().joinpath(*parts))
@@ -162,7 +162,7 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
         max_report_frequency=30, sort_by_metric=True)
     run_config = tune.RunConfig(
         name=options.name,
-        storage_path=_join(options.storage_path),
+        storage_path=join_uri(options.storage_path),
         checkpoint_config=tune.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=METRIC,
                                                 checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
@@ -251,8 +251,8 @@ def summarize(options: SearchOptions, results: tune.ResultGrid) -> dict:
         "trials_stopped_early": int((~frame["final_epoch"].astype(bool)).sum()),
         "errored_trials": len(results.errors),
     }
-    write_text(_join(options.run_dir, "best.json"), json.dumps(summary, indent=2) + "\n")
-    write_text(_join(options.run_dir, "trials.json"),
+    write_text(join_uri(options.run_dir, "best.json"), json.dumps(summary, indent=2) + "\n")
+    write_text(join_uri(options.run_dir, "trials.json"),
                json.dumps(trial_records(results, space), indent=1) + "\n")
     return summary
 
@@ -261,17 +261,17 @@ def prepare_run(options: SearchOptions, ds: CTDataset, split: Split,
                 resume: bool = False) -> TrialData:
     """Write split.json and search.json into the run; return what trials get (no test rows)."""
     record = json.dumps(split_record(split, ds), indent=2) + "\n"
-    split_uri = _join(options.run_dir, "split.json")
+    split_uri = join_uri(options.run_dir, "split.json")
     if resume and read_text(split_uri) != record:
         raise DataError(f"{options.data} no longer gives the split this search started with "
                         f"({split_uri}); the data or the code changed")
     write_text(split_uri, record)
-    write_text(_join(options.run_dir, "search.json"), json.dumps(asdict(options), indent=2))
+    write_text(join_uri(options.run_dir, "search.json"), json.dumps(asdict(options), indent=2))
     return trial_data(ds, split)
 
 
 def load_options(run_dir: str) -> SearchOptions:
-    text = read_text(_join(run_dir, "search.json"))
+    text = read_text(join_uri(run_dir, "search.json"))
     if text is None:
         raise ConfigError(f"{run_dir}: not a ctscan search (no search.json)")
     return SearchOptions(**json.loads(text))
