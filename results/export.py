@@ -39,7 +39,6 @@ FILES = {
     "config_yaml": "config.yaml",
     "model_card": "model_card.md",
 }
-# What load_exported needs; checked so a hand-edited config fails with a readable message.
 # data["group_by"] as written by `ctscan split` -> what it means for the test estimate.
 GROUPING = {
     "manifest": "by the manifest's patient id: no patient has slices in two splits",
@@ -47,6 +46,7 @@ GROUPING = {
                   "patient ids, so one patient's distinct slices may still span splits",
     "none": "none: related slices may span splits, so test metrics may be optimistic",
 }
+# What load_exported needs; checked so a hand-edited config fails with a readable message.
 REQUIRED_KEYS = ("arch", "head", "dropout", "activation", "image_size", "resize", "threshold",
                  "class_names")
 
