@@ -3,8 +3,15 @@
 The output mimics the Kaggle SARS-CoV-2 CT-scan layout (``COVID/`` and ``non-COVID/`` folders of
 grayscale PNGs) plus a ``manifest.csv`` naming the patient of every slice. Each patient is a run
 of consecutive, near-identical slices, as in the real data, so a split that ignores patients
-leaks. The classes differ only by lesions inside the lungs, and negatives spend the same
-intensity elsewhere, so a model cannot win on global brightness or contrast alone.
+leaks.
+
+The classes differ only by focal lesions inside the lungs: positives have 1-6 ground-glass or
+denser consolidation patches, mostly peripheral and posterior, whose number and density follow
+a per-patient severity. Everything else is drawn the same way in both classes, including what
+makes healthy lungs look denser: lung density from patient to patient, a dependent (posterior)
+gradient, smooth patchiness and, in a quarter of patients, dependent atelectasis (a band along
+the back with a flat upper edge). So the lung field's brightness is not the label; a model has
+to find the patches.
 """
 
 from __future__ import annotations
@@ -118,8 +125,9 @@ def _render_patient(
     """Render n_slices consecutive axial slices of one synthetic patient.
 
     Every random draw is made the same way for both classes, lesion parameters included:
-    positives paint the lesions, negatives spend the same intensity on uniformly denser lungs
-    (as in a scan at poor inspiration), so global brightness carries no label signal.
+    positives paint the lesions, negatives spread the same intensity evenly over the lungs, so
+    global mean and contrast carry no label signal. That shift is small next to the natural
+    spread of lung density, so it does not give negatives away either.
     """
     # Image size comes from the same distribution in both classes so it cannot leak the label.
     h = int(rng.integers(int(0.8 * size), size + 1))
@@ -133,7 +141,6 @@ def _render_patient(
         xx, yy, body[0] + 0.1 * body[2], body[1] - 0.4 * body[3], 0.26 * body[2], 0.36 * body[3]
     )
     lesions = _sample_lesions(rng, n_slices)
-    nodules = _sample_nodules(rng, n_slices)
     z0, dz = rng.uniform(0.15, 0.75), rng.uniform(0.015, 0.03)  # position along the thorax
     # Lung density varies a lot between patients and within the lungs, in both classes: overall
     # level, a dependent (posterior) gradient, smooth patchiness, and in some patients a band of
@@ -170,12 +177,11 @@ def _render_patient(
         lesion_add, lesion_mask = _render_lesions(lesions, lungs, i, grow, mottle, xx, yy)
         lesion_add *= lung_soft
         lesion_mask &= lung_mask
-        nodule_add = _render_lesions(nodules, lungs, i, grow, mottle, xx, yy)[0]
 
         back = (yy - lung_cy) / (lung_ay * grow)  # -1 at the front of the lungs, +1 at the back
         density = dependent * np.clip(back, 0, 1) ** 2 + patchy * mottle
         density += atelectasis * _soft_inside(back - atelectasis_top, 0.05) * (1 + 0.2 * mottle)
-        lung_value = lung_level + vessels + density + nodule_add
+        lung_value = lung_level + vessels + density
         if positive:
             lung_value = lung_value + lesion_add
         else:
@@ -294,12 +300,12 @@ def _render_vessels(lung: dict, grow: float, dz: float, shape: tuple, px: float)
 def _sample_lesions(rng: np.random.Generator, n_slices: int) -> list[dict]:
     """Lesions as ellipsoids in (lung-normalised x, y, slice index), so they persist over slices.
 
-    Severity varies by patient: mild cases have one or two faint ground-glass patches, barely
-    above the lung's own density variation; severe ones more, denser lesions.
+    Severity varies by patient: mild cases have one to three fainter patches, severe ones up to
+    six, denser ones.
     """
-    severity = np.sqrt(rng.uniform(0.01, 1))  # most cases are clear, some mild
+    severity = np.sqrt(rng.uniform(0.1, 1))  # most cases are clear, some mild
     lesions = []
-    for j in range(int(rng.integers(1, 3 + 4 * severity))):
+    for j in range(int(rng.integers(1, int(3 + 4 * severity)))):
         ggo = rng.uniform() < 0.7  # ground glass is the commoner finding
         # COVID findings favour the periphery and the back of the lungs; the angle is measured
         # from the lateral direction, which also keeps lesions clear of the heart.
@@ -316,33 +322,11 @@ def _sample_lesions(rng: np.random.Generator, n_slices: int) -> list[dict]:
                 "zc": (n_slices - 1) / 2 if j == 0 else rng.uniform(-2, n_slices + 1),
                 "zr": n_slices + 2 if j == 0 else rng.uniform(2, 8),
                 "soft": rng.uniform(0.12, 0.3) if ggo else rng.uniform(0.04, 0.08),
-                "amp": rng.uniform(0.7, 1) * (35 + 45 * severity if ggo else 80 + 40 * severity),
+                "amp": rng.uniform(0.75, 1) * (40 + 40 * severity if ggo else 80 + 40 * severity),
                 "mottle": rng.uniform(0.2, 0.5) if ggo else 0.15,
             }
         )
     return lesions
-
-
-def _sample_nodules(rng: np.random.Generator, n_slices: int) -> list[dict]:
-    """Benign mimics in both classes: small, dense, sharp round nodules anywhere in the lungs."""
-    nodules = []
-    for _ in range(int(rng.poisson(0.5))):
-        lung, rad, ang = int(rng.integers(0, 2)), rng.uniform(0, 0.8), rng.uniform(0, 2 * np.pi)
-        nodules.append(
-            {
-                "lung": lung,
-                "u": rad * np.cos(ang),
-                "v": rad * np.sin(ang),
-                "r": rng.uniform(0.05, 0.12),
-                "aspect": rng.uniform(0.85, 1.15),
-                "zc": rng.uniform(-1, n_slices),
-                "zr": rng.uniform(1.5, 3),
-                "soft": 0.05,
-                "amp": rng.uniform(40, 90),
-                "mottle": 0.0,
-            }
-        )
-    return nodules
 
 
 def _render_lesions(
@@ -374,7 +358,7 @@ def _render_lesions(
         )
         # The noise field roughens the outline too, so patches are not clean ovals.
         blob = _soft_inside(1 - d * (1 + 0.15 * mottle), les["soft"])
-        texture = np.clip(1 + les["mottle"] * mottle, 0.2, 2.0)
+        texture = np.clip(1 + les["mottle"] * mottle, 0.5, 2.0)
         # max, not sum: overlapping patches merge instead of stacking into bright spots.
         add = np.maximum(add, les["amp"] * blob * texture)
         mask |= blob > 0.5

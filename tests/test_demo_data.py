@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.ndimage import binary_dilation
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
@@ -160,15 +161,19 @@ def test_lesions_only_inside_lungs_and_on_every_positive_slice(patients) -> None
                 assert not sl.lesion_mask.any()
 
 
-def test_lesions_are_visible_in_pixels(patients) -> None:
-    # Lesions must be clearly brighter than the surrounding lung, or there is nothing to learn.
+def test_lesions_stand_out_from_the_lung_around_them(patients) -> None:
+    # Lung density varies within the lung (dependent gradient, atelectasis), so each lesion is
+    # compared with a ring of lung just around it: faint or not, it must be brighter than that,
+    # or there is nothing to learn.
+    contrast = []
     for label, _, slices in patients:
         if label != "COVID":
             continue
         for sl in slices:
             img = sl.image.astype(np.float32)
-            rest = sl.lung_mask & ~sl.lesion_mask
-            assert img[sl.lesion_mask].mean() > img[rest].mean() + 10
+            ring = binary_dilation(sl.lesion_mask, iterations=3) & sl.lung_mask & ~sl.lesion_mask
+            contrast.append(img[sl.lesion_mask].mean() - img[ring].mean())
+    assert min(contrast) > 5
 
 
 def test_neighbouring_slices_look_alike_patients_differ(patients) -> None:
@@ -183,11 +188,12 @@ def test_neighbouring_slices_look_alike_patients_differ(patients) -> None:
 
 
 def test_global_statistics_do_not_reveal_label(patients) -> None:
-    feats, sizes, labels, groups, area = [], [], [], [], []
+    feats, lung, sizes, labels, groups, area = [], [], [], [], [], []
     for label, group, slices in patients:
         for sl in slices:
             img = sl.image.astype(np.float32)
             feats.append([img.mean(), img.std()])
+            lung.append([img[sl.lung_mask].mean()])
             sizes.append(sl.image.shape)
             labels.append(label == "COVID")
             groups.append(group)
@@ -196,6 +202,9 @@ def test_global_statistics_do_not_reveal_label(patients) -> None:
     assert len(y) == 600 and y.sum() == 300
 
     assert _logreg_group_cv(np.array(feats), y, groups) < 0.65
+    # Healthy lungs are as dense as diseased ones on average: the lung field's brightness alone
+    # does not give the label away either.
+    assert _logreg_group_cv(np.array(lung), y, groups) < 0.65
     assert _logreg_group_cv(np.array(sizes, dtype=float), y, groups) < 0.65
     assert len(set(sizes)) > 10  # sizes do vary, so loaders must pad/resize
     # Conversely, the label is there: the same classifier given the lesion area is near-perfect.
