@@ -37,14 +37,30 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: i
                  seed: int = 0) -> dict[str, list[float]]:
     """95% percentile intervals from `resamples` seeded resamples of the images (with replacement).
 
-    Resamples drawing a single class leave the AUCs undefined and are left out of those two.
+    The threshold metrics are counted for all resamples at once (calling scikit-learn 5000
+    times costs minutes); they equal binary_metrics' on each resample (tested). Resamples
+    drawing a single class leave the AUCs undefined and are left out of those two.
     """
     rng = np.random.default_rng(seed)
     draws = rng.integers(0, len(y), size=(resamples, len(y)))
-    values = np.array([[binary_metrics(y[i], prob[i], threshold)[m] for m in METRICS]
-                       for i in draws])
-    low, high = np.nanpercentile(values, [2.5, 97.5], axis=0)
-    return {m: [float(lo), float(hi)] for m, lo, hi in zip(METRICS, low, high, strict=True)}
+    positive, predicted = y[draws] == 1, prob[draws] >= threshold
+    tp = (predicted & positive).sum(1)
+    fp = (predicted & ~positive).sum(1)
+    fn = (~predicted & positive).sum(1)
+    tn = len(y) - tp - fp - fn
+    with np.errstate(divide="ignore", invalid="ignore"):
+        values = {
+            "accuracy": (tp + tn) / len(y),
+            "precision": np.where(tp + fp > 0, tp / (tp + fp), 0.0),  # zero_division=0
+            "recall": np.where(tp + fn > 0, tp / (tp + fn), 0.0),
+            "specificity": tn / (tn + fp),
+            "f1": np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0),
+        }
+    both = [i for i in draws if 0 < y[i].sum() < len(i)]
+    values["roc_auc"] = np.array([roc_auc_score(y[i], prob[i]) for i in both] or [np.nan])
+    values["pr_auc"] = np.array([average_precision_score(y[i], prob[i]) for i in both]
+                                or [np.nan])
+    return {m: [float(v) for v in np.nanpercentile(values[m], [2.5, 97.5])] for m in METRICS}
 
 
 def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 1000,

@@ -40,3 +40,18 @@ def test_youden_threshold_separates_a_separable_case():
     threshold = youden_threshold(y, prob)
     assert 0.35 < threshold <= 0.4
     assert binary_metrics(y, prob, threshold)["accuracy"] == 1.0
+
+
+def test_vectorised_bootstrap_counts_agree_with_scikit_learn():
+    """bootstrap_ci counts the threshold metrics itself; with one resample, both ends of each
+    interval are that resample's value, which must equal binary_metrics' on it."""
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 40)
+    prob = rng.random(40)
+    expected = binary_metrics(y, prob, 0.4)
+    draws = np.random.default_rng(11).integers(0, 40, size=(1, 40))
+    resampled = binary_metrics(y[draws[0]], prob[draws[0]], 0.4)
+    got = bootstrap_ci(y, prob, 0.4, resamples=1, seed=11)
+    for name in METRICS:
+        assert got[name][0] == pytest.approx(resampled[name]) == got[name][1]
+    assert expected != resampled  # the resample really differs from the data
