@@ -1,6 +1,7 @@
 """`ctscan tune` on a local 2-CPU Ray: search space checks, end to end, retries."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -247,3 +248,27 @@ def test_a_changed_test_file_stops_evaluation_naming_it(demo_search):
             evaluate_module.evaluate_run(options.run_dir, resamples=10)
     finally:
         victim.write_bytes(original)
+
+
+def test_trials_read_the_dataset_zero_copy_from_the_object_store(tmp_path, local_ray):
+    """Every trial's arrays are read-only views of Ray's shared memory, not private copies."""
+    root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
+    ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    data = trial_data(ds, split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none"))
+    (tmp_path / "space.yaml").write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
+    seen = tmp_path / "seen"
+    seen.mkdir()
+
+    def record_then_train(params, data, base_config):
+        arrays = (data.train_images, data.val_images)
+        flags = [not a.flags.writeable and not a.flags.owndata for a in arrays]
+        (seen / f"{os.getpid()}-{id(data)}").write_text(json.dumps(flags))
+        trainable(params, data, base_config)
+
+    options = SearchOptions(
+        data=str(root), num_samples=2, max_epochs=1, storage_path=str(tmp_path / "runs"),
+        name="zero-copy", search_space=str(tmp_path / "space.yaml"),
+        base_config={"image_size": 32, "epochs": 1, "num_workers": 1})
+    run_search(options, data, trainable_fn=record_then_train)
+    records = [json.loads(p.read_text()) for p in seen.iterdir()]
+    assert len(records) == 2 and all(flags == [True, True] for flags in records)

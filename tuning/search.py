@@ -219,7 +219,8 @@ def trial_records(results: tune.ResultGrid, space: dict) -> list[dict]:
         status = ("error" if result.error else "completed" if history and
                   result.metrics.get("final_epoch") else "stopped early")
         records.append({
-            "trial_id": result.metrics.get("trial_id") or Path(result.path).name[6:],
+            # A trial that failed before reporting has no metrics; its folder still names it.
+            "trial_id": result.metrics.get("trial_id") or Path(result.path).name[len("trial_"):],
             "params": decode_params({k: v for k, v in result.config.items() if k in space}),
             "status": status,
             "epochs": len(history),
@@ -238,7 +239,8 @@ def summarize(options: SearchOptions, results: tune.ResultGrid) -> dict:
     space = load_space(Path(options.search_space))
     config = make_config({**options.base_config, **decode_params(
         {k: v for k, v in best.config.items() if k in space})})
-    frame = results.get_dataframe()
+    records = trial_records(results, space)
+    statuses = [r["status"] for r in records]
     summary = {
         "trial_id": best.metrics["trial_id"],
         "config": asdict(config),
@@ -247,13 +249,12 @@ def summarize(options: SearchOptions, results: tune.ResultGrid) -> dict:
                         ("val_auc", "val_loss", "val_accuracy", "val_f1", "train_loss")},
         "best_epoch": int(top["epoch"]),
         "checkpoint": f"{checkpoint.path}/{CHECKPOINT_FILE}",
-        "trials": len(frame),
-        "trials_stopped_early": int((~frame["final_epoch"].astype(bool)).sum()),
-        "errored_trials": len(results.errors),
+        "trials": len(records),
+        "trials_stopped_early": statuses.count("stopped early"),
+        "errored_trials": statuses.count("error"),
     }
     write_text(join_uri(options.run_dir, "best.json"), json.dumps(summary, indent=2) + "\n")
-    write_text(join_uri(options.run_dir, "trials.json"),
-               json.dumps(trial_records(results, space), indent=1) + "\n")
+    write_text(join_uri(options.run_dir, "trials.json"), json.dumps(records, indent=1) + "\n")
     return summary
 
 
