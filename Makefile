@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DATA := runs/demo-data
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test bench clean
 
 # One stamp per install flavour, so editing pyproject.toml reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -29,6 +29,7 @@ test: $(VENV)/.installed-dev
 bench: $(VENV)/.installed
 	$(BIN)/python bench/data_pipeline.py
 	$(BIN)/python bench/trainer_overhead.py
+	$(BIN)/python bench/asha_vs_fifo.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
