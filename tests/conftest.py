@@ -44,6 +44,18 @@ def make_class_folders(root: Path, n_per_class: int = 20, seed: int = 0,
     return root
 
 
+def tiny_trial_data(tmp_path: Path):
+    """(data folder, TrialData) of 48 small demo slices: enough for a trial to run, fast."""
+    from data_utils.cache import load_dataset
+    from data_utils.demo import make_demo_data
+    from data_utils.split import split_dataset
+    from tuning.train import trial_data
+
+    root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
+    ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    return root, trial_data(ds, split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none"))
+
+
 def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under root with its size and mtime: compare before/after to prove no writes."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)

@@ -9,6 +9,7 @@ import optuna
 import pytest
 import ray
 import torch
+from conftest import tiny_trial_data
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
 
@@ -28,7 +29,6 @@ from tuning.search import (
     trainable,
 )
 from tuning.space import decode_params, load_space, to_param_space
-from tuning.train import trial_data
 
 TINY_SPACE = """
 arch: resnet18
@@ -145,9 +145,7 @@ def test_tensorboard_has_scalars_and_hparams_per_trial(demo_search):
 
 
 def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray):
-    root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
-    ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
-    data = trial_data(ds, split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none"))
+    root, data = tiny_trial_data(tmp_path)
     (tmp_path / "space.yaml").write_text("lr: {choice: [0.001]}\n")
     marker = tmp_path / "crashed"
 
@@ -252,9 +250,7 @@ def test_a_changed_test_file_stops_evaluation_naming_it(demo_search):
 
 def test_trials_read_the_dataset_zero_copy_from_the_object_store(tmp_path, local_ray):
     """Every trial's arrays are read-only views of Ray's shared memory, not private copies."""
-    root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
-    ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
-    data = trial_data(ds, split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none"))
+    root, data = tiny_trial_data(tmp_path)
     (tmp_path / "space.yaml").write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     seen = tmp_path / "seen"
     seen.mkdir()

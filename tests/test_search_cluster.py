@@ -5,13 +5,10 @@ from pathlib import Path
 
 import pytest
 import ray
+from conftest import tiny_trial_data
 from ray.cluster_utils import Cluster
 
-from data_utils.cache import load_dataset
-from data_utils.demo import make_demo_data
-from data_utils.split import split_dataset
 from tuning.search import SearchOptions, run_search
-from tuning.train import trial_data
 
 
 @pytest.fixture
@@ -26,9 +23,7 @@ def two_gpu_nodes():
 
 def test_fractional_gpu_trials_spread_over_nodes_and_fall_back_to_cpu(tmp_path, two_gpu_nodes,
                                                                       capfd):
-    root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
-    ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
-    data = trial_data(ds, split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none"))
+    root, data = tiny_trial_data(tmp_path)
     (tmp_path / "space.yaml").write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     options = SearchOptions(
         data=str(root), num_samples=6, max_epochs=2, grace_period=2, cpus_per_trial=0.5,
