@@ -55,16 +55,19 @@ def discover(data: Path, positive_class: str | None = None) -> Source:
     return Source(root, samples, _order_classes(names, positive_class, where))
 
 
+def image_files(folder: Path) -> list[Path]:
+    """Image files under folder, recursively and sorted; hidden files are left out."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()
+                  and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+
+
 def _read_class_folders(root: Path) -> list[Sample]:
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
         raise DataError(f"{root}: no class folders (expected e.g. {root}/COVID, {root}/non-COVID)")
     samples = []
     for class_dir in class_dirs:
-        files = sorted(
-            p for p in class_dir.rglob("*")
-            if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-        )
+        files = image_files(class_dir)
         if not files:
             raise DataError(f"{class_dir}: class folder holds no image files")
         samples += [

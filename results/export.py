@@ -28,6 +28,7 @@ from torch import nn
 from ctmodels import build_model
 from data_utils.augment import NORM_MEAN, NORM_STD
 from data_utils.files import atomic_write, write_json
+from data_utils.split import GROUPING_MEANING
 from tuning.config import TrainConfig
 
 FORMAT = "ctscan-model"
@@ -38,13 +39,6 @@ FILES = {
     "config_json": "config.json",
     "config_yaml": "config.yaml",
     "model_card": "model_card.md",
-}
-# data["group_by"] as written by `ctscan split` -> what it means for the test estimate.
-GROUPING = {
-    "manifest": "by the manifest's patient id: no patient has slices in two splits",
-    "duplicates": "byte-identical and near-duplicate slices share a split; the dataset has no "
-                  "patient ids, so one patient's distinct slices may still span splits",
-    "none": "none: related slices may span splits, so test metrics may be optimistic",
 }
 # What load_exported needs; checked so a hand-edited config fails with a readable message.
 REQUIRED_KEYS = ("arch", "head", "dropout", "activation", "image_size", "resize", "threshold",
@@ -238,7 +232,7 @@ def model_card(meta: dict) -> str:
     lines += ["", "## Data", ""]
     lines += _bullets(data) if data else ["- Not recorded in this export."]
     lines += [
-        f"- Grouping: {GROUPING.get(data.get('group_by'), 'not recorded')}",
+        f"- Grouping: {GROUPING_MEANING.get(data.get('group_by'), 'not recorded')}",
         "",
         "## Test metrics",
         "",

@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from data_utils.decode import decode_image
 from data_utils.files import atomic_write
-from data_utils.sources import IMAGE_SUFFIXES
+from data_utils.sources import IMAGE_SUFFIXES, image_files
 from results.export import load_exported, read_config
 from tuning.train import predict_proba
 
@@ -27,10 +27,7 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     out: list[Path] = []
     for path in map(Path, paths):
         if path.is_dir():
-            out += sorted(
-                p for p in path.rglob("*")
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith(".")
-            )
+            out += image_files(path)
         else:
             out.append(path)
     return out

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import yaml
 
 from data_utils.files import atomic_write
+from data_utils.split import GROUPING_MEANING
 
 METRIC_NAMES = {
     "accuracy": "Accuracy",
@@ -30,22 +31,6 @@ THRESHOLD_METHODS = {"youden": "Youden's J on the validation split", "fixed": "f
 LEADERBOARD_ROWS = 10
 MAX_SKIPPED_LISTED = 50
 
-GROUPING = {
-    "duplicates": (
-        "The train/validation/test split kept byte-identical files and near-identical slices "
-        "(perceptual-hash neighbours, in practice adjacent slices of one patient) on the same "
-        "side, so the model was never tested on a near-copy of a training image. The dataset has "
-        "no patient IDs, so less similar slices of one patient can still sit on both sides; the "
-        "test score may still be somewhat optimistic."),
-    "manifest": (
-        "The train/validation/test split kept all slices of one patient (the manifest's group "
-        "column) and byte-identical files on the same side, so no test patient was seen during "
-        "training or model selection."),
-    "none": (
-        "The train/validation/test split kept only byte-identical files together: near-identical "
-        "slices of one patient can sit in both training and test, so the model may have been "
-        "tested on near-copies of training images and the test score is likely optimistic."),
-}
 
 GRADCAM_NOTE = (
     "Grad-CAM colours the regions that most raised the model's COVID score. Heat over the lung "
@@ -115,8 +100,9 @@ def _summary(metrics: dict) -> list[str]:
     negative = _negative(metrics)
     m = test["metrics"]
     group_by = metrics.get("data", {}).get("group_by", "")
-    grouping = GROUPING.get(group_by, f"The train/validation/test split grouped slices by "
-                                      f"`{group_by}` and kept each group on one side.")
+    grouping = GROUPING_MEANING.get(
+        group_by, f"The train/validation/test split grouped slices by `{group_by}` and kept "
+        "each group on one side.")
     arch = metrics.get("config", {}).get("arch")
     model = f"the model (trial {metrics['trial_id']}" + (f", {arch})" if arch else ")")
     text = (
