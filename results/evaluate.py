@@ -114,6 +114,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         },
         "config": best["config"],
         "searched": best["searched"],
+        "search": {k: best[k] for k in ("trials", "trials_stopped_early", "errored_trials",
+                                        "time_budget_s", "budget_reached")},
     }
     arrays = {"model": model, "config": config, "y_test": y_test, "prob_test": prob_test,
               "test_paths": [ds.paths[i] for i in test_rows], "class_names": ds.class_names,

@@ -191,6 +191,7 @@ def _search(metrics: dict, leaderboard: list[dict], plots: dict[str, str]) -> li
              "A Ray Tune search trained many configurations on the training split and ranked "
              "them by their best validation ROC AUC; the test split was scored once, for the "
              "winner only, after the search had ended.", ""]
+    lines += _search_extent(metrics.get("search", {}))
     if "training_curves" in plots:
         lines += ["### Training curves of the top trials", "",
                   "Validation loss rising while training loss keeps falling means over-fitting.",
@@ -209,6 +210,19 @@ def _search(metrics: dict, leaderboard: list[dict], plots: dict[str, str]) -> li
                   yaml.safe_dump(config, sort_keys=False, default_flow_style=None).rstrip(),
                   "```", "", f"Checkpoint: `{metrics.get('checkpoint', 'n/a')}`", ""]
     return lines
+
+
+def _search_extent(search: dict) -> list[str]:
+    if not search:
+        return []
+    text = (f"The search ran {search['trials']} trials; {search['trials_stopped_early']} were "
+            f"stopped early and {search['errored_trials']} failed.")
+    if search.get("budget_reached"):
+        text += (f" **Its time budget ({search['time_budget_s']:.0f} s) was reached:** the "
+                 "search ended on time, not because every planned trial had run.")
+    elif search.get("time_budget_s"):
+        text += f" It ended within its time budget ({search['time_budget_s']:.0f} s)."
+    return [text, ""]
 
 
 def _leaderboard(leaderboard: list[dict], winner: str) -> list[str]:

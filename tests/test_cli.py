@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from conftest import make_class_folders, tree_snapshot
 
 from tuning.cli import main
@@ -75,3 +76,40 @@ def test_train_writes_checkpoints_tensorboard_and_resumes(tmp_path, capsys):
     assert "epoch   1" not in capsys.readouterr().out
     assert main([*args, "--set", "lr=0.1"]) == 2
     assert "holds a run with a different config" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--num-samples", "0"), ("--num-samples", "-1"),
+                                         ("--max-concurrent", "0"), ("--max-epochs", "0"),
+                                         ("--image-size", "0"), ("--time-budget", "0s"),
+                                         ("--time-budget", "30x"), ("--time-budget", "inf")])
+def test_tune_refuses_numbers_that_would_silently_become_defaults(flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["tune", "--demo", flag, value])
+    assert exit_.value.code == 2
+    assert f"argument {flag}: expected a positive" in capsys.readouterr().err
+
+
+def test_a_time_budget_ends_the_search_which_is_still_scored(tmp_path, capsys):
+    """No --search-space and no GPU: the CPU space, which starts with the recipe; the budget
+    stops the search long before 200 trials, and the winner is scored and exported as usual."""
+    from tuning.space import CPU_SPACE
+
+    root = make_class_folders(tmp_path / "data", 24)
+    runs = tmp_path / "runs"
+    assert main(["tune", str(root), "--time-budget", "20s", "--num-samples", "200",
+                 "--max-epochs", "30", "--image-size", "32", "--storage-path", str(runs),
+                 "--name", "b", "--group-by", "none", "--max-concurrent", "2"]) == 0
+    out = capsys.readouterr().out
+    assert f"no GPU in the Ray cluster: searching the CPU space {CPU_SPACE}" in out
+    assert "the time budget ended the search" in out
+    best = json.loads((runs / "b" / "best.json").read_text())
+    assert best["budget_reached"] and best["time_budget_s"] == 20
+    assert 1 <= best["trials"] < 200
+    assert json.loads((runs / "b" / "search.json").read_text())["search_space"] == str(CPU_SPACE)
+    trials = json.loads((runs / "b" / "trials.json").read_text())
+    first = min(trials, key=lambda t: t["number"])["params"]
+    assert (first["arch"], first["optimizer"], first["lr"], first["batch_size"]) == (
+        "resnet18", "adamw", 1e-3, 32)
+    report = (runs / "b" / "results" / "report.md").read_text()
+    assert "Its time budget (20 s) was reached" in report
+    assert (runs / "b" / "export" / "model.pt").is_file()

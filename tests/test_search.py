@@ -20,7 +20,7 @@ from data_utils.sources import DataError
 from data_utils.split import split_dataset
 from results.pipeline import report_run
 from results.predict import predict_paths
-from tuning.config import ConfigError
+from tuning.config import ConfigError, make_config
 from tuning.search import (
     PrunedAwareOptunaSearch,
     SearchOptions,
@@ -28,7 +28,14 @@ from tuning.search import (
     run_search,
     trainable,
 )
-from tuning.space import decode_params, load_space, to_param_space
+from tuning.space import (
+    CPU_SPACE,
+    DEFAULT_SPACE,
+    DEMO_SPACE,
+    decode_params,
+    load_space,
+    startup_trials,
+)
 
 TINY_SPACE = """
 arch: resnet18
@@ -47,6 +54,24 @@ aug_strength: {uniform: [0.0, 0.5]}
     ("arch: {choice: [resnet18, vgg]}", "arch must be one of"),
     ("lr: {loguniform: [0, 1]}", "loguniform needs low > 0"),
     ("batch_size: {randint: [a, 4]}", "randint needs [low, high] numbers"),
+    ("image_size: {choice: [64, 128]}", "image_size is a setting of the run, not searched; use "
+                                        "`ctscan tune --image-size` instead"),
+    ("epochs: 5", "use `ctscan tune --max-epochs`"),
+    ("num_workers: 2", "use `ctscan tune --cpus-per-trial`"),
+    ("optimizer: {choice: {sgd: {seed: {randint: [0, 3]}}}}", "use `ctscan tune --seed`"),
+    ("batch_size: {uniform: [16, 64]}", "batch_size is an integer; draw it with randint or "
+                                        "choice, not uniform"),
+    ("dropout: {uniform: [0.0, 1.0]}", "dropout must be in [0, 1), got 1.0"),
+    ("freeze_backbone_epochs: {choice: [0, 2]}", "freeze_backbone_epochs needs pretrained"),
+    ("optimizer: {choice: {sgd: {lr: {loguniform: [0, 1]}}}}", "loguniform needs low > 0"),
+    ("optimizer: {choice: {adamw: {optimizer: sgd}}}", "optimizer is searched twice"),
+    ("start_with: [{lr: 0.5}]\nlr: {loguniform: [1e-4, 1e-2]}",
+     "start_with[0]: lr=0.5 is outside the space's loguniform [0.0001, 0.01]"),
+    ("start_with: [{dropout: 0.2}]\nlr: {loguniform: [1e-4, 1e-2]}",
+     "start_with[0]: dropout is not searched on this branch of the space"),
+    ("start_with: [{optimizer: sgd, weight_decay: 0.1}]\n"
+     "optimizer: {choice: {adamw: {weight_decay: {uniform: [0, 1]}}, sgd: }}",
+     "start_with[0]: weight_decay is not searched on this branch"),
 ])
 def test_bad_space_files_are_clear_errors(tmp_path, text, error):
     (tmp_path / "space.yaml").write_text(text)
@@ -55,13 +80,61 @@ def test_bad_space_files_are_clear_errors(tmp_path, text, error):
     assert error in str(err.value)
 
 
-def test_default_space_loads_and_lists_travel_as_json():
-    space = load_space()
-    assert set(space) >= {"arch", "head", "dropout", "lr", "weight_decay", "batch_size",
-                          "aug_strength", "optimizer", "freeze_backbone_epochs"}
-    head = to_param_space(space)["head"]
-    assert head.categories == ["[]", "[256]", "[512, 128]"]
-    assert decode_params({"head": "[512, 128]", "lr": 0.1}) == {"head": [512, 128], "lr": 0.1}
+def test_yaml_numbers_without_a_dot_are_numbers(tmp_path):
+    (tmp_path / "space.yaml").write_text("lr: {loguniform: [1e-5, 3e-3]}\n"
+                                         "weight_decay: 1e-4\n")
+    space = load_space(tmp_path / "space.yaml")
+    assert space.spec == {"lr": {"loguniform": [1e-5, 3e-3]}, "weight_decay": 1e-4}
+
+
+def test_freezing_is_allowed_with_pretrained_weights(tmp_path):
+    (tmp_path / "space.yaml").write_text("freeze_backbone_epochs: {choice: [0, 1, 2]}\n")
+    load_space(tmp_path / "space.yaml", {"weights": "imagenet"})
+
+
+def _draw(space, n: int, seed: int = 0) -> list[dict]:
+    """n configs drawn the way the search draws them: Optuna asks, the space suggests."""
+    study = optuna.create_study(direction="maximize", sampler=optuna.samplers.RandomSampler(seed))
+    for point in space.start:
+        study.enqueue_trial(point)
+    configs = []
+    for _ in range(n):
+        trial = study.ask()
+        fixed = space(trial)  # suggests the parameters first
+        configs.append(decode_params({**trial.params, **fixed}))
+        study.tell(trial, 0.5)
+    return configs
+
+
+@pytest.mark.parametrize("path", [DEFAULT_SPACE, CPU_SPACE, DEMO_SPACE])
+def test_shipped_spaces_start_with_the_recipe_and_keep_rates_per_optimizer(path):
+    space = load_space(path, {"image_size": 64})
+    assert "freeze_backbone_epochs" not in space.searched_keys()  # default weights are random
+    assert space.param_names("lr") == ["lr[adamw]", "lr[sgd]"]
+    configs = _draw(space, 300)
+    recipe = make_config({})
+    first = make_config(configs[0])
+    assert (first.arch, first.head, first.optimizer, first.lr, first.weight_decay,
+            first.batch_size, first.aug_strength, first.dropout) == (
+        recipe.arch, recipe.head, recipe.optimizer, recipe.lr, recipe.weight_decay,
+        recipe.batch_size, recipe.aug_strength, recipe.dropout)
+    adamw = load_space(path).spec["optimizer"]["choice"]["adamw"]["lr"]["loguniform"]
+    sgd = load_space(path).spec["optimizer"]["choice"]["sgd"]["lr"]["loguniform"]
+    assert adamw[1] < 0.05 <= sgd[1] and adamw[0] < sgd[0]
+    by_optimizer = {"adamw": [], "sgd": []}
+    for values in configs:
+        config = make_config({**values, "image_size": 64})  # every draw is a valid config
+        by_optimizer[config.optimizer].append(config.lr)
+    assert by_optimizer["sgd"] and by_optimizer["adamw"]
+    assert all(sgd[0] <= lr <= sgd[1] for lr in by_optimizer["sgd"])  # no SGD at AdamW rates
+    assert all(adamw[0] <= lr <= adamw[1] for lr in by_optimizer["adamw"])
+    assert all("momentum" not in c for c in configs if c["optimizer"] == "adamw")
+
+
+def test_lists_travel_as_json_and_start_up_trials_scale_with_the_budget():
+    assert decode_params({"head": "[512, 128]", "lr[sgd]": 0.1}) == {"head": [512, 128],
+                                                                     "lr": 0.1}
+    assert [startup_trials(n) for n in (4, 8, 12, 20, 32, 100)] == [2, 2, 3, 4, 7, 10]
 
 
 @pytest.fixture(scope="module")
@@ -106,15 +179,36 @@ def test_search_finds_a_best_trial_and_writes_best_json(demo_search):
     assert saved["metrics"]["val_auc"] == pytest.approx(best["val_metrics"]["val_auc"])
 
 
-def test_asha_stops_trials_and_optuna_records_them_as_pruned(demo_search):
+def test_the_first_trial_is_the_recipe(demo_search):
+    options, *_ = demo_search
+    trials = json.loads((Path(options.run_dir) / "trials.json").read_text())
+    first = min(trials, key=lambda t: t["number"])
+    assert first["params"] == {"arch": "resnet18", "batch_size": 32, "head": [], "lr": 1e-3,
+                               "aug_strength": 0.5}  # TrainConfig's defaults, in TINY_SPACE
+
+
+def test_asha_and_optuna_judge_trials_by_their_best_epoch_so_far(demo_search):
     options, best, *_ = demo_search
     assert best["trials_stopped_early"] >= 1
     searcher = PrunedAwareOptunaSearch()
     searcher.restore_from_dir(options.run_dir)
-    states = [t.state for t in searcher._ot_study.trials]
+    trials = searcher._ot_study.trials
+    states = [t.state for t in trials]
     assert len(states) == 6
     assert states.count(optuna.trial.TrialState.PRUNED) == best["trials_stopped_early"]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 6 - best["trials_stopped_early"]
+    records = {r["trial_id"]: r for r in json.loads(
+        (Path(options.run_dir) / "trials.json").read_text())}
+    by_params = {json.dumps(r["params"], sort_keys=True): r for r in records.values()}
+    for trial in trials:
+        record = by_params[json.dumps(decode_params({**trial.params, "arch": "resnet18",
+                                                     "batch_size": 32}), sort_keys=True)]
+        aucs = [h["val_auc"] for h in record["history"]]
+        best_so_far = list(np.maximum.accumulate(aucs))
+        reported = list(trial.intermediate_values.values())  # Ray passes the last result
+        assert reported and reported == best_so_far[:len(reported)]  # to on_trial_complete
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert trial.value == max(aucs)
 
 
 def test_only_the_best_checkpoint_per_trial_is_kept(demo_search):

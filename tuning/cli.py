@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -18,15 +19,39 @@ from data_utils.sources import DataError
 from data_utils.split import GROUP_BY, split_counts, split_dataset, write_split
 from tuning.config import ConfigError, load_config, make_config, save_config
 from tuning.monitor import tensorboard_reporter
-from tuning.space import DEFAULT_SPACE, load_space
+from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE
 from tuning.train import train_trial, trial_data
 
 DEMO_DATA = Path("runs/demo-data")
 # Small enough to learn something in about a minute on a 2-core CPU.
 DEMO_CONFIG = ["image_size=64", "epochs=8", "batch_size=32", "lr=2e-3", "aug_strength=0.3",
                "patience=4"]
-DEMO_SEARCH = {"num_samples": 8, "max_epochs": 6, "image_size": 64,
-               "search_space": DEFAULT_SPACE.with_name("search_space_demo.yaml")}
+DEMO_SEARCH = {"num_samples": 8, "max_epochs": 6, "image_size": 64, "search_space": DEMO_SPACE}
+DEFAULT_TRIALS, DEFAULT_TRIALS_IN_BUDGET = 12, 32
+DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+
+
+def duration(text: str) -> float:
+    """'90s', '30m', '1.5h' or plain seconds, as seconds."""
+    number, unit = (text[:-1], text[-1]) if text[-1:] in DURATION_UNITS else (text, "s")
+    try:
+        seconds = float(number) * DURATION_UNITS[unit]
+    except ValueError:
+        seconds = math.nan
+    if not seconds > 0 or math.isinf(seconds):
+        raise argparse.ArgumentTypeError(f"expected a positive duration like 90s, 30m or 2h, "
+                                         f"got {text!r}")
+    return seconds
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def _source_options(data_required: bool = True) -> argparse.ArgumentParser:
@@ -108,21 +133,37 @@ def _demo_data(args: argparse.Namespace, command: str) -> None:
         raise DataError(f"{command} needs DATA (a folder or manifest), or --demo")
 
 
+def _default_space(args: argparse.Namespace) -> Path:
+    """The GPU space where the Ray cluster has GPUs, else the CPU space (small ResNets)."""
+    import ray
+
+    if args.demo:
+        return DEMO_SPACE
+    if not ray.is_initialized():
+        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    if ray.cluster_resources().get("GPU", 0) > 0:
+        return DEFAULT_SPACE
+    print(f"no GPU in the Ray cluster: searching the CPU space {CPU_SPACE} (ResNet-18/34); "
+          "give --search-space to choose another")
+    return CPU_SPACE
+
+
 def _search_options(args: argparse.Namespace):
     from tuning.search import SearchOptions
 
     demo = DEMO_SEARCH if args.demo else {}
     max_epochs = args.max_epochs or demo.get("max_epochs", 10)
+    default_trials = DEFAULT_TRIALS_IN_BUDGET if args.time_budget else DEFAULT_TRIALS
     return SearchOptions(
         data=str(args.data.resolve()),
-        num_samples=args.num_samples or demo.get("num_samples", 12),
-        max_epochs=max_epochs,
+        num_samples=args.num_samples or demo.get("num_samples", default_trials),
+        max_epochs=max_epochs, time_budget_s=args.time_budget,
         scheduler=args.scheduler, grace_period=args.grace_period,
         reduction_factor=args.reduction_factor,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent, max_failures=args.max_failures,
         storage_path=args.storage_path, seed=args.seed,
-        search_space=str(args.search_space or demo.get("search_space", DEFAULT_SPACE)),
+        search_space=str(args.search_space or _default_space(args)),
         base_config={"image_size": args.image_size or demo.get("image_size", 224),
                      "weights": args.weights, "resize": args.resize, "epochs": max_epochs,
                      "seed": args.seed},
@@ -134,7 +175,14 @@ def _search_options(args: argparse.Namespace):
 def cmd_tune(args: argparse.Namespace) -> int:
     import ray  # ray takes seconds to import; only this command needs it
 
-    from tuning.search import join_uri, load_options, prepare_run, read_text, run_search
+    from tuning.search import (
+        join_uri,
+        load_options,
+        load_search_space,
+        prepare_run,
+        read_text,
+        run_search,
+    )
 
     if args.resume:
         if args.resume == "NAME" and not args.name:
@@ -145,7 +193,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     else:
         _demo_data(args, "tune")
         options = _search_options(args)
-        load_space(Path(options.search_space))  # a bad space file fails here, before Ray starts
+        load_search_space(options)  # a bad space file fails here, before any decoding
         if read_text(f"{options.run_dir}/search.json") is not None:
             raise DataError(f"{options.run_dir} already holds a search; continue it with "
                             f"--resume --name {options.name}, or pick another --name")
@@ -154,8 +202,10 @@ def cmd_tune(args: argparse.Namespace) -> int:
                               options.split, args.cache_dir)
     data = prepare_run(options, ds, split, resume=bool(args.resume))
     del ds  # the test split stays out of the object store
-    print(f"search {options.name}: {options.num_samples} trials, up to {options.max_epochs} "
-          f"epochs each, results in {options.run_dir}\n"
+    budget = (f" or {options.time_budget_s:.0f} s, whichever ends first"
+              if options.time_budget_s else "")
+    print(f"search {options.name}: {options.num_samples} trials{budget}, up to "
+          f"{options.max_epochs} epochs each, results in {options.run_dir}\n"
           f"watch it with: tensorboard --logdir {options.run_dir}")
     if not ray.is_initialized():
         ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
@@ -164,7 +214,8 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"best trial {best['trial_id']} (epoch {best['best_epoch']}): "
           f"val AUC {best['val_metrics']['val_auc']:.4f}, val accuracy "
           f"{best['val_metrics']['val_accuracy']:.3f}; {best['trials']} trials, "
-          f"{best['trials_stopped_early']} stopped early\n"
+          f"{best['trials_stopped_early']} stopped early"
+          f"{'; the time budget ended the search' if best['budget_reached'] else ''}\n"
           f"  config: {json.dumps(best['searched'])}\n"
           f"  checkpoint: {best['checkpoint']}\n  summary: {options.run_dir}/best.json")
     from results.pipeline import report_run
@@ -287,9 +338,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"small CPU search on generated demo data ({DEMO_DATA}, made if absent): "
                         "resnet18/34 at 64 px, 8 trials of up to 6 epochs")
     p.add_argument("--search-space", type=Path,
-                   help=f"YAML search space (default: {DEFAULT_SPACE}, documented inside)")
-    p.add_argument("--num-samples", type=int, help="number of trials (default: 12; demo 8)")
-    p.add_argument("--max-epochs", type=int,
+                   help=f"YAML search space (default: {DEFAULT_SPACE.name} where Ray has GPUs, "
+                        f"else {CPU_SPACE.name}; both in {DEFAULT_SPACE.parent}, documented "
+                        "inside)")
+    p.add_argument("--num-samples", type=positive_int,
+                   help=f"number of trials; with --time-budget, at most this many (default: "
+                        f"{DEFAULT_TRIALS}, {DEFAULT_TRIALS_IN_BUDGET} with a budget; demo 8)")
+    p.add_argument("--time-budget", type=duration, metavar="DURATION",
+                   help="stop the search after this long, e.g. 90s, 30m, 2h, then score and "
+                        "export its best trial as usual (default: no limit)")
+    p.add_argument("--max-epochs", type=positive_int,
                    help="epochs of a trial that is never stopped early (default: 10; demo 6)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
                    help="asha (default) stops weak trials early; fifo trains every trial fully")
@@ -301,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="CPUs reserved per trial; also its torch threads (default: 1)")
     p.add_argument("--gpus-per-trial", type=float, default=0.0,
                    help="GPUs per trial; fractions pack trials, 0.25 = 4 per GPU (default: 0)")
-    p.add_argument("--max-concurrent", type=int, default=4,
+    p.add_argument("--max-concurrent", type=positive_int, default=4,
                    help="trials running at once, at most (default: 4)")
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a crashed trial, from its last checkpoint (default: 2)")
@@ -316,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: start Ray on this machine)")
     p.add_argument("--resume", nargs="?", const="NAME", metavar="RUN_DIR",
                    help="continue an interrupted search: --resume --name NAME, or --resume RUN_DIR")
-    p.add_argument("--image-size", type=int,
+    p.add_argument("--image-size", type=positive_int,
                    help="image size of every trial (default: 224; demo 64)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="pad", help="pad (default) or stretch")
     p.add_argument("--weights", default="none",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ class TrainConfig:
     dropout: float = 0.0
     activation: str = "relu"
     weights: str = "none"  # none | imagenet | PATH to a state_dict
-    freeze_backbone_epochs: int = 0  # train only the head for this many epochs first
+    # Train only the head for this many epochs first (pretrained weights only); the backbone's
+    # BatchNorm statistics stay frozen too, and the lr warmup and schedule start at the thaw.
+    freeze_backbone_epochs: int = 0
     # optimisation
     optimizer: str = "adamw"  # adamw | sgd
     lr: float = 1e-3
@@ -39,6 +42,7 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine (after linear warmup) | constant
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
+    ema: bool = False  # validate, keep and export an exponential moving average of the weights
     pos_weight: float | None = None  # BCE weight of positives; None = 1
     # data
     image_size: int = 224
@@ -65,6 +69,9 @@ class TrainConfig:
             raise ConfigError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
         if not 0 <= self.dropout < 1:
             raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        if self.freeze_backbone_epochs and self.weights == "none":
+            raise ConfigError("freeze_backbone_epochs needs pretrained weights (weights: imagenet "
+                              "or a path); with random weights it would train a head on noise")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -75,8 +82,16 @@ def _check_choice(key: str, value: str, choices) -> None:
         raise ConfigError(f"{key} must be one of {sorted(choices)}, got {value!r}")
 
 
+def coerce(key: str, value):
+    """`value` as config key `key`'s type, unchecked against the other keys."""
+    hints = typing.get_type_hints(TrainConfig)
+    if key not in hints:
+        raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(hints)}")
+    return _coerce(key, value, hints[key])
+
+
 def _coerce(key: str, value, annotation):
-    """YAML reads `lr: 1` as int and `lr: 1e-3` as str: convert to the field's type or say why."""
+    """YAML reads `lr: 1` as int: convert to the field's type or say why."""
     hint = annotation
     if isinstance(hint, types.UnionType) or typing.get_origin(hint) is typing.Union:
         if value is None:
@@ -90,6 +105,8 @@ def _coerce(key: str, value, annotation):
             return [_coerce(key, v, typing.get_args(hint)[0]) for v in value]
         if origin is float and isinstance(value, int | float | str) and not isinstance(value, bool):
             return float(value)
+        if origin is bool and isinstance(value, bool):
+            return value
         if origin is int and isinstance(value, int) and not isinstance(value, bool):
             return value
         if origin is str and isinstance(value, str | int | float):
@@ -97,6 +114,20 @@ def _coerce(key: str, value, annotation):
     except (TypeError, ValueError):
         pass
     raise ConfigError(f"{key}: expected {getattr(hint, '__name__', hint)}, got {value!r}")
+
+
+class _YAMLLoader(yaml.SafeLoader):
+    """PyYAML follows YAML 1.1, which reads `1e-4` (no dot) as a string; YAML 1.2 and every
+    user read it as a number."""
+
+
+_YAMLLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float", re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."))
+
+
+def load_yaml(text: str):
+    return yaml.load(text, Loader=_YAMLLoader)
 
 
 def make_config(values: dict) -> TrainConfig:
@@ -112,7 +143,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> TrainCon
     """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML: 1e-3, [256, 64])."""
     values: dict = {}
     if path is not None:
-        loaded = yaml.safe_load(Path(path).read_text()) or {}
+        loaded = load_yaml(Path(path).read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         values.update(loaded)
@@ -120,7 +151,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> TrainCon
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        values[key.strip()] = yaml.safe_load(raw)
+        values[key.strip()] = load_yaml(raw)
     return make_config(values)
 
 

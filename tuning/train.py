@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from sklearn.metrics import f1_score, roc_auc_score
 from torch import nn
+from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
 from ctmodels import build_model
@@ -68,9 +69,13 @@ def train_one_epoch(
     config: TrainConfig,
     generator: torch.Generator,
     progress: str | None = None,
+    ema: AveragedModel | None = None,
 ) -> tuple[float, int]:
     """Returns (mean train loss, images seen)."""
     model.train()
+    for module in model.modules():  # a frozen BatchNorm keeps its running statistics too
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.weight.requires_grad:
+            module.eval()
     device = images.device
     total, seen = torch.zeros((), device=device), 0
     batches = train_batches(images, labels, config.batch_size, config.aug_strength, generator)
@@ -89,6 +94,8 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(model)
         total += loss.detach() * len(y)  # stays on device: no sync per step
         seen += len(y)
     return total.item() / max(seen, 1), seen
@@ -132,18 +139,38 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
                    steps_per_epoch: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Per-step multiplier: linear warmup, then cosine to 0 over the remaining epochs."""
+    """Per-step multiplier: linear warmup, then cosine to 0 over the remaining epochs. While the
+    backbone is frozen the head trains at the full rate; warmup and cosine start at the thaw."""
+    frozen = config.freeze_backbone_epochs * steps_per_epoch
     warmup = config.warmup_epochs * steps_per_epoch
-    total = config.epochs * steps_per_epoch
+    total = config.epochs * steps_per_epoch - frozen
 
     def factor(step: int) -> float:
-        if config.lr_schedule == "constant":
+        step -= frozen
+        if config.lr_schedule == "constant" or step < 0:
             return 1.0
         if step < warmup:
             return (step + 1) / warmup
         return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warmup) / max(1, total - warmup))))
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_ema(model: nn.Module, steps_per_epoch: int) -> AveragedModel:
+    """An exponential moving average of the weights and BatchNorm statistics, in which the
+    weights of one epoch ago count half. Early on it would mostly hold the random start, so its
+    decay warms up as timm's ModelEmaV3 does."""
+    decay = 0.5 ** (1 / steps_per_epoch)
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
+               updates: torch.Tensor) -> None:
+        if not averaged[0].is_floating_point():  # BatchNorm's batch counters
+            torch._foreach_copy_(averaged, current)
+            return
+        n = float(updates)
+        torch._foreach_lerp_(averaged, current, 1 - min(decay, (1 + n) / (10 + n)))
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 def set_backbone_trainable(model: nn.Module, trainable: bool) -> None:
@@ -192,6 +219,8 @@ def train_trial(
     optimizer = make_optimizer(model, config)
     steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
+    ema = make_ema(model, steps_per_epoch) if config.ema else None
+    validated = model if ema is None else ema.module  # the weights scored, kept and exported
 
     # The whole uint8 dataset moves to the device once; batches are gathered there.
     train_x = torch.from_numpy(data.train_images).to(device)
@@ -202,7 +231,10 @@ def train_trial(
     start_epoch, best, stale, history = 0, {"val_auc": -math.inf}, 0, []
     if (out_dir / "last.pt").exists():
         state = load_checkpoint(out_dir / "last.pt")
-        model.load_state_dict(state["model"])
+        model.load_state_dict(state["trained_model"] if ema else state["model"])
+        if ema is not None:
+            ema.module.load_state_dict(state["model"])
+            ema.n_averaged.fill_(state["ema_updates"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         generator.set_state(state["rng"]["generator"])
@@ -217,16 +249,18 @@ def train_trial(
         started = time.perf_counter()
         desc = f"epoch {epoch + 1}/{config.epochs}" if progress else None
         train_loss, seen = train_one_epoch(model, criterion, optimizer, scheduler, train_x,
-                                           train_y, config, generator, desc)
+                                           train_y, config, generator, desc, ema)
         train_time = time.perf_counter() - started
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
-            **evaluate(model, val_x, val_y),
+            **evaluate(validated, val_x, val_y),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time": time.perf_counter() - started,
             "images_per_sec": seen / train_time,
         }
+        # What a search ranks trials by: not punished for the epochs after the peak.
+        metrics["best_val_auc"] = max(m["val_auc"] for m in [*history, metrics])
         history.append(metrics)
         if metrics["val_auc"] > best["val_auc"] + config.min_delta:
             best, stale = metrics, 0
@@ -235,7 +269,9 @@ def train_trial(
         # Tells a search that the trial ended by itself (not stopped by a scheduler).
         metrics["final_epoch"] = epoch + 1 == config.epochs or stale >= config.patience
         checkpoint = {
-            "model": model.state_dict(),
+            "model": validated.state_dict(),
+            **({"trained_model": model.state_dict(), "ema_updates": int(ema.n_averaged)}
+               if ema is not None else {}),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
