@@ -7,6 +7,7 @@ from data_utils.cache import load_dataset
 from data_utils.demo import make_demo_data
 from data_utils.split import split_dataset
 from tuning.config import ConfigError, load_config, make_config
+from ctmodels import build_model
 from tuning.train import load_checkpoint, train_trial, trial_data
 
 TINY = {"image_size": 32, "batch_size": 16, "epochs": 2, "aug_strength": 0.5, "seed": 1,
@@ -52,9 +53,10 @@ def test_same_seed_same_metrics(demo, tmp_path):
     assert first["val_auc"] == second["val_auc"]
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(demo, tmp_path):
+@pytest.mark.parametrize("ema", [False, True])
+def test_resume_after_interruption_matches_an_uninterrupted_run(demo, tmp_path, ema):
     ds, split = demo
-    config = make_config({**TINY, "epochs": 3})
+    config = make_config({**TINY, "epochs": 3, "ema": ema})
     train_trial(config, trial_data(ds, split), tmp_path / "straight")
 
     class Killed(Exception):
@@ -96,17 +98,60 @@ def test_early_stopping_stops_when_val_auc_stalls(demo, tmp_path):
 
 def test_freeze_backbone_epochs_train_only_the_head_first(demo, tmp_path, monkeypatch):
     ds, split = demo
-    trainable = []
+    pretrained = build_model("resnet18").state_dict()
+    torch.save(pretrained, tmp_path / "pretrained.pt")
+    trainable, after_epoch = [], {}
     real = train_module.set_backbone_trainable
 
     def spy(model, flag):
         real(model, flag)
         trainable.append(model.conv1.weight.requires_grad)
 
+    def keep_weights(metrics):
+        after_epoch[metrics["epoch"]] = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
+
     monkeypatch.setattr(train_module, "set_backbone_trainable", spy)
-    train_trial(make_config({**TINY, "epochs": 3, "freeze_backbone_epochs": 2}),
-                trial_data(ds, split), tmp_path)
+    train_trial(make_config({**TINY, "epochs": 3, "freeze_backbone_epochs": 2,
+                             "weights": str(tmp_path / "pretrained.pt")}),
+                trial_data(ds, split), tmp_path / "run", keep_weights)
     assert trainable == [False, False, True]
+    frozen, thawed = after_epoch[2], after_epoch[3]
+    for name in ("conv1.weight", "bn1.weight", "bn1.running_mean", "bn1.running_var",
+                 "layer4.1.bn2.running_mean"):  # weights and BatchNorm statistics alike
+        assert torch.equal(frozen[name], pretrained[name]), name
+        assert not torch.equal(thawed[name], pretrained[name]), name
+    assert not torch.equal(frozen["fc.1.weight"], after_epoch[1]["fc.1.weight"])  # the head
+
+
+def test_freezing_random_weights_is_refused():
+    with pytest.raises(ConfigError, match="freeze_backbone_epochs needs pretrained weights"):
+        make_config({"freeze_backbone_epochs": 1})
+
+
+def test_the_schedule_starts_when_the_backbone_thaws():
+    config = make_config({"epochs": 5, "freeze_backbone_epochs": 2, "warmup_epochs": 1,
+                          "weights": "imagenet"})
+    factor = train_module.make_scheduler(
+        torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0), config, 10).lr_lambdas[0]
+    assert [factor(step) for step in (0, 19)] == [1.0, 1.0]  # the head alone, at the full rate
+    assert factor(20) == pytest.approx(0.1) and factor(29) == pytest.approx(1.0)  # warmup
+    assert factor(30) == pytest.approx(1.0) and factor(49) < 0.01  # then cosine to 0
+
+
+def test_ema_validates_and_keeps_the_averaged_weights(demo, tmp_path):
+    ds, split = demo
+    best = train_trial(make_config({**TINY, "ema": True}), trial_data(ds, split), tmp_path)
+    checkpoint = load_checkpoint(tmp_path / "best.pt")
+    averaged, trained = checkpoint["model"], checkpoint["trained_model"]
+    assert averaged.keys() == trained.keys()
+    assert not torch.equal(averaged["conv1.weight"], trained["conv1.weight"])
+    model = build_model("resnet18")
+    model.load_state_dict(averaged)
+    x, y = torch.from_numpy(ds.images[split.indices("val")]), ds.labels[split.indices("val")]
+    from sklearn.metrics import roc_auc_score
+
+    prob = train_module.predict_proba(model, x).numpy()
+    assert roc_auc_score(y, prob) == pytest.approx(best["val_auc"], abs=1e-6)
 
 
 def test_training_never_sees_the_test_split(demo, tmp_path, monkeypatch):
