@@ -20,7 +20,7 @@ $(VENV)/.installed-dev: pyproject.toml
 demo: $(VENV)/.installed
 	test -d $(DEMO_DATA) || $(BIN)/ctscan make-demo-data $(DEMO_DATA)
 	$(BIN)/ctscan inspect $(DEMO_DATA)
-	$(BIN)/ctscan tune --demo
+	$(BIN)/ctscan tune --demo --time-budget 3m
 
 test: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
@@ -30,6 +30,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/data_pipeline.py
 	$(BIN)/python bench/trainer_overhead.py
 	$(BIN)/python bench/asha_vs_fifo.py
+	$(BIN)/python bench/search_vs_baseline.py
+	$(BIN)/python bench/ema_gap.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -70,6 +70,18 @@ def choose_threshold(y_val: np.ndarray, prob_val: np.ndarray, fixed: float | Non
     return {"method": "youden", "value": youden_threshold(y_val, prob_val)}
 
 
+def val_then_test(model: torch.nn.Module, ds: CTDataset, val_rows: np.ndarray,
+                  test_rows: np.ndarray, threshold: float | None = None) -> dict:
+    """Probabilities on val, the threshold chosen there, and only then those on test."""
+    y_val = ds.labels[val_rows]
+    prob_val = predict_proba(model, torch.from_numpy(ds.images[val_rows])).numpy()
+    chosen = choose_threshold(y_val, prob_val, threshold)
+    y_test = ds.labels[test_rows]
+    prob_test = predict_proba(model, torch.from_numpy(ds.images[test_rows])).numpy()
+    return {"threshold": chosen, "y_val": y_val, "prob_val": prob_val, "y_test": y_test,
+            "prob_test": prob_test}
+
+
 def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
                  seed: int = 0, cache_dir: Path | None = None) -> tuple[dict, dict]:
     """Score the best trial; returns (metrics.json content, arrays for plots and export)."""
@@ -82,13 +94,9 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     val_rows = recorded_rows(ds, split_json, "val")
     test_rows = recorded_rows(ds, split_json, "test")
     model = load_checkpoint_model(best["checkpoint"], config)
-
-    y_val = ds.labels[val_rows]
-    prob_val = predict_proba(model, torch.from_numpy(ds.images[val_rows])).numpy()
-    chosen = choose_threshold(y_val, prob_val, threshold)
-    # Only now, with the threshold fixed, are the test images looked at.
-    y_test = ds.labels[test_rows]
-    prob_test = predict_proba(model, torch.from_numpy(ds.images[test_rows])).numpy()
+    scored = val_then_test(model, ds, val_rows, test_rows, threshold)
+    chosen, y_val, prob_val = scored["threshold"], scored["y_val"], scored["prob_val"]
+    y_test, prob_test = scored["y_test"], scored["prob_test"]
 
     metrics = {
         "trial_id": best["trial_id"],

@@ -1,13 +1,14 @@
 import numpy as np
 import pytest
 import torch
+from sklearn.metrics import roc_auc_score
 
 import tuning.train as train_module
+from ctmodels import build_model
 from data_utils.cache import load_dataset
 from data_utils.demo import make_demo_data
 from data_utils.split import split_dataset
 from tuning.config import ConfigError, load_config, make_config
-from ctmodels import build_model
 from tuning.train import load_checkpoint, train_trial, trial_data
 
 TINY = {"image_size": 32, "batch_size": 16, "epochs": 2, "aug_strength": 0.5, "seed": 1,
@@ -148,8 +149,6 @@ def test_ema_validates_and_keeps_the_averaged_weights(demo, tmp_path):
     model = build_model("resnet18")
     model.load_state_dict(averaged)
     x, y = torch.from_numpy(ds.images[split.indices("val")]), ds.labels[split.indices("val")]
-    from sklearn.metrics import roc_auc_score
-
     prob = train_module.predict_proba(model, x).numpy()
     assert roc_auc_score(y, prob) == pytest.approx(best["val_auc"], abs=1e-6)
 

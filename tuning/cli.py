@@ -133,14 +133,22 @@ def _demo_data(args: argparse.Namespace, command: str) -> None:
         raise DataError(f"{command} needs DATA (a folder or manifest), or --demo")
 
 
+def start_ray(args: argparse.Namespace) -> None:
+    """Join --address, or start Ray here ("local": Ray would otherwise join the last cluster
+    started on this machine, even a dead one)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False)
+
+
 def _default_space(args: argparse.Namespace) -> Path:
     """The GPU space where the Ray cluster has GPUs, else the CPU space (small ResNets)."""
     import ray
 
     if args.demo:
         return DEMO_SPACE
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    start_ray(args)
     if ray.cluster_resources().get("GPU", 0) > 0:
         return DEFAULT_SPACE
     print(f"no GPU in the Ray cluster: searching the CPU space {CPU_SPACE} (ResNet-18/34); "
@@ -175,6 +183,15 @@ def _search_options(args: argparse.Namespace):
 def cmd_tune(args: argparse.Namespace) -> int:
     import ray  # ray takes seconds to import; only this command needs it
 
+    try:
+        return _tune(args)
+    finally:  # also after an error, so a caller in the same process can start Ray afresh
+        ray.shutdown()
+
+
+def _tune(args: argparse.Namespace) -> int:
+    import ray
+
     from tuning.search import (
         join_uri,
         load_options,
@@ -207,8 +224,7 @@ def cmd_tune(args: argparse.Namespace) -> int:
     print(f"search {options.name}: {options.num_samples} trials{budget}, up to "
           f"{options.max_epochs} epochs each, results in {options.run_dir}\n"
           f"watch it with: tensorboard --logdir {options.run_dir}")
-    if not ray.is_initialized():
-        ray.init(address=args.address, include_dashboard=False, log_to_driver=False)
+    start_ray(args)
     best = run_search(options, data, resume=bool(args.resume))
     ray.shutdown()
     print(f"best trial {best['trial_id']} (epoch {best['best_epoch']}): "

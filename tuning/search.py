@@ -200,7 +200,8 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
         parameter_columns=[n for n in space.param_names("arch", "optimizer", "lr", "batch_size")
                            if "[" not in n],
         metric_columns={"training_iteration": "epoch", METRIC: "best val AUC"},
-        max_report_frequency=30, sort_by_metric=True)
+        # Not sort_by_metric: Ray's sort fails on a trial the budget ended before its first report.
+        max_report_frequency=30)
     run_config = tune.RunConfig(
         name=options.name,
         storage_path=join_uri(options.storage_path),
@@ -265,11 +266,14 @@ def trial_records(results: tune.ResultGrid) -> list[dict]:
                    else frame[HISTORY_KEYS].to_dict("records"))
         status = ("error" if result.error else "completed" if history and
                   result.metrics.get("final_epoch") else "stopped early")
+        config = result.config or {}
+        if not (config or history or result.error):
+            continue  # proposed, then the budget ended the search before the trial started
         records.append({
             # A trial that failed before reporting has no metrics; its folder still names it.
             "trial_id": result.metrics.get("trial_id") or Path(result.path).name[len("trial_"):],
-            "number": result.config[NUMBER],  # 0: the first proposed
-            "params": decode_params(result.config),
+            "number": config.get(NUMBER),  # 0: the first proposed
+            "params": decode_params(config),
             "status": status,
             "epochs": len(history),
             "val_auc": max((h["val_auc"] for h in history), default=float("nan")),
