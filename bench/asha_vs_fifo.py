@@ -5,7 +5,7 @@ TPE learns from what each scheduler let it see, so the runs part ways. FIFO trai
 for --max-epochs (or until its own early stopping); ASHA stops the weak ones.
 Goal: ASHA within 0.01 of FIFO's best val AUC with at most 40% of its trial-epochs.
 
-    python bench/asha_vs_fifo.py [--num-samples 20] [--max-epochs 9] [--image-size 64]
+    python bench/asha_vs_fifo.py [--num-samples 20] [--max-epochs 9] [--image-size 48]
 """
 
 from __future__ import annotations
@@ -36,8 +36,10 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--num-samples", type=int, default=20, help="trials per run (default: 20)")
     p.add_argument("--max-epochs", type=int, default=9, help="epochs of a full trial")
-    p.add_argument("--image-size", type=int, default=64, help="image size (default: 64)")
-    p.add_argument("--n-per-class", type=int, default=300, help="demo slices per class")
+    # Small enough that both runs of 20 trials fit in about 12 minutes on a 2-core CPU.
+    p.add_argument("--image-size", type=int, default=48, help="image size (default: 48)")
+    p.add_argument("--n-per-class", type=int, default=120,
+                   help="demo slices per class (default: 120)")
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         root = make_demo_data(Path(tmp) / "data", n_per_class=args.n_per_class, size=128)
