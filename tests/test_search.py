@@ -65,6 +65,7 @@ aug_strength: {uniform: [0.0, 0.5]}
     ("freeze_backbone_epochs: {choice: [0, 2]}", "freeze_backbone_epochs needs pretrained"),
     ("optimizer: {choice: {sgd: {lr: {loguniform: [0, 1]}}}}", "loguniform needs low > 0"),
     ("optimizer: {choice: {adamw: {optimizer: sgd}}}", "optimizer is searched twice"),
+    ("optimizer: {choice: {adamw: {lr: 0.1}}}\nlr: 0.2", "lr is searched twice"),
     ("start_with: [{lr: 0.5}]\nlr: {loguniform: [1e-4, 1e-2]}",
      "start_with[0]: lr=0.5 is outside the space's loguniform [0.0001, 0.01]"),
     ("start_with: [{dropout: 0.2}]\nlr: {loguniform: [1e-4, 1e-2]}",

@@ -42,7 +42,9 @@ class TrainConfig:
     lr_schedule: str = "cosine"  # cosine (after linear warmup) | constant
     warmup_epochs: float = 1.0
     label_smoothing: float = 0.0
-    ema: bool = False  # validate, keep and export an exponential moving average of the weights
+    # Validate, keep and export an exponential moving average of the weights. Off: on demo data
+    # it widened the val-test AUC gap (bench/ema_gap.py).
+    ema: bool = False
     pos_weight: float | None = None  # BCE weight of positives; None = 1
     # data
     image_size: int = 224

@@ -74,9 +74,9 @@ def load_space(path: Path = DEFAULT_SPACE, base_config: dict | None = None) -> S
     return SearchSpace(raw, points, str(path))
 
 
-def _check_spec(spec: dict, context: dict, seen: set | None = None) -> None:
-    """context: the base config plus the branch options chosen above this sub-space."""
-    seen = set() if seen is None else seen
+def _check_spec(spec: dict, context: dict, above: frozenset = frozenset()) -> None:
+    """context: the base config plus the branch options chosen above this sub-space; above: the
+    keys its enclosing spaces already set."""
     for key, value in spec.items():
         if key in RUN_KEYS:
             raise ConfigError(f"{key} is a setting of the run, not searched; use "
@@ -85,9 +85,8 @@ def _check_spec(spec: dict, context: dict, seen: set | None = None) -> None:
             raise ConfigError(f"{START_KEY} belongs at the top level of the space")
         if key not in FIELD_TYPES:
             raise ConfigError(f"unknown config key {key!r} in search space")
-        if key in seen:
+        if key in above:
             raise ConfigError(f"{key} is searched twice on one branch")
-        seen.add(key)
         if not isinstance(value, dict):
             _check_value(key, value, context)
             continue
@@ -98,7 +97,7 @@ def _check_spec(spec: dict, context: dict, seen: set | None = None) -> None:
                 if sub is not None and not isinstance(sub, dict):
                     raise ConfigError(f"{key}: option {option!r} needs a mapping of config keys "
                                       f"(or nothing), got {sub!r}")
-                _check_spec(sub or {}, {**context, key: option}, set(seen))
+                _check_spec(sub or {}, {**context, key: option}, above | set(spec))
             continue
         if kind != "choice" and FIELD_TYPES[key] is int and kind != "randint":
             raise ConfigError(f"{key} is an integer; draw it with randint or choice, not {kind}")

@@ -159,7 +159,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig,
 def make_ema(model: nn.Module, steps_per_epoch: int) -> AveragedModel:
     """An exponential moving average of the weights and BatchNorm statistics, in which the
     weights of one epoch ago count half. Early on it would mostly hold the random start, so its
-    decay warms up as timm's ModelEmaV3 does."""
+    decay warms up as TensorFlow's ExponentialMovingAverage(num_updates=...) does."""
     decay = 0.5 ** (1 / steps_per_epoch)
 
     def update(averaged: list[torch.Tensor], current: list[torch.Tensor],
