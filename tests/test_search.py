@@ -48,6 +48,7 @@ aug_strength: {uniform: [0.0, 0.5]}
 
 @pytest.mark.parametrize("text, error", [
     ("lr: {loguniform: [1.0e-3, 1.0e-5]}", "low 0.001 > high 1e-05"),
+    ("lr: {loguniform: [1.0e-5, 3.0e-3]", "not valid YAML"),
     ("lr: {normal: [0, 1]}", "expected one of ('choice', 'uniform', 'loguniform', 'randint')"),
     ("arch: {choice: []}", "choice needs a non-empty list"),
     ("learning_rate: 0.1", "unknown config key 'learning_rate'"),

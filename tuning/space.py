@@ -17,6 +17,8 @@ import typing
 from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
+
 from tuning.config import ConfigError, TrainConfig, coerce, load_yaml, make_config
 
 DEFAULT_SPACE = Path(__file__).with_name("search_space.yaml")  # for GPUs
@@ -60,7 +62,7 @@ def load_space(path: Path = DEFAULT_SPACE, base_config: dict | None = None) -> S
         raw = load_yaml(Path(path).read_text())
     except OSError as e:
         raise ConfigError(f"{path}: cannot read search space ({e})") from e
-    except ValueError as e:  # yaml.YAMLError and its subclasses
+    except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: expected a mapping of config keys to values or distributions")
