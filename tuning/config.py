@@ -79,6 +79,9 @@ class TrainConfig:
         return dataclasses.asdict(self)
 
 
+FIELD_TYPES = typing.get_type_hints(TrainConfig)
+
+
 def _check_choice(key: str, value: str, choices) -> None:
     if value not in choices:
         raise ConfigError(f"{key} must be one of {sorted(choices)}, got {value!r}")
@@ -86,10 +89,13 @@ def _check_choice(key: str, value: str, choices) -> None:
 
 def coerce(key: str, value):
     """`value` as config key `key`'s type, unchecked against the other keys."""
-    hints = typing.get_type_hints(TrainConfig)
-    if key not in hints:
-        raise ConfigError(f"unknown config key {key!r}; known keys: {', '.join(hints)}")
-    return _coerce(key, value, hints[key])
+    if key not in FIELD_TYPES:
+        raise _unknown_key(key)
+    return _coerce(key, value, FIELD_TYPES[key])
+
+
+def _unknown_key(key: str) -> ConfigError:
+    return ConfigError(f"unknown config key {key!r}; known keys: {', '.join(FIELD_TYPES)}")
 
 
 def _coerce(key: str, value, annotation):
@@ -134,11 +140,10 @@ def load_yaml(text: str):
 
 def make_config(values: dict) -> TrainConfig:
     """Build a config from a dict; unknown keys are an error naming the key."""
-    hints = typing.get_type_hints(TrainConfig)
-    unknown = sorted(set(values) - set(hints))
+    unknown = sorted(set(values) - set(FIELD_TYPES))
     if unknown:
-        raise ConfigError(f"unknown config key {unknown[0]!r}; known keys: {', '.join(hints)}")
-    return TrainConfig(**{k: _coerce(k, v, hints[k]) for k, v in values.items()})
+        raise _unknown_key(unknown[0])
+    return TrainConfig(**{k: coerce(k, v) for k, v in values.items()})
 
 
 def load_config(path: Path | None = None, overrides: list[str] = ()) -> TrainConfig:

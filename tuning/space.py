@@ -13,13 +13,19 @@ from __future__ import annotations
 
 import json
 import math
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import yaml
 
-from tuning.config import ConfigError, TrainConfig, coerce, load_yaml, make_config
+from tuning.config import (
+    FIELD_TYPES,
+    ConfigError,
+    TrainConfig,
+    coerce,
+    load_yaml,
+    make_config,
+)
 
 DEFAULT_SPACE = Path(__file__).with_name("search_space.yaml")  # for GPUs
 CPU_SPACE = DEFAULT_SPACE.with_name("search_space_cpu.yaml")
@@ -30,7 +36,6 @@ START_KEY = "start_with"
 # decoded once for all trials), so a space must not pretend to search them.
 RUN_KEYS = {"image_size": "--image-size", "resize": "--resize", "epochs": "--max-epochs",
             "seed": "--seed", "device": "--gpus-per-trial", "num_workers": "--cpus-per-trial"}
-FIELD_TYPES = typing.get_type_hints(TrainConfig)
 NUMBER = "trial_number"  # Optuna's count of the trial (0 = first proposed), carried in its config
 
 
