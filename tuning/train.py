@@ -32,6 +32,11 @@ if TYPE_CHECKING:  # not imported at run time: a GPU box may lack imagehash, thi
 
 Reporter = Callable[[dict], None]
 
+# The dataset may take at most this fraction of the trial's share of GPU memory; the rest is for
+# the model, optimizer state, activations and cudnn workspaces. Above it the dataset stays on the
+# host and batches are copied over one at a time.
+DEVICE_DATA_FRACTION = 0.25
+
 
 @dataclass
 class TrialData:
@@ -54,6 +59,12 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def fits_on_device(nbytes: int, total_memory: int, gpu_share: float) -> bool:
+    """Whether a dataset of `nbytes` may live on a GPU of `total_memory` bytes of which the trial
+    holds `gpu_share` (Ray's fractional GPU, e.g. 0.25 with four trials a GPU)."""
+    return nbytes <= DEVICE_DATA_FRACTION * gpu_share * total_memory
+
+
 def _autocast(device: torch.device):
     # bf16 needs no loss scaling; on CPU autocast would only slow the convolutions down.
     return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
@@ -70,15 +81,18 @@ def train_one_epoch(
     generator: torch.Generator,
     progress: str | None = None,
     ema: AveragedModel | None = None,
+    device: torch.device | None = None,
 ) -> tuple[float, int]:
-    """Returns (mean train loss, images seen)."""
+    """Returns (mean train loss, images seen). `device` as in `train_batches`: None when the
+    images live on the training device, else the training device for images kept on the host."""
     model.train()
     for module in model.modules():  # a frozen BatchNorm keeps its running statistics too
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.weight.requires_grad:
             module.eval()
-    device = images.device
+    batches = train_batches(images, labels, config.batch_size, config.aug_strength, generator,
+                            device=device)
+    device = images.device if device is None else device  # where the batches are
     total, seen = torch.zeros((), device=device), 0
-    batches = train_batches(images, labels, config.batch_size, config.aug_strength, generator)
     steps = math.ceil(len(images) / config.batch_size)
     for x, y in tqdm(batches, total=steps, desc=progress, leave=False, disable=progress is None):
         if len(y) < 2:  # BatchNorm cannot train on one image; happens at most once per epoch
@@ -103,14 +117,16 @@ def train_one_epoch(
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Probability of the positive class for a uint8 [N, S, S] tensor; no augmentation."""
+    """Probability of the positive class for a uint8 [N, S, S] tensor, on the model's device; no
+    augmentation. The images may be elsewhere (the host): each chunk is copied over as uint8."""
     model.eval()
+    device = next(model.parameters()).device
     out = []
     for chunk in images.split(batch_size):
-        x = normalize(chunk)
-        if images.device.type == "cuda":
+        x = normalize(chunk.to(device))
+        if device.type == "cuda":
             x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(images.device):
+        with _autocast(device):
             out.append(model(x).squeeze(1).float())
     return torch.sigmoid(torch.cat(out))
 
@@ -194,12 +210,19 @@ def train_trial(
     report: Reporter | None = None,
     progress: bool = False,
     save_best: bool = True,
+    gpu_share: float = 1.0,
+    data_on_device: bool | None = None,
 ) -> dict:
     """Train one config; resume from out_dir/last.pt if it exists. Returns the best epoch's metrics.
 
     Every epoch writes out_dir/last.pt (the resume point) and, when val AUC improved and
     save_best is set, out_dir/best.pt; then calls report(metrics), so a caller (Ray Tune) can
     snapshot last.pt as a checkpoint and keep the best snapshot itself (save_best=False).
+
+    The uint8 train and val images go to a GPU only when they fit in DEVICE_DATA_FRACTION of the
+    trial's `gpu_share` of its memory; otherwise they stay on the host (the caller's arrays, not
+    copied) and each batch is gathered there and copied over. Both give the same results for a
+    seed. `data_on_device` forces the choice (None: by that budget; on a CPU it is always true).
     """
     out_dir = Path(out_dir)
     device = pick_device(config.device)
@@ -222,10 +245,17 @@ def train_trial(
     ema = make_ema(model, steps_per_epoch) if config.ema else None
     validated = model if ema is None else ema.module  # the weights scored, kept and exported
 
-    # The whole uint8 dataset moves to the device once; batches are gathered there.
-    train_x = torch.from_numpy(data.train_images).to(device)
+    if data_on_device is None:
+        nbytes = data.train_images.nbytes + data.val_images.nbytes
+        data_on_device = device.type != "cuda" or fits_on_device(
+            nbytes, torch.cuda.get_device_properties(device).total_memory, gpu_share)
+    # A dataset that fits moves to the device once and batches are gathered there; otherwise they
+    # are gathered on the host. The labels are small and always move.
+    images_at = device if data_on_device else torch.device("cpu")
+    batch_device = None if data_on_device else device
+    train_x = torch.from_numpy(data.train_images).to(images_at)
     train_y = torch.from_numpy(data.train_labels).to(device)
-    val_x = torch.from_numpy(data.val_images).to(device)
+    val_x = torch.from_numpy(data.val_images).to(images_at)
     val_y = torch.from_numpy(data.val_labels).to(device)
 
     start_epoch, best, stale, history = 0, {"val_auc": -math.inf}, 0, []
@@ -249,7 +279,7 @@ def train_trial(
         started = time.perf_counter()
         desc = f"epoch {epoch + 1}/{config.epochs}" if progress else None
         train_loss, seen = train_one_epoch(model, criterion, optimizer, scheduler, train_x,
-                                           train_y, config, generator, desc, ema)
+                                           train_y, config, generator, desc, ema, batch_device)
         train_time = time.perf_counter() - started
         metrics = {
             "epoch": epoch + 1,
