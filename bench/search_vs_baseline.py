@@ -62,7 +62,7 @@ def main() -> None:
         baseline = score_checkpoint(tmp / "baseline" / "best.pt", config, ds, split)
 
         budget = 5 * recipe_s
-        command = [sys.executable, "-m", "tuning.cli", "tune", str(data),
+        command = [sys.executable, "-m", "ctscan", "tune", str(data),
                    "--image-size", str(args.image_size), "--max-epochs", str(args.max_epochs),
                    "--time-budget", f"{budget:.0f}s", "--storage-path", str(tmp / "runs"),
                    "--name", "search", "--cache-dir", str(cache)]

@@ -8,28 +8,27 @@ from __future__ import annotations
 
 import hashlib
 import json
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
-from ray.tune import Checkpoint
 
 from ctmodels import build_model
+from data_utils import runfolder
 from data_utils.cache import CTDataset, load_dataset
 from data_utils.files import write_json
 from data_utils.sources import DataError
 from results.metrics import score, youden_threshold
 from tuning.config import make_config
-from tuning.search import load_options, read_text
 from tuning.train import predict_proba
 
 
-def _read_json(uri: str) -> dict | list:
-    text = read_text(uri)
+def _read_text(run_dir: str, name: str) -> str:
+    text = runfolder.read_text(runfolder.join(run_dir, name))
     if text is None:
-        raise DataError(f"{uri}: not found; is this a finished ctscan search?")
-    return json.loads(text)
+        raise DataError(f"{runfolder.join(run_dir, name)}: not found; is {run_dir} a finished "
+                        "ctscan search?")
+    return text
 
 
 def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
@@ -52,13 +51,8 @@ def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
 
 def load_checkpoint_model(checkpoint: str, config) -> torch.nn.Module:
     """The trial's weights from its checkpoint (a local path or a storage URI)."""
-    if "://" in checkpoint:
-        with tempfile.TemporaryDirectory() as tmp:
-            folder, name = checkpoint.rsplit("/", 1)
-            local = Path(Checkpoint(folder).to_directory(tmp)) / name
-            state = torch.load(local, map_location="cpu", weights_only=True)
-    else:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    with runfolder.local_path(checkpoint) as local:
+        state = torch.load(local, map_location="cpu", weights_only=True)
     model = build_model(config.arch, config.head, config.dropout, config.activation)
     model.load_state_dict(state["model"])
     return model.eval()
@@ -85,12 +79,13 @@ def val_then_test(model: torch.nn.Module, ds: CTDataset, val_rows: np.ndarray,
 def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
                  seed: int = 0, cache_dir: Path | None = None) -> tuple[dict, dict]:
     """Score the best trial; returns (metrics.json content, arrays for plots and export)."""
-    options = load_options(run_dir)
-    best = _read_json(f"{run_dir}/best.json")
-    split_json = _read_json(f"{run_dir}/split.json")
+    search = json.loads(_read_text(run_dir, runfolder.SEARCH))
+    best = json.loads(_read_text(run_dir, runfolder.BEST))
+    split_text = _read_text(run_dir, runfolder.SPLIT)
+    split_json = json.loads(split_text)
     config = make_config(best["config"])
-    ds = load_dataset(Path(options.data), config.image_size, config.resize, cache_dir,
-                      options.split.get("positive_class"))
+    ds = load_dataset(Path(search["data"]), config.image_size, config.resize, cache_dir,
+                      search["split"].get("positive_class"))
     val_rows = recorded_rows(ds, split_json, "val")
     test_rows = recorded_rows(ds, split_json, "test")
     model = load_checkpoint_model(best["checkpoint"], config)
@@ -117,8 +112,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
             "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
             "split_counts": split_json["counts"], "group_by": split_json["group_by"],
             "split_seed": split_json["seed"],
-            "split_sha256": hashlib.sha256(read_text(f"{run_dir}/split.json").encode())
-            .hexdigest(),
+            "split_sha256": hashlib.sha256(split_text.encode()).hexdigest(),
         },
         "config": best["config"],
         "searched": best["searched"],

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
 
+from data_utils import runfolder
 from data_utils.files import write_json
 from data_utils.sources import DataError
 from results.evaluate import evaluate_run, load_checkpoint_model, write_predictions
@@ -22,14 +22,6 @@ from results.plots import (
 )
 from results.report import write_report
 from tuning.config import make_config
-from tuning.search import read_text
-
-
-def local_dir(run_dir: str) -> Path:
-    """Where results go: inside a local run, or under ./runs/NAME for a run on s3:// or gs://."""
-    if "://" not in run_dir:
-        return Path(run_dir)
-    return Path("runs") / run_dir.rstrip("/").split("/")[-1]
 
 
 def _trial_label(trial: dict) -> str:
@@ -40,13 +32,14 @@ def _trial_label(trial: dict) -> str:
 
 def report_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
                seed: int = 0, cache_dir: Path | None = None, gradcams: int = 4) -> Path:
-    """Everything `ctscan evaluate` writes; returns the results folder."""
+    """Everything `ctscan evaluate` writes into the run folder's results/ and export/; returns
+    the local results folder (the run's own, or a copy of a bucket's under ./runs/NAME)."""
     metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir)
-    out = local_dir(run_dir) / "results"
+    out = runfolder.local_copy_dir(run_dir) / runfolder.RESULTS
     write_json(out / "metrics.json", metrics)
     write_predictions(out / "test_predictions.json", arrays)
 
-    trials = json.loads(read_text(f"{run_dir}/trials.json") or "[]")
+    trials = runfolder.read_json(runfolder.join(run_dir, runfolder.TRIALS)) or []
     scored = [t for t in trials if t["history"]]
     y, prob, value = arrays["y_test"], arrays["prob_test"], metrics["threshold"]["value"]
     figures = {
@@ -62,26 +55,30 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     }
     figures_to_tensorboard({f"results/{k}": f for k, f in figures.items()}, out / "tensorboard")
 
-    export_dir = local_dir(run_dir) / "export"
+    export_dir = runfolder.local_copy_dir(run_dir) / runfolder.EXPORT
     export_run(run_dir, export_dir, metrics, arrays["model"])
     # A few test slices of each class, so the report shows where the model looked.
     picks = [i for label in (1, 0) for i in np.flatnonzero(y == label)[: gradcams // 2]]
     shown = explain_paths(export_dir, [arrays["test_files"][i] for i in picks], out / "gradcam")
 
     leaderboard = [{"trial_id": t["trial_id"], "val_auc": t["val_auc"], "epochs": t["epochs"],
-                    "status": t["status"], **t["params"]} for t in scored]
+                    "status": t["status"], **t["params"]} for t in trials]
+    failures = [{k: t[k] for k in ("trial_id", "epochs", "error", "error_file")}
+                for t in trials if "error" in t]
     write_report(out / "report.md", metrics, leaderboard, {k: f"{k}.png" for k in figures},
-                 [str(p.relative_to(out)) for p in shown])
+                 [str(p.relative_to(out)) for p in shown], failures)
+    runfolder.publish(out, run_dir, runfolder.RESULTS)
+    runfolder.publish(export_dir, run_dir, runfolder.EXPORT)
     return out
 
 
 def export_run(run_dir: str, out: Path, metrics: dict | None = None, model=None) -> Path:
     """`ctscan export`: the winner's state_dict, TorchScript, config and model card."""
     if metrics is None:
-        text = (local_dir(run_dir) / "results" / "metrics.json")
-        if not text.exists():
-            raise DataError(f"{text}: not found; run `ctscan evaluate {run_dir}` first")
-        metrics = json.loads(text.read_text())
+        metrics = runfolder.read_json(runfolder.join(run_dir, runfolder.METRICS))
+        if metrics is None:
+            raise DataError(f"{runfolder.join(run_dir, runfolder.METRICS)}: not found; run "
+                            f"`ctscan evaluate {run_dir}` first")
     config = make_config(metrics["config"])
     if model is None:
         model = load_checkpoint_model(metrics["checkpoint"], config)

@@ -241,6 +241,18 @@ def _leaderboard(leaderboard: list[dict], winner: str) -> list[str]:
             + _table(["#", "trial", "val AUC", "epochs", "status", *searched], rows))
 
 
+def _failures(failures: Sequence[dict]) -> list[str]:
+    if not failures:
+        return []
+    lines = [f"### Failed trials ({len(failures)})", "",
+             "These trials raised an error; the search went on without them. A trial that failed "
+             "after some epochs still competed with the epochs it finished.", ""]
+    for f in failures:
+        lines.append(f"- `{f['trial_id']}` after {f['epochs']} epochs: `{f['error']}` "
+                     f"(full error: `{f['error_file']}`)")
+    return [*lines, ""]
+
+
 def _data(metrics: dict) -> list[str]:
     data = metrics.get("data")
     if not data:
@@ -301,14 +313,16 @@ def _limitations(metrics: dict) -> list[str]:
 
 
 def write_report(path: Path, metrics: dict, leaderboard: list[dict], plots: dict[str, str],
-                 gradcams: Sequence[str] = ()) -> None:
-    """Write report.md atomically; `plots` and `gradcams` are paths relative to its folder."""
+                 gradcams: Sequence[str] = (), failures: Sequence[dict] = ()) -> None:
+    """Write report.md atomically; `plots` and `gradcams` are paths relative to its folder;
+    `failures` are trials.json's errored trials (trial_id, epochs, error, error_file)."""
     positive = metrics["positive_class"]
     lines = [f"# {positive} CT classifier: test report", "",
              f"Positive class: **{positive}**. Trial `{metrics['trial_id']}`.", ""]
     lines += _summary(metrics)
     lines += _results(metrics, plots)
     lines += _search(metrics, leaderboard, plots)
+    lines += _failures(failures)
     lines += _data(metrics)
     lines += _gradcams(gradcams)
     lines += _limitations(metrics)

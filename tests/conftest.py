@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +61,39 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
     """Every file under root with its size and mtime: compare before/after to prove no writes."""
     return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
             for p in sorted(root.rglob("*"))}
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint():
+    """A real S3 API server (moto's) on 127.0.0.1, for the whole session."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint, monkeypatch, request) -> str:
+    """s3://BUCKET of a fresh bucket; the endpoint and test credentials are in the environment,
+    where pyarrow, Ray (started after this fixture) and subprocesses find them."""
+    import boto3
+
+    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
+                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+        monkeypatch.setenv(key, value)
+    name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:50].strip("-")
+    boto3.client("s3").create_bucket(Bucket=name)
+    return f"s3://{name}"
+
+
+def bucket_keys(bucket: str, prefix: str = "") -> list[str]:
+    """Every object key in an s3://BUCKET under prefix, read with boto3 (not our own code)."""
+    import boto3
+
+    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(
+        Bucket=bucket.removeprefix("s3://"), Prefix=prefix)
+    return [o["Key"] for page in pages for o in page.get("Contents", [])]

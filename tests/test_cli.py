@@ -3,7 +3,7 @@ import json
 import pytest
 from conftest import make_class_folders, tree_snapshot
 
-from tuning.cli import main
+from ctscan.cli import main
 
 
 def test_inspect_json_has_the_documented_keys(tmp_path, capsys):

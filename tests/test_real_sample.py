@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ctscan.cli import main
 from data_utils.cache import load_dataset
 from data_utils.decode import decode_image
 from data_utils.split import SPLITS, split_dataset
-from tuning.cli import main
 
 DUPLICATE_PAIRS = [("Covid (128).png", "Covid (129).png"), ("Covid (134).png", "Covid (135).png")]
 

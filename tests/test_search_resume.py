@@ -1,4 +1,5 @@
-"""kill -9 the whole `ctscan tune` process group mid-search, then `--resume`: nothing lost."""
+"""kill -9 the whole `ctscan tune` process group mid-search, then `--resume` it from another
+working directory, with the run folder in a bucket: nothing lost, nothing run twice."""
 
 import json
 import os
@@ -6,52 +7,63 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
+
+import boto3
+from conftest import bucket_keys
 
 from data_utils.demo import make_demo_data
 
 
 def _tune(*args: str, **kwargs) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "tuning.cli", "tune", *args],
+    return subprocess.Popen([sys.executable, "-m", "ctscan", "tune", *args],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **kwargs)
 
 
-def _rows(trial: Path) -> list[dict]:
-    return [json.loads(line) for line in (trial / "result.json").read_text().splitlines()]
+def _rows(bucket: str, key: str) -> list[dict]:
+    body = boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read().decode()
+    return [json.loads(line) for line in body.splitlines()]
 
 
-def test_killed_search_resumes_and_finishes_exactly_num_samples(tmp_path):
+def test_killed_search_resumes_from_anywhere_and_finishes_exactly_num_samples(tmp_path,
+                                                                             s3_bucket):
     root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
-    (tmp_path / "space.yaml").write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
-                                         "head: {choice: [[], [8]]}\n")
-    runs = tmp_path / "runs"
-    first = _tune(str(root), "--name", "s", "--storage-path", str(runs), "--num-samples", "4",
-                  "--max-epochs", "4", "--grace-period", "4", "--max-concurrent", "2",
-                  "--image-size", "32", "--search-space", str(tmp_path / "space.yaml"),
+    space = tmp_path / "space.yaml"
+    space.write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\nhead: {choice: [[], [8]]}\n")
+    (tmp_path / "first").mkdir()
+    first = _tune(str(root), "--name", "s", "--storage-path", f"{s3_bucket}/runs",
+                  "--num-samples", "4", "--max-epochs", "4", "--grace-period", "4",
+                  "--max-concurrent", "2", "--image-size", "32", "--search-space", str(space),
                   "--group-by", "none", "--ratios", "0.6", "0.2", "0.2",
-                  start_new_session=True)
+                  start_new_session=True, cwd=tmp_path / "first")
     deadline = time.time() + 240
-    while not list(runs.glob("s/trial_*/checkpoint_000001")):  # a trial is 2 epochs in
-        assert first.poll() is None, first.stdout.read()
+    while not any("/checkpoint_000001/" in k for k in bucket_keys(s3_bucket, "runs/s/")):
+        assert first.poll() is None, first.stdout.read()  # a trial is 2 epochs in
         assert time.time() < deadline, "search made no progress"
-        time.sleep(0.5)
+        time.sleep(1)
     os.killpg(first.pid, signal.SIGKILL)  # the driver and everything it started: a power cut
     first.wait()
-    assert not (runs / "s" / "best.json").exists()
+    assert "runs/s/best.json" not in bucket_keys(s3_bucket, "runs/s/")
 
-    resumed = _tune("--resume", "--name", "s", "--storage-path", str(runs))
+    space.unlink()  # the run folder holds its own copy of the space
+    (tmp_path / "second").mkdir()
+    resumed = _tune("--resume", f"{s3_bucket}/runs/s", cwd=tmp_path / "second")
     out, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out
-    assert "resuming search s" in out
+    assert f"resuming search s from {s3_bucket}/runs/s" in out
 
-    trials = sorted((runs / "s").glob("trial_*"))
-    assert len(trials) == 4  # exactly num_samples, none duplicated
-    best = json.loads((runs / "s" / "best.json").read_text())
+    keys = bucket_keys(s3_bucket, "runs/s/")
+    bucket = s3_bucket.removeprefix("s3://")
+    results = sorted(k for k in keys if k.endswith("/result.json"))
+    assert len(results) == 4  # exactly num_samples trials, none duplicated
+    best = json.loads(boto3.client("s3").get_object(
+        Bucket=bucket, Key="runs/s/best.json")["Body"].read())
     assert best["trials"] == 4 and best["errored_trials"] == 0
-    all_rows = {trial.name: _rows(trial) for trial in trials}
+    all_rows = {key.split("/")[2]: _rows(bucket, key) for key in results}
     for rows in all_rows.values():
         assert [r["epoch"] for r in rows] == [1, 2, 3, 4]  # resumed trials did not start over
     top = max(r["val_auc"] for rows in all_rows.values() for r in rows)
     assert best["val_metrics"]["val_auc"] == top
     assert max(r["val_auc"] for r in all_rows[f"trial_{best['trial_id']}"]) == top
-    assert Path(best["checkpoint"]).is_file()
+    assert best["checkpoint"].removeprefix(f"{s3_bucket}/") in keys
+    assert "runs/s/results/metrics.json" in keys and "runs/s/export/model.pt" in keys
+    assert (tmp_path / "second/runs/s/results/report.md").is_file()  # the local copy

@@ -15,11 +15,11 @@ checkpoints, and the Optuna searcher's state.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -33,7 +33,9 @@ from ray import tune
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+from data_utils import runfolder
 from data_utils.cache import CTDataset
 from data_utils.sources import DataError
 from data_utils.split import Split, split_record
@@ -70,7 +72,7 @@ class SearchOptions:
     gpus_per_trial: float = 0.0
     max_concurrent: int = 2
     max_failures: int = 2
-    storage_path: str = "runs"
+    storage_path: str = "runs"  # a local folder (made absolute), a shared path or a URI
     name: str = field(default_factory=lambda: time.strftime("tune-%Y%m%d-%H%M%S"))
     seed: int = 0
     search_space: str = str(DEFAULT_SPACE)
@@ -79,30 +81,11 @@ class SearchOptions:
 
     @property
     def run_dir(self) -> str:
-        return join_uri(self.storage_path, self.name)
+        return runfolder.join(self.storage_path, self.name)
 
 
-def join_uri(storage: str, *parts: str) -> str:
-    if "://" in storage:
-        return "/".join([storage.rstrip("/"), *parts])
-    return str(Path(storage).expanduser().resolve().joinpath(*parts))
-
-
-def write_text(uri: str, text: str) -> None:
-    """Write a small file to a local path or a storage URI (s3://, gs://, ...)."""
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    with fs.open_output_stream(path + ".tmp") as f:
-        f.write(text.encode())
-    fs.move(path + ".tmp", path)
-
-
-def read_text(uri: str) -> str | None:
-    fs, path = pyarrow.fs.FileSystem.from_uri(uri if "://" in uri else str(Path(uri).resolve()))
-    if fs.get_file_info(path).type == pyarrow.fs.FileType.NotFound:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read().decode()
+class SearchFailed(RuntimeError):
+    """The search ended without a single trial that finished an epoch."""
 
 
 class PrunedAwareOptunaSearch(OptunaSearch):
@@ -155,7 +138,8 @@ def trainable(params: dict, data: TrialData, base_config: dict) -> None:
         with warnings.catch_warnings():
             # Arrays from the object store are read-only; training never writes to them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            train_trial(config, data, Path(work), report, save_best=False)
+            train_trial(config, data, Path(work), report, save_best=False,
+                        gpu_share=resources.get("GPU") or 1.0)
 
 
 def _trial_dirname(trial) -> str:
@@ -173,7 +157,11 @@ def make_sampler(options: SearchOptions) -> optuna.samplers.TPESampler:
 
 
 def load_search_space(options: SearchOptions) -> SearchSpace:
-    return load_space(Path(options.search_space), options.base_config)
+    """The run's own copy of its space once the run exists (so a resume needs no other file),
+    the user's file before."""
+    copy = runfolder.join(options.run_dir, runfolder.SPACE)
+    return load_space(copy if runfolder.exists(copy) else options.search_space,
+                      options.base_config)
 
 
 def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable):
@@ -204,7 +192,7 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
         max_report_frequency=30)
     run_config = tune.RunConfig(
         name=options.name,
-        storage_path=join_uri(options.storage_path),
+        storage_path=runfolder.join(options.storage_path),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_METRIC,
             checkpoint_score_order=MODE),
@@ -243,6 +231,29 @@ def run_search(options: SearchOptions, data: TrialData, resume: bool = False,
     return summarize(options, results, budget_reached)
 
 
+def _sees(path: str) -> bool:
+    return os.path.exists(path)
+
+
+def unshared_nodes(folder: str) -> list[str]:
+    """The live Ray nodes that do not see the local `folder` as this process does, each as
+    "IP (node id)"; none on a single-node cluster."""
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    if len(nodes) < 2:
+        return []
+    probe = Path(folder).expanduser().resolve() / f".ctscan-probe-{uuid.uuid4().hex}"
+    probe.parent.mkdir(parents=True, exist_ok=True)
+    probe.touch()
+    try:
+        sees = ray.remote(num_cpus=0)(_sees)
+        seen = ray.get([sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(
+            n["NodeID"], soft=False)).remote(str(probe)) for n in nodes])
+    finally:
+        probe.unlink()
+    return [f"{n['NodeManagerAddress']} ({n['NodeID'][:8]})"
+            for n, ok in zip(nodes, seen, strict=True) if not ok]
+
+
 def prune_checkpoints(results: tune.ResultGrid) -> None:
     """Ray also keeps each trial's latest checkpoint, for resuming; once the search is over only
     the best one per trial is worth its disk (hundreds of MB each for ResNet-50 with AdamW)."""
@@ -255,82 +266,109 @@ def prune_checkpoints(results: tune.ResultGrid) -> None:
                 result.filesystem.delete_dir(entry.path)
 
 
-def trial_records(results: tune.ResultGrid) -> list[dict]:
-    """trials.json: every trial's searched values, status and per-epoch history, best first."""
+def _error_line(error: BaseException) -> str:
+    """The last line of a trial's error: the exception itself, below Ray's traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def trial_records(results: tune.ResultGrid, run_dir: str) -> list[dict]:
+    """trials.json: every trial's searched values, status, error and per-epoch history, best
+    first; trials that failed before reporting come last."""
     records = []
     for result in results:
         frame = result.metrics_dataframe
         # A trial the budget ended before it started, or one that failed before its first
         # report, has no frame or an empty one.
-        history = ([] if frame is None or frame.empty
+        history = ([] if frame is None or frame.empty or CHECKPOINT_METRIC not in frame
                    else frame[HISTORY_KEYS].to_dict("records"))
         status = ("error" if result.error else "completed" if history and
                   result.metrics.get("final_epoch") else "stopped early")
         config = result.config or {}
         if not (config or history or result.error):
             continue  # proposed, then the budget ended the search before the trial started
+        trial_dir = runfolder.name_of(result.path)
         records.append({
             # A trial that failed before reporting has no metrics; its folder still names it.
-            "trial_id": result.metrics.get("trial_id") or Path(result.path).name[len("trial_"):],
+            "trial_id": trial_dir[len("trial_"):],
             "number": config.get(NUMBER),  # 0: the first proposed
             "params": decode_params(config),
             "status": status,
             "epochs": len(history),
             "val_auc": max((h["val_auc"] for h in history), default=float("nan")),
+            **({"error": _error_line(result.error),
+                "error_file": runfolder.join(run_dir, trial_dir, "error.txt")}
+               if result.error else {}),
             "history": history,
         })
     return sorted(records, key=lambda r: -r["val_auc"] if r["history"] else 1)
 
 
+def _no_trial_reported(records: list[dict], run_dir: str) -> SearchFailed:
+    failed = [r for r in records if "error" in r]
+    if not failed:
+        return SearchFailed(f"{run_dir}: no trial finished an epoch; give the search more time")
+    first = min(failed, key=lambda r: r["number"] if r["number"] is not None else 1 << 30)
+    return SearchFailed(f"no trial finished an epoch; trial {first['trial_id']} failed with "
+                        f"{first['error']} (see {first['error_file']})")
+
+
 def summarize(options: SearchOptions, results: tune.ResultGrid,
               budget_reached: bool = False) -> dict:
-    """best.json: the best trial over all its epochs, its config and its best checkpoint."""
-    records = trial_records(results)
+    """best.json: the best trial, its best checkpoint and exactly that epoch's metrics."""
+    records = trial_records(results, options.run_dir)
+    runfolder.write_json(runfolder.join(options.run_dir, runfolder.TRIALS), records)
     if not any(r["history"] for r in records):
-        raise DataError(f"{options.run_dir}: no trial finished an epoch; nothing to evaluate "
-                        "(see the trials' error.txt, or give the search more time)")
+        raise _no_trial_reported(records, options.run_dir)
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
     checkpoint = best.get_best_checkpoint(CHECKPOINT_METRIC, MODE)
-    history = best.metrics_dataframe
-    top = history.loc[history[CHECKPOINT_METRIC].idxmax()]
+    # The metrics Ray stored with that very checkpoint: on tied val AUCs, Ray keeps the later
+    # epoch's, and best.json must describe the weights it points to.
+    top = next(m for c, m in best.best_checkpoints if c.path == checkpoint.path)
     params = decode_params(best.config)
     config = make_config({**options.base_config, **params})
     searched = load_search_space(options).searched_keys()
     statuses = [r["status"] for r in records]
     summary = {
-        "trial_id": best.metrics["trial_id"],
+        "trial_id": top["trial_id"],
         "config": asdict(config),
         "searched": {k: asdict(config)[k] for k in searched if k in params},
         "val_metrics": {k: float(top[k]) for k in
                         ("val_auc", "val_loss", "val_accuracy", "val_f1", "train_loss")},
         "best_epoch": int(top["epoch"]),
-        "checkpoint": f"{checkpoint.path}/{CHECKPOINT_FILE}",
+        "checkpoint": runfolder.join(options.run_dir, runfolder.name_of(best.path),
+                                     runfolder.name_of(checkpoint.path), CHECKPOINT_FILE),
         "trials": len(records),
         "trials_stopped_early": statuses.count("stopped early"),
         "errored_trials": statuses.count("error"),
         "time_budget_s": options.time_budget_s,
         "budget_reached": budget_reached,
     }
-    write_text(join_uri(options.run_dir, "best.json"), json.dumps(summary, indent=2) + "\n")
-    write_text(join_uri(options.run_dir, "trials.json"), json.dumps(records, indent=1) + "\n")
+    runfolder.write_json(runfolder.join(options.run_dir, runfolder.BEST), summary)
     return summary
 
 
 def prepare_run(options: SearchOptions, ds: CTDataset, split: Split,
                 resume: bool = False) -> TrialData:
-    """Write split.json and search.json into the run; return what trials get (no test rows)."""
-    record = json.dumps(split_record(split, ds), indent=2) + "\n"
-    split_uri = join_uri(options.run_dir, "split.json")
-    if resume and read_text(split_uri) != record:
+    """Write split.json, search.json and the space into the run; return what trials get (no
+    test rows)."""
+    record = split_record(split, ds)
+    split_uri = runfolder.join(options.run_dir, runfolder.SPLIT)
+    if resume and runfolder.read_json(split_uri) != record:
         raise DataError(f"{options.data} no longer gives the split this search started with "
                         f"({split_uri}); the data or the code changed")
-    write_text(split_uri, record)
-    write_text(join_uri(options.run_dir, "search.json"), json.dumps(asdict(options), indent=2))
+    runfolder.write_json(split_uri, record)
+    space_uri = runfolder.join(options.run_dir, runfolder.SPACE)
+    if not resume:
+        runfolder.write_text(space_uri, runfolder.read_text(options.search_space))
+    runfolder.write_json(runfolder.join(options.run_dir, runfolder.SEARCH), asdict(options))
     return trial_data(ds, split)
 
 
 def load_options(run_dir: str) -> SearchOptions:
-    text = read_text(join_uri(run_dir, "search.json"))
-    if text is None:
-        raise ConfigError(f"{run_dir}: not a ctscan search (no search.json)")
-    return SearchOptions(**json.loads(text))
+    """A search's options, placed at run_dir wherever it was started from."""
+    saved = runfolder.read_json(runfolder.join(run_dir, runfolder.SEARCH))
+    if saved is None:
+        raise ConfigError(f"{run_dir}: not a ctscan search (no {runfolder.SEARCH})")
+    return SearchOptions(**{**saved, "storage_path": runfolder.parent_of(run_dir),
+                            "name": runfolder.name_of(run_dir)})

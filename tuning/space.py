@@ -18,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from data_utils import runfolder
 from tuning.config import (
     FIELD_TYPES,
     ConfigError,
@@ -60,11 +61,14 @@ class SearchSpace:
         return [name for name, key in _names(self.spec, "") if key in keys]
 
 
-def load_space(path: Path = DEFAULT_SPACE, base_config: dict | None = None) -> SearchSpace:
-    """Parse and check a space file. Every value any distribution can draw, combined with
-    base_config (the fixed keys of the run), must be a valid config."""
+def load_space(path: str | Path = DEFAULT_SPACE, base_config: dict | None = None) -> SearchSpace:
+    """Parse and check a space file (a path or a URI). Every value any distribution can draw,
+    combined with base_config (the fixed keys of the run), must be a valid config."""
     try:
-        raw = load_yaml(Path(path).read_text())
+        text = runfolder.read_text(path)
+        if text is None:
+            raise ConfigError(f"{path}: no such search space file")
+        raw = load_yaml(text)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read search space ({e})") from e
     except yaml.YAMLError as e:

@@ -9,18 +9,16 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
+from data_utils import runfolder
 from data_utils.cache import default_cache_dir, load_dataset
 from data_utils.decode import RESIZE_MODES
-from data_utils.demo import make_demo_data
-from data_utils.doctor import format_report, inspect_dataset
 from data_utils.sources import DataError
 from data_utils.split import GROUP_BY, split_counts, split_dataset, write_split
 from tuning.config import ConfigError, load_config, make_config, save_config
-from tuning.monitor import tensorboard_reporter
 from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE
-from tuning.train import train_trial, trial_data
+
+# Ray, TensorBoard and the training loop take seconds to import: each command imports what it
+# needs, so `ctscan predict` and every --help stay quick, and only `tune` imports Ray.
 
 DEMO_DATA = Path("runs/demo-data")
 # Small enough to learn something in about a minute on a 2-core CPU.
@@ -107,6 +105,8 @@ def _split_options_of(args: argparse.Namespace) -> dict:
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
+    from data_utils.doctor import format_report, inspect_dataset
+
     ds = load_dataset(args.data, args.image_size, args.resize, args.cache_dir,
                       args.positive_class)
     report = inspect_dataset(ds)
@@ -127,6 +127,8 @@ def _demo_data(args: argparse.Namespace, command: str) -> None:
     if args.demo:
         args.data = args.data or DEMO_DATA
         if not args.data.exists():
+            from data_utils.demo import make_demo_data
+
             make_demo_data(args.data)
             print(f"generated demo data in {args.data}")
     elif args.data is None:
@@ -170,7 +172,7 @@ def _search_options(args: argparse.Namespace):
         reduction_factor=args.reduction_factor,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent, max_failures=args.max_failures,
-        storage_path=args.storage_path, seed=args.seed,
+        storage_path=runfolder.join(args.storage_path), seed=args.seed,
         search_space=str(args.search_space or _default_space(args)),
         base_config={"image_size": args.image_size or demo.get("image_size", 224),
                      "weights": args.weights, "resize": args.resize, "epochs": max_epochs,
@@ -183,37 +185,53 @@ def _search_options(args: argparse.Namespace):
 def cmd_tune(args: argparse.Namespace) -> int:
     import ray  # ray takes seconds to import; only this command needs it
 
+    from tuning.search import SearchFailed
+
     try:
         return _tune(args)
+    except SearchFailed as e:  # the input was fine; the search itself produced nothing
+        print(f"ctscan: search failed: {e}", file=sys.stderr)
+        return 1
     finally:  # also after an error, so a caller in the same process can start Ray afresh
         ray.shutdown()
+
+
+def _check_shared_storage(args: argparse.Namespace, storage_path: str) -> None:
+    """On a cluster of several machines every trial writes to storage_path: a folder only this
+    machine sees would scatter the run over the nodes."""
+    from tuning.search import unshared_nodes
+
+    if not args.address or runfolder.is_uri(storage_path):
+        return
+    start_ray(args)
+    blind = unshared_nodes(storage_path)
+    if blind:
+        raise ConfigError(f"--storage-path {storage_path} is a folder that Ray nodes "
+                          f"{', '.join(blind)} do not see; on a cluster use s3://BUCKET/PATH, "
+                          "gs://BUCKET/PATH, or a folder mounted on every node (NFS)")
 
 
 def _tune(args: argparse.Namespace) -> int:
     import ray
 
-    from tuning.search import (
-        join_uri,
-        load_options,
-        load_search_space,
-        prepare_run,
-        read_text,
-        run_search,
-    )
+    from tuning.search import load_options, load_search_space, prepare_run, run_search
 
     if args.resume:
         if args.resume == "NAME" and not args.name:
             raise DataError("--resume needs --name NAME (with --storage-path) or a RUN_DIR")
-        run_dir = args.resume if args.resume != "NAME" else join_uri(args.storage_path, args.name)
+        run_dir = (args.resume if args.resume != "NAME"
+                   else runfolder.join(args.storage_path, args.name))
         options = load_options(run_dir)
+        _check_shared_storage(args, options.storage_path)
         print(f"resuming search {options.name} from {options.run_dir}")
     else:
         _demo_data(args, "tune")
         options = _search_options(args)
+        _check_shared_storage(args, options.storage_path)
         load_search_space(options)  # a bad space file fails here, before any decoding
-        if read_text(f"{options.run_dir}/search.json") is not None:
+        if runfolder.exists(runfolder.join(options.run_dir, runfolder.SEARCH)):
             raise DataError(f"{options.run_dir} already holds a search; continue it with "
-                            f"--resume --name {options.name}, or pick another --name")
+                            f"--resume {options.run_dir}, or pick another --name")
     config = make_config(options.base_config)  # also checks --image-size and --weights
     ds, split = prepare_split(Path(options.data), config.image_size, config.resize,
                               options.split, args.cache_dir)
@@ -230,13 +248,14 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"best trial {best['trial_id']} (epoch {best['best_epoch']}): "
           f"val AUC {best['val_metrics']['val_auc']:.4f}, val accuracy "
           f"{best['val_metrics']['val_accuracy']:.3f}; {best['trials']} trials, "
-          f"{best['trials_stopped_early']} stopped early"
+          f"{best['trials_stopped_early']} stopped early, {best['errored_trials']} failed"
           f"{'; the time budget ended the search' if best['budget_reached'] else ''}\n"
           f"  config: {json.dumps(best['searched'])}\n"
-          f"  checkpoint: {best['checkpoint']}\n  summary: {options.run_dir}/best.json")
+          f"  checkpoint: {best['checkpoint']}\n"
+          f"  summary: {runfolder.join(options.run_dir, runfolder.BEST)}")
     from results.pipeline import report_run
 
-    print_results(report_run(options.run_dir, cache_dir=args.cache_dir))
+    print_results(options.run_dir, report_run(options.run_dir, cache_dir=args.cache_dir))
     return 0
 
 
@@ -244,11 +263,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from results.pipeline import report_run
 
     out = report_run(args.run_dir, args.threshold, args.bootstrap, args.seed, args.cache_dir)
-    print_results(out)
+    print_results(args.run_dir, out)
     return 0
 
 
-def print_results(out: Path) -> None:
+def print_results(run_dir: str, out: Path) -> None:
     """The headline of results/metrics.json and where everything is."""
     metrics = json.loads((out / "metrics.json").read_text())
     test, threshold = metrics["test"], metrics["threshold"]
@@ -256,8 +275,11 @@ def print_results(out: Path) -> None:
           f"threshold {threshold['value']:.3f} ({threshold['method']}, chosen on val)")
     for name, m in test["metrics"].items():
         print(f"  {name:<12} {m['value']:.3f}  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
-    print(f"report: {out / 'report.md'}\nexported model: {out.parent / 'export'}\n"
-          f"tensorboard --logdir {out.parent}")
+    print(f"report: {out / 'report.md'}\nexported model: {out.parent / runfolder.EXPORT}")
+    if runfolder.is_uri(run_dir):
+        print(f"  (a copy: the run folder {run_dir} holds {runfolder.RESULTS}/ and "
+              f"{runfolder.EXPORT}/ too)")
+    print(f"tensorboard --logdir {run_dir}")
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -270,18 +292,25 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from results.predict import main_predict
 
-    return main_predict(args.model_dir, args.paths, args.csv)
+    with runfolder.local_path(args.model_dir) as model_dir:
+        return main_predict(model_dir, args.paths, args.csv)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from results.explain import explain_paths
 
-    written = explain_paths(args.model_dir, args.paths, args.out)
+    with runfolder.local_path(args.model_dir) as model_dir:
+        written = explain_paths(model_dir, args.paths, args.out)
     print(f"wrote {len(written)} Grad-CAM overlays to {args.out}")
     return 0 if written else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    import torch
+
+    from tuning.monitor import tensorboard_reporter
+    from tuning.train import train_trial, trial_data
+
     _demo_data(args, "train")
     config = load_config(args.config, [*(DEMO_CONFIG if args.demo else []), *args.overrides])
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
@@ -313,6 +342,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
+    from data_utils.demo import make_demo_data
+
     out = make_demo_data(args.dir, args.n_per_class, args.size, args.seed)
     print(f"wrote {2 * args.n_per_class} demo CT slices to {out}")
     return 0
@@ -389,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or ray://HOST:10001 "
                    "(default: start Ray on this machine)")
     p.add_argument("--resume", nargs="?", const="NAME", metavar="RUN_DIR",
-                   help="continue an interrupted search: --resume --name NAME, or --resume RUN_DIR")
+                   help="continue an interrupted search: --resume RUN_DIR (a path or URI, from "
+                        "any working directory), or --resume --name NAME [--storage-path ...]")
     p.add_argument("--image-size", type=positive_int,
                    help="image size of every trial (default: 224; demo 64)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="pad", help="pad (default) or stretch")
@@ -399,7 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("evaluate", help="score a search's best trial once on the test "
                             "split: metrics with 95%% CIs, plots, report, export")
-    p.add_argument("run_dir", help="the search's run folder (STORAGE_PATH/NAME)")
+    p.add_argument("run_dir", help="the search's run folder (STORAGE_PATH/NAME), a local path or "
+                   "a URI like s3://BUCKET/runs/NAME; results/ and export/ are written into it")
     p.add_argument("--threshold", type=float,
                    help="fixed decision threshold (default: maximise Youden's J on val)")
     p.add_argument("--bootstrap", type=int, default=1000,
@@ -410,19 +443,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("export", help="write the evaluated winner: state_dict, TorchScript, "
                             "config.json/.yaml, model card")
-    p.add_argument("run_dir", help="an evaluated search's run folder")
+    p.add_argument("run_dir", help="an evaluated search's run folder, local or a URI")
     p.add_argument("--out", type=Path, required=True, help="folder to export into")
     p.set_defaults(func=cmd_export)
 
     p = commands.add_parser("predict", help="probability of the positive class per image")
-    p.add_argument("model_dir", type=Path, help="an exported model folder (RUN_DIR/export)")
+    p.add_argument("model_dir", help="an exported model folder (RUN_DIR/export), local or in a "
+                   "bucket (s3://..., gs://...)")
     p.add_argument("paths", type=Path, nargs="+", help="images or folders of images")
     p.add_argument("--csv", type=Path, help="also write the predictions to this CSV file")
     p.set_defaults(func=cmd_predict)
 
     p = commands.add_parser("explain", help="Grad-CAM heatmaps over the slices (where the model "
                             "looked)")
-    p.add_argument("model_dir", type=Path, help="an exported model folder (RUN_DIR/export)")
+    p.add_argument("model_dir", help="an exported model folder (RUN_DIR/export), local or in a "
+                   "bucket (s3://..., gs://...)")
     p.add_argument("paths", type=Path, nargs="+", help="images or folders of images")
     p.add_argument("--out", type=Path, required=True, help="folder for the overlay PNGs")
     p.set_defaults(func=cmd_explain)
@@ -440,10 +475,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ConfigError, FileExistsError) as e:
+    except (DataError, ConfigError, FileExistsError, FileNotFoundError) as e:
         print(f"ctscan: error: {e}", file=sys.stderr)
         return 2
 
-
-if __name__ == "__main__":
-    sys.exit(main())

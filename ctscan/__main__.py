@@ -1,0 +1,7 @@
+"""`python -m ctscan ...` is `ctscan ...`."""
+
+import sys
+
+from ctscan.cli import main
+
+sys.exit(main())

@@ -1,0 +1,152 @@
+"""The run folder: where a search keeps everything, on this disk, a shared path or in a bucket.
+
+A run folder is a local path or any URI pyarrow opens (s3://, gs://, hdfs://...), the same
+storage Ray Tune writes trials to. Every command reads and writes runs through this module, so
+no other code needs to know which kind it was given. Files are written whole: a reader sees the
+old file or the new one, never half of one.
+
+    search.json         the search's options (data, budget, storage...): enough to resume
+    search_space.yaml   the space searched, copied in at the start: a resume needs no other file
+    split.json          every file's split and sha256; the test rows are scored once, at the end
+    trial_*/            Ray Tune's trials: results, checkpoints, TensorBoard events, errors
+    best.json           the best trial, its config and the checkpoint it names
+    trials.json         every trial's params, status, error and per-epoch history
+    results/            metrics.json, plots, report.md, test predictions (`ctscan evaluate`)
+    export/             the winner, ready to ship (`ctscan export` writes the same elsewhere)
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+
+from data_utils.files import atomic_write
+
+SEARCH = "search.json"
+SPACE = "search_space.yaml"
+SPLIT = "split.json"
+BEST = "best.json"
+TRIALS = "trials.json"
+RESULTS = "results"
+METRICS = f"{RESULTS}/metrics.json"
+EXPORT = "export"
+LOCAL_RUNS = Path("runs")  # where a bucket run's results are also kept, to read on this machine
+
+
+def is_uri(location: str | Path) -> bool:
+    return "://" in str(location)
+
+
+def join(location: str | Path, *parts: str) -> str:
+    """A path or URI inside `location`; local paths come back absolute, so they mean the same
+    thing from any working directory."""
+    if is_uri(location):
+        return "/".join([str(location).rstrip("/"), *parts])
+    return str(Path(location).expanduser().resolve().joinpath(*parts))
+
+
+def name_of(location: str | Path) -> str:
+    """The last part of a path or URI: a run's name."""
+    return str(location).rstrip("/").rsplit("/", 1)[-1]
+
+
+def parent_of(location: str | Path) -> str:
+    """The folder holding `location`: a run's storage path."""
+    if is_uri(location):
+        return str(location).rstrip("/").rsplit("/", 1)[0]
+    return str(Path(location).expanduser().resolve().parent)
+
+
+def _fs(location: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
+    return pyarrow.fs.FileSystem.from_uri(join(location))
+
+
+def exists(location: str | Path) -> bool:
+    fs, path = _fs(location)
+    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+
+
+def read_bytes(location: str | Path) -> bytes | None:
+    """The file's bytes, or None if there is no such file."""
+    fs, path = _fs(location)
+    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+        return None
+    with fs.open_input_stream(path) as f:
+        return f.read()
+
+
+def read_text(location: str | Path) -> str | None:
+    data = read_bytes(location)
+    return None if data is None else data.decode()
+
+
+def read_json(location: str | Path) -> Any:
+    """A JSON file's content, or None if there is no such file."""
+    text = read_text(location)
+    return None if text is None else json.loads(text)
+
+
+def write_bytes(location: str | Path, data: bytes) -> None:
+    if not is_uri(location):
+        with atomic_write(Path(location)) as f:
+            f.write(data)
+        return
+    fs, path = _fs(location)
+    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+    # An object store publishes an upload only when it completes; a crash leaves the old object.
+    with fs.open_output_stream(path) as f:
+        f.write(data)
+
+
+def write_text(location: str | Path, text: str) -> None:
+    write_bytes(location, text.encode())
+
+
+def write_json(location: str | Path, obj: Any) -> None:
+    write_text(location, json.dumps(obj, indent=2) + "\n")
+
+
+def upload(folder: Path, location: str) -> None:
+    """Copy a local folder's files into `location` (a URI), replacing what is there."""
+    fs, path = _fs(location)
+    if fs.get_file_info(path).type == pyarrow.fs.FileType.Directory:
+        fs.delete_dir_contents(path)  # files from an earlier evaluation would be stale
+    fs.create_dir(path, recursive=True)
+    pyarrow.fs.copy_files(str(folder), path, destination_filesystem=fs)
+
+
+def local_copy_dir(run: str) -> Path:
+    """Where a run's results and export are written on this machine: inside a local run, or
+    under ./runs/NAME for a run in a bucket (and then uploaded there)."""
+    return LOCAL_RUNS / name_of(run) if is_uri(run) else Path(run)
+
+
+def publish(folder: Path, run: str, name: str) -> None:
+    """Make run/name hold `folder`; a no-op for a local run, which wrote it in place."""
+    if is_uri(run):
+        upload(folder, join(run, name))
+
+
+@contextmanager
+def local_path(location: str | Path) -> Iterator[Path]:
+    """A local path to read `location` (file or folder) from: itself, or a temporary download."""
+    if not is_uri(location):
+        yield Path(location)
+        return
+    fs, path = _fs(location)
+    kind = fs.get_file_info(path).type
+    if kind == pyarrow.fs.FileType.NotFound:
+        raise FileNotFoundError(f"{location}: not found")
+    with tempfile.TemporaryDirectory(prefix="ctscan-") as tmp:
+        local = Path(tmp) / name_of(location)
+        if kind == pyarrow.fs.FileType.Directory:
+            local.mkdir()  # copy_files makes the folders below, not this one
+        # copy_files downloads in large parallel parts; small reads would be one request each.
+        pyarrow.fs.copy_files(path, str(local), source_filesystem=fs)
+        yield local

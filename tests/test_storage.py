@@ -1,0 +1,85 @@
+"""Run folders in a bucket, against a real S3 API server on 127.0.0.1 (moto's)."""
+
+import json
+
+import boto3
+from conftest import bucket_keys
+
+from ctscan.cli import main
+from data_utils import runfolder
+from data_utils.demo import make_demo_data
+
+# The second trial's weights file is missing, as on an autoscaled worker without it: it fails
+# before its first report.
+FAILING_SPACE = """
+start_with: [{}, {weights: /nonexistent/resnet18.pt}]
+weights: {choice: [none, /nonexistent/resnet18.pt]}
+lr: {loguniform: [1.0e-4, 1.0e-2]}
+"""
+TUNE = ["--num-samples", "2", "--max-epochs", "2", "--grace-period", "2", "--image-size", "32",
+        "--group-by", "none", "--ratios", "0.6", "0.2", "0.2", "--max-failures", "0"]
+
+
+def _read(uri: str) -> bytes:
+    bucket, key = uri.removeprefix("s3://").split("/", 1)
+    return boto3.client("s3").get_object(Bucket=bucket, Key=key)["Body"].read()
+
+
+def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_trial(
+        tmp_path, s3_bucket, monkeypatch, capsys):
+    root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
+    (tmp_path / "space.yaml").write_text(FAILING_SPACE)
+    monkeypatch.chdir(tmp_path)
+    run = f"{s3_bucket}/runs/s3run"
+    assert main(["tune", str(root), "--storage-path", f"{s3_bucket}/runs", "--name", "s3run",
+                 "--search-space", str(tmp_path / "space.yaml"), *TUNE]) == 0
+    keys = set(bucket_keys(s3_bucket, "runs/s3run/"))
+    for name in ["search.json", "search_space.yaml", "split.json", "best.json", "trials.json",
+                 "results/metrics.json", "results/report.md", "results/roc.png",
+                 "results/test_predictions.json", "export/model.pt", "export/config.json",
+                 "export/model_card.md"]:
+        assert f"runs/s3run/{name}" in keys, name
+
+    best = json.loads(_read(f"{run}/best.json"))
+    assert best["checkpoint"].startswith(f"{run}/trial_{best['trial_id']}/checkpoint_")
+    assert best["checkpoint"].removeprefix(f"{s3_bucket}/") in keys
+    assert best["trials"] == 2 and best["errored_trials"] == 1
+
+    [failed] = [t for t in json.loads(_read(f"{run}/trials.json")) if t["status"] == "error"]
+    assert failed["epochs"] == 0 and failed["params"]["weights"] == "/nonexistent/resnet18.pt"
+    assert "/nonexistent/resnet18.pt" in failed["error"]
+    assert failed["error_file"] == f"{run}/trial_{failed['trial_id']}/error.txt"
+    assert b"/nonexistent/resnet18.pt" in _read(failed["error_file"])
+    report = _read(f"{run}/results/report.md").decode()
+    assert "### Failed trials (1)" in report and failed["error"] in report
+    assert failed["trial_id"] in report
+
+    # Another working directory, no local copy: evaluate, export and predict from the bucket.
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    assert main(["evaluate", run, "--bootstrap", "20"]) == 0
+    assert json.loads(_read(f"{run}/results/metrics.json"))["bootstrap"]["resamples"] == 20
+    assert main(["export", run, "--out", str(tmp_path / "shipped")]) == 0
+    assert {p.name for p in (tmp_path / "shipped").iterdir()} >= {"model.pt", "config.json"}
+    predictions = json.loads(_read(f"{run}/results/test_predictions.json"))
+    capsys.readouterr()
+    assert main(["predict", f"{run}/export", str(root / predictions[0]["path"])]) == 0
+    path, prob, _ = capsys.readouterr().out.strip().split("\t")
+    assert float(prob) == round(predictions[0]["prob"], 4)
+
+
+def test_a_search_in_which_no_trial_reports_fails_in_one_line(tmp_path, capsys):
+    root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
+    (tmp_path / "space.yaml").write_text("weights: /nonexistent/resnet18.pt\n")
+    code = main(["tune", str(root), "--storage-path", str(tmp_path / "runs"), "--name", "dead",
+                 "--search-space", str(tmp_path / "space.yaml"), *TUNE[2:]])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 1
+    [line] = [line for line in err if line.startswith("ctscan:")]
+    trials = json.loads((tmp_path / "runs/dead/trials.json").read_text())
+    first = min(trials, key=lambda t: t["number"])
+    assert line == (f"ctscan: search failed: no trial finished an epoch; trial "
+                    f"{first['trial_id']} failed with {first['error']} "
+                    f"(see {first['error_file']})")
+    assert "/nonexistent/resnet18.pt" in line and runfolder.exists(first["error_file"])
