@@ -73,7 +73,7 @@ def test_a_search_in_which_no_trial_reports_fails_in_one_line(tmp_path, capsys):
     root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
     (tmp_path / "space.yaml").write_text("weights: /nonexistent/resnet18.pt\n")
     code = main(["tune", str(root), "--storage-path", str(tmp_path / "runs"), "--name", "dead",
-                 "--search-space", str(tmp_path / "space.yaml"), *TUNE[2:]])
+                 "--search-space", str(tmp_path / "space.yaml"), "--num-samples", "1", *TUNE[2:]])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
     [line] = [line for line in err if line.startswith("ctscan:")]
