@@ -15,7 +15,7 @@ from data_utils.decode import RESIZE_MODES
 from data_utils.sources import DataError
 from data_utils.split import GROUP_BY, split_counts, split_dataset, write_split
 from tuning.config import ConfigError, load_config, make_config, save_config
-from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE
+from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE, load_space
 
 # Ray, TensorBoard and the training loop take seconds to import: each command imports what it
 # needs, so `ctscan predict` and every --help stay quick, and only `tune` imports Ray.
@@ -214,7 +214,7 @@ def _check_shared_storage(args: argparse.Namespace, storage_path: str) -> None:
 def _tune(args: argparse.Namespace) -> int:
     import ray
 
-    from tuning.search import load_options, load_search_space, prepare_run, run_search
+    from tuning.search import load_options, prepare_run, run_search
 
     if args.resume:
         if args.resume == "NAME" and not args.name:
@@ -228,7 +228,7 @@ def _tune(args: argparse.Namespace) -> int:
         _demo_data(args, "tune")
         options = _search_options(args)
         _check_shared_storage(args, options.storage_path)
-        load_search_space(options)  # a bad space file fails here, before any decoding
+        load_space(options.search_space, options.base_config)  # fails before any decoding
         if runfolder.exists(runfolder.join(options.run_dir, runfolder.SEARCH)):
             raise DataError(f"{options.run_dir} already holds a search; continue it with "
                             f"--resume {options.run_dir}, or pick another --name")
@@ -411,8 +411,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-failures", type=int, default=2,
                    help="retries of a crashed trial, from its last checkpoint (default: 2)")
     p.add_argument("--storage-path", default="runs",
-                   help="where runs live: a folder (default: runs/), a shared path, or an "
-                        "s3:// or gs:// URI for clusters")
+                   help="where runs live: a folder (default: runs/), or on a cluster of "
+                        "several machines an s3:// or gs:// URI or a folder every node mounts "
+                        "(checked with --address)")
     p.add_argument("--name", help="run name (default: tune-TIMESTAMP); the run folder is "
                    "STORAGE_PATH/NAME")
     p.add_argument("--seed", type=int, default=0,

@@ -1,4 +1,6 @@
 import json
+import subprocess
+import sys
 
 import pytest
 from conftest import make_class_folders, tree_snapshot
@@ -113,3 +115,17 @@ def test_a_time_budget_ends_the_search_which_is_still_scored(tmp_path, capsys):
     report = (runs / "b" / "results" / "report.md").read_text()
     assert "Its time budget (20 s) was reached" in report
     assert (runs / "b" / "export" / "model.pt").is_file()
+
+
+def test_only_tune_imports_ray():
+    """Ray takes seconds to import; evaluate, export, predict and explain must not need it."""
+    code = ("import sys\n"
+            "from ctscan.cli import main\n"
+            "import results.pipeline, results.predict, results.explain\n"
+            "try:\n"
+            "    main(['predict', '--help'])\n"
+            "except SystemExit:\n"
+            "    pass\n"
+            "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"

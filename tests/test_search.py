@@ -367,27 +367,26 @@ def test_trials_read_the_dataset_zero_copy_from_the_object_store(tmp_path, local
     assert len(records) == 2 and all(flags == [True, True] for flags in records)
 
 
-def tied_then_failing(params, data, base_config):
-    """No training: trial 0 reports val AUCs 0.8, 0.9, 0.9 (a tie); trial 1 fails at epoch 2."""
-    import tempfile
-
-    from ray import tune
-
-    number = params[NUMBER]
-    aucs = [0.8, 0.9, 0.9] if number == 0 else [0.5, None]
-    for epoch, auc in enumerate(aucs, 1):
-        if auc is None:
-            raise RuntimeError(f"trial {number} failed at epoch {epoch}")
-        with tempfile.TemporaryDirectory() as folder:
-            torch.save({"epoch": epoch}, Path(folder) / "last.pt")
-            tune.report({"epoch": epoch, "train_loss": 1.0, "val_loss": 1 / epoch,
-                         "val_accuracy": 0.5, "val_auc": auc, "best_val_auc": max(aucs[:epoch]),
-                         "val_f1": 0.5, "lr": 0.1, "final_epoch": epoch == len(aucs)},
-                        checkpoint=tune.Checkpoint.from_directory(folder))
-
-
 def test_best_json_describes_its_checkpoint_on_ties_and_failed_trials_are_listed(tmp_path,
                                                                                  local_ray):
+    def tied_then_failing(params, data, base_config):
+        """No training: trial 0 reports val AUCs 0.8, 0.9, 0.9 (a tie); trial 1 fails at epoch 2."""
+        import tempfile
+
+        from ray import tune
+
+        number = params[NUMBER]
+        aucs = [0.8, 0.9, 0.9] if number == 0 else [0.5, None]
+        for epoch, auc in enumerate(aucs, 1):
+            if auc is None:
+                raise RuntimeError(f"trial {number} failed at epoch {epoch}")
+            with tempfile.TemporaryDirectory() as folder:
+                torch.save({"epoch": epoch}, Path(folder) / "last.pt")
+                tune.report({"epoch": epoch, "train_loss": 1.0, "val_loss": 1 / epoch,
+                             "val_accuracy": 0.5, "val_auc": auc, "best_val_auc": max(aucs[:epoch]),
+                             "val_f1": 0.5, "lr": 0.1, "final_epoch": epoch == len(aucs)},
+                            checkpoint=tune.Checkpoint.from_directory(folder))
+
     root, data = tiny_trial_data(tmp_path)
     (tmp_path / "space.yaml").write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     options = SearchOptions(

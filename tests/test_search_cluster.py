@@ -9,6 +9,7 @@ import ray
 from conftest import bucket_keys, tiny_trial_data
 from ray.cluster_utils import Cluster
 
+from ctscan.cli import main
 from tuning.search import SearchOptions, run_search, unshared_nodes
 
 
@@ -49,3 +50,21 @@ def test_fractional_gpu_trials_spread_over_nodes_and_fall_back_to_cpu(tmp_path, 
     spans = [(t[0]["timestamp"] - t[0]["time_this_iter_s"], t[-1]["timestamp"]) for t in rows]
     assert max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 4
     assert "CUDA is not available; training on the CPU" in capfd.readouterr().err
+
+
+def test_a_folder_some_node_does_not_see_is_refused_before_any_work(tmp_path, two_gpu_nodes,
+                                                                    monkeypatch, capsys):
+    # Both nodes share this machine's disk, so the blind node is simulated; the probe itself is
+    # checked for real in the test above.
+    import tuning.search
+
+    monkeypatch.setattr(tuning.search, "unshared_nodes", lambda folder: ["10.0.0.7 (1a2b3c4d)"])
+    root, _ = tiny_trial_data(tmp_path)
+    code = main(["tune", str(root), "--address", two_gpu_nodes.address, "--storage-path",
+                 str(tmp_path / "runs"), "--search-space", str(tmp_path / "missing.yaml")])
+    assert code == 2
+    assert capsys.readouterr().err.strip() == (
+        f"ctscan: error: --storage-path {tmp_path / 'runs'} is a folder that Ray nodes "
+        "10.0.0.7 (1a2b3c4d) do not see; on a cluster use s3://BUCKET/PATH, gs://BUCKET/PATH, "
+        "or a folder mounted on every node (NFS)")
+    assert not (tmp_path / "runs").exists()
