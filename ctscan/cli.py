@@ -255,7 +255,8 @@ def _tune(args: argparse.Namespace) -> int:
           f"  summary: {runfolder.join(options.run_dir, runfolder.BEST)}")
     from results.pipeline import report_run
 
-    print_results(options.run_dir, report_run(options.run_dir, cache_dir=args.cache_dir))
+    print_results(options.run_dir, report_run(options.run_dir, resamples=args.bootstrap,
+                                              cache_dir=args.cache_dir))
     return 0
 
 
@@ -428,6 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resize", choices=RESIZE_MODES, default="pad", help="pad (default) or stretch")
     p.add_argument("--weights", default="none",
                    help="initial weights of every trial: none (default), imagenet, or a path")
+    p.add_argument("--bootstrap", type=positive_int, default=1000,
+                   help="bootstrap resamples for the test metrics' confidence intervals "
+                        "(default: 1000)")
     p.set_defaults(func=cmd_tune)
 
     p = commands.add_parser("evaluate", help="score a search's best trial once on the test "

@@ -33,7 +33,7 @@ def test_killed_search_resumes_from_anywhere_and_finishes_exactly_num_samples(tm
     first = _tune(str(root), "--name", "s", "--storage-path", f"{s3_bucket}/runs",
                   "--num-samples", "2", "--max-epochs", "3", "--grace-period", "3",
                   "--max-concurrent", "2", "--image-size", "32", "--search-space", str(space),
-                  "--group-by", "none", "--ratios", "0.6", "0.2", "0.2",
+                  "--group-by", "none", "--ratios", "0.6", "0.2", "0.2", "--bootstrap", "200",
                   start_new_session=True, cwd=tmp_path / "first")
     deadline = time.time() + 240
     while not any("/checkpoint_000001/" in k for k in bucket_keys(s3_bucket, "runs/s/")):
@@ -46,7 +46,8 @@ def test_killed_search_resumes_from_anywhere_and_finishes_exactly_num_samples(tm
 
     space.unlink()  # the run folder holds its own copy of the space
     (tmp_path / "second").mkdir()
-    resumed = _tune("--resume", f"{s3_bucket}/runs/s", cwd=tmp_path / "second")
+    resumed = _tune("--resume", f"{s3_bucket}/runs/s", "--bootstrap", "200",
+                    cwd=tmp_path / "second")
     out, _ = resumed.communicate(timeout=400)
     assert resumed.returncode == 0, out
     assert f"resuming search s from {s3_bucket}/runs/s" in out

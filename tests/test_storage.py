@@ -17,7 +17,8 @@ weights: {choice: [none, /nonexistent/resnet18.pt]}
 lr: {loguniform: [1.0e-4, 1.0e-2]}
 """
 TUNE = ["--num-samples", "2", "--max-epochs", "1", "--grace-period", "1", "--image-size", "32",
-        "--group-by", "none", "--ratios", "0.6", "0.2", "0.2", "--max-failures", "0"]
+        "--group-by", "none", "--ratios", "0.6", "0.2", "0.2", "--max-failures", "0",
+        "--bootstrap", "200"]
 
 
 def _read(uri: str) -> bytes:

@@ -11,8 +11,6 @@ from pathlib import Path
 
 import yaml
 
-from ctmodels import ARCHS
-from ctmodels.resnet import ACTIVATIONS
 from data_utils.decode import RESIZE_MODES
 from data_utils.files import atomic_write
 
@@ -59,6 +57,10 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
 
     def __post_init__(self) -> None:
+        # Here, not at the top: ctmodels imports torch and torchvision (seconds), and the CLI
+        # imports this module for every command, `--help` included.
+        from ctmodels.resnet import ACTIVATIONS, ARCHS
+
         _check_choice("arch", self.arch, ARCHS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
