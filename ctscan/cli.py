@@ -276,10 +276,12 @@ def print_results(run_dir: str, out: Path) -> None:
           f"threshold {threshold['value']:.3f} ({threshold['method']}, chosen on val)")
     for name, m in test["metrics"].items():
         print(f"  {name:<12} {m['value']:.3f}  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
-    print(f"report: {out / 'report.md'}\nexported model: {out.parent / runfolder.EXPORT}")
-    if runfolder.is_uri(run_dir):
-        print(f"  (a copy: the run folder {run_dir} holds {runfolder.RESULTS}/ and "
-              f"{runfolder.EXPORT}/ too)")
+    report, export = f"{runfolder.RESULTS}/report.md", runfolder.EXPORT
+    if runfolder.is_uri(run_dir):  # out is this machine's copy of the bucket's results/
+        print(f"report: {runfolder.join(run_dir, report)} (copy: {out / 'report.md'})\n"
+              f"exported model: {runfolder.join(run_dir, export)} (copy: {out.parent / export})")
+    else:
+        print(f"report: {out / 'report.md'}\nexported model: {out.parent / export}")
     print(f"tensorboard --logdir {run_dir}")
 
 
