@@ -7,6 +7,7 @@ import json
 import math
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from data_utils import runfolder
@@ -14,7 +15,7 @@ from data_utils.cache import default_cache_dir, load_dataset
 from data_utils.decode import RESIZE_MODES
 from data_utils.sources import DataError
 from data_utils.split import GROUP_BY, split_counts, split_dataset, write_split
-from tuning.config import ConfigError, load_config, make_config, save_config
+from tuning.config import RANGES, ConfigError, Interval, load_config, make_config, save_config
 from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE, load_space
 
 # Ray, TensorBoard and the training loop take seconds to import: each command imports what it
@@ -42,14 +43,26 @@ def duration(text: str) -> float:
     return seconds
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def number(kind: type, interval: Interval) -> Callable[[str], float]:
+    """An argparse type: an int or float within `interval`, refused otherwise (never replaced by
+    a default)."""
+    noun = "an integer" if kind is int else "a number"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            value = math.nan
+        if not interval.holds(value):
+            raise argparse.ArgumentTypeError(f"expected {noun} in {interval}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = number(int, Interval(1, math.inf))
+seed = number(int, RANGES["seed"])
+image_size = number(int, RANGES["image_size"])
 
 
 def _source_options(data_required: bool = True) -> argparse.ArgumentParser:
@@ -68,7 +81,7 @@ def _source_options(data_required: bool = True) -> argparse.ArgumentParser:
 
 def _decode_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--image-size", type=int, default=224,
+    p.add_argument("--image-size", type=image_size, default=224,
                    help="decoded images are SIZE x SIZE grayscale (default: 224)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="pad",
                    help="keep aspect ratio and pad with black (default), or stretch")
@@ -77,9 +90,10 @@ def _decode_options() -> argparse.ArgumentParser:
 
 def _split_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--ratios", type=float, nargs=3, default=[0.7, 0.2, 0.1],
-                   metavar=("TRAIN", "VAL", "TEST"), help="split fractions (default: 0.7 0.2 0.1)")
-    p.add_argument("--split-seed", type=int, default=0, help="seed of the split (default: 0)")
+    p.add_argument("--ratios", type=number(float, Interval(0, 1, high_closed=True)), nargs=3,
+                   default=[0.7, 0.2, 0.1], metavar=("TRAIN", "VAL", "TEST"),
+                   help="split fractions (default: 0.7 0.2 0.1)")
+    p.add_argument("--split-seed", type=seed, default=0, help="seed of the split (default: 0)")
     p.add_argument("--group-by", choices=GROUP_BY, default="duplicates",
                    help="keep related slices in one split: near-identical images (default), "
                         "the manifest's group column (patient id), or only byte-identical files")
@@ -401,17 +415,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epochs of a trial that is never stopped early (default: 10; demo 6)")
     p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
                    help="asha (default) stops weak trials early; fifo trains every trial fully")
-    p.add_argument("--grace-period", type=int, default=1,
+    p.add_argument("--grace-period", type=positive_int, default=1,
                    help="epochs every trial gets before ASHA may stop it (default: 1)")
-    p.add_argument("--reduction-factor", type=int, default=3,
+    p.add_argument("--reduction-factor", type=number(int, Interval(2, math.inf)), default=3,
                    help="ASHA keeps the top 1/FACTOR of trials at each rung (default: 3)")
-    p.add_argument("--cpus-per-trial", type=float, default=1.0,
+    p.add_argument("--cpus-per-trial", type=number(float, Interval(0, math.inf, False)),
+                   default=1.0,
                    help="CPUs reserved per trial; also its torch threads (default: 1)")
-    p.add_argument("--gpus-per-trial", type=float, default=0.0,
+    p.add_argument("--gpus-per-trial", type=number(float, Interval(0, math.inf)), default=0.0,
                    help="GPUs per trial; fractions pack trials, 0.25 = 4 per GPU (default: 0)")
     p.add_argument("--max-concurrent", type=positive_int, default=4,
                    help="trials running at once, at most (default: 4)")
-    p.add_argument("--max-failures", type=int, default=2,
+    p.add_argument("--max-failures", type=number(int, Interval(0, math.inf)), default=2,
                    help="retries of a crashed trial, from its last checkpoint (default: 2)")
     p.add_argument("--storage-path", default="runs",
                    help="where runs live: a folder (default: runs/), or on a cluster of "
@@ -419,14 +434,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "(checked with --address)")
     p.add_argument("--name", help="run name (default: tune-TIMESTAMP); the run folder is "
                    "STORAGE_PATH/NAME")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed, default=0,
                    help="seed of TPE and of every trial (default: 0)")
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or ray://HOST:10001 "
                    "(default: start Ray on this machine)")
     p.add_argument("--resume", nargs="?", const="NAME", metavar="RUN_DIR",
                    help="continue an interrupted search: --resume RUN_DIR (a path or URI, from "
                         "any working directory), or --resume --name NAME [--storage-path ...]")
-    p.add_argument("--image-size", type=positive_int,
+    p.add_argument("--image-size", type=image_size,
                    help="image size of every trial (default: 224; demo 64)")
     p.add_argument("--resize", choices=RESIZE_MODES, default="pad", help="pad (default) or stretch")
     p.add_argument("--weights", default="none",
@@ -440,11 +455,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "split: metrics with 95%% CIs, plots, report, export")
     p.add_argument("run_dir", help="the search's run folder (STORAGE_PATH/NAME), a local path or "
                    "a URI like s3://BUCKET/runs/NAME; results/ and export/ are written into it")
-    p.add_argument("--threshold", type=float,
+    p.add_argument("--threshold", type=number(float, Interval(0, 1, high_closed=True)),
                    help="fixed decision threshold (default: maximise Youden's J on val)")
-    p.add_argument("--bootstrap", type=int, default=1000,
+    p.add_argument("--bootstrap", type=positive_int, default=1000,
                    help="bootstrap resamples for the confidence intervals (default: 1000)")
-    p.add_argument("--seed", type=int, default=0, help="bootstrap seed (default: 0)")
+    p.add_argument("--seed", type=seed, default=0, help="bootstrap seed (default: 0)")
     p.add_argument("--cache-dir", type=Path, help="decoded-dataset cache (default: as for tune)")
     p.set_defaults(func=cmd_evaluate)
 
@@ -471,9 +486,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("make-demo-data", help="generate CT-like demo slices (Kaggle layout)")
     p.add_argument("dir", type=Path, help="new folder to create")
-    p.add_argument("--n-per-class", type=int, default=300, help="slices per class (default: 300)")
-    p.add_argument("--size", type=int, default=256, help="largest slice side in px (default: 256)")
-    p.add_argument("--seed", type=int, default=0, help="generator seed (default: 0)")
+    p.add_argument("--n-per-class", type=positive_int, default=300,
+                   help="slices per class (default: 300)")
+    p.add_argument("--size", type=positive_int, default=256,
+                   help="largest slice side in px (default: 256)")
+    p.add_argument("--seed", type=seed, default=0, help="generator seed (default: 0)")
     p.set_defaults(func=cmd_make_demo_data)
     return parser
 

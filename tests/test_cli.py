@@ -80,15 +80,55 @@ def test_train_writes_checkpoints_tensorboard_and_resumes(tmp_path, capsys):
     assert "holds a run with a different config" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("flag, value", [("--num-samples", "0"), ("--num-samples", "-1"),
-                                         ("--max-concurrent", "0"), ("--max-epochs", "0"),
-                                         ("--image-size", "0"), ("--time-budget", "0s"),
-                                         ("--time-budget", "30x"), ("--time-budget", "inf")])
-def test_tune_refuses_numbers_that_would_silently_become_defaults(flag, value, capsys):
+@pytest.mark.parametrize("flag, value, expected", [
+    ("--num-samples", "0", "an integer in [1, inf)"),
+    ("--num-samples", "-1", "an integer in [1, inf)"),
+    ("--max-concurrent", "0", "an integer in [1, inf)"),
+    ("--max-epochs", "0", "an integer in [1, inf)"),
+    ("--image-size", "0", "an integer in [32, 2048]"),
+    ("--image-size", "64.5", "an integer in [32, 2048]"),
+    ("--split-seed", "-1", "an integer in [0, 4294967296)"),
+    ("--ratios", "nan", "a number in [0, 1]"),
+    ("--cpus-per-trial", "0", "a number in (0, inf)"),
+    ("--reduction-factor", "1", "an integer in [2, inf)"),
+    ("--bootstrap", "0", "an integer in [1, inf)"),
+    ("--time-budget", "0s", "a positive duration like 90s, 30m or 2h"),
+    ("--time-budget", "30x", "a positive duration like 90s, 30m or 2h"),
+    ("--time-budget", "inf", "a positive duration like 90s, 30m or 2h")])
+def test_tune_refuses_numbers_that_would_silently_become_defaults(flag, value, expected, capsys):
     with pytest.raises(SystemExit) as exit_:
-        main(["tune", "--demo", flag, value])
+        main(["tune", "--demo", flag, value, *(["0.7", "0.2"] if flag == "--ratios" else [])])
     assert exit_.value.code == 2
-    assert f"argument {flag}: expected a positive" in capsys.readouterr().err
+    assert f"argument {flag}: expected {expected}, got {value!r}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, expected", [
+    (["evaluate", "RUN", "--threshold", "nan"], "--threshold: expected a number in [0, 1]"),
+    (["evaluate", "RUN", "--threshold", "2"], "--threshold: expected a number in [0, 1]"),
+    (["evaluate", "RUN", "--bootstrap", "0"], "--bootstrap: expected an integer in [1, inf)"),
+    (["split", "DATA", "--out", "OUT", "--split-seed", "-1"], "--split-seed: expected an integer"),
+])
+def test_other_commands_refuse_out_of_range_numbers(argv, expected, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    assert exit_.value.code == 2
+    assert expected in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("batch_size=1", "batch_size must be in [2, inf), got 1"),
+    ("label_smoothing=5", "label_smoothing must be in [0, 0.5), got 5.0"),
+    ("pos_weight=-1", "pos_weight must be in (0, inf), got -1.0"),
+    ("head=[-5]", "head must be in [1, inf), got -5"),
+    ("patience=0", "patience must be in [1, inf), got 0"),
+    ("lr=.nan", "lr must be in (0, inf), got nan"),
+])
+def test_train_refuses_config_values_out_of_range_before_writing(tmp_path, override, message,
+                                                                 capsys):
+    root = make_class_folders(tmp_path / "data", 6)
+    assert main(["train", str(root), "--set", override, "--out", str(tmp_path / "run")]) == 2
+    assert capsys.readouterr().err.strip() == f"ctscan: error: {message}"
+    assert not (tmp_path / "run").exists()
 
 
 def test_a_time_budget_ends_the_search_which_is_still_scored(tmp_path, capsys):

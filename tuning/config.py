@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -17,6 +18,47 @@ from data_utils.files import atomic_write
 
 class ConfigError(ValueError):
     """A config key or value the user has to fix; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Interval:
+    low: float
+    high: float
+    low_closed: bool = True
+    high_closed: bool = False
+
+    def holds(self, x: float) -> bool:
+        return (math.isfinite(x)
+                and (self.low <= x if self.low_closed else self.low < x)
+                and (x <= self.high if self.high_closed else x < self.high))
+
+    def __str__(self) -> str:
+        low, high = (f"{x:.0f}" if math.isfinite(x) and x == int(x) else f"{x:g}"
+                     for x in (self.low, self.high))
+        return f"{'[' if self.low_closed else '('}{low}, {high}{']' if self.high_closed else ')'}"
+
+
+# The valid values of every numeric key: checked for each config, and so for every value a search
+# space can draw. Nothing out of range is ever replaced by a default.
+RANGES = {
+    "lr": Interval(0, math.inf, low_closed=False),
+    "weight_decay": Interval(0, math.inf),
+    "momentum": Interval(0, 1),
+    "batch_size": Interval(2, math.inf),  # BatchNorm cannot train on a batch of one
+    "epochs": Interval(1, math.inf),
+    "warmup_epochs": Interval(0, math.inf),
+    "label_smoothing": Interval(0, 0.5),  # at 0.5 every target is 0.5
+    "pos_weight": Interval(0, math.inf, low_closed=False),  # or None: 1
+    "image_size": Interval(32, 2048, high_closed=True),  # a ResNet halves it five times
+    "aug_strength": Interval(0, 1, high_closed=True),
+    "dropout": Interval(0, 1),
+    "head": Interval(1, math.inf),  # every hidden layer's width
+    "num_workers": Interval(0, math.inf),
+    "patience": Interval(1, math.inf),
+    "min_delta": Interval(0, math.inf),
+    "seed": Interval(0, 2**32),  # numpy's seeds
+    "freeze_backbone_epochs": Interval(0, math.inf),
+}
 
 
 @dataclass
@@ -66,13 +108,11 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
         _check_choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _check_choice("resize", self.resize, RESIZE_MODES)
-        for key in ("lr", "batch_size", "epochs", "image_size"):
-            if getattr(self, key) <= 0:
-                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
-        if not 0 <= self.aug_strength <= 1:
-            raise ConfigError(f"aug_strength must be in [0, 1], got {self.aug_strength}")
-        if not 0 <= self.dropout < 1:
-            raise ConfigError(f"dropout must be in [0, 1), got {self.dropout}")
+        for key, interval in RANGES.items():
+            value = getattr(self, key)
+            for number in value if isinstance(value, list) else [value]:
+                if number is not None and not interval.holds(number):
+                    raise ConfigError(f"{key} must be in {interval}, got {number}")
         if self.freeze_backbone_epochs and self.weights == "none":
             raise ConfigError("freeze_backbone_epochs needs pretrained weights (weights: imagenet "
                               "or a path); with random weights it would train a head on noise")
