@@ -9,6 +9,8 @@ import torch
 from torch import nn
 from torchvision import models
 
+from data_utils.errors import UserError
+
 # name -> (builder, ImageNet weights enum); adding an architecture is one line.
 ARCHS: dict[str, tuple[Callable[..., models.ResNet], models.WeightsEnum]] = {
     "resnet18": (models.resnet18, models.ResNet18_Weights.IMAGENET1K_V1),
@@ -19,7 +21,7 @@ ARCHS: dict[str, tuple[Callable[..., models.ResNet], models.WeightsEnum]] = {
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "gelu": nn.GELU, "silu": nn.SiLU}
 
 
-class WeightsError(Exception):
+class WeightsError(UserError):
     """Pretrained weights could not be obtained or do not fit the model."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from data_utils import runfolder
 from data_utils.cache import default_cache_dir, load_dataset
 from data_utils.decode import RESIZE_MODES
+from data_utils.errors import UserError
 from data_utils.sources import DataError
 from data_utils.split import GROUP_BY, split_counts, split_dataset, write_split
 from tuning.config import RANGES, ConfigError, Interval, load_config, make_config, save_config
@@ -247,6 +248,8 @@ def _tune(args: argparse.Namespace) -> int:
             raise DataError(f"{options.run_dir} already holds a search; continue it with "
                             f"--resume {options.run_dir}, or pick another --name")
     config = make_config(options.base_config)  # also checks --image-size and --weights
+    if not args.address:
+        check_weights_file(config)
     ds, split = prepare_split(Path(options.data), config.image_size, config.resize,
                               options.split, args.cache_dir)
     data = prepare_run(options, ds, split, resume=bool(args.resume))
@@ -330,6 +333,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _demo_data(args, "train")
     config = load_config(args.config, [*(DEMO_CONFIG if args.demo else []), *args.overrides])
+    check_weights_file(config)
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     if (out / "config.yaml").exists() and load_config(out / "config.yaml") != config:
         raise DataError(f"{out} holds a run with a different config; pick another --out")
@@ -356,6 +360,13 @@ def cmd_train(args: argparse.Namespace) -> int:
           f"{best['val_accuracy']:.3f}, val F1 {best['val_f1']:.3f}, val loss "
           f"{best['val_loss']:.4f}\ncheckpoint: {out / 'best.pt'}")
     return 0
+
+
+def check_weights_file(config) -> None:
+    """A weights path must exist before anything is written (on this machine; a cluster's
+    workers may hold files this machine lacks, so `tune --address` does not check)."""
+    if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
+        raise ConfigError(f"weights: {config.weights}: no such file")
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
@@ -499,7 +510,15 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (DataError, ConfigError, FileExistsError, FileNotFoundError) as e:
+    except UserError as e:
         print(f"ctscan: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # a path given or implied: missing, a file not a folder, not writable...
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"ctscan: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        # Checkpoints and run files are written whole, so what was running can be resumed.
+        print("ctscan: interrupted", file=sys.stderr)
+        return 130
 

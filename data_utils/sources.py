@@ -3,15 +3,18 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
+
+from data_utils.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 POSITIVE_HINTS = ("covid", "positive")
 
 
-class DataError(Exception):
-    """Input the user has to fix (missing folder, one class, bad manifest...). The CLI exits 2."""
+class DataError(UserError):
+    """A dataset the user has to fix (missing folder, one class, bad manifest...)."""
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,8 @@ def discover(data: Path, positive_class: str | None = None) -> Source:
     if not data.exists():
         raise DataError(f"{data}: no such file or folder")
     if data.is_file():
+        if data.suffix.lower() != ".csv":
+            raise DataError(f"{data}: expected a folder of class folders or a .csv manifest")
         root, samples = data.parent.resolve(), _read_manifest(data)
     else:
         root, samples = data.resolve(), _read_class_folders(data)
@@ -78,7 +83,11 @@ def _read_class_folders(root: Path) -> list[Sample]:
 
 def _read_manifest(manifest: Path) -> list[Sample]:
     root = manifest.parent.resolve()
-    with manifest.open(newline="", encoding="utf-8-sig") as f:
+    try:
+        text = manifest.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{manifest}: not UTF-8 text (byte {e.start}); save it as UTF-8") from e
+    with io.StringIO(text, newline="") as f:
         reader = csv.DictReader(f)
         columns = [c.strip() for c in reader.fieldnames or []]
         if "path" not in columns or "label" not in columns:

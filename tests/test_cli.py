@@ -1,6 +1,8 @@
 import json
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import make_class_folders, tree_snapshot
@@ -170,3 +172,49 @@ def test_only_tune_imports_ray():
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+@pytest.mark.parametrize("case", ["image_file", "latin1_manifest", "missing_config",
+                                  "bad_yaml_config", "missing_weights", "out_under_a_file"])
+def test_bad_input_is_one_line_exit_2_and_leaves_data_alone(tmp_path, capsys, case):
+    root = make_class_folders(tmp_path / "data", 6)
+    (tmp_path / "latin1.csv").write_bytes(b"path,label\nCOVID/caf\xe9.png,COVID\n")
+    (tmp_path / "bad.yaml").write_text("lr: [1\n")
+    (tmp_path / "afile").write_text("")
+    image = root / "COVID" / "COVID (0).png"
+    argv, named = {
+        "image_file": (["inspect", str(image)], str(image)),
+        "latin1_manifest": (["inspect", str(tmp_path / "latin1.csv")], "latin1.csv: not UTF-8"),
+        "missing_config": (["train", str(root), "--config", str(tmp_path / "nope.yaml"),
+                            "--out", str(tmp_path / "run")], "nope.yaml: cannot read config"),
+        "bad_yaml_config": (["train", str(root), "--config", str(tmp_path / "bad.yaml"),
+                             "--out", str(tmp_path / "run")], "bad.yaml: not valid YAML"),
+        "missing_weights": (["train", str(root), "--set", "weights=/nope/w.pt",
+                             "--out", str(tmp_path / "run")], "weights: /nope/w.pt: no such file"),
+        "out_under_a_file": (["split", str(root), "--out", str(tmp_path / "afile" / "run"),
+                              "--image-size", "32"], str(tmp_path / "afile")),
+    }[case]
+    before = tree_snapshot(root)
+    assert main(argv) == 2
+    err = capsys.readouterr().err  # progress bars aside, one line
+    [line] = [line for line in err.splitlines() if line.startswith("ctscan:")]
+    assert line.startswith("ctscan: error: ") and named in line and "Traceback" not in err
+    assert tree_snapshot(root) == before
+    assert not (tmp_path / "run").exists()  # nothing written before the error
+
+
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    root = make_class_folders(tmp_path / "data", 12)
+    train = subprocess.Popen([sys.executable, "-m", "ctscan", "train", str(root), "--set",
+                              "image_size=32", "--set", "epochs=500", "--out",
+                              str(tmp_path / "run")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True)
+    assert train.stdout.readline().strip()  # decoded and split: training starts
+    while not (tmp_path / "run" / "last.pt").exists():  # an epoch done: something to resume
+        assert train.poll() is None, train.stderr.read()
+        time.sleep(0.2)
+    train.send_signal(signal.SIGINT)
+    _, err = train.communicate(timeout=60)
+    assert train.returncode == 130
+    assert err.strip().splitlines()[-1] == "ctscan: interrupted"
+    assert "Traceback" not in err

@@ -13,10 +13,11 @@ from pathlib import Path
 import yaml
 
 from data_utils.decode import RESIZE_MODES
+from data_utils.errors import UserError
 from data_utils.files import atomic_write
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A config key or value the user has to fix; the message names the key."""
 
 
@@ -192,7 +193,12 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> TrainCon
     """Defaults <- YAML file <- `key=value` overrides (values parsed as YAML: 1e-3, [256, 64])."""
     values: dict = {}
     if path is not None:
-        loaded = load_yaml(Path(path).read_text()) or {}
+        try:
+            loaded = load_yaml(Path(path).read_text()) or {}
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         values.update(loaded)
