@@ -16,7 +16,15 @@ from data_utils.decode import RESIZE_MODES
 from data_utils.errors import UserError
 from data_utils.sources import DataError
 from data_utils.split import GROUP_BY, split_counts, split_dataset, write_split
-from tuning.config import RANGES, ConfigError, Interval, load_config, make_config, save_config
+from tuning.config import (
+    RANGES,
+    ConfigError,
+    Interval,
+    TrainConfig,
+    load_config,
+    make_config,
+    save_config,
+)
 from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE, load_space
 
 # Ray, TensorBoard and the training loop take seconds to import: each command imports what it
@@ -362,7 +370,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_weights_file(config) -> None:
+def check_weights_file(config: TrainConfig) -> None:
     """A weights path must exist before anything is written (on this machine; a cluster's
     workers may hold files this machine lacks, so `tune --address` does not check)."""
     if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
