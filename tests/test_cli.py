@@ -8,6 +8,7 @@ import pytest
 from conftest import make_class_folders, tree_snapshot
 
 from ctscan.cli import main
+from tuning.space import DEMO_SPACE
 
 
 def test_inspect_json_has_the_documented_keys(tmp_path, capsys):
@@ -175,7 +176,8 @@ def test_only_tune_imports_ray():
 
 
 @pytest.mark.parametrize("case", ["image_file", "latin1_manifest", "missing_config",
-                                  "bad_yaml_config", "missing_weights", "out_under_a_file"])
+                                  "bad_yaml_config", "missing_weights", "out_under_a_file",
+                                  "out_inside_data", "cache_inside_data", "storage_inside_data"])
 def test_bad_input_is_one_line_exit_2_and_leaves_data_alone(tmp_path, capsys, case):
     root = make_class_folders(tmp_path / "data", 6)
     (tmp_path / "latin1.csv").write_bytes(b"path,label\nCOVID/caf\xe9.png,COVID\n")
@@ -193,6 +195,13 @@ def test_bad_input_is_one_line_exit_2_and_leaves_data_alone(tmp_path, capsys, ca
                              "--out", str(tmp_path / "run")], "weights: /nope/w.pt: no such file"),
         "out_under_a_file": (["split", str(root), "--out", str(tmp_path / "afile" / "run"),
                               "--image-size", "32"], str(tmp_path / "afile")),
+        "out_inside_data": (["train", str(root), "--out", str(root / "run")],
+                            f"--out {root / 'run'} lies inside the data folder"),
+        "cache_inside_data": (["inspect", str(root), "--cache-dir", str(root / ".cache")],
+                              f"--cache-dir {root / '.cache'} lies inside the data folder"),
+        "storage_inside_data": (["tune", str(root), "--storage-path", str(root / "runs"),
+                                 "--search-space", str(DEMO_SPACE)],
+                                "lies inside the data folder"),
     }[case]
     before = tree_snapshot(root)
     assert main(argv) == 2
