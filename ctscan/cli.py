@@ -122,15 +122,17 @@ def prepare_split(data: Path, image_size: int, resize: str, split_options: dict,
     return ds, split
 
 
-def refuse_writes_inside(data: Path, outputs: dict[str, str | Path | None]) -> None:
+def refuse_writes_inside(data: Path, cache_dir: Path | None,
+                         outputs: dict[str, str | Path] | None = None) -> None:
     """Nothing is written inside a data folder: a rerun would read it as data, and the folder
-    may be shared or read-only. `outputs` maps each option to the path it writes to."""
+    may be shared or read-only. Checks the decode cache and `outputs`, which maps each other
+    option to the path it writes to."""
     if not Path(data).is_dir():  # a manifest's images may lie anywhere below its folder
         return
     root = Path(data).resolve()
+    outputs = {"--cache-dir": cache_dir or default_cache_dir(), **(outputs or {})}
     for option, path in outputs.items():
-        if path is not None and not runfolder.is_uri(path) and \
-                Path(path).expanduser().resolve().is_relative_to(root):
+        if not runfolder.is_uri(path) and Path(path).expanduser().resolve().is_relative_to(root):
             raise DataError(f"{option} {path} lies inside the data folder {root}; ctscan never "
                             "writes there, choose a folder outside it")
 
@@ -143,7 +145,7 @@ def _split_options_of(args: argparse.Namespace) -> dict:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from data_utils.doctor import format_report, inspect_dataset
 
-    refuse_writes_inside(args.data, {"--cache-dir": args.cache_dir or default_cache_dir()})
+    refuse_writes_inside(args.data, args.cache_dir)
     ds = load_dataset(args.data, args.image_size, args.resize, args.cache_dir,
                       args.positive_class)
     report = inspect_dataset(ds)
@@ -152,8 +154,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    refuse_writes_inside(args.data, {"--out": args.out,
-                                     "--cache-dir": args.cache_dir or default_cache_dir()})
+    refuse_writes_inside(args.data, args.cache_dir, {"--out": args.out})
     ds, split = prepare_split(args.data, args.image_size, args.resize, _split_options_of(args),
                               args.cache_dir)
     write_split(split, ds, args.out / "split.json")
@@ -274,9 +275,8 @@ def _tune(args: argparse.Namespace) -> int:
     config = make_config(options.base_config)  # also checks --image-size and --weights
     if not args.address:
         check_weights_file(config)
-    refuse_writes_inside(Path(options.data), {
-        "--storage-path": options.storage_path,
-        "--cache-dir": args.cache_dir or default_cache_dir()})
+    refuse_writes_inside(Path(options.data), args.cache_dir,
+                         {"--storage-path": options.storage_path})
     ds, split = prepare_split(Path(options.data), config.image_size, config.resize,
                               options.split, args.cache_dir)
     data = prepare_run(options, ds, split, resume=bool(args.resume))
@@ -362,8 +362,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     config = load_config(args.config, [*(DEMO_CONFIG if args.demo else []), *args.overrides])
     check_weights_file(config)
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-    refuse_writes_inside(args.data, {"--out": out,
-                                     "--cache-dir": args.cache_dir or default_cache_dir()})
+    refuse_writes_inside(args.data, args.cache_dir, {"--out": out})
     if (out / "config.yaml").exists() and load_config(out / "config.yaml") != config:
         raise DataError(f"{out} holds a run with a different config; pick another --out")
     ds, split = prepare_split(args.data, config.image_size, config.resize,
