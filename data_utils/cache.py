@@ -23,7 +23,7 @@ from data_utils.decode import RESIZE_MODES, decode_image
 from data_utils.files import atomic_write
 from data_utils.sources import DataError, Sample, discover
 
-CACHE_FORMAT = 1  # bump when decoding changes what pixels a file yields
+CACHE_FORMAT = 2  # bump when decoding changes what pixels a file yields
 PHASH_SIZE = 16  # 256-bit pHash: the 64-bit default cannot tell two patients' CT slices apart
 
 
@@ -46,6 +46,7 @@ class CTDataset:
     sha256: list[str]
     groups: list[str | None]  # manifest group (patient id), None for class folders
     modes: list[str]  # image mode as stored, e.g. "RGB"; the pixels never depend on it
+    bits: list[int | str]  # the scale each file was read with: Decoded.bits (8, 12, 16, "HU"...)
     sizes: list[tuple[int, int]]  # (width, height) as stored
     skipped: list[Skipped]
     image_size: int
@@ -116,6 +117,7 @@ def load_dataset(
         sha256=[digests[s.path] for s in kept],
         groups=[s.group for s in kept],
         modes=[entries[digests[s.path]]["mode"] for s in kept],
+        bits=[entries[digests[s.path]]["bits"] for s in kept],
         sizes=[tuple(entries[digests[s.path]]["size"]) for s in kept],
         skipped=skipped,
         image_size=image_size,
@@ -129,7 +131,9 @@ def _hash_files(samples: list[Sample], progress: bool) -> tuple[dict[Path, str],
         try:
             digests[s.path] = hashlib.sha256(s.path.read_bytes()).hexdigest()
         except OSError as e:
-            skipped.append(Skipped(s.rel, f"cannot read: {e.strerror or e}"))
+            broken = s.path.is_symlink() and not s.path.exists()
+            reason = f"broken symlink to {os.readlink(s.path)}" if broken else e.strerror or e
+            skipped.append(Skipped(s.rel, f"cannot read: {reason}"))
     return digests, skipped
 
 
@@ -141,7 +145,11 @@ def _load_or_build(
     cache_dir: Path | None,
     progress: bool,
 ) -> tuple[dict[str, dict], np.ndarray, np.ndarray]:
-    """Return {sha256: {"row", "mode", "size"} | {"error"}}, and the pixel and hash arrays."""
+    """Return {sha256: {"row", "mode", "size", "bits"} | {"error"}}, and the pixel and hash arrays.
+
+    A failure that another run may not repeat (out of memory, an OS read error) is reported like
+    any other but keeps the whole cache from being written, so the next run decodes again.
+    """
     key = hashlib.sha256(
         f"{CACHE_FORMAT}|{image_size}|{resize}|{','.join(unique)}".encode()
     ).hexdigest()
@@ -157,9 +165,13 @@ def _load_or_build(
         try:
             decoded = decode_image(path_of[digest].read_bytes(), image_size, resize)
         except Exception as e:  # noqa: BLE001 - any failure to decode one file skips that file
-            return {"error": f"{type(e).__name__}: {e}"}
+            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            if transient_failure(e):
+                return {"error": f"{reason} (not cached; tried again next run)", "transient": True}
+            return {"error": reason}
         return {"pixels": decoded.pixels, "phash": perceptual_hash(decoded.pixels),
-                "mode": decoded.mode, "size": [decoded.width, decoded.height]}
+                "mode": decoded.mode, "size": [decoded.width, decoded.height],
+                "bits": decoded.bits}
 
     # Pillow releases the GIL while inflating and resizing, so threads use every core.
     with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
@@ -168,16 +180,29 @@ def _load_or_build(
     entries, planes, hashes = {}, [], []
     for digest, result in zip(unique, results, strict=True):
         if "error" in result:
-            entries[digest] = result
+            entries[digest] = {"error": result["error"]}
         else:
-            entries[digest] = {"row": len(planes), "mode": result["mode"], "size": result["size"]}
+            entries[digest] = {"row": len(planes), "mode": result["mode"], "size": result["size"],
+                               "bits": result["bits"]}
             planes.append(result["pixels"])
             hashes.append(result["phash"])
     pixels = np.stack(planes) if planes else np.zeros((0, image_size, image_size), np.uint8)
     phash = np.stack(hashes) if hashes else np.zeros((0, 32), np.uint8)
-    with atomic_write(cache_file) as f:
-        np.savez(f, pixels=pixels, phash=phash, entries=np.array(json.dumps(entries)))
+    if not any("transient" in result for result in results):
+        with atomic_write(cache_file) as f:
+            np.savez(f, pixels=pixels, phash=phash, entries=np.array(json.dumps(entries)))
     return entries, pixels, phash
+
+
+def transient_failure(error: BaseException) -> bool:
+    """Whether a failed decode may succeed next time, so must not be cached as unreadable.
+
+    Pillow reports bad content as OSError without an errno; one with an errno came from the
+    operating system (a flaky disk or network share, a file replaced while we read it).
+    """
+    if isinstance(error, OSError):
+        return error.errno is not None
+    return isinstance(error, MemoryError)
 
 
 def perceptual_hash(pixels: np.ndarray) -> np.ndarray:

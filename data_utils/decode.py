@@ -3,11 +3,21 @@
 The real SARS-CoV-2 CT set stores every COVID slice as RGB or RGBA and every non-COVID slice as
 RGBA, so channel layout and alpha correlate with the label. Everything here funnels into luminance
 only: an L, RGB, RGBA or palette copy of one picture decodes to the same array.
+
+Pixels wider than 8 bits are scaled by what the file declares, never by what a slice happens to
+hold, so every slice of a scan gets the same scale:
+- unsigned integers: the full range of their significant bits becomes 0..255. The bits are the
+  PNG's sBIT chunk when present (the samples are shifted right to undo the encoder's scaling, as
+  the PNG spec says), else TIFF's BitsPerSample, else the container (16-bit PNG: 0..65535);
+- signed integers are read as Hounsfield units in the window -1024..3071 (see HU_WINDOW);
+- floats must be finite and within 0..1 (0 black, 1 white); others are refused, not stretched.
+An image whose every pixel holds the same value carries no picture and is refused too.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -17,6 +27,11 @@ from PIL import Image, ImageOps
 RESIZE_MODES = ("pad", "stretch")
 # Modes whose pixels are integers or floats wider than 8 bits; Pillow's convert("L") clips them.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
+# A signed integer slice is a CT in Hounsfield units: no scanner writes negative raw values. A
+# 12-bit CT stores HU + 1024 in 0..4095, so this window makes a slice exported as signed HU
+# decode exactly like the same slice exported as unsigned 12-bit, whatever either one holds.
+HU_WINDOW = (-1024, 3071)
+_TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT, _TIFF_UNSIGNED = 258, 339, 1
 
 
 @dataclass(frozen=True)
@@ -25,6 +40,9 @@ class Decoded:
     mode: str  # as stored in the file, for the dataset doctor
     width: int
     height: int
+    # The scale the pixels were read with: the bit depth whose full range became 0..255 (1, 8,
+    # 12, 16, 32...), "HU" for signed integers (HU_WINDOW) or "float" (0..1).
+    bits: int | str
 
 
 def decode_image(data: bytes, size: int, resize: str = "pad") -> Decoded:
@@ -40,29 +58,103 @@ def decode_image(data: bytes, size: int, resize: str = "pad") -> Decoded:
         with Image.open(io.BytesIO(data)) as img:
             mode, (width, height) = img.mode, img.size
             img.load()
-            gray = to_gray(ImageOps.exif_transpose(img))
-    return Decoded(_fit_square(gray, size, resize), mode, width, height)
+            bits, shift = _depth_of(img, data)
+            gray = _to_gray(ImageOps.exif_transpose(img), bits, shift)
+    return Decoded(_fit_square(gray, size, resize), mode, width, height, bits)
 
 
-def to_gray(img: Image.Image) -> Image.Image:
+def _depth_of(img: Image.Image, data: bytes) -> tuple[int | str, int]:
+    """(Decoded.bits, how far to shift samples right before scaling), from the file alone."""
+    if img.mode == "1":
+        return 1, 0
+    if img.mode == "F":
+        return "float", 0
+    if img.mode == "I":  # 32-bit signed in Pillow; only a TIFF can say its samples are unsigned
+        if img.format == "TIFF" and _tiff_tag(img, _TIFF_SAMPLE_FORMAT, 1) == _TIFF_UNSIGNED:
+            return _tiff_bits(img, 32), 0
+        return "HU", 0
+    if img.mode in _WIDE_MODES:  # the unsigned 16-bit containers
+        if img.format == "PNG" and (significant := _png_significant_bits(data)):
+            return significant, 16 - significant
+        if img.format == "TIFF":  # e.g. 12: Pillow unpacks 12-bit samples unscaled, 0..4095
+            return _tiff_bits(img, 16), 0
+        return 16, 0
+    return 8, 0  # Pillow has already scaled 1-, 2- and 4-bit PNG gray and palettes to 8 bits
+
+
+def _tiff_tag(img: Image.Image, tag: int, default: int) -> int:
+    value = getattr(img, "tag_v2", {}).get(tag, default)
+    return int(value[0] if isinstance(value, tuple) else value)
+
+
+def _tiff_bits(img: Image.Image, container: int) -> int:
+    bits = _tiff_tag(img, _TIFF_BITS_PER_SAMPLE, container)
+    return bits if 1 <= bits <= container else container
+
+
+def _png_significant_bits(data: bytes) -> int | None:
+    """The gray sample's sBIT value, which Pillow does not expose; None when absent or invalid."""
+    pos = 8  # after the signature
+    while pos + 8 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        if kind in (b"IDAT", b"IEND"):  # sBIT must come before the image data
+            return None
+        if kind == b"sBIT" and length >= 1:
+            bits = data[pos + 8]
+            return bits if 1 <= bits <= 16 else None  # like libpng, ignore an impossible sBIT
+        pos += 12 + length
+    return None
+
+
+def _to_gray(img: Image.Image, bits: int | str, shift: int) -> Image.Image:
     """8-bit luminance; alpha is dropped (not composited) so RGB and opaque RGBA agree exactly."""
+    if img.mode == "F":
+        _refuse_non_finite(np.asarray(img))
+    _refuse_constant(img)
     if img.mode == "L":
         return img
+    if img.mode == "F":
+        return Image.fromarray(_float_to_uint8(np.asarray(img)))
+    if bits == "HU":
+        return Image.fromarray(_linear_to_uint8(np.asarray(img), *HU_WINDOW))
     if img.mode in _WIDE_MODES:
-        return Image.fromarray(_wide_to_uint8(np.asarray(img)))
+        # int64 holds unsigned 32-bit samples, which Pillow's signed "I" shows as negative.
+        samples = np.asarray(img).astype(np.int64) % (1 << 32) >> shift
+        return Image.fromarray(_linear_to_uint8(samples, 0, 2**int(bits) - 1))
     # Pillow's RGB->L weights sum to exactly 1 in fixed point, so gray RGB maps to the same L.
     return img.convert("RGB").convert("L")
 
 
-def _wide_to_uint8(a: np.ndarray) -> np.ndarray:
-    """16-bit PNGs hold 0..65535; 'I' files written from 8-bit data hold 0..255."""
-    a = a.astype(np.float64)
-    if a.min() >= 0 and a.max() <= 255:
-        return a.round().astype(np.uint8)
-    if a.min() >= 0 and a.max() <= 65535:
-        return (a / 257).round().astype(np.uint8)
-    # e.g. Hounsfield units in a signed or float image: stretch to the full 8-bit range
-    return ((a - a.min()) / np.ptp(a) * 255).round().astype(np.uint8)
+def _refuse_non_finite(a: np.ndarray) -> None:
+    if not np.isfinite(a).all():
+        raise ValueError("float image holds NaN/inf")
+
+
+def _refuse_constant(img: Image.Image) -> None:
+    """A blank slice (all air, all padding) would teach the model nothing but its label."""
+    extrema = img.getextrema()
+    if not isinstance(extrema[0], tuple):
+        extrema = (extrema,)
+    colour = [band for band, name in zip(extrema, img.getbands(), strict=True)
+              if name not in ("A", "a")]
+    if all(low == high for low, high in colour):
+        value = colour[0][0] if len(colour) == 1 else tuple(low for low, _ in colour)
+        raise ValueError(f"constant image: every pixel is {value}")
+
+
+def _float_to_uint8(a: np.ndarray) -> np.ndarray:
+    # Stretching each slice to its own min..max would give every slice of a scan its own scale.
+    low, high = float(a.min()), float(a.max())
+    if low < 0 or high > 1:
+        raise ValueError(f"float image holds values outside 0..1 (min {low:g}, max {high:g}); "
+                         "save it as 8- or 16-bit integers")
+    return _linear_to_uint8(a, 0, 1)
+
+
+def _linear_to_uint8(a: np.ndarray, low: float, high: float) -> np.ndarray:
+    """low..high onto 0..255, clipping outside."""
+    scaled = (a.astype(np.float64) - low) * (255 / (high - low))
+    return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
 def _fit_square(img: Image.Image, size: int, resize: str) -> np.ndarray:
@@ -74,4 +166,3 @@ def _fit_square(img: Image.Image, size: int, resize: str) -> np.ndarray:
     top, left = (size - h) // 2, (size - w) // 2
     canvas[top : top + h, left : left + w] = img.resize((w, h), Image.Resampling.BILINEAR)
     return canvas
-

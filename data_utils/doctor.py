@@ -29,6 +29,11 @@ def inspect_dataset(ds: CTDataset) -> dict:
             name: dict(Counter(ds.modes[i] for i in rows).most_common())
             for name, rows in by_class.items()
         },
+        # keys are strings ("8", "12", "HU", "float") as in the --json output
+        "bits": {
+            name: dict(Counter(str(ds.bits[i]) for i in rows).most_common())
+            for name, rows in by_class.items()
+        },
         "sizes": {name: _size_range([ds.sizes[i] for i in rows])
                   for name, rows in by_class.items()},
         "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
@@ -42,9 +47,19 @@ def inspect_dataset(ds: CTDataset) -> dict:
         report["warnings"].append(
             f"{len(mixed)} near-identical group(s) hold both labels (first: {mixed[0][0]} ~ "
             f"{mixed[0][-1]}): mislabelled files, or slices too alike to tell apart")
+    depths = Counter(map(str, ds.bits))
+    if len(depths) > 1:
+        found = ", ".join(f"{_depth_label(b)} {n}" for b, n in depths.most_common())
+        report["warnings"].append(
+            f"images mix bit depths ({found}): each file is scaled by its own depth, so one "
+            "tissue can come out at different brightness in different files")
     if ds.skipped:
         report["warnings"].append(f"{len(ds.skipped)} file(s) could not be read and are skipped")
     return report
+
+
+def _depth_label(bits: str) -> str:
+    return f"{bits}-bit" if bits.isdigit() else bits
 
 
 def _size_range(sizes: list[tuple[int, int]]) -> dict[str, list[int]]:
@@ -109,10 +124,12 @@ def format_report(report: dict) -> str:
     lines = [f"dataset {report['data']}  (positive class: {report['positive_class']})"]
     for name, count in report["classes"].items():
         modes = ", ".join(f"{m} {n}" for m, n in report["modes"][name].items())
+        depths = ", ".join(f"{_depth_label(b)} {n}" for b, n in report["bits"][name].items())
         size = report["sizes"][name]
         lines.append(
-            f"  {name:<12} {count:>6} images   modes: {modes}   width {size['width'][0]}-"
-            f"{size['width'][1]}, height {size['height'][0]}-{size['height'][1]} px"
+            f"  {name:<12} {count:>6} images   modes: {modes}   depth: {depths}   width "
+            f"{size['width'][0]}-{size['width'][1]}, height {size['height'][0]}-"
+            f"{size['height'][1]} px"
         )
     lines.append(f"skipped (unreadable): {len(report['skipped'])}")
     lines += [f"  {s['path']}: {s['reason']}" for s in report["skipped"]]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from data_utils.errors import UserError
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 POSITIVE_HINTS = ("covid", "positive")
+NEGATIONS = {"no", "non", "not", "neg", "negative", "without"}
 
 
 class DataError(UserError):
@@ -61,8 +63,11 @@ def discover(data: Path, positive_class: str | None = None) -> Source:
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files under folder, recursively and sorted; hidden files are left out."""
-    return sorted(p for p in folder.rglob("*") if p.is_file()
+    """Image files under folder, recursively and sorted; hidden files are left out.
+
+    Broken symlinks are kept, so that reading them fails and they are reported, not lost.
+    """
+    return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink())
                   and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
 
 
@@ -75,8 +80,9 @@ def _read_class_folders(root: Path) -> list[Sample]:
         files = image_files(class_dir)
         if not files:
             raise DataError(f"{class_dir}: class folder holds no image files")
+        # absolute(), not resolve(): a broken or looping symlink must stay itself to be reported
         samples += [
-            Sample(p.resolve(), p.relative_to(root).as_posix(), class_dir.name) for p in files
+            Sample(p.absolute(), p.relative_to(root).as_posix(), class_dir.name) for p in files
         ]
     return samples
 
@@ -92,15 +98,21 @@ def _read_manifest(manifest: Path) -> list[Sample]:
         columns = [c.strip() for c in reader.fieldnames or []]
         if "path" not in columns or "label" not in columns:
             raise DataError(f"{manifest}: header must be path,label[,group]; found {columns}")
-        samples = []
+        samples, line_of = [], {}
         for line_no, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             if not row["path"] or not row["label"]:
                 raise DataError(f"{manifest}:{line_no}: empty path or label")
-            path = (root / row["path"]).resolve()
+            try:
+                path = (root / row["path"]).resolve()
+            except RuntimeError as e:  # Python < 3.13 raises this for a symlink loop
+                raise DataError(f"{manifest}:{line_no}: path {row['path']!r}: {e}") from e
             if not path.is_relative_to(root):
                 raise DataError(f"{manifest}:{line_no}: path {row['path']!r} escapes {root}")
             rel = path.relative_to(root).as_posix()
+            if path in line_of:
+                raise DataError(f"{manifest}:{line_of[path]} and :{line_no} both list {rel}")
+            line_of[path] = line_no
             samples.append(Sample(path, rel, row["label"], row.get("group") or None))
     if not samples:
         raise DataError(f"{manifest}: manifest lists no images")
@@ -114,17 +126,27 @@ def _order_classes(names: list[str], positive_class: str | None, where: str) -> 
             raise DataError(f"{where}: --positive-class {positive_class!r} is not one of {names}")
         positive = matches[0]
     else:
-        # "non-COVID" contains "covid" too, so a name counts only if it does not negate the hint.
-        hits = [
-            n for n in names
-            if any(h in n.lower() for h in POSITIVE_HINTS)
-            and not n.lower().startswith(("non", "not", "no-", "no_", "neg"))
-        ]
+        hinted = [n for n in names if any(h in n.lower() for h in POSITIVE_HINTS)]
+        hits = [n for n in hinted if not _negated(n)]
         if len(hits) != 1:
+            negated = [n for n in hinted if _negated(n)]
+            why = f" ({', '.join(map(repr, negated))} also says no/not/negative)" if negated else ""
             raise DataError(
-                f"{where}: cannot tell which of {names} is the positive class; "
+                f"{where}: cannot tell which of {names} is the positive class{why}; "
                 "pass --positive-class NAME"
             )
         positive = hits[0]
     negative = next(n for n in names if n != positive)
     return negative, positive
+
+
+def _negated(name: str) -> bool:
+    """Whether a class name negates itself anywhere: non-COVID, covid_negative, NotCovid, noncovid.
+
+    "non-COVID" and "covid_negative" hold a positive hint too; a name with both must never be
+    guessed positive, so the hints are cut out as words of their own and every word is checked.
+    """
+    spaced = re.sub(r"([a-z])([A-Z])", r"\1 \2", name).lower()
+    for hint in POSITIVE_HINTS:
+        spaced = spaced.replace(hint, f" {hint} ")
+    return any(word in NEGATIONS for word in re.findall(r"[a-z]+", spaced))

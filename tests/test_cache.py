@@ -1,6 +1,9 @@
+import errno
+
 import numpy as np
 import pytest
 from conftest import make_class_folders, tree_snapshot
+from PIL import Image
 
 import data_utils.cache as cache_module
 from data_utils.cache import load_dataset
@@ -47,6 +50,7 @@ def test_second_load_decodes_nothing_and_matches(tmp_path, decode_calls):
     np.testing.assert_array_equal(first.phash, second.phash)
     assert first.paths == second.paths and first.skipped == second.skipped
     assert first.modes == second.modes and first.sizes == second.sizes
+    assert first.bits == second.bits == [8] * 10
     # A new size or resize mode is another cache entry, so it must decode again.
     load_dataset(root, image_size=24, progress=False)
     assert len(decode_calls) == 26
@@ -89,3 +93,48 @@ def test_identical_bytes_with_different_labels_is_an_error(tmp_path):
     (root / "non-COVID" / "copy.png").write_bytes((root / "COVID" / "COVID (0).png").read_bytes())
     with pytest.raises(DataError, match="byte-identical but labelled"):
         load_dataset(root, image_size=32, progress=False)
+
+
+@pytest.mark.parametrize("failure", [MemoryError(), OSError(errno.EIO, "Input/output error")])
+def test_a_transient_failure_is_skipped_but_not_cached(tmp_path, monkeypatch, isolated_cache,
+                                                       failure):
+    root = make_class_folders(tmp_path / "data", 3)
+    real, failed = cache_module.decode_image, []
+
+    def fail_once(data, *args):
+        if not failed:
+            failed.append(data)
+            raise failure
+        return real(data, *args)
+
+    monkeypatch.setattr(cache_module, "decode_image", fail_once)
+    first = load_dataset(root, image_size=32, progress=False)
+    [skipped] = first.skipped
+    assert skipped.reason.startswith(type(failure).__name__)
+    assert "not cached" in skipped.reason
+    assert not list(isolated_cache.glob("*.npz"))  # so the next run tries that file again
+    second = load_dataset(root, image_size=32, progress=False)
+    assert len(second) == 6 and second.skipped == []
+    assert list(isolated_cache.glob("*.npz"))
+
+
+def test_a_broken_symlink_is_listed_as_skipped(tmp_path):
+    root = make_class_folders(tmp_path / "data", 3)
+    (root / "COVID" / "gone.png").symlink_to(tmp_path / "nowhere.png")
+    (root / "COVID" / "loop.png").symlink_to(root / "COVID" / "loop.png")
+    ds = load_dataset(root, image_size=32, progress=False)
+    assert len(ds) == 6
+    assert {s.path: s.reason for s in ds.skipped} == {
+        "COVID/gone.png": f"cannot read: broken symlink to {tmp_path / 'nowhere.png'}",
+        "COVID/loop.png": f"cannot read: broken symlink to {root / 'COVID' / 'loop.png'}",
+    }
+
+
+def test_bit_depth_is_kept_per_file_and_cached(tmp_path):
+    root = make_class_folders(tmp_path / "data", 3)
+    wide = np.asarray(Image.open(root / "COVID" / "COVID (0).png")).astype(np.uint16) * 257
+    Image.fromarray(wide).save(root / "COVID" / "wide.png")
+    for _ in range(2):  # decoded, then loaded from the cache
+        ds = load_dataset(root, image_size=32, progress=False)
+        assert dict(zip(ds.paths, ds.bits, strict=True))["COVID/wide.png"] == 16
+        assert sorted(ds.bits, key=str) == [16] + [8] * 6

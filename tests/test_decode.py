@@ -10,10 +10,39 @@ from PIL import Image
 from data_utils.decode import decode_image
 
 
-def _png(img: Image.Image) -> bytes:
+def png_bytes(img: Image.Image) -> bytes:
     buf = io.BytesIO()
-    img.save(buf, format="TIFF" if img.mode == "I" else "PNG")  # PNG cannot hold 32-bit "I"
+    img.save(buf, format="TIFF" if img.mode in ("I", "F") else "PNG")  # PNG holds neither
     return buf.getvalue()
+
+
+def _chunk(kind: bytes, data: bytes) -> bytes:
+    body = kind + data
+    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
+
+
+def png_with_sbit(samples: np.ndarray, significant_bits: int) -> bytes:
+    """A 16-bit gray PNG with an sBIT chunk right after IHDR (8-byte signature + 25-byte IHDR)."""
+    png = png_bytes(Image.fromarray(samples.astype(np.uint16)))
+    return png[:33] + _chunk(b"sBIT", bytes([significant_bits])) + png[33:]
+
+
+def tiff_bytes(values: np.ndarray, bits: int, sample_format: int = 1) -> bytes:
+    """A one-strip gray TIFF written by hand: Pillow writes neither 12-bit nor unsigned 32-bit."""
+    height, width = values.shape
+    if bits == 12:  # two samples in three bytes, most significant bits first
+        samples = values.astype(np.uint16).ravel()
+        first, second = samples[0::2], samples[1::2]
+        raw = np.stack([first >> 4, (first & 15) << 4 | second >> 8, second & 255], 1)
+        raw = raw.astype(np.uint8).tobytes()
+    else:
+        raw = values.astype(f"<{'u' if sample_format == 1 else 'i'}{bits // 8}").tobytes()
+    tags = {256: width, 257: height, 258: bits, 259: 1, 262: 1, 273: 0, 277: 1, 278: height,
+            279: len(raw), 339: sample_format}
+    tags[273] = 8 + 2 + 12 * len(tags) + 4  # the strip follows the header and the one IFD
+    ifd = struct.pack("<H", len(tags)) + b"".join(
+        struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags.items())
+    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + raw
 
 
 @pytest.fixture
@@ -32,13 +61,16 @@ def _as_mode(gray: np.ndarray, mode: str) -> Image.Image:
     return img.convert(mode)
 
 
-@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16", "I"])
+@pytest.mark.parametrize("mode", ["L", "LA", "RGB", "RGBA", "P", "I;16"])
 def test_every_mode_decodes_to_the_same_pixels(gray, mode):
-    """The file's mode must not leak into pixels (RGB vs RGBA follows the label in real data)."""
+    """The file's mode must not leak into pixels (RGB vs RGBA follows the label in real data).
+
+    Signed 32-bit "I" is not among them: it is read as Hounsfield units, whatever it holds.
+    """
     img = _as_mode(gray, mode)
     assert img.mode == mode
-    expected = decode_image(_png(Image.fromarray(gray)), 40).pixels
-    got = decode_image(_png(img), 40)
+    expected = decode_image(png_bytes(Image.fromarray(gray)), 40).pixels
+    got = decode_image(png_bytes(img), 40)
     assert got.mode == mode
     assert got.pixels.dtype == np.uint8 and got.pixels.shape == (40, 40)
     if mode == "P":  # a 256-colour palette of a grayscale picture is exact up to quantisation
@@ -50,34 +82,129 @@ def test_every_mode_decodes_to_the_same_pixels(gray, mode):
 def test_translucent_alpha_is_dropped_not_composited(gray):
     rgba = Image.fromarray(gray).convert("RGBA")
     rgba.putalpha(Image.fromarray(np.full_like(gray, 30)))
-    np.testing.assert_array_equal(decode_image(_png(rgba), 40).pixels,
-                                  decode_image(_png(Image.fromarray(gray)), 40).pixels)
+    np.testing.assert_array_equal(decode_image(png_bytes(rgba), 40).pixels,
+                                  decode_image(png_bytes(Image.fromarray(gray)), 40).pixels)
 
 
 def test_one_bit_images_decode_to_0_and_255():
     bits = Image.fromarray(np.indices((16, 16)).sum(0) % 2 == 0)
     assert bits.mode == "1"
-    assert set(np.unique(decode_image(_png(bits), 16).pixels)) == {0, 255}
+    assert set(np.unique(decode_image(png_bytes(bits), 16).pixels)) == {0, 255}
 
 
 def test_pad_keeps_aspect_ratio_and_stretch_fills():
-    wide = Image.fromarray(np.full((50, 100), 200, np.uint8))
-    padded = decode_image(_png(wide), 64, "pad").pixels
+    pixels = np.full((50, 100), 200, np.uint8)
+    pixels[:, 0] = 201  # one column apart: a constant image would be refused
+    wide = Image.fromarray(pixels)
+    padded = decode_image(png_bytes(wide), 64, "pad").pixels
     rows = np.flatnonzero(padded.max(1) > 0)
     assert padded.shape == (64, 64)
     assert (rows.min(), rows.max()) == (16, 47)  # 32 rows of image, 16 black above and below
     assert (padded[:16] == 0).all() and (padded[48:] == 0).all()
-    assert (decode_image(_png(wide), 64, "stretch").pixels == 200).all()
+    assert (decode_image(png_bytes(wide), 64, "stretch").pixels >= 200).all()
+
+
+def _ramp(bits: int) -> np.ndarray:
+    """Every value of a bit depth (up to 12 bits), as a 64 x 64 image: decoded at 64 px, each
+    pixel maps to one output pixel and no resampling mixes values."""
+    return np.resize(np.arange(2**bits), (64, 64))
+
+
+def _expected(values: np.ndarray, top: int) -> np.ndarray:
+    return np.round(values * 255 / top).astype(np.uint8)
+
+
+def test_12_bit_png_with_sbit_spans_the_full_8_bit_range():
+    """As the PNG spec asks, the encoder scaled 12-bit samples to 16 bits by bit replication and
+    recorded 12 in sBIT; shifting right by 4 recovers them."""
+    values = _ramp(12)
+    decoded = decode_image(png_with_sbit(values << 4 | values >> 8, 12), 64)
+    assert decoded.bits == 12
+    np.testing.assert_array_equal(decoded.pixels, _expected(values, 4095))
+    assert (decoded.pixels.min(), decoded.pixels.max()) == (0, 255)
+
+
+def test_12_bit_tiff_spans_the_full_8_bit_range():
+    values = _ramp(12)
+    decoded = decode_image(tiff_bytes(values, 12), 64)
+    assert decoded.bits == 12
+    np.testing.assert_array_equal(decoded.pixels, _expected(values, 4095))
+
+
+@pytest.mark.parametrize("encode, bits, top", [
+    (lambda v: png_bytes(Image.fromarray(v.astype(np.uint16))), 16, 65535),
+    (lambda v: tiff_bytes(v, 16), 16, 65535),
+    (lambda v: png_with_sbit(v << 4, 12), 12, 4095),
+    (lambda v: tiff_bytes(v, 12), 12, 4095),
+    (lambda v: tiff_bytes(v, 32), 32, 2**32 - 1),
+])
+def test_slices_of_one_scan_share_one_scale(encode, bits, top):
+    """A dim slice and a bright one: the same stored value decodes to the same 8-bit value."""
+    rng = np.random.default_rng(3)
+    dim = rng.integers(0, 1000, (64, 64))
+    bright = rng.integers(0, 4096, (64, 64))
+    dim[0, :10] = bright[0, :10] = np.arange(0, 1000, 100)  # values both slices hold
+    first, second = decode_image(encode(dim), 64), decode_image(encode(bright), 64)
+    assert first.bits == second.bits == bits
+    np.testing.assert_array_equal(first.pixels[0, :10], second.pixels[0, :10])
+    np.testing.assert_array_equal(first.pixels, _expected(dim, top))
+    np.testing.assert_array_equal(second.pixels, _expected(bright, top))
+
+
+@pytest.mark.parametrize("bits", [16, 32])
+def test_signed_integers_are_read_as_hounsfield_units(bits):
+    """-1024..3071 HU onto 0..255, beyond clipped: the same as its unsigned 12-bit export."""
+    hu = np.resize(np.arange(-1500, 3500, 5), (40, 40))
+    decoded = decode_image(tiff_bytes(hu, bits, sample_format=2), 40)
+    assert decoded.bits == "HU"
+    np.testing.assert_array_equal(decoded.pixels, _expected(np.clip(hu + 1024, 0, 4095), 4095))
+    unsigned_12_bit = decode_image(tiff_bytes(np.clip(hu + 1024, 0, 4095), 12), 40).pixels
+    np.testing.assert_array_equal(decoded.pixels, unsigned_12_bit)
+
+
+def test_pillow_signed_i_image_is_read_as_hounsfield_units(gray):
+    decoded = decode_image(png_bytes(Image.fromarray(gray).convert("I")), 40)
+    assert decoded.mode == "I" and decoded.bits == "HU"
+    hu_window = Image.fromarray(_expected(gray.astype(int) + 1024, 4095))
+    np.testing.assert_array_equal(decoded.pixels, decode_image(png_bytes(hu_window), 40).pixels)
+
+
+def test_float_images_in_0_to_1_scale_by_255_and_others_are_refused():
+    values = np.resize(np.linspace(0, 1, 256, dtype=np.float32), (16, 16))
+    decoded = decode_image(png_bytes(Image.fromarray(values)), 16)
+    assert decoded.mode == "F" and decoded.bits == "float"
+    np.testing.assert_array_equal(decoded.pixels, np.round(values.astype(np.float64) * 255))
+    for bad, reason in [(np.nan, "NaN/inf"), (np.inf, "NaN/inf"), (-0.5, "outside 0..1"),
+                        (300.0, r"outside 0..1 \(min 0, max 300\)")]:
+        values[3, 4] = bad
+        with pytest.raises(ValueError, match=reason):
+            decode_image(png_bytes(Image.fromarray(values)), 16)
+
+
+def _translucent(value: int) -> Image.Image:
+    rgba = Image.new("RGBA", (8, 8), (value, value, value, 255))
+    rgba.putalpha(Image.fromarray(np.arange(64, dtype=np.uint8).reshape(8, 8)))
+    return rgba
+
+
+@pytest.mark.parametrize("img, value", [
+    (Image.new("L", (8, 8), 0), "0"),
+    (Image.new("RGB", (8, 8), (10, 20, 30)), r"\(10, 20, 30\)"),
+    (_translucent(7), r"\(7, 7, 7\)"),  # alpha is dropped, so only the colour counts
+    (Image.fromarray(np.full((8, 8), 4095, np.uint16)), "4095"),
+    (Image.fromarray(np.full((8, 8), 0.5, np.float32)), "0.5"),
+    (Image.new("1", (8, 8), 1), "255"),
+])
+def test_constant_images_are_refused_naming_the_value(img, value):
+    with pytest.raises(ValueError, match=f"constant image: every pixel is {value}$"):
+        decode_image(png_bytes(img), 8)
 
 
 def _bomb_header(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims a huge image."""
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        body = kind + data
-        return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64))
-            + chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
+            + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("data, reason", [
@@ -92,7 +219,7 @@ def test_bad_bytes_raise_with_a_reason(data, reason):
 
 
 def test_truncated_and_corrupt_png_raise(gray):
-    good = _png(Image.fromarray(gray))
+    good = png_bytes(Image.fromarray(gray))
     with pytest.raises(OSError):
         decode_image(good[: len(good) // 2], 32)
     corrupt = bytearray(good)

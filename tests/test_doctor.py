@@ -3,7 +3,7 @@ from conftest import make_class_folders
 from PIL import Image
 
 from data_utils.cache import load_dataset
-from data_utils.doctor import inspect_dataset
+from data_utils.doctor import format_report, inspect_dataset
 
 
 def _resave(folder, size):
@@ -44,3 +44,21 @@ def test_near_identical_files_with_different_labels_are_flagged(tmp_path):
     report = inspect_dataset(load_dataset(root, image_size=32, progress=False))
     assert ["COVID/COVID (0).png", "non-COVID/twin.png"] in report["near_duplicate_groups"]
     assert any("hold both labels" in w for w in report["warnings"])
+
+
+def test_bit_depths_are_reported_per_class_and_a_mix_is_warned_about(tmp_path):
+    root = make_class_folders(tmp_path / "d", 6)
+    for f in sorted((root / "non-COVID").iterdir())[:2]:  # the same pictures, stored 16-bit
+        Image.fromarray(np.asarray(Image.open(f)).astype(np.uint16) * 257).save(f)
+    report = inspect_dataset(load_dataset(root, image_size=32, progress=False))
+    assert report["bits"] == {"non-COVID": {"8": 4, "16": 2}, "COVID": {"8": 6}}
+    assert any(w.startswith("images mix bit depths (8-bit 10, 16-bit 2)")
+               for w in report["warnings"])
+    assert "depth: 8-bit 4, 16-bit 2" in format_report(report)
+
+
+def test_one_bit_depth_is_no_warning(tmp_path):
+    report = inspect_dataset(load_dataset(make_class_folders(tmp_path / "d", 6), image_size=32,
+                                          progress=False))
+    assert report["bits"] == {"non-COVID": {"8": 6}, "COVID": {"8": 6}}
+    assert not any("bit depth" in w for w in report["warnings"])

@@ -18,9 +18,27 @@ def test_kaggle_layout_detects_covid_as_positive(tmp_path):
 @pytest.mark.parametrize("names, positive", [
     (("positive", "negative"), "positive"),
     (("Covid19", "normal"), "Covid19"),
+    (("COVID", "non-COVID"), "COVID"),
+    (("covid", "noncovid"), "covid"),
+    (("CT_COVID", "CT_NonCOVID"), "CT_COVID"),
+    (("covid_positive", "covid_negative"), "covid_positive"),
+    (("COVID-19", "not_covid"), "COVID-19"),
+    (("covid", "no-covid"), "covid"),
+    (("covid_neg", "covid_pos"), "covid_pos"),
 ])
 def test_positive_class_detected_case_insensitively(tmp_path, names, positive):
     assert discover(make_class_folders(tmp_path, 2, classes=names)).positive_class == positive
+
+
+@pytest.mark.parametrize("names", [
+    ("covid_negative", "normal"),  # it names covid, but negates it: never guessed positive
+    ("COVIDnegative", "healthy"),
+    ("non-COVID", "normal"),
+    ("covid_a", "covid_b"),
+])
+def test_a_name_that_also_negates_is_never_guessed_positive(tmp_path, names):
+    with pytest.raises(DataError, match="pass --positive-class NAME"):
+        discover(make_class_folders(tmp_path, 2, classes=names))
 
 
 def test_positive_class_override_and_unknown_name(tmp_path):
@@ -79,3 +97,11 @@ def test_manifest_bad_header(tmp_path):
     (tmp_path / "m.csv").write_text("file,class\na.png,covid\n")
     with pytest.raises(DataError, match="header must be path,label"):
         discover(tmp_path / "m.csv")
+
+
+def test_manifest_listing_a_file_twice_is_refused(tmp_path):
+    """Even spelled differently, and whatever the labels say: which row would be right?"""
+    rows = ["img/0.png,covid,a", "img/1.png,normal,b", "img/2.png,covid,c",
+            "./img/../img/1.png,covid,d"]
+    with pytest.raises(DataError, match=r"manifest.csv:3 and :5 both list img/1.png$"):
+        discover(_write_manifest(tmp_path, rows))
