@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from data_utils.errors import UserError
+from data_utils.errors import UserError, first_line
 
 # name -> (builder, ImageNet weights enum); adding an architecture is one line.
 ARCHS: dict[str, tuple[Callable[..., models.ResNet], models.WeightsEnum]] = {
@@ -69,11 +69,9 @@ def _download(arch: str, weights: models.WeightsEnum) -> dict[str, torch.Tensor]
     except Exception as e:  # noqa: BLE001 - URLError, timeouts, bad hash: all mean "no weights"
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise WeightsError(
-            f"could not get ImageNet weights for {arch} ({type(e).__name__}: {e}).\n"
-            f"  Pre-seed the cache: download {weights.url}\n"
-            f"  on a machine with internet and copy it to {cache}\n"
-            f"  (the folder follows $TORCH_HOME), or pass weights=PATH to a local state_dict,\n"
-            f"  or weights=none to train from scratch."
+            f"could not get ImageNet weights for {arch} ({first_line(e)}); on a machine with "
+            f"internet download {weights.url} and copy it to {cache} (the folder follows "
+            "$TORCH_HOME), or pass weights=PATH to a local state_dict, or weights=none"
         ) from e
 
 
@@ -84,7 +82,9 @@ def load_weights_file(model: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt file, pickle with code, not torch at all
-        raise WeightsError(f"{path}: not a loadable state_dict ({type(e).__name__}: {e})") from e
+        # torch's own message is a paragraph about weights_only; what the user needs is this:
+        raise WeightsError(f"{path}: not a loadable state_dict (truncated or corrupt, not a "
+                           f"torch file, or holds more than tensors; {type(e).__name__})") from e
     if isinstance(state, dict) and isinstance(state.get("model"), dict):
         state = state["model"]  # a ctscan training checkpoint
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):

@@ -15,7 +15,14 @@ from data_utils.cache import default_cache_dir, load_dataset
 from data_utils.decode import RESIZE_MODES
 from data_utils.errors import UserError
 from data_utils.sources import DataError
-from data_utils.split import GROUP_BY, split_counts, split_dataset, write_split
+from data_utils.split import (
+    GROUP_BY,
+    split_changes,
+    split_counts,
+    split_dataset,
+    split_record,
+    write_split,
+)
 from tuning.config import (
     RANGES,
     ConfigError,
@@ -122,19 +129,23 @@ def prepare_split(data: Path, image_size: int, resize: str, split_options: dict,
     return ds, split
 
 
-def refuse_writes_inside(data: Path, cache_dir: Path | None,
-                         outputs: dict[str, str | Path] | None = None) -> None:
+def refuse_writes_inside(inputs: list[Path], outputs: dict[str, str | Path | None]) -> None:
     """Nothing is written inside a data folder: a rerun would read it as data, and the folder
-    may be shared or read-only. Checks the decode cache and `outputs`, which maps each other
-    option to the path it writes to."""
-    if not Path(data).is_dir():  # a manifest's images may lie anywhere below its folder
-        return
-    root = Path(data).resolve()
-    outputs = {"--cache-dir": cache_dir or default_cache_dir(), **(outputs or {})}
+    may be shared or read-only. `outputs` maps each option to the path it writes to."""
+    # A manifest's or an image file's folder is not a data folder: its files may lie anywhere.
+    folders = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
     for option, path in outputs.items():
-        if not runfolder.is_uri(path) and Path(path).expanduser().resolve().is_relative_to(root):
-            raise DataError(f"{option} {path} lies inside the data folder {root}; ctscan never "
-                            "writes there, choose a folder outside it")
+        if path is None or runfolder.is_uri(path):
+            continue
+        target = Path(path).expanduser().resolve()
+        for folder in folders:
+            if target.is_relative_to(folder):
+                raise DataError(f"{option} {path} lies inside the data folder {folder}; ctscan "
+                                "never writes there, choose a folder outside it")
+
+
+def _cache_dir(args: argparse.Namespace) -> Path:
+    return args.cache_dir or default_cache_dir()
 
 
 def _split_options_of(args: argparse.Namespace) -> dict:
@@ -145,7 +156,7 @@ def _split_options_of(args: argparse.Namespace) -> dict:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from data_utils.doctor import format_report, inspect_dataset
 
-    refuse_writes_inside(args.data, args.cache_dir)
+    refuse_writes_inside([args.data], {"--cache-dir": _cache_dir(args)})
     ds = load_dataset(args.data, args.image_size, args.resize, args.cache_dir,
                       args.positive_class)
     report = inspect_dataset(ds)
@@ -154,7 +165,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    refuse_writes_inside(args.data, args.cache_dir, {"--out": args.out})
+    refuse_writes_inside([args.data], {"--cache-dir": _cache_dir(args), "--out": args.out})
     ds, split = prepare_split(args.data, args.image_size, args.resize, _split_options_of(args),
                               args.cache_dir)
     write_split(split, ds, args.out / "split.json")
@@ -268,15 +279,17 @@ def _tune(args: argparse.Namespace) -> int:
         _demo_data(args, "tune")
         options = _search_options(args)
         _check_shared_storage(args, options.storage_path)
-        load_space(options.search_space, options.base_config)  # fails before any decoding
+        space = load_space(options.search_space, options.base_config)  # before any decoding
+        if not args.address:
+            archs = space.values_of("arch", options.base_config)
+            for weights in space.values_of("weights", options.base_config):
+                check_weights(make_config({**options.base_config, "weights": weights}), archs)
         if runfolder.exists(runfolder.join(options.run_dir, runfolder.SEARCH)):
             raise DataError(f"{options.run_dir} already holds a search; continue it with "
                             f"--resume {options.run_dir}, or pick another --name")
-    config = make_config(options.base_config)  # also checks --image-size and --weights
-    if not args.address:
-        check_weights_file(config)
-    refuse_writes_inside(Path(options.data), args.cache_dir,
-                         {"--storage-path": options.storage_path})
+    config = make_config(options.base_config)
+    refuse_writes_inside([Path(options.data)], {"--cache-dir": _cache_dir(args),
+                                                "--storage-path": options.storage_path})
     ds, split = prepare_split(Path(options.data), config.image_size, config.resize,
                               options.split, args.cache_dir)
     data = prepare_run(options, ds, split, resume=bool(args.resume))
@@ -339,6 +352,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def cmd_predict(args: argparse.Namespace) -> int:
     from results.predict import main_predict
 
+    if args.csv is not None and args.csv.is_dir():
+        raise DataError(f"--csv {args.csv} is a folder; give a file name such as "
+                        f"{args.csv / 'predictions.csv'}")
+    refuse_writes_inside(args.paths, {"--csv": args.csv})
     with runfolder.local_path(args.model_dir) as model_dir:
         return main_predict(model_dir, args.paths, args.csv)
 
@@ -360,13 +377,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     _demo_data(args, "train")
     config = load_config(args.config, [*(DEMO_CONFIG if args.demo else []), *args.overrides])
-    check_weights_file(config)
+    check_weights(config)
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-    refuse_writes_inside(args.data, args.cache_dir, {"--out": out})
+    refuse_writes_inside([args.data], {"--cache-dir": _cache_dir(args), "--out": out})
     if (out / "config.yaml").exists() and load_config(out / "config.yaml") != config:
         raise DataError(f"{out} holds a run with a different config; pick another --out")
     ds, split = prepare_split(args.data, config.image_size, config.resize,
                               _split_options_of(args), args.cache_dir)
+    _refuse_another_split(out / "split.json", split_record(split, ds))
     write_split(split, ds, out / "split.json")
     save_config(config, out / "config.yaml")
     data = trial_data(ds, split)
@@ -390,11 +408,26 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def check_weights_file(config: TrainConfig) -> None:
-    """A weights path must exist before anything is written (on this machine; a cluster's
-    workers may hold files this machine lacks, so `tune --address` does not check)."""
-    if config.weights not in ("none", "imagenet") and not Path(config.weights).is_file():
-        raise ConfigError(f"weights: {config.weights}: no such file")
+def _refuse_another_split(path: Path, record: dict) -> None:
+    """A run resumed on another split would validate and test on former training images."""
+    if path.exists():
+        changed = split_changes(json.loads(path.read_text()), record)
+        if changed:
+            raise DataError(f"{path.parent} was trained on another split of the data ({changed}); "
+                            "pick another --out, or restore the data and options it used")
+
+
+def check_weights(config: TrainConfig, archs: set[str] | None = None) -> None:
+    """Initial weights must load before anything is written: the model is built with them once
+    (for each of `archs`, default config.arch), which also fetches ImageNet weights into torch's
+    cache. On this machine only: a cluster's workers may hold files this machine lacks, so
+    `tune --address` does not check."""
+    if config.weights == "none":
+        return
+    from ctmodels import build_model
+
+    for arch in sorted(archs or {config.arch}):
+        build_model(arch, config.head, config.dropout, config.activation, config.weights)
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
@@ -527,7 +560,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("dir", type=Path, help="new folder to create")
     p.add_argument("--n-per-class", type=positive_int, default=300,
                    help="slices per class (default: 300)")
-    p.add_argument("--size", type=positive_int, default=256,
+    p.add_argument("--size", type=number(int, Interval(32, 4096, high_closed=True)), default=256,
                    help="largest slice side in px (default: 256)")
     p.add_argument("--seed", type=seed, default=0, help="generator seed (default: 0)")
     p.set_defaults(func=cmd_make_demo_data)
@@ -539,7 +572,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args)
     except UserError as e:
-        print(f"ctscan: error: {e}", file=sys.stderr)
+        # One line, whatever a quoted library message held: scripts read the last line.
+        print(f"ctscan: error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2
     except OSError as e:  # a path given or implied: missing, a file not a folder, not writable...
         where = f"{e.filename}: " if e.filename else ""

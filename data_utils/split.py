@@ -179,6 +179,31 @@ def split_record(split: Split, ds: CTDataset) -> dict:
     }
 
 
+def split_changes(old: dict, new: dict) -> str:
+    """What differs between two split.json records, in words ("" when they are equal): a run
+    continued on another split would put former training images into val or test."""
+    changes = [f"{key} {old.get(key)!r} -> {new.get(key)!r}"
+               for key in ("seed", "ratios", "group_by", "near_duplicate_bits", "positive_class")
+               if old.get(key) != new.get(key)]
+    before = {f["path"]: f for f in old.get("files", [])}
+    after = {f["path"]: f for f in new.get("files", [])}
+    for what, paths in (
+        ("added", sorted(after.keys() - before.keys())),
+        ("removed or unreadable", sorted(before.keys() - after.keys())),
+        ("changed content", sorted(p for p in before.keys() & after.keys()
+                                   if before[p]["sha256"] != after[p]["sha256"])),
+        ("relabelled", sorted(p for p in before.keys() & after.keys()
+                              if before[p]["label"] != after[p]["label"])),
+        ("moved to another split", sorted(p for p in before.keys() & after.keys()
+                                          if before[p]["split"] != after[p]["split"])),
+    ):
+        if paths:
+            changes.append(f"{len(paths)} file(s) {what} (first: {paths[0]})")
+    if not changes and old != new:
+        changes.append("the split's grouping changed")
+    return "; ".join(changes)
+
+
 def split_counts(split: Split, ds: CTDataset) -> dict[str, dict[str, int]]:
     return {
         name: {

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from data_utils.augment import normalize
+from data_utils.errors import UserError
 from data_utils.files import atomic_write
 from results.export import load_exported
 from results.predict import decode_batches, expand_paths
@@ -85,11 +86,12 @@ def _check_out_dir(out_dir: Path, inputs: list[Path], files: list[Path]) -> None
     out = out_dir.resolve()
     for folder in {p.resolve() for p in inputs if p.is_dir()}:
         if out == folder or folder in out.parents:
-            raise ValueError(f"{out_dir}: output folder is inside input folder {folder}; "
-                             "choose a folder outside the inputs")
+            raise UserError(f"--out {out_dir} lies inside input folder {folder}; ctscan never "
+                            "writes there, choose a folder outside the inputs")
     for f in files:
         if out == f.resolve().parent:
-            raise ValueError(f"{out_dir}: output folder holds input {f}; choose another folder")
+            raise UserError(f"--out {out_dir} holds input {f}; a rerun would read the heatmaps as "
+                            "inputs, choose another folder")
 
 
 def _unique_name(stem: str, used: set[str]) -> str:

@@ -27,6 +27,7 @@ from torch import nn
 
 from ctmodels import build_model
 from data_utils.augment import NORM_MEAN, NORM_STD
+from data_utils.errors import UserError, first_line
 from data_utils.files import atomic_write, write_json
 from data_utils.split import GROUPING_MEANING
 from tuning.config import TrainConfig
@@ -149,18 +150,25 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
+class ModelFolderError(UserError):
+    """A model folder that is missing, incomplete, or not one `ctscan export` wrote."""
+
+
 def read_config(model_dir: Path) -> dict:
     """An exported model's config.json; errors name the missing folder, file or keys."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
-        raise FileNotFoundError(f"{model_dir}: no such model folder")
+        raise ModelFolderError(f"{model_dir}: no such model folder")
     path = model_dir / FILES["config_json"]
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing; is {model_dir} an exported model?")
-    meta = json.loads(path.read_text())
-    missing = [k for k in REQUIRED_KEYS if k not in meta]
+        raise ModelFolderError(f"{path}: missing; is {model_dir} an exported model?")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+        raise ModelFolderError(f"{path}: not a ctscan model config ({first_line(e)})") from e
+    missing = [k for k in REQUIRED_KEYS if k not in meta] if isinstance(meta, dict) else ["all"]
     if missing:
-        raise ValueError(f"{path}: missing keys {missing}")
+        raise ModelFolderError(f"{path}: missing keys {missing}")
     return meta
 
 
@@ -169,10 +177,13 @@ def load_exported(model_dir: Path) -> tuple[nn.Module, dict]:
     model_dir = Path(model_dir)
     meta = read_config(model_dir)
     if not (model_dir / FILES["state_dict"]).is_file():
-        raise FileNotFoundError(f"{model_dir / FILES['state_dict']}: missing; is {model_dir} "
-                                "an exported model?")
-    model = build_model(meta["arch"], meta["head"], meta["dropout"], meta["activation"],
-                        weights=str(model_dir / FILES["state_dict"]))
+        raise ModelFolderError(f"{model_dir / FILES['state_dict']}: missing; is {model_dir} "
+                               "an exported model?")
+    try:
+        model = build_model(meta["arch"], meta["head"], meta["dropout"], meta["activation"],
+                            weights=str(model_dir / FILES["state_dict"]))
+    except ValueError as e:  # an arch or activation this version does not know
+        raise ModelFolderError(f"{model_dir / FILES['config_json']}: {e}") from e
     return model.eval(), meta
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from pathlib import Path
@@ -57,10 +58,12 @@ def tiny_trial_data(tmp_path: Path):
     return root, trial_data(ds, split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none"))
 
 
-def tree_snapshot(root: Path) -> dict[str, tuple[int, int]]:
-    """Every file under root with its size and mtime: compare before/after to prove no writes."""
-    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
-            for p in sorted(root.rglob("*"))}
+def tree_snapshot(root: Path) -> dict[str, tuple[int, str]]:
+    """Every entry under root with its mtime and content digest: compare before/after to prove
+    no writes (a folder's mtime changes when an entry is added or removed, even a temp file)."""
+    return {str(p.relative_to(root)): (p.lstat().st_mtime_ns, hashlib.sha256(
+                p.read_bytes() if p.is_file() else b"").hexdigest())
+            for p in [root, *sorted(root.rglob("*"))]}
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,6 @@ import pytest
 from conftest import make_class_folders, tree_snapshot
 
 from ctscan.cli import main
-from tuning.space import DEMO_SPACE
 
 
 def test_inspect_json_has_the_documented_keys(tmp_path, capsys):
@@ -173,43 +172,6 @@ def test_only_tune_imports_ray():
             "print(sorted(m for m in sys.modules if m == 'ray' or m.startswith('ray.')))\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip().splitlines()[-1] == "[]"
-
-
-@pytest.mark.parametrize("case", ["image_file", "latin1_manifest", "missing_config",
-                                  "bad_yaml_config", "missing_weights", "out_under_a_file",
-                                  "out_inside_data", "cache_inside_data", "storage_inside_data"])
-def test_bad_input_is_one_line_exit_2_and_leaves_data_alone(tmp_path, capsys, case):
-    root = make_class_folders(tmp_path / "data", 6)
-    (tmp_path / "latin1.csv").write_bytes(b"path,label\nCOVID/caf\xe9.png,COVID\n")
-    (tmp_path / "bad.yaml").write_text("lr: [1\n")
-    (tmp_path / "afile").write_text("")
-    image = root / "COVID" / "COVID (0).png"
-    argv, named = {
-        "image_file": (["inspect", str(image)], str(image)),
-        "latin1_manifest": (["inspect", str(tmp_path / "latin1.csv")], "latin1.csv: not UTF-8"),
-        "missing_config": (["train", str(root), "--config", str(tmp_path / "nope.yaml"),
-                            "--out", str(tmp_path / "run")], "nope.yaml: cannot read config"),
-        "bad_yaml_config": (["train", str(root), "--config", str(tmp_path / "bad.yaml"),
-                             "--out", str(tmp_path / "run")], "bad.yaml: not valid YAML"),
-        "missing_weights": (["train", str(root), "--set", "weights=/nope/w.pt",
-                             "--out", str(tmp_path / "run")], "weights: /nope/w.pt: no such file"),
-        "out_under_a_file": (["split", str(root), "--out", str(tmp_path / "afile" / "run"),
-                              "--image-size", "32"], str(tmp_path / "afile")),
-        "out_inside_data": (["train", str(root), "--out", str(root / "run")],
-                            f"--out {root / 'run'} lies inside the data folder"),
-        "cache_inside_data": (["inspect", str(root), "--cache-dir", str(root / ".cache")],
-                              f"--cache-dir {root / '.cache'} lies inside the data folder"),
-        "storage_inside_data": (["tune", str(root), "--storage-path", str(root / "runs"),
-                                 "--search-space", str(DEMO_SPACE)],
-                                "lies inside the data folder"),
-    }[case]
-    before = tree_snapshot(root)
-    assert main(argv) == 2
-    err = capsys.readouterr().err  # progress bars aside, one line
-    [line] = [line for line in err.splitlines() if line.startswith("ctscan:")]
-    assert line.startswith("ctscan: error: ") and named in line and "Traceback" not in err
-    assert tree_snapshot(root) == before
-    assert not (tmp_path / "run").exists()  # nothing written before the error
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):

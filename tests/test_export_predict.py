@@ -20,8 +20,9 @@ from PIL import Image
 from ctmodels import build_model
 from data_utils.augment import normalize
 from data_utils.decode import decode_image
+from data_utils.errors import UserError
 from results.explain import explain_paths, gradcam
-from results.export import export_model, load_exported
+from results.export import ModelFolderError, export_model, load_exported
 from results.predict import main_predict, predict_paths
 from tuning.config import TrainConfig
 from tuning.train import predict_proba
@@ -130,7 +131,7 @@ def test_export_refuses_clashing_extra_and_missing_folder(tmp_path):
     model = build_model("resnet18")
     with pytest.raises(ValueError, match="threshold"):
         export_model(tmp_path / "m", model, TrainConfig(), CLASSES, 0.5, {"threshold": 0.3})
-    with pytest.raises(FileNotFoundError, match="nowhere"):
+    with pytest.raises(ModelFolderError, match="nowhere: no such model folder"):
         load_exported(tmp_path / "nowhere")
 
 
@@ -202,5 +203,5 @@ def test_explain_writes_pngs_only_into_out_dir(exported64, tmp_path, capsys):
         with Image.open(p) as img:
             assert img.width > 64 and img.height > 64
     assert "skipped" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="inside input folder"):
+    with pytest.raises(UserError, match="inside input folder"):
         explain_paths(model_dir, [inputs], inputs / "cams")

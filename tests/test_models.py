@@ -55,7 +55,7 @@ def test_imagenet_download_failure_is_a_clear_error(tmp_path, monkeypatch):
     message = str(err.value)
     assert "could not get ImageNet weights for resnet18" in message
     assert str(tmp_path / "hub" / "checkpoints" / "resnet18-f37072fd.pth") in message
-    assert "weights=PATH" in message
+    assert "weights=PATH" in message and "\n" not in message
 
 
 def test_imagenet_weights_from_a_pre_seeded_cache(tmp_path, monkeypatch):

@@ -7,7 +7,14 @@ from PIL import Image
 
 from data_utils.cache import load_dataset
 from data_utils.sources import DataError
-from data_utils.split import SPLITS, split_counts, split_dataset, write_split
+from data_utils.split import (
+    SPLITS,
+    split_changes,
+    split_counts,
+    split_dataset,
+    split_record,
+    write_split,
+)
 
 
 @pytest.fixture
@@ -103,3 +110,19 @@ def test_too_few_groups_and_bad_ratios_are_clear_errors(tmp_path):
         split_dataset(ds)
     with pytest.raises(DataError, match="summing to 1"):
         split_dataset(ds, ratios=(0.5, 0.2, 0.2))
+
+
+def test_split_changes_names_what_differs(dataset):
+    record = split_record(split_dataset(dataset, seed=1), dataset)
+    assert split_changes(record, record) == ""
+    assert split_changes(record, split_record(split_dataset(dataset, seed=2), dataset)).startswith(
+        "seed 1 -> 2; ")
+    files = [dict(f) for f in record["files"]]
+    files[0]["sha256"] = "0" * 64
+    files[1]["split"] = "test" if files[1]["split"] != "test" else "train"
+    added = {**files[2], "path": "COVID/new.png"}
+    changed = split_changes(record, {**record, "files": [*files[:-1], added]})
+    assert changed == (f"1 file(s) added (first: COVID/new.png); 1 file(s) removed or unreadable "
+                       f"(first: {files[-1]['path']}); 1 file(s) changed content (first: "
+                       f"{files[0]['path']}); 1 file(s) moved to another split (first: "
+                       f"{files[1]['path']})")

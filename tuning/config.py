@@ -109,6 +109,8 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
         _check_choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _check_choice("resize", self.resize, RESIZE_MODES)
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for key, interval in RANGES.items():
             value = getattr(self, key)
             for number in value if isinstance(value, list) else [value]:
@@ -177,8 +179,15 @@ _YAMLLoader.add_implicit_resolver(
     list("-+0123456789."))
 
 
-def load_yaml(text: str):
-    return yaml.load(text, Loader=_YAMLLoader)
+def load_yaml(text: str, where: str):
+    """Parse YAML; a syntax error or an unsafe tag is a ConfigError naming `where` and the line."""
+    try:
+        return yaml.load(text, Loader=_YAMLLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{where}: not valid YAML{at}: {problem}") from e
 
 
 def make_config(values: dict) -> TrainConfig:
@@ -194,11 +203,12 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> TrainCon
     values: dict = {}
     if path is not None:
         try:
-            loaded = load_yaml(Path(path).read_text()) or {}
+            text = Path(path).read_text(encoding="utf-8")
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config ({e.strerror})") from e
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({' '.join(str(e).split())})") from e
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from e
+        loaded = load_yaml(text, str(path)) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"{path}: expected a mapping of config keys")
         values.update(loaded)
@@ -206,7 +216,7 @@ def load_config(path: Path | None = None, overrides: list[str] = ()) -> TrainCon
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"--set expects key=value, got {item!r}")
-        values[key.strip()] = load_yaml(raw)
+        values[key.strip()] = load_yaml(raw, f"--set {item}")
     return make_config(values)
 
 

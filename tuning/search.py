@@ -38,7 +38,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from data_utils import runfolder
 from data_utils.cache import CTDataset
 from data_utils.sources import DataError
-from data_utils.split import Split, split_record
+from data_utils.split import Split, split_changes, split_record
 from tuning.config import ConfigError, make_config
 from tuning.space import (
     DEFAULT_SPACE,
@@ -354,9 +354,10 @@ def prepare_run(options: SearchOptions, ds: CTDataset, split: Split,
     test rows)."""
     record = split_record(split, ds)
     split_uri = runfolder.join(options.run_dir, runfolder.SPLIT)
-    if resume and runfolder.read_json(split_uri) != record:
+    changed = resume and split_changes(runfolder.read_json(split_uri) or {}, record)
+    if changed:
         raise DataError(f"{options.data} no longer gives the split this search started with "
-                        f"({split_uri}); the data or the code changed")
+                        f"({split_uri}): {changed}")
     runfolder.write_json(split_uri, record)
     space_uri = runfolder.join(options.run_dir, runfolder.SPACE)
     if not resume:

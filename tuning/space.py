@@ -16,8 +16,6 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from data_utils import runfolder
 from tuning.config import (
     FIELD_TYPES,
@@ -56,6 +54,12 @@ class SearchSpace:
         """Config keys that some branch of the space searches, in file order."""
         return list(dict.fromkeys(_searched(self.spec)))
 
+    def values_of(self, key: str, base_config: dict) -> set:
+        """Every value a choice or fixed entry can give `key`, or base_config's if unsearched
+        (for the checks a value needs before the run, such as weights that must be on disk)."""
+        values = set(_values(self.spec, key))
+        return values or {base_config.get(key, getattr(TrainConfig(), key))}
+
     def param_names(self, *keys: str) -> list[str]:
         """Parameter names (`lr`, `lr[sgd]`, ...) under which these config keys are searched."""
         return [name for name, key in _names(self.spec, "") if key in keys]
@@ -68,11 +72,11 @@ def load_space(path: str | Path = DEFAULT_SPACE, base_config: dict | None = None
         text = runfolder.read_text(path)
         if text is None:
             raise ConfigError(f"{path}: no such search space file")
-        raw = load_yaml(text)
     except OSError as e:
-        raise ConfigError(f"{path}: cannot read search space ({e})") from e
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+        raise ConfigError(f"{path}: cannot read search space ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start})") from e
+    raw = load_yaml(text, str(path))
     if not isinstance(raw, dict) or not raw:
         raise ConfigError(f"{path}: expected a mapping of config keys to values or distributions")
     explicit_start = START_KEY in raw
@@ -176,6 +180,16 @@ def _names(spec: dict, suffix: str):
             if isinstance(args, dict):
                 for option, sub in args.items():
                     yield from _names(sub or {}, f"{suffix}[{option}]")
+
+
+def _values(spec: dict, key: str):
+    for k, value in spec.items():
+        args = value.get("choice") if isinstance(value, dict) else None
+        if k == key:
+            yield from ([value] if not isinstance(value, dict) else args or [])
+        if isinstance(args, dict):
+            for sub in args.values():
+                yield from _values(sub or {}, key)
 
 
 def _searched(spec: dict):
