@@ -285,10 +285,9 @@ def _tune(args: argparse.Namespace) -> int:
         options = _search_options(args)
         _check_shared_storage(args, options.storage_path)
         space = load_space(options.search_space, options.base_config)  # before any decoding
-        if not args.address:
-            archs = space.values_of("arch", options.base_config)
-            for weights in space.values_of("weights", options.base_config):
-                check_weights(make_config({**options.base_config, "weights": weights}), archs)
+        if not args.address:  # --weights; a space's own weights values fail just their trials
+            check_weights(make_config(options.base_config),
+                          space.values_of("arch", options.base_config))
         if runfolder.exists(runfolder.join(options.run_dir, runfolder.SEARCH)):
             raise DataError(f"{options.run_dir} already holds a search; continue it with "
                             f"--resume {options.run_dir}, or pick another --name")

@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow.fs
 
+from data_utils.errors import UserError, first_line
 from data_utils.files import atomic_write
 
 SEARCH = "search.json"
@@ -63,33 +64,68 @@ def parent_of(location: str | Path) -> str:
     return str(Path(location).expanduser().resolve().parent)
 
 
+class StorageError(UserError):
+    """A run location that cannot be opened, or a run file that is not what ctscan wrote."""
+
+
+@contextmanager
+def _naming(location: str | Path) -> Iterator[None]:
+    """A bucket's errors (no credentials, unknown host, no such bucket) name no path; the user
+    needs to know which location failed."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename or not is_uri(location):
+            raise
+        raise StorageError(f"{location}: {first_line(e)}") from e
+
+
 def _fs(location: str | Path) -> tuple[pyarrow.fs.FileSystem, str]:
-    return pyarrow.fs.FileSystem.from_uri(join(location))
+    try:
+        with _naming(location):
+            return pyarrow.fs.FileSystem.from_uri(join(location))
+    except pyarrow.ArrowInvalid as e:
+        raise StorageError(f"{location}: not a folder or a storage URI (s3://, gs://, "
+                           f"hdfs://...) that pyarrow opens ({first_line(e)})") from e
 
 
 def exists(location: str | Path) -> bool:
     fs, path = _fs(location)
-    return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
+    with _naming(location):
+        return fs.get_file_info(path).type != pyarrow.fs.FileType.NotFound
 
 
 def read_bytes(location: str | Path) -> bytes | None:
     """The file's bytes, or None if there is no such file."""
     fs, path = _fs(location)
-    if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
-        return None
-    with fs.open_input_stream(path) as f:
-        return f.read()
+    with _naming(location):
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            return None
+        with fs.open_input_stream(path) as f:
+            return f.read()
 
 
 def read_text(location: str | Path) -> str | None:
     data = read_bytes(location)
-    return None if data is None else data.decode()
+    try:
+        return None if data is None else data.decode()
+    except UnicodeDecodeError as e:
+        raise StorageError(f"{location}: not UTF-8 text (byte {e.start})") from e
 
 
 def read_json(location: str | Path) -> Any:
     """A JSON file's content, or None if there is no such file."""
     text = read_text(location)
-    return None if text is None else json.loads(text)
+    return None if text is None else parse_json(text, location)
+
+
+def parse_json(text: str, location: str | Path) -> Any:
+    """The content of the JSON file at `location`; an error names it."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise StorageError(f"{location}: not valid JSON (line {e.lineno}, column {e.colno}: "
+                           f"{e.msg}); was it edited or cut short?") from e
 
 
 def write_bytes(location: str | Path, data: bytes) -> None:
@@ -98,10 +134,12 @@ def write_bytes(location: str | Path, data: bytes) -> None:
             f.write(data)
         return
     fs, path = _fs(location)
-    fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-    # An object store publishes an upload only when it completes; a crash leaves the old object.
-    with fs.open_output_stream(path) as f:
-        f.write(data)
+    with _naming(location):
+        fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
+        # An object store publishes an upload only when it completes; a crash leaves the old
+        # object.
+        with fs.open_output_stream(path) as f:
+            f.write(data)
 
 
 def write_text(location: str | Path, text: str) -> None:

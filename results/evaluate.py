@@ -7,8 +7,8 @@ first and then applied unchanged to the test split.
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,12 +23,13 @@ from tuning.config import make_config
 from tuning.train import predict_proba
 
 
-def _read_text(run_dir: str, name: str) -> str:
-    text = runfolder.read_text(runfolder.join(run_dir, name))
+def _read_json(run_dir: str, name: str) -> tuple[Any, str]:
+    """A run file's content and its text (hashed into metrics.json for split.json)."""
+    location = runfolder.join(run_dir, name)
+    text = runfolder.read_text(location)
     if text is None:
-        raise DataError(f"{runfolder.join(run_dir, name)}: not found; is {run_dir} a finished "
-                        "ctscan search?")
-    return text
+        raise DataError(f"{location}: not found; is {run_dir} a finished ctscan search?")
+    return runfolder.parse_json(text, location), text
 
 
 def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
@@ -79,10 +80,9 @@ def val_then_test(model: torch.nn.Module, ds: CTDataset, val_rows: np.ndarray,
 def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
                  seed: int = 0, cache_dir: Path | None = None) -> tuple[dict, dict]:
     """Score the best trial; returns (metrics.json content, arrays for plots and export)."""
-    search = json.loads(_read_text(run_dir, runfolder.SEARCH))
-    best = json.loads(_read_text(run_dir, runfolder.BEST))
-    split_text = _read_text(run_dir, runfolder.SPLIT)
-    split_json = json.loads(split_text)
+    search, _ = _read_json(run_dir, runfolder.SEARCH)
+    best, _ = _read_json(run_dir, runfolder.BEST)
+    split_json, split_text = _read_json(run_dir, runfolder.SPLIT)
     config = make_config(best["config"])
     ds = load_dataset(Path(search["data"]), config.image_size, config.resize, cache_dir,
                       search["split"].get("positive_class"))

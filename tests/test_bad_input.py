@@ -47,6 +47,10 @@ def _files(w: Path) -> None:
     (w / "space_range.yaml").write_text("batch_size: {choice: [1, 32]}\n")
     (w / "garbage.pt").write_bytes(b"garbage")
     (w / "notsearch").mkdir()
+    (w / "cut").mkdir()
+    (w / "cut" / "search.json").write_text('{"data": "/d", "num_sa')
+    (w / "alien").mkdir()
+    (w / "alien" / "search.json").write_text('{"colour": "red"}')
     (w / "runs" / "taken").mkdir(parents=True)
     (w / "runs" / "taken" / "search.json").write_text("{}")
     bad = w / "badmodel"
@@ -181,6 +185,15 @@ CASES = {
                        "{W}/runs/taken already holds a search; continue it with --resume", None),
     "resume_not_a_search": ("tune --resume {W}/notsearch",
                             "{W}/notsearch: not a ctscan search", None),
+    "resume_search_json_cut_short": ("tune --resume {W}/cut",
+                                     "{W}/cut/search.json: not valid JSON (line 1", None),
+    "resume_search_json_alien": ("tune --resume {W}/alien",
+                                 "{W}/alien/search.json: not a ctscan search file", None),
+    "run_uri_unknown_scheme": ("evaluate foo://bucket/runs/x",
+                               "foo://bucket/runs/x/search.json: not a folder or a storage URI",
+                               None),
+    "tune_weights_missing": ("tune {D} --search-space {S} --storage-path {W}/runs --weights "
+                             "{W}/w.pt", "{W}/w.pt: weights file not found", None),
     "resume_without_name": ("tune --resume",
                             "--resume needs --name NAME", None),
     "tune_zero_trials": ("tune {D} --num-samples 0",

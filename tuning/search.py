@@ -368,8 +368,12 @@ def prepare_run(options: SearchOptions, ds: CTDataset, split: Split,
 
 def load_options(run_dir: str) -> SearchOptions:
     """A search's options, placed at run_dir wherever it was started from."""
-    saved = runfolder.read_json(runfolder.join(run_dir, runfolder.SEARCH))
+    search_json = runfolder.join(run_dir, runfolder.SEARCH)
+    saved = runfolder.read_json(search_json)
     if saved is None:
         raise ConfigError(f"{run_dir}: not a ctscan search (no {runfolder.SEARCH})")
-    return SearchOptions(**{**saved, "storage_path": runfolder.parent_of(run_dir),
-                            "name": runfolder.name_of(run_dir)})
+    try:
+        return SearchOptions(**{**saved, "storage_path": runfolder.parent_of(run_dir),
+                                "name": runfolder.name_of(run_dir)})
+    except TypeError as e:  # not a mapping, or keys missing or unknown
+        raise ConfigError(f"{search_json}: not a ctscan search file ({e})") from e
