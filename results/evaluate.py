@@ -50,6 +50,12 @@ def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
     return np.array(rows, dtype=np.int64)
 
 
+def recorded_groups(split_json: dict, name: str) -> np.ndarray:
+    """The split's group of each row of `recorded_rows(..., name)`: the unit the bootstrap
+    resamples, so that slices kept together by the split also count as one observation."""
+    return np.array([e["group"] for e in split_json["files"] if e["split"] == name])
+
+
 def load_checkpoint_model(checkpoint: str, config) -> torch.nn.Module:
     """The trial's weights from its checkpoint (a local path or a storage URI)."""
     with runfolder.local_path(checkpoint) as local:
@@ -92,6 +98,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     scored = val_then_test(model, ds, val_rows, test_rows, threshold)
     chosen, y_val, prob_val = scored["threshold"], scored["y_val"], scored["prob_val"]
     y_test, prob_test = scored["y_test"], scored["prob_test"]
+    test_groups = recorded_groups(split_json, "test")
 
     metrics = {
         "trial_id": best["trial_id"],
@@ -102,11 +109,13 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         "test": {
             "n": len(y_test), "positives": int(y_test.sum()),
             "negatives": int(len(y_test) - y_test.sum()),
-            **score(y_test, prob_test, chosen["value"], resamples, seed),
-            "at_0.5": score(y_test, prob_test, 0.5, resamples, seed),
+            **score(y_test, prob_test, chosen["value"], resamples, seed, test_groups),
+            "at_0.5": score(y_test, prob_test, 0.5, resamples, seed, test_groups),
         },
-        "val": {"n": len(y_val), **score(y_val, prob_val, chosen["value"], resamples, seed)},
-        "bootstrap": {"resamples": resamples, "seed": seed},
+        "val": {"n": len(y_val), **score(y_val, prob_val, chosen["value"], resamples, seed,
+                                         recorded_groups(split_json, "val"))},
+        "bootstrap": {"resamples": resamples, "seed": seed, "unit": split_json["group_by"],
+                      "test_groups": len(np.unique(test_groups))},
         "data": {
             "path": str(ds.root), "images": len(ds),
             "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],

@@ -6,6 +6,7 @@ import numpy as np
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
+    brier_score_loss,
     confusion_matrix,
     f1_score,
     precision_score,
@@ -15,6 +16,8 @@ from sklearn.metrics import (
 )
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
+CALIBRATION = ("brier", "ece")
+CALIBRATION_BINS = 10  # equal-width probability bins of the reliability diagram and of ECE
 
 
 def binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
@@ -33,45 +36,89 @@ def binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[st
     }
 
 
-def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 1000,
-                 seed: int = 0) -> dict[str, list[float]]:
-    """95% percentile intervals from `resamples` seeded resamples of the images (with replacement).
+def calibration(y: np.ndarray, prob: np.ndarray) -> dict:
+    """Brier score, expected calibration error, and the reliability diagram's bins (mean
+    predicted probability vs fraction positive, for each non-empty bin)."""
+    bins = _bins(prob)
+    count = np.bincount(bins, minlength=CALIBRATION_BINS)
+    prob_sum = np.bincount(bins, prob, CALIBRATION_BINS)
+    positives = np.bincount(bins, y.astype(float), CALIBRATION_BINS)
+    return {
+        "brier": float(brier_score_loss(y, prob, pos_label=1)),
+        "ece": float(np.abs(positives - prob_sum).sum() / len(y)),
+        "bins": [{"low": b / CALIBRATION_BINS, "high": (b + 1) / CALIBRATION_BINS,
+                  "n": int(count[b]), "mean_prob": float(prob_sum[b] / count[b]),
+                  "fraction_positive": float(positives[b] / count[b])}
+                 for b in np.flatnonzero(count)],
+    }
 
-    The threshold metrics are counted for all resamples at once (calling scikit-learn 5000
-    times costs minutes); they equal binary_metrics' on each resample (tested). Resamples
-    drawing a single class leave the AUCs undefined and are left out of those two.
+
+def _bins(prob: np.ndarray) -> np.ndarray:
+    return np.minimum((prob * CALIBRATION_BINS).astype(int), CALIBRATION_BINS - 1)
+
+
+def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 1000,
+                 seed: int = 0, groups: np.ndarray | None = None) -> dict[str, list[float]]:
+    """95% percentile intervals of METRICS and CALIBRATION from `resamples` seeded resamples.
+
+    Without `groups` the images are resampled (with replacement); with them whole groups are,
+    so slices of one patient come and go together and the interval reflects how many patients,
+    not slices, were tested. Everything but the AUCs is counted from per-group sums for all
+    resamples at once (calling scikit-learn 5000 times costs minutes); the counts equal
+    binary_metrics' on each resample (tested). Resamples drawing a single class leave the AUCs
+    undefined and are left out of those two.
     """
+    slices = groups is None
+    groups = np.arange(len(y)) if slices else np.unique(groups, return_inverse=True)[1]
+    n_groups = groups.max() + 1
     rng = np.random.default_rng(seed)
-    draws = rng.integers(0, len(y), size=(resamples, len(y)))
-    positive, predicted = y[draws] == 1, prob[draws] >= threshold
-    tp = (predicted & positive).sum(1)
-    fp = (predicted & ~positive).sum(1)
-    fn = (~predicted & positive).sum(1)
-    tn = len(y) - tp - fp - fn
+    draws = rng.integers(0, n_groups, size=(resamples, n_groups))
+    # times[r, g]: how often resample r drew group g; a resample's sums are times @ group sums.
+    times = np.zeros((resamples, n_groups))
+    np.add.at(times, (np.arange(resamples)[:, None], draws), 1)
+
+    def total(values: np.ndarray) -> np.ndarray:
+        return times @ np.bincount(groups, values.astype(float), n_groups)
+
+    positive, predicted = y == 1, prob >= threshold
+    tp, fp = total(predicted & positive), total(predicted & ~positive)
+    fn, n = total(~predicted & positive), total(np.ones(len(y)))
+    tn = n - tp - fp - fn
+    bins = _bins(prob)
+    gap = sum(np.abs(total((bins == b) * (y - prob))) for b in range(CALIBRATION_BINS))
     with np.errstate(divide="ignore", invalid="ignore"):
         values = {
-            "accuracy": (tp + tn) / len(y),
+            "accuracy": (tp + tn) / n,
             "precision": np.where(tp + fp > 0, tp / (tp + fp), 0.0),  # zero_division=0
             "recall": np.where(tp + fn > 0, tp / (tp + fn), 0.0),
             "specificity": tn / (tn + fp),
             "f1": np.where(tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0),
+            "brier": total((prob - y) ** 2) / n,
+            "ece": gap / n,
         }
-    both = [i for i in draws if 0 < y[i].sum() < len(i)]
+    members = [np.flatnonzero(groups == g) for g in range(n_groups)]
+    rows = draws if slices else [np.concatenate([members[g] for g in draw]) for draw in draws]
+    both = [i for i in rows if 0 < y[i].sum() < len(i)]
     values["roc_auc"] = np.array([roc_auc_score(y[i], prob[i]) for i in both] or [np.nan])
     values["pr_auc"] = np.array([average_precision_score(y[i], prob[i]) for i in both]
                                 or [np.nan])
-    return {m: [float(v) for v in np.nanpercentile(values[m], [2.5, 97.5])] for m in METRICS}
+    return {m: [float(v) for v in np.nanpercentile(values[m], [2.5, 97.5])]
+            for m in METRICS + CALIBRATION}
 
 
 def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 1000,
-          seed: int = 0) -> dict:
-    """{"metrics": {name: {"value", "ci95"}}, "confusion_matrix": [[tn, fp], [fn, tp]]}."""
+          seed: int = 0, groups: np.ndarray | None = None) -> dict:
+    """{"metrics": {name: {"value", "ci95"}}, "confusion_matrix": [[tn, fp], [fn, tp]],
+    "calibration": {"brier", "ece": {"value", "ci95"}, "bins": [...]}}."""
     values = binary_metrics(y, prob, threshold)
-    intervals = bootstrap_ci(y, prob, threshold, resamples, seed)
+    intervals = bootstrap_ci(y, prob, threshold, resamples, seed, groups)
+    calibrated = calibration(y, prob)
     cm = confusion_matrix(y, (prob >= threshold).astype(int), labels=[0, 1])
     return {
         "metrics": {m: {"value": float(values[m]), "ci95": intervals[m]} for m in METRICS},
         "confusion_matrix": cm.tolist(),
+        "calibration": {**{m: {"value": calibrated[m], "ci95": intervals[m]}
+                           for m in CALIBRATION}, "bins": calibrated["bins"]},
     }
 
 

@@ -73,6 +73,32 @@ def plot_roc(y_true: np.ndarray, prob: np.ndarray, threshold: float, path: Path,
     return _save(fig, path)
 
 
+def plot_reliability(calibration: dict, path: Path,
+                     title: str = "Reliability diagram (test split)") -> Figure:
+    """Fraction positive against mean predicted probability per bin (`results.metrics.
+    calibration`'s bins); on the diagonal, a probability of 0.8 comes true 80% of the time."""
+    bins = calibration["bins"]
+    fig = Figure(figsize=(5.6, 5.4), layout="constrained")
+    ax = fig.add_subplot()
+    ax.plot([0, 1], [0, 1], color="grey", ls="--", lw=1, label="perfectly calibrated")
+    sizes = np.array([b["n"] for b in bins], dtype=float)
+    ax.scatter([b["mean_prob"] for b in bins], [b["fraction_positive"] for b in bins],
+               s=20 + 200 * sizes / sizes.max(), color="tab:blue", edgecolor="black", zorder=3,
+               label=f"model (Brier {calibration['brier']['value']:.3f}, "
+                     f"ECE {calibration['ece']['value']:.3f})")
+    ax.plot([b["mean_prob"] for b in bins], [b["fraction_positive"] for b in bins],
+            color="tab:blue", lw=1)
+    for b in bins:
+        ax.annotate(str(b["n"]), (b["mean_prob"], b["fraction_positive"]), fontsize=8,
+                    xytext=(6, -10), textcoords="offset points")
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", title=title,
+           xlabel="Mean predicted probability (bin of width 0.1)",
+           ylabel="Fraction positive")
+    ax.grid(alpha=0.3)
+    ax.legend(loc="upper left", fontsize=9)
+    return _save(fig, path)
+
+
 def plot_pr(y_true: np.ndarray, prob: np.ndarray, path: Path,
             title: str = "Precision–recall curve (test split)") -> Figure:
     y, p = _binary(y_true, prob)

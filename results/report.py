@@ -28,6 +28,16 @@ METRIC_NAMES = {
 }
 THRESHOLD_FREE = ("roc_auc", "pr_auc")  # the same at every threshold
 THRESHOLD_METHODS = {"youden": "Youden's J on the validation split", "fixed": "fixed"}
+# What the bootstrap resampled, by the split's --group-by: the split's groups are drawn whole.
+BOOTSTRAP_UNITS = {
+    "manifest": ("patients (the manifest's group column): all slices of a patient are drawn "
+                 "together, so the intervals reflect the number of test patients"),
+    "duplicates": ("groups of near-identical slices (the split's groups): near-copies are drawn "
+                   "together, but other slices of one patient are still drawn independently, "
+                   "so the intervals may be somewhat narrow"),
+    "none": ("single slices (only byte-identical files are drawn together): slices of one "
+             "patient are treated as independent, so the intervals are optimistic"),
+}
 LEADERBOARD_ROWS = 10
 MAX_SKIPPED_LISTED = 50
 
@@ -151,10 +161,11 @@ def _results(metrics: dict, plots: dict[str, str]) -> list[str]:
     how = THRESHOLD_METHODS.get(threshold["method"], threshold["method"])
     lines = [f"## Test results at threshold {threshold['value']:.3g} ({how})", ""]
     lines += _table(header, _metric_rows(test["metrics"], keys, val["metrics"] if val else None))
-    lines += [f"95% CIs: percentile bootstrap over test slices ({boot.get('resamples', '?')} "
-              f"resamples, seed {boot.get('seed', '?')}). ROC AUC and PR AUC do not depend on "
-              f"the threshold. The validation column is the split the model (and a tuned "
-              f"threshold) was chosen on; a large gap to the test value is a warning sign.", ""]
+    lines += [f"95% CIs: percentile bootstrap ({boot.get('resamples', '?')} resamples, seed "
+              f"{boot.get('seed', '?')}) over {_bootstrap_unit(boot)}. ROC AUC and PR AUC do not "
+              f"depend on the threshold. The validation column is the split the model (and a "
+              f"tuned threshold) was chosen on; a large gap to the test value is a warning "
+              f"sign.", ""]
 
     at_half = test.get("at_0.5")
     if at_half and not math.isclose(threshold["value"], 0.5):
@@ -179,7 +190,31 @@ def _results(metrics: dict, plots: dict[str, str]) -> list[str]:
               "skill would reach.", ""]
     lines += _figure(plots, "roc", "ROC curve on the test split")
     lines += _figure(plots, "pr", "Precision-recall curve on the test split")
+    lines += _calibration(test.get("calibration"), plots)
     return lines
+
+
+def _bootstrap_unit(boot: dict) -> str:
+    unit = BOOTSTRAP_UNITS.get(boot.get("unit"), "test slices")
+    groups = boot.get("test_groups")
+    return f"{unit} ({groups} groups in the test split)" if groups else unit
+
+
+def _calibration(calibration: dict | None, plots: dict[str, str]) -> list[str]:
+    if not calibration:
+        return []
+    return ["### Calibration", "",
+            "Whether the model's probabilities can be taken at their word: of the slices given "
+            "a probability near 0.8, about 80% should be positive. The Brier score is the mean "
+            "squared error of the probabilities (0 is perfect; always answering 0.5 gives "
+            "0.25); the expected calibration error (ECE) is the average gap between predicted "
+            "and observed frequency over ten probability bins, weighted by their size.", "",
+            *_table(["Measure", "Test value", "Test 95% CI"],
+                    [["Brier score", _num(calibration["brier"]["value"]),
+                      _ci(calibration["brier"])],
+                     ["Expected calibration error", _num(calibration["ece"]["value"]),
+                      _ci(calibration["ece"])]]),
+            *_figure(plots, "reliability", "Reliability diagram on the test split")]
 
 
 def _figure(plots: dict[str, str], name: str, alt: str) -> list[str]:
@@ -301,15 +336,23 @@ def _limitations(metrics: dict) -> list[str]:
         "combined, which was not evaluated here.",
         "- **Not a medical device.** This is a research result. It is not cleared or approved "
         "for clinical use and must not guide diagnosis or treatment.",
-        f"- **Confidence intervals are optimistic.** They come from {boot.get('resamples', '?')} "
-        "bootstrap resamples of test slices, which treats slices as independent. Slices of one "
-        "patient that share the test split are not independent, so the true uncertainty is "
-        "larger than the intervals show.",
+        *_interval_limitation(boot),
         "- **Threshold.** The threshold was fixed before testing; on a population with a "
         "different prevalence or scanner, sensitivity and specificity at that threshold will "
         "shift, and precision with them.",
         "",
     ]
+
+
+def _interval_limitation(boot: dict) -> list[str]:
+    if boot.get("unit") == "manifest":
+        return ["- **Confidence intervals** come from bootstrap resamples of test patients; "
+                "they cover the sampling of patients, not differences between hospitals or "
+                "scanners."]
+    return [f"- **Confidence intervals may be optimistic.** They resample "
+            f"{BOOTSTRAP_UNITS.get(boot.get('unit'), 'test slices')}. Slices of one patient "
+            "that share the test split are not independent, so the true uncertainty is larger "
+            "than the intervals show; a manifest with a patient column (`group`) fixes this."]
 
 
 def write_report(path: Path, metrics: dict, leaderboard: list[dict], plots: dict[str, str],

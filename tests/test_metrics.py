@@ -1,7 +1,15 @@
 import numpy as np
 import pytest
 
-from results.metrics import METRICS, binary_metrics, bootstrap_ci, score, youden_threshold
+from results.metrics import (
+    CALIBRATION,
+    METRICS,
+    binary_metrics,
+    bootstrap_ci,
+    calibration,
+    score,
+    youden_threshold,
+)
 
 
 def test_metrics_match_a_hand_counted_confusion_matrix():
@@ -55,3 +63,44 @@ def test_vectorised_bootstrap_counts_agree_with_scikit_learn():
     for name in METRICS:
         assert got[name][0] == pytest.approx(resampled[name]) == got[name][1]
     assert expected != resampled  # the resample really differs from the data
+
+
+def test_calibration_of_a_hand_checked_case():
+    y = np.array([0, 0, 1, 1, 1])
+    prob = np.array([0.05, 0.15, 0.15, 0.85, 0.95])
+    # Brier: (0.05² + 0.15² + 0.85² + 0.15² + 0.05²) / 5 = 0.7725 / 5.
+    # Bins: [0, 0.1): 0.05 vs 0 -> |0 - 0.05|; [0.1, 0.2): 0.15 + 0.15 vs 1 -> 0.7;
+    # [0.8, 0.9): 0.85 vs 1 -> 0.15; [0.9, 1]: 0.95 vs 1 -> 0.05. ECE = 0.95 / 5.
+    got = calibration(y, prob)
+    assert got["brier"] == pytest.approx(0.7725 / 5)
+    assert got["ece"] == pytest.approx(0.95 / 5)
+    assert [(b["low"], b["n"], b["fraction_positive"]) for b in got["bins"]] == [
+        (0.0, 1, 0.0), (0.1, 2, 0.5), (0.8, 1, 1.0), (0.9, 1, 1.0)]
+    assert got["bins"][1]["mean_prob"] == pytest.approx(0.15)
+    low, high = score(y, prob, 0.5, resamples=200)["calibration"]["brier"]["ci95"]
+    assert low <= got["brier"] <= high
+
+
+def test_resampling_groups_widens_intervals_when_a_groups_slices_are_alike():
+    """Ten patients with ten identical slices each: 100 slices hold only 10 independent
+    observations, and the group bootstrap must say so with wider intervals."""
+    rng = np.random.default_rng(0)
+    patient_y = np.array([0, 1] * 5)
+    patient_prob = np.clip(patient_y * 0.4 + rng.random(10) * 0.6, 0, 1)
+    y, prob = np.repeat(patient_y, 10), np.repeat(patient_prob, 10)
+    groups = np.repeat(np.arange(10), 10)
+    by_slice = bootstrap_ci(y, prob, 0.5, resamples=400, seed=1)
+    by_patient = bootstrap_ci(y, prob, 0.5, resamples=400, seed=1, groups=groups)
+    for name in ("accuracy", "roc_auc", "brier", "ece"):
+        assert np.diff(by_patient[name]) > 1.5 * np.diff(by_slice[name]), name
+
+
+def test_group_bootstrap_counts_agree_with_scikit_learn():
+    rng = np.random.default_rng(5)
+    y, prob, groups = rng.integers(0, 2, 30), rng.random(30), rng.integers(0, 8, 30)
+    draw = np.random.default_rng(2).integers(0, 8, size=(1, 8))[0]
+    rows = np.concatenate([np.flatnonzero(groups == g) for g in draw])
+    expected = {**binary_metrics(y[rows], prob[rows], 0.5), **calibration(y[rows], prob[rows])}
+    got = bootstrap_ci(y, prob, 0.5, resamples=1, seed=2, groups=groups)
+    for name in METRICS + CALIBRATION:
+        assert got[name][0] == pytest.approx(expected[name]) == got[name][1], name
