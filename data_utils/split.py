@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
@@ -59,15 +60,21 @@ class Split:
 
 
 def near_duplicate_pairs(phash: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
-    """Pairs (i, j), i < j, of rows whose packed hashes differ in at most max_bits bits."""
-    pairs = []
-    for start in range(0, len(phash), 512):  # chunks keep the N x N x 32 XOR small in memory
-        block = phash[start : start + 512]
-        dist = np.bitwise_count(block[:, None, :] ^ phash[None, :, :]).sum(-1, dtype=np.int32)
-        i, j = np.nonzero(dist <= max_bits)
-        i += start
-        pairs.append(np.stack([i, j], 1)[i < j])
-    return np.concatenate(pairs) if pairs else np.zeros((0, 2), np.int64)
+    """Pairs (i, j), i < j, of rows whose packed hashes differ in at most max_bits bits.
+
+    faiss compares every pair with popcount kernels on all cores: still N^2 work, but about 30x
+    faster than numpy XOR blocks. Its hashing indexes (IndexBinaryHash, IndexBinaryMultiHash)
+    are faster only because they miss pairs: at 40 of 256 bits no bucket key is exact.
+    """
+    if len(phash) < 2:
+        return np.zeros((0, 2), np.int64)
+    index = faiss.IndexBinaryFlat(phash.shape[1] * 8)
+    index.add(np.ascontiguousarray(phash))
+    # range_search keeps distances strictly below the radius.
+    limits, _, neighbours = index.range_search(np.ascontiguousarray(phash), max_bits + 1)
+    rows = np.repeat(np.arange(len(phash), dtype=np.int64), np.diff(limits).astype(np.int64))
+    keep = rows < neighbours
+    return np.stack([rows[keep], neighbours[keep].astype(np.int64)], 1)
 
 
 def group_rows(ds: CTDataset, group_by: str) -> np.ndarray:

@@ -4,11 +4,15 @@ import numpy as np
 import pytest
 from conftest import make_class_folders, smooth_image
 from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from data_utils.cache import load_dataset
 from data_utils.sources import DataError
 from data_utils.split import (
+    NEAR_DUPLICATE_BITS,
     SPLITS,
+    near_duplicate_pairs,
     split_changes,
     split_counts,
     split_dataset,
@@ -126,3 +130,40 @@ def test_split_changes_names_what_differs(dataset):
                        f"(first: {files[-1]['path']}); 1 file(s) changed content (first: "
                        f"{files[0]['path']}); 1 file(s) moved to another split (first: "
                        f"{files[1]['path']})")
+
+
+def _brute_force_pairs(phash: np.ndarray, max_bits: int) -> np.ndarray:
+    """The reference: every pair's Hamming distance, XOR and popcount in numpy."""
+    dist = np.bitwise_count(phash[:, None, :] ^ phash[None, :, :]).sum(-1)
+    i, j = np.nonzero(np.triu(dist <= max_bits, 1))
+    return np.stack([i, j], 1)
+
+
+def _components(pairs: np.ndarray, n: int) -> np.ndarray:
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
+    return connected_components(graph, directed=False)[1]
+
+
+def test_near_duplicate_pairs_match_brute_force_at_and_around_the_threshold():
+    rng = np.random.default_rng(7)
+    random = rng.integers(0, 256, (1500, 32), dtype=np.uint8)
+    # Planted neighbours of 100 hashes at exactly 38..42 bits, and chains of small steps that
+    # only transitivity joins.
+    bases = random[rng.choice(len(random), 100, replace=False)]
+    planted = []
+    for base in bases:
+        bits = np.unpackbits(base)
+        for flips in (NEAR_DUPLICATE_BITS - 2, NEAR_DUPLICATE_BITS - 1, NEAR_DUPLICATE_BITS,
+                      NEAR_DUPLICATE_BITS + 1, NEAR_DUPLICATE_BITS + 2, 25):
+            flipped = bits.copy()
+            flipped[rng.choice(256, flips, replace=False)] ^= 1
+            planted.append(np.packbits(flipped))
+    hashes = np.concatenate([random, planted, random[:5]])  # and 5 exact copies
+    hashes = hashes[rng.permutation(len(hashes))]
+    expected = _brute_force_pairs(hashes, NEAR_DUPLICATE_BITS)
+    found = near_duplicate_pairs(hashes)
+    assert len(expected) > 300  # the planted pairs and more among them
+    np.testing.assert_array_equal(found[np.lexsort(found.T[::-1])], expected)
+    np.testing.assert_array_equal(_components(found, len(hashes)),
+                                  _components(expected, len(hashes)))
+    assert near_duplicate_pairs(hashes[:1]).shape == (0, 2)
