@@ -3,6 +3,11 @@
 The cache is keyed by the sha256 of every file's bytes, the image size and the resize mode, so
 renaming files reuses it and changing one pixel rebuilds it. It lives outside the data folder
 (default ~/.cache/ctscan, or $CTSCAN_CACHE_DIR), which is never written to.
+
+Each entry is a .npy of pixels, memory-mapped when loaded so that trials on one node share it
+through the page cache and no process holds more of it than it reads, plus a small .npz of
+hashes and per-file metadata that commits the entry. File digests are remembered per data folder
+by (path, size, mtime_ns), so an unchanged dataset is not read again just to be hashed.
 """
 
 from __future__ import annotations
@@ -10,6 +15,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import secrets
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,7 +30,11 @@ from data_utils.decode import RESIZE_MODES, decode_image
 from data_utils.files import atomic_write
 from data_utils.sources import DataError, Sample, discover
 
-CACHE_FORMAT = 2  # bump when decoding changes what pixels a file yields
+CACHE_FORMAT = 3  # bump when decoding changes what pixels a file yields, or the cache's layout
+DECODE_CHUNK = 1024  # files decoded before their rows are written to the cache file
+# How long after its last write a file's (size, mtime_ns) is trusted to stand for its content:
+# within the filesystem's timestamp granularity (2 s on FAT) a write may leave mtime unchanged.
+UNSETTLED_MTIME_NS = 2_000_000_000
 PHASH_SIZE = 16  # 256-bit pHash: the 64-bit default cannot tell two patients' CT slices apart
 
 
@@ -80,9 +91,10 @@ def load_dataset(
     if image_size < 8:
         raise DataError(f"image size must be at least 8 pixels, got {image_size}")
     source = discover(data, positive_class)
-    digests, skipped = _hash_files(source.samples, progress)
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    digests, skipped = _hash_files(source.samples, source.root, cache_dir, progress)
     entries, pixels, phashes = _load_or_build(
-        sorted(set(digests.values())), digests, image_size, resize, cache_dir, progress
+        list(dict.fromkeys(digests.values())), digests, image_size, resize, cache_dir, progress
     )
 
     rows, kept, first_label = [], [], {}
@@ -110,7 +122,9 @@ def load_dataset(
     return CTDataset(
         root=source.root,
         class_names=source.class_names,
-        images=pixels[rows],
+        # The cache's rows, not a copy in memory, when they are the dataset's rows in order: so
+        # on the build and after, unless files were renamed or two of them are byte-identical.
+        images=pixels if rows == list(range(len(pixels))) else pixels[rows],
         phash=phashes[rows],
         labels=np.array([source.label(s) for s in kept], np.int64),
         paths=[s.rel for s in kept],
@@ -125,39 +139,70 @@ def load_dataset(
     )
 
 
-def _hash_files(samples: list[Sample], progress: bool) -> tuple[dict[Path, str], list[Skipped]]:
-    digests, skipped = {}, []
+def _hash_files(
+    samples: list[Sample], root: Path, cache_dir: Path, progress: bool
+) -> tuple[dict[Path, str], list[Skipped]]:
+    """sha256 of every readable file, reusing the digest of a file whose (path, size, mtime_ns)
+    has not changed since an earlier run hashed it."""
+    index_file = cache_dir / "file-hashes" / f"{hashlib.sha256(bytes(root)).hexdigest()[:20]}.json"
+    try:
+        known = json.loads(index_file.read_text())
+    except (OSError, ValueError):
+        known = {}
+    digests, skipped, index = {}, [], {}
     for s in tqdm(samples, desc="hashing", unit="file", disable=not progress, leave=False):
         try:
-            digests[s.path] = hashlib.sha256(s.path.read_bytes()).hexdigest()
+            stat = s.path.stat()
+            stamp = [stat.st_size, stat.st_mtime_ns]
+            entry = known.get(s.rel)
+            if entry is not None and entry[:2] == stamp:
+                digests[s.path] = entry[2]
+            else:
+                digests[s.path] = hashlib.sha256(s.path.read_bytes()).hexdigest()
         except OSError as e:
             broken = s.path.is_symlink() and not s.path.exists()
             reason = f"broken symlink to {os.readlink(s.path)}" if broken else e.strerror or e
             skipped.append(Skipped(s.rel, f"cannot read: {reason}"))
+            continue
+        # A file written within the filesystem's timestamp granularity of now could change again
+        # without its mtime moving, so it is hashed again next run rather than trusted.
+        if time.time_ns() - stat.st_mtime_ns > UNSETTLED_MTIME_NS:
+            index[s.rel] = [*stamp, digests[s.path]]
+    if index != known:
+        with atomic_write(index_file, "w") as f:
+            json.dump(index, f)
     return digests, skipped
 
 
 def _load_or_build(
-    unique: list[str],
+    order: list[str],
     digests: dict[Path, str],
     image_size: int,
     resize: str,
-    cache_dir: Path | None,
+    cache_dir: Path,
     progress: bool,
 ) -> tuple[dict[str, dict], np.ndarray, np.ndarray]:
     """Return {sha256: {"row", "mode", "size", "bits"} | {"error"}}, and the pixel and hash arrays.
 
+    `order` lists each digest once; readable ones get rows in that order, so when it is the
+    dataset's order the pixel array needs no reordering. The pixels are a copy-on-write memory
+    map of the cache file: pages are read on first use and shared with every process on the node
+    through the page cache, and writes stay private.
+
     A failure that another run may not repeat (out of memory, an OS read error) is reported like
-    any other but keeps the whole cache from being written, so the next run decodes again.
+    any other but keeps the cache entry from being committed, so the next run decodes again.
     """
     key = hashlib.sha256(
-        f"{CACHE_FORMAT}|{image_size}|{resize}|{','.join(unique)}".encode()
+        f"{CACHE_FORMAT}|{image_size}|{resize}|{','.join(sorted(order))}".encode()
     ).hexdigest()
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    cache_file = cache_dir / f"{image_size}px-{resize}-{key[:20]}.npz"
-    if cache_file.exists():
-        with np.load(cache_file, allow_pickle=False) as npz:
-            return json.loads(str(npz["entries"])), npz["pixels"], npz["phash"]
+    meta_file = cache_dir / f"{image_size}px-{resize}-{key[:20]}.npz"
+    try:
+        with np.load(meta_file, allow_pickle=False) as npz:
+            entries, phash = json.loads(str(npz["entries"])), npz["phash"]
+            pixels_file = cache_dir / str(npz["pixels"])
+        return entries, _open_pixels(pixels_file, len(phash)), phash
+    except FileNotFoundError:
+        pass
 
     path_of = {digest: path for path, digest in digests.items()}
 
@@ -173,25 +218,60 @@ def _load_or_build(
                 "mode": decoded.mode, "size": [decoded.width, decoded.height],
                 "bits": decoded.bits}
 
-    # Pillow releases the GIL while inflating and resizing, so threads use every core.
-    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-        results = list(tqdm(pool.map(decode, unique), total=len(unique), desc="decoding",
-                            unit="img", disable=not progress))
-    entries, planes, hashes = {}, [], []
-    for digest, result in zip(unique, results, strict=True):
-        if "error" in result:
-            entries[digest] = {"error": result["error"]}
-        else:
-            entries[digest] = {"row": len(planes), "mode": result["mode"], "size": result["size"],
-                               "bits": result["bits"]}
-            planes.append(result["pixels"])
-            hashes.append(result["phash"])
-    pixels = np.stack(planes) if planes else np.zeros((0, image_size, image_size), np.uint8)
-    phash = np.stack(hashes) if hashes else np.zeros((0, 32), np.uint8)
-    if not any("transient" in result for result in results):
-        with atomic_write(cache_file) as f:
-            np.savez(f, pixels=pixels, phash=phash, entries=np.array(json.dumps(entries)))
-    return entries, pixels, phash
+    # Each build gets its own pixel file, named in the metadata that commits it, so two runs
+    # building one entry at once never pair one's metadata with the other's rows.
+    pixels_file = cache_dir / f"{meta_file.stem}-{secrets.token_hex(4)}.npy"
+    entries, hashes, rows, transient = {}, np.zeros((len(order), 32), np.uint8), 0, False
+    with atomic_write(pixels_file, "w+b") as f, tqdm(total=len(order), desc="decoding", unit="img",
+                                              disable=not progress) as bar:
+        pixels = _open_npy_memmap(f, (len(order), image_size, image_size))
+        # Pillow releases the GIL while inflating and resizing, so threads use every core;
+        # processes measured no faster here and would have to re-import the stack. Chunks keep
+        # the decoded-but-unwritten rows (and pending futures) to one chunk's worth of memory.
+        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+            for start in range(0, len(order), DECODE_CHUNK):
+                chunk = order[start : start + DECODE_CHUNK]
+                for digest, result in zip(chunk, pool.map(decode, chunk), strict=True):
+                    bar.update()
+                    if "error" in result:
+                        entries[digest] = {"error": result["error"]}
+                        transient |= "transient" in result
+                        continue
+                    entries[digest] = {"row": rows, "mode": result["mode"],
+                                       "size": result["size"], "bits": result["bits"]}
+                    pixels[rows] = result["pixels"]
+                    hashes[rows] = result["phash"]
+                    rows += 1
+        pixels.flush()
+    # Unreadable files get no row: the file's last len(order) - rows rows stay unused.
+    if transient:
+        # The map stays readable after the unlink; the disk space is freed when it is closed.
+        pixels_file.unlink()
+        return entries, pixels[:rows], hashes[:rows]
+    del pixels  # the copy-on-write map below replaces this writable one
+    with atomic_write(meta_file) as f:
+        np.savez(f, phash=hashes[:rows], entries=np.array(json.dumps(entries)),
+                 pixels=np.array(pixels_file.name))
+    for other in cache_dir.glob(f"{meta_file.stem}-*.npy"):
+        # Pixels of a concurrent build of this entry. Should its metadata land after ours, the
+        # next load finds its pixels gone and builds again: a wasted decode, never wrong rows.
+        if other != pixels_file:
+            other.unlink(missing_ok=True)
+    return entries, _open_pixels(pixels_file, rows), hashes[:rows]
+
+
+def _open_pixels(path: Path, rows: int) -> np.ndarray:
+    return np.load(path, mmap_mode="c")[:rows]
+
+
+def _open_npy_memmap(f, shape: tuple[int, ...]) -> np.memmap:
+    """A writable uint8 memory map behind a .npy header in the open file `f`."""
+    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
+    np.lib.format.write_array_header_1_0(f, header)
+    offset = f.tell()
+    f.truncate(offset + int(np.prod(shape)))
+    f.flush()
+    return np.memmap(f, np.uint8, "r+", offset, shape)
 
 
 def transient_failure(error: BaseException) -> bool:

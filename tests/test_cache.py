@@ -1,4 +1,6 @@
 import errno
+import os
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -138,3 +140,84 @@ def test_bit_depth_is_kept_per_file_and_cached(tmp_path):
         ds = load_dataset(root, image_size=32, progress=False)
         assert dict(zip(ds.paths, ds.bits, strict=True))["COVID/wide.png"] == 16
         assert sorted(ds.bits, key=str) == [16] + [8] * 6
+
+
+def _pixels_by_path(ds) -> dict[str, bytes]:
+    return {p: ds.images[i].tobytes() for i, p in enumerate(ds.paths)}
+
+
+def test_cache_is_a_memory_map_that_round_trips(tmp_path, isolated_cache):
+    root = make_class_folders(tmp_path / "data", 4)
+    first = load_dataset(root, image_size=32, progress=False)
+    assert isinstance(first.images, np.memmap)  # built in the dataset's order: no copy
+    first_pixels = _pixels_by_path(first)
+    first.images[0] = 0  # copy-on-write: the caller's change never reaches the cache
+    second = load_dataset(root, image_size=32, progress=False)
+    assert isinstance(second.images, np.memmap)
+    assert _pixels_by_path(second) == first_pixels
+    assert len(list(isolated_cache.glob("*.npy"))) == len(list(isolated_cache.glob("*.npz"))) == 1
+    # A byte-identical copy and a rename reorder the rows: each file must keep its own pixels.
+    (root / "COVID" / "COVID (0).png").rename(root / "COVID" / "z.png")
+    (root / "COVID" / "a.png").write_bytes((root / "COVID" / "z.png").read_bytes())
+    third = load_dataset(root, image_size=32, progress=False)
+    expected = {{"COVID/COVID (0).png": "COVID/z.png"}.get(p, p): v
+                for p, v in first_pixels.items()}
+    assert _pixels_by_path(third) == {**expected, "COVID/a.png": expected["COVID/z.png"]}
+
+
+def test_cache_is_rebuilt_when_its_format_changes_or_pixels_go_missing(
+        tmp_path, monkeypatch, decode_calls, isolated_cache):
+    root = make_class_folders(tmp_path / "data", 3)
+    load_dataset(root, image_size=32, progress=False)
+    monkeypatch.setattr(cache_module, "CACHE_FORMAT", cache_module.CACHE_FORMAT + 1)
+    load_dataset(root, image_size=32, progress=False)
+    assert len(decode_calls) == 12
+    for pixels in isolated_cache.glob("*.npy"):
+        pixels.unlink()
+    again = load_dataset(root, image_size=32, progress=False)
+    assert len(decode_calls) == 18 and len(again) == 6
+
+
+def test_parallel_decode_is_byte_identical_to_serial(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "data", 12)
+    _add_bad_files(root)  # failures interleave with rows
+    files = {}
+    for workers in (1, 4):
+        monkeypatch.setattr(cache_module.os, "cpu_count", lambda w=workers: w)
+        monkeypatch.setattr(cache_module, "DECODE_CHUNK", 5)  # several chunks, one partial
+        cache = tmp_path / f"cache{workers}"
+        ds = load_dataset(root, image_size=32, cache_dir=cache, progress=False)
+        [npy] = cache.glob("*.npy")
+        files[workers] = (npy.read_bytes(), ds.phash.tobytes(), ds.paths,
+                          [s.path for s in ds.skipped])
+    assert files[1] == files[4]
+
+
+def test_unchanged_files_are_not_hashed_again(tmp_path, monkeypatch):
+    root = make_class_folders(tmp_path / "data", 3)
+    target, twin = root / "COVID" / "COVID (0).png", root / "COVID" / "COVID (1).png"
+
+    def settle(path, mtime_ns=1_000_000_000):  # written long ago, so its stamp is trusted
+        os.utime(path, ns=(mtime_ns, mtime_ns))
+
+    for f in root.rglob("*.png"):
+        settle(f)
+    first = load_dataset(root, image_size=32, progress=False)
+    reads = []
+    real_read = Path.read_bytes
+    monkeypatch.setattr(Path, "read_bytes", lambda p: reads.append(p.name) or real_read(p))
+    assert load_dataset(root, image_size=32, progress=False).sha256 == first.sha256
+    assert reads == []  # neither hashed nor decoded
+
+    target.write_bytes(real_read(twin))
+    settle(target, 2_000_000_000)  # another mtime: hashed again, the new content is seen
+    changed = load_dataset(root, image_size=32, progress=False)
+    digest = dict(zip(changed.paths, changed.sha256, strict=True))
+    assert digest["COVID/COVID (0).png"] == digest["COVID/COVID (1).png"]
+
+    # What is not detected, as the README says: new bytes of the same size, mtime put back.
+    target.write_bytes(b"x" * target.stat().st_size)
+    settle(target, 2_000_000_000)
+    reads.clear()
+    reloaded = load_dataset(root, image_size=32, progress=False)
+    assert reads == [] and dict(zip(reloaded.paths, reloaded.sha256, strict=True)) == digest
