@@ -28,6 +28,7 @@ from data_utils.sources import DataError
 SPLITS = ("train", "val", "test")
 GROUP_BY = ("none", "manifest", "duplicates")
 NEAR_DUPLICATE_BITS = 40
+SEARCH_BLOCK = 4096  # hashes searched at once: more rows per search, fewer repeated index builds
 # What each --group-by means for a test estimate, in words for reports and model cards.
 GROUPING_MEANING = {
     "duplicates": (
@@ -62,19 +63,23 @@ class Split:
 def near_duplicate_pairs(phash: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS) -> np.ndarray:
     """Pairs (i, j), i < j, of rows whose packed hashes differ in at most max_bits bits.
 
-    faiss compares every pair with popcount kernels on all cores: still N^2 work, but about 30x
-    faster than numpy XOR blocks. Its hashing indexes (IndexBinaryHash, IndexBinaryMultiHash)
-    are faster only because they miss pairs: at 40 of 256 bits no bucket key is exact.
+    faiss compares every pair with popcount kernels on all cores: still N^2 work, but tens of
+    times faster than XOR and popcount in numpy. Its hashing indexes (IndexBinaryHash,
+    IndexBinaryMultiHash) are faster only because they miss pairs: at 40 of 256 bits no
+    bucket key is exact.
     """
-    if len(phash) < 2:
-        return np.zeros((0, 2), np.int64)
-    index = faiss.IndexBinaryFlat(phash.shape[1] * 8)
-    index.add(np.ascontiguousarray(phash))
-    # range_search keeps distances strictly below the radius.
-    limits, _, neighbours = index.range_search(np.ascontiguousarray(phash), max_bits + 1)
-    rows = np.repeat(np.arange(len(phash), dtype=np.int64), np.diff(limits).astype(np.int64))
-    keep = rows < neighbours
-    return np.stack([rows[keep], neighbours[keep].astype(np.int64)], 1)
+    codes = np.ascontiguousarray(phash)
+    pairs = [np.zeros((0, 2), np.int64)]
+    for start in range(0, len(codes) - 1, SEARCH_BLOCK):
+        # A block against itself and the rows after it only: each pair is compared once.
+        index = faiss.IndexBinaryFlat(codes.shape[1] * 8)
+        index.add(codes[start:])
+        # range_search keeps distances strictly below the radius.
+        limits, _, found = index.range_search(codes[start : start + SEARCH_BLOCK], max_bits + 1)
+        rows = np.repeat(np.arange(len(limits) - 1), np.diff(limits).astype(np.int64))
+        later = rows < found
+        pairs.append(np.stack([rows[later], found[later]], 1) + start)
+    return np.concatenate(pairs)
 
 
 def group_rows(ds: CTDataset, group_by: str) -> np.ndarray:

@@ -7,6 +7,7 @@ from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
+import data_utils.split as split_module
 from data_utils.cache import load_dataset
 from data_utils.sources import DataError
 from data_utils.split import (
@@ -144,7 +145,7 @@ def _components(pairs: np.ndarray, n: int) -> np.ndarray:
     return connected_components(graph, directed=False)[1]
 
 
-def test_near_duplicate_pairs_match_brute_force_at_and_around_the_threshold():
+def test_near_duplicate_pairs_match_brute_force_at_and_around_the_threshold(monkeypatch):
     rng = np.random.default_rng(7)
     random = rng.integers(0, 256, (1500, 32), dtype=np.uint8)
     # Planted neighbours of 100 hashes at exactly 38..42 bits, and chains of small steps that
@@ -161,9 +162,11 @@ def test_near_duplicate_pairs_match_brute_force_at_and_around_the_threshold():
     hashes = np.concatenate([random, planted, random[:5]])  # and 5 exact copies
     hashes = hashes[rng.permutation(len(hashes))]
     expected = _brute_force_pairs(hashes, NEAR_DUPLICATE_BITS)
-    found = near_duplicate_pairs(hashes)
     assert len(expected) > 300  # the planted pairs and more among them
-    np.testing.assert_array_equal(found[np.lexsort(found.T[::-1])], expected)
-    np.testing.assert_array_equal(_components(found, len(hashes)),
-                                  _components(expected, len(hashes)))
+    for block in (split_module.SEARCH_BLOCK, 700):  # one search; several, pairs across blocks
+        monkeypatch.setattr(split_module, "SEARCH_BLOCK", block)
+        found = near_duplicate_pairs(hashes)
+        np.testing.assert_array_equal(found[np.lexsort(found.T[::-1])], expected)
+        np.testing.assert_array_equal(_components(found, len(hashes)),
+                                      _components(expected, len(hashes)))
     assert near_duplicate_pairs(hashes[:1]).shape == (0, 2)
