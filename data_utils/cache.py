@@ -62,6 +62,7 @@ class CTDataset:
     skipped: list[Skipped]
     image_size: int
     resize: str
+    cache_dir: Path | None = None  # where results derived from the data may be kept
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -136,6 +137,7 @@ def load_dataset(
         skipped=skipped,
         image_size=image_size,
         resize=resize,
+        cache_dir=cache_dir,
     )
 
 

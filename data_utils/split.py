@@ -13,6 +13,7 @@ Groups joined this way are transitive: A~B and B~C puts A, B and C together.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
 from data_utils.cache import CTDataset
-from data_utils.files import write_json
+from data_utils.files import atomic_write, write_json
 from data_utils.sources import DataError
 
 SPLITS = ("train", "val", "test")
@@ -82,6 +83,23 @@ def near_duplicate_pairs(phash: np.ndarray, max_bits: int = NEAR_DUPLICATE_BITS)
     return np.concatenate(pairs)
 
 
+def cached_near_duplicate_pairs(ds: CTDataset) -> np.ndarray:
+    """near_duplicate_pairs(ds.phash), kept in the dataset's cache folder. On a large dataset the
+    search is the slowest part of inspect and split, and every command that groups would repeat
+    it; its answer depends only on the hashes in row order, which name the file."""
+    if ds.cache_dir is None:
+        return near_duplicate_pairs(ds.phash)
+    key = hashlib.sha256(f"{NEAR_DUPLICATE_BITS}|".encode() + ds.phash.tobytes()).hexdigest()
+    path = ds.cache_dir / "near-duplicates" / f"{key[:20]}.npy"
+    try:
+        return np.load(path, allow_pickle=False)
+    except FileNotFoundError:
+        pairs = near_duplicate_pairs(ds.phash)
+    with atomic_write(path) as f:
+        np.save(f, pairs)
+    return pairs
+
+
 def group_rows(ds: CTDataset, group_by: str) -> np.ndarray:
     """Connected components of 'must share a split' links; returns a group id per row."""
     if group_by not in GROUP_BY:
@@ -96,7 +114,7 @@ def group_rows(ds: CTDataset, group_by: str) -> np.ndarray:
         keys.append(ds.groups)
     links = [_same_key_links(k) for k in keys]
     if group_by == "duplicates":
-        links.append(near_duplicate_pairs(ds.phash))
+        links.append(cached_near_duplicate_pairs(ds))
     edges = np.concatenate(links)
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(ds),) * 2)
     return connected_components(graph, directed=False)[1]

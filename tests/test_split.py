@@ -170,3 +170,18 @@ def test_near_duplicate_pairs_match_brute_force_at_and_around_the_threshold(monk
         np.testing.assert_array_equal(_components(found, len(hashes)),
                                       _components(expected, len(hashes)))
     assert near_duplicate_pairs(hashes[:1]).shape == (0, 2)
+
+
+def test_near_duplicates_are_searched_once_per_dataset(tmp_path, monkeypatch):
+    ds = _with_copies(tmp_path, near=True)
+    first = split_dataset(ds, seed=0)
+
+    def search_again(*args):
+        raise AssertionError("searched again")
+
+    monkeypatch.setattr(split_module, "near_duplicate_pairs", search_again)
+    reloaded = load_dataset(ds.root, image_size=32, progress=False)
+    np.testing.assert_array_equal(split_dataset(reloaded, seed=0).groups, first.groups)
+    resized = load_dataset(ds.root, image_size=24, progress=False)  # other hashes: searched
+    with pytest.raises(AssertionError, match="searched again"):
+        split_dataset(resized, seed=0)
