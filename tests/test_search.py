@@ -10,8 +10,8 @@ import pytest
 import ray
 import torch
 from conftest import tiny_trial_data
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import plugin_data_pb2
+from tensorboard.plugins.hparams import api_pb2, metadata
+from test_tensorboard import hparams_data, read_events
 
 import results.evaluate as evaluate_module
 from data_utils.cache import load_dataset
@@ -21,6 +21,7 @@ from data_utils.split import split_dataset
 from results.pipeline import report_run
 from results.predict import predict_paths
 from tuning.config import ConfigError, make_config
+from tuning.monitor import SCALARS
 from tuning.search import (
     PrunedAwareOptunaSearch,
     SearchOptions,
@@ -230,15 +231,31 @@ def test_trials_never_saw_the_test_split(demo_search):
     assert len(data.train_labels) + len(data.val_labels) == len(ds) - len(split.indices("test"))
 
 
-def test_tensorboard_has_scalars_and_hparams_per_trial(demo_search):
-    options, *_ = demo_search
-    for trial in sorted(Path(options.run_dir).glob("trial_*")):
-        events = EventAccumulator(str(trial)).Reload()
-        assert {"ray/tune/val_auc", "ray/tune/val_loss", "ray/tune/lr"} <= set(
-            events.Tags()["scalars"])
-        content = events.PluginTagToContent("hparams")["_hparams_/session_start_info"]
-        hparams = plugin_data_pb2.HParamsPluginData.FromString(content).session_start_info.hparams
-        assert {"lr", "head", "aug_strength"} <= set(hparams)
+def test_tensorboard_shows_what_matters_per_trial_and_how_each_ended(demo_search):
+    options, best, *_ = demo_search
+    run = Path(options.run_dir)
+    experiment = hparams_data(read_events(run), metadata.EXPERIMENT_TAG).experiment
+    assert [h.name for h in experiment.hparam_infos] == ["head", "lr", "aug_strength"]
+    assert experiment.metric_infos[0].name.tag == "best_val_auc"
+    trials = json.loads((run / "trials.json").read_text())
+    folders = [run / f"trial_{t['number']:03d}-resnet18-{t['trial_id']}" for t in trials]
+    assert sorted(folders) == sorted(run.glob("trial_*"))
+    ended = {"completed": api_pb2.STATUS_SUCCESS, "stopped early": api_pb2.STATUS_UNKNOWN}
+    for trial, folder in zip(trials, folders, strict=True):
+        events = read_events(folder)
+        assert sorted(events.Tags()["scalars"]) == sorted(SCALARS)  # no Ray bookkeeping
+        assert events.Tags()["images"] == ["augmented_training_images"]
+        # HParams shows a metric's last value: best_val_auc's is the trial's best epoch.
+        assert [e.step for e in events.Scalars("best_val_auc")] == list(
+            range(1, trial["epochs"] + 1))
+        assert events.Scalars("best_val_auc")[-1].value == pytest.approx(trial["val_auc"])
+        start = hparams_data(events, metadata.SESSION_START_INFO_TAG).session_start_info
+        assert set(start.hparams) == {"head", "lr", "aug_strength"}
+        end = hparams_data(events, metadata.SESSION_END_INFO_TAG).session_end_info
+        assert end.status == ended[trial["status"]]
+    winner = read_events(next(run.glob(f"trial_*-{best['trial_id']}")))
+    assert winner.Scalars("best_val_auc")[-1].value == pytest.approx(
+        best["val_metrics"]["val_auc"])
 
 
 def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray):
@@ -297,7 +314,11 @@ def test_evaluation_writes_metrics_plots_report_and_export(demo_search, evaluate
     export = Path(options.run_dir) / "export"
     assert {"model.pt", "model.torchscript.pt", "config.json", "config.yaml",
             "model_card.md"} <= {p.name for p in export.iterdir()}
-    assert EventAccumulator(str(evaluated / "tensorboard")).Reload().Tags()["images"]
+    winner = read_events(evaluated / f"winner_trial_{best['trial_id']}")
+    assert {f"results/{name}" for name in ("roc", "pr", "confusion", "training_curves",
+                                           "hparams")} < set(winner.Tags()["images"])
+    assert any(tag.startswith("gradcam/") for tag in winner.Tags()["images"])
+    assert winner.Tags()["tensors"] == ["report/text_summary"]
 
 
 def test_predict_on_the_test_files_reproduces_evaluate(demo_search, evaluated):

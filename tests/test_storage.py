@@ -42,14 +42,16 @@ def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_tri
         assert f"runs/s3run/{name}" in keys, name
 
     best = json.loads(_read(f"{run}/best.json"))
-    assert best["checkpoint"].startswith(f"{run}/trial_{best['trial_id']}/checkpoint_")
+    assert best["checkpoint"].startswith(f"{run}/trial_")
+    assert f"-{best['trial_id']}/checkpoint_" in best["checkpoint"]
     assert best["checkpoint"].removeprefix(f"{s3_bucket}/") in keys
     assert best["trials"] == 2 and best["errored_trials"] == 1
 
     [failed] = [t for t in json.loads(_read(f"{run}/trials.json")) if t["status"] == "error"]
     assert failed["epochs"] == 0 and failed["params"]["weights"] == "/nonexistent/resnet18.pt"
     assert "/nonexistent/resnet18.pt" in failed["error"]
-    assert failed["error_file"] == f"{run}/trial_{failed['trial_id']}/error.txt"
+    assert failed["error_file"].startswith(f"{run}/trial_")
+    assert failed["error_file"].endswith(f"-{failed['trial_id']}/error.txt")
     assert b"/nonexistent/resnet18.pt" in _read(failed["error_file"])
     report = _read(f"{run}/results/report.md").decode()
     assert "### Failed trials (1)" in report and failed["error"] in report

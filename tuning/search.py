@@ -30,6 +30,7 @@ import pyarrow.fs
 import ray
 import torch
 from ray import tune
+from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
@@ -143,7 +144,78 @@ def trainable(params: dict, data: TrialData, base_config: dict) -> None:
 
 
 def _trial_dirname(trial) -> str:
-    return f"trial_{trial.trial_id}"  # Ray's default packs every parameter into the name
+    """trial_NUMBER-ARCH-ID, say trial_003-resnet18-93b1ef24: TensorBoard names each trial's run
+    by this folder, in this order. (Ray's default packs every parameter into the name.)"""
+    params = trial.config or {}
+    number = f"{params[NUMBER]:03d}" if NUMBER in params else None
+    parts = [number, decode_params(params).get("arch"), trial.trial_id]
+    return "trial_" + "-".join(p for p in parts if p is not None)
+
+
+def _trial_id(trial_dirname: str) -> str:
+    return trial_dirname.rsplit("-", 1)[-1].removeprefix("trial_")
+
+
+class TrialTensorBoard(tune.Callback):
+    """Logs each trial on the driver into the trial's folder (Ray syncs it to storage with the
+    trial's other files, also to a bucket): the same scalars and input grid as `ctscan train`,
+    and an HParams session from its start to its end, with how it ended. Ray's own TensorBoard
+    logger is off: it logs every result key and marks every session a success.
+
+    Pickled with the tuner (so a resumed search logs the same way): only a sample of the training
+    images for the grid is kept, not the dataset. tuning.monitor is imported where it is used:
+    every trial worker imports this module, and on a busy machine TensorBoard's imports delay
+    each trial's start by a second.
+    """
+
+    def __init__(self, space: SearchSpace, base_config: dict, data: TrialData):
+        self.space, self.base_config = space, base_config
+        self.grid_images = torch.from_numpy(data.train_images[:64].copy())
+        self.grid_labels = torch.from_numpy(data.train_labels[:64].copy())
+        self.writers = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "writers": {}}  # open files do not pickle
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        from tuning import monitor
+
+        if trial.trial_id in self.writers:  # restarted after a failure: same run, same session
+            return
+        if not self.writers:  # the search's first trial, or the first one after a resume
+            monitor.declare_search(Path(trial.local_path).parent, self.space.spec)
+        params = decode_params(trial.config)
+        writer = monitor.open_run(Path(trial.local_path),
+                                  make_config({**self.base_config, **params}),
+                                  self.grid_images, self.grid_labels)
+        monitor.start_session(writer, params, self.space.searched_keys())
+        self.writers[trial.trial_id] = writer
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict,
+                        **info) -> None:
+        from tuning import monitor
+
+        if trial.trial_id in self.writers:  # not a result replayed from before a resume
+            monitor.log_epoch(self.writers[trial.trial_id], result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        from tuning import monitor
+
+        # A trial the scheduler stopped is "complete" to Ray, but it did not end by itself.
+        ended = trial.last_result.get("final_epoch", False)
+        self._end(trial, monitor.COMPLETED if ended else monitor.STOPPED_EARLY)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        from tuning import monitor
+
+        self._end(trial, monitor.FAILED)
+
+    def _end(self, trial, status: int) -> None:
+        from tuning import monitor
+
+        writer = self.writers.pop(trial.trial_id, None)
+        if writer is not None:
+            monitor.end_session(writer, status)
 
 
 def make_sampler(options: SearchOptions) -> optuna.samplers.TPESampler:
@@ -198,6 +270,10 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
             checkpoint_score_order=MODE),
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
         progress_reporter=reporter,
+        # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS (set in run_search) drops Ray's TensorBoard logger
+        # with the others; result.json and progress.csv are still wanted.
+        callbacks=[JsonLoggerCallback(), CSVLoggerCallback(),
+                   TrialTensorBoard(space, options.base_config, data)],
         verbose=1,
     )
     return trainable_with_data, tune_config, run_config
@@ -213,6 +289,7 @@ def run_search(options: SearchOptions, data: TrialData, resume: bool = False,
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     # Checkpointing every epoch is deliberate (resume, retries); Ray would warn each time.
     os.environ.setdefault("TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S", "0")
+    os.environ["TUNE_DISABLE_AUTO_CALLBACK_LOGGERS"] = "1"  # TrialTensorBoard logs instead
     trainable_with_data, tune_config, run_config = _tuner_parts(options, data, trainable_fn)
     if resume:
         if not tune.Tuner.can_restore(options.run_dir):
@@ -290,7 +367,7 @@ def trial_records(results: tune.ResultGrid, run_dir: str) -> list[dict]:
         trial_dir = runfolder.name_of(result.path)
         records.append({
             # A trial that failed before reporting has no metrics; its folder still names it.
-            "trial_id": trial_dir[len("trial_"):],
+            "trial_id": _trial_id(trial_dir),
             "number": config.get(NUMBER),  # 0: the first proposed
             "params": decode_params(config),
             "status": status,
