@@ -303,6 +303,10 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"search {options.name}: {options.num_samples} trials{budget}, up to "
           f"{options.max_epochs} epochs each, results in {options.run_dir}\n"
           f"watch it with: tensorboard --logdir {options.run_dir}")
+    if args.tensorboard:
+        from tuning.monitor import start_tensorboard
+
+        print(start_tensorboard(options.run_dir))
     start_ray(args)
     best = run_search(options, data, resume=bool(args.resume))
     ray.shutdown()
@@ -525,6 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bootstrap", type=positive_int, default=1000,
                    help="bootstrap resamples for the test metrics' confidence intervals "
                         "(default: 1000)")
+    p.add_argument("--tensorboard", action="store_true",
+                   help="also start TensorBoard on the run folder, on a free port, and print "
+                        "its URL (it keeps running after the search)")
     p.set_defaults(func=cmd_tune)
 
     p = commands.add_parser("evaluate", help="score a search's best trial once on the test "

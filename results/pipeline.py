@@ -13,7 +13,6 @@ from results.evaluate import evaluate_run, load_checkpoint_model, write_predicti
 from results.explain import explain_paths
 from results.export import export_model
 from results.plots import (
-    figures_to_tensorboard,
     plot_confusion,
     plot_hparam_scatter,
     plot_pr,
@@ -22,6 +21,7 @@ from results.plots import (
 )
 from results.report import write_report
 from tuning.config import make_config
+from tuning.monitor import log_report
 
 
 def _trial_label(trial: dict) -> str:
@@ -53,7 +53,6 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
             [{**t["params"], "val_auc": t["val_auc"], "trial_id": t["trial_id"]} for t in scored],
             list(metrics["searched"]), out / "hparams.png"),
     }
-    figures_to_tensorboard({f"results/{k}": f for k, f in figures.items()}, out / "tensorboard")
 
     export_dir = runfolder.local_copy_dir(run_dir) / runfolder.EXPORT
     export_run(run_dir, export_dir, metrics, arrays["model"])
@@ -67,6 +66,9 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
                 for t in trials if "error" in t]
     write_report(out / "report.md", metrics, leaderboard, {k: f"{k}.png" for k in figures},
                  [str(p.relative_to(out)) for p in shown], failures)
+    # A run of the winner's report next to the trials' runs, named after the winning trial.
+    log_report(out / f"winner_trial_{metrics['trial_id']}", figures, shown,
+               (out / "report.md").read_text())
     runfolder.publish(out, run_dir, runfolder.RESULTS)
     runfolder.publish(export_dir, run_dir, runfolder.EXPORT)
     return out
