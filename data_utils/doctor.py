@@ -41,8 +41,8 @@ def inspect_dataset(ds: CTDataset) -> dict:
         "near_duplicate_groups": _groups_of(ds, groups),
         "warnings": _shortcut_warnings(ds, groups) + _balance_warnings(classes),
     }
-    mixed = [g for g in report["near_duplicate_groups"]
-             if len({ds.labels[ds.paths.index(p)] for p in g}) > 1]
+    label_of = dict(zip(ds.paths, ds.labels.tolist(), strict=True))
+    mixed = [g for g in report["near_duplicate_groups"] if len({label_of[p] for p in g}) > 1]
     if mixed:
         report["warnings"].append(
             f"{len(mixed)} near-identical group(s) hold both labels (first: {mixed[0][0]} ~ "
