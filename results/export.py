@@ -10,10 +10,11 @@ Everything a user needs to rebuild the model or just run it lives in one folder:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import importlib.metadata
-import json
+import io
 import math
 import platform
 import warnings
@@ -27,25 +28,13 @@ from torch import nn
 
 from ctmodels import build_model
 from data_utils.augment import NORM_MEAN, NORM_STD
-from data_utils.errors import UserError, first_line
 from data_utils.files import atomic_write, write_json
 from data_utils.split import GROUPING_MEANING
+from results.model_folder import FILES, ModelFolderError, read_config
 from tuning.config import TrainConfig
 
 FORMAT = "ctscan-model"
 FORMAT_VERSION = 1
-FILES = {
-    "state_dict": "model.pt",
-    "torchscript": "model.torchscript.pt",
-    "config_json": "config.json",
-    "config_yaml": "config.yaml",
-    "model_card": "model_card.md",
-}
-# What load_exported needs; checked so a hand-edited config fails with a readable message.
-REQUIRED_KEYS = ("arch", "head", "dropout", "activation", "image_size", "resize", "threshold",
-                 "class_names")
-
-
 class UInt8Classifier(nn.Module):
     """Takes decoded grayscale slices as uint8 [B, S, S]; returns positive-class logits [B].
 
@@ -90,8 +79,11 @@ def export_model(
 
     with atomic_write(out_dir / FILES["state_dict"]) as f:
         torch.save(model.state_dict(), f)
+    uint8_model = UInt8Classifier(model).eval()
     with atomic_write(out_dir / FILES["torchscript"]) as f:
-        _save_torchscript(UInt8Classifier(model).eval(), f)
+        _save_torchscript(uint8_model, f)
+    with atomic_write(out_dir / FILES["onnx"]) as f:
+        _save_onnx(uint8_model, config.image_size, f)
     write_json(out_dir / FILES["config_json"], meta)
     with atomic_write(out_dir / FILES["config_yaml"], "w") as f:
         yaml.safe_dump(meta, f, sort_keys=False)
@@ -150,28 +142,6 @@ def package_versions() -> dict[str, str | None]:
     return versions
 
 
-class ModelFolderError(UserError):
-    """A model folder that is missing, incomplete, or not one `ctscan export` wrote."""
-
-
-def read_config(model_dir: Path) -> dict:
-    """An exported model's config.json; errors name the missing folder, file or keys."""
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise ModelFolderError(f"{model_dir}: no such model folder")
-    path = model_dir / FILES["config_json"]
-    if not path.is_file():
-        raise ModelFolderError(f"{path}: missing; is {model_dir} an exported model?")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
-        raise ModelFolderError(f"{path}: not a ctscan model config ({first_line(e)})") from e
-    missing = [k for k in REQUIRED_KEYS if k not in meta] if isinstance(meta, dict) else ["all"]
-    if missing:
-        raise ModelFolderError(f"{path}: missing keys {missing}")
-    return meta
-
-
 def load_exported(model_dir: Path) -> tuple[nn.Module, dict]:
     """Rebuild an exported model (eval mode) and return it with its config dict."""
     model_dir = Path(model_dir)
@@ -194,6 +164,18 @@ def _save_torchscript(module: nn.Module, f: IO[bytes]) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
         torch.jit.save(torch.jit.script(module), f)
+
+
+def _save_onnx(module: nn.Module, image_size: int, f: IO[bytes]) -> None:
+    """The dynamo exporter (torch.export), with the batch dimension left free."""
+    example = torch.zeros(2, image_size, image_size, dtype=torch.uint8)
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        # It prints its progress and warns about its own internals; neither concerns a user.
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(module, (example,), dynamo=True, input_names=["images"],
+                                    output_names=["logits"],
+                                    dynamic_shapes={"images": {0: torch.export.Dim("batch")}})
+    f.write(program.model_proto.SerializeToString())
 
 
 def _plain(obj: Any) -> Any:

@@ -1,4 +1,8 @@
-"""Classify image files with an exported model, preprocessed exactly as in training."""
+"""Classify image files with an exported model, preprocessed exactly as in training.
+
+With torch installed the folder's state_dict runs; without it, its ONNX file runs on
+onnxruntime, so this module imports torch only through `load_predictor`.
+"""
 
 from __future__ import annotations
 
@@ -8,14 +12,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from data_utils.decode import decode_image
 from data_utils.files import atomic_write
 from data_utils.sources import IMAGE_SUFFIXES, image_files
-from results.export import load_exported, read_config
-from tuning.train import predict_proba
+from results.model_folder import load_predictor, read_config
 
 
 def expand_paths(paths: list[Path]) -> list[Path]:
@@ -59,7 +61,8 @@ def predict_paths(
     Rows follow the input order, folders expanded in place; a folder without any image file
     gets an error row of its own at the end, so it is not silently skipped.
     """
-    model, config = load_exported(model_dir)
+    config = read_config(model_dir)
+    predict = load_predictor(model_dir)
     negative, positive = config["class_names"]
     threshold = config["threshold"]
     rows: list[dict] = []
@@ -76,8 +79,7 @@ def predict_paths(
               desc="predict") as bar:
         for batch in decode_batches(files, config, batch_size):
             ok = [pixels for _, pixels, _ in batch if pixels is not None]
-            probs = iter(predict_proba(model, torch.from_numpy(np.stack(ok))).tolist()
-                         if ok else [])
+            probs = iter(predict(np.stack(ok)).tolist() if ok else [])
             for path, pixels, error in batch:
                 if pixels is None:
                     rows.append(_row(path, error=error))

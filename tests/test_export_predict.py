@@ -22,7 +22,8 @@ from data_utils.augment import normalize
 from data_utils.decode import decode_image
 from data_utils.errors import UserError
 from results.explain import explain_paths, gradcam
-from results.export import ModelFolderError, export_model, load_exported
+from results.export import export_model, load_exported
+from results.model_folder import ModelFolderError
 from results.predict import main_predict, predict_paths
 from tuning.config import TrainConfig
 from tuning.train import predict_proba
@@ -146,6 +147,34 @@ def test_predict_matches_direct_model_path(exported, tmp_path):
     for r in rows:
         assert r["error"] is None
         assert r["label"] == ("COVID" if r["prob"] >= 0.5 else "non-COVID")
+
+
+def test_onnx_file_gives_the_same_probabilities_as_torch(exported, tmp_path):
+    from results.model_folder import onnx_predictor
+
+    model_dir, model = exported
+    pixels = np.random.default_rng(1).integers(0, 256, (5, 32, 32), dtype=np.uint8)
+    expected = predict_proba(model, torch.from_numpy(pixels)).numpy()
+    assert np.abs(onnx_predictor(model_dir)(pixels) - expected).max() < 1e-4
+    assert np.abs(onnx_predictor(model_dir)(pixels[:1]) - expected[:1]).max() < 1e-4  # any batch
+
+
+def test_predict_runs_the_onnx_file_where_torch_is_absent(exported, tmp_path):
+    """A machine with onnxruntime but no torch: `import torch` fails in the child process."""
+    model_dir, model = exported
+    paths = _images(tmp_path / "in")
+    pixels = np.stack([decode_image(p.read_bytes(), 32, "pad").pixels for p in paths])
+    expected = predict_proba(model, torch.from_numpy(pixels)).tolist()
+    code = ("import sys\n"
+            "sys.modules['torch'] = None\n"
+            "from ctscan.cli import main\n"
+            f"code = main(['predict', {str(model_dir)!r}, {str(tmp_path / 'in')!r}])\n"
+            "assert 'torch' not in [m.split('.')[0] for m in sys.modules if sys.modules[m]]\n"
+            "sys.exit(code)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    got = [float(line.split("\t")[1]) for line in out.stdout.splitlines()]
+    assert got == pytest.approx(expected, abs=1e-4)
 
 
 def test_corrupt_file_gets_error_row_and_exit_code(exported, tmp_path, capsys):

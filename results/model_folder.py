@@ -1,0 +1,86 @@
+"""An exported model folder as a user receives it: its files, its config, and probabilities from
+it with torch or, where torch is absent, with onnxruntime alone.
+
+Nothing here imports torch at module level, so `ctscan predict` runs on a machine that has only
+onnxruntime, numpy and Pillow.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from data_utils.errors import UserError, first_line
+
+FILES = {
+    "state_dict": "model.pt",
+    "torchscript": "model.torchscript.pt",
+    "onnx": "model.onnx",
+    "config_json": "config.json",
+    "config_yaml": "config.yaml",
+    "model_card": "model_card.md",
+}
+# What loading needs; checked so a hand-edited config fails with a readable message.
+REQUIRED_KEYS = ("arch", "head", "dropout", "activation", "image_size", "resize", "threshold",
+                 "class_names")
+# uint8 slices [B, S, S] -> probabilities [B]
+Predictor = Callable[[np.ndarray], np.ndarray]
+
+
+class ModelFolderError(UserError):
+    """A model folder that is missing, incomplete, or not one `ctscan export` wrote."""
+
+
+def read_config(model_dir: Path) -> dict:
+    """An exported model's config.json; errors name the missing folder, file or keys."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise ModelFolderError(f"{model_dir}: no such model folder")
+    path = model_dir / FILES["config_json"]
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: missing; is {model_dir} an exported model?")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except ValueError as e:  # JSONDecodeError and UnicodeDecodeError both
+        raise ModelFolderError(f"{path}: not a ctscan model config ({first_line(e)})") from e
+    missing = [k for k in REQUIRED_KEYS if k not in meta] if isinstance(meta, dict) else ["all"]
+    if missing:
+        raise ModelFolderError(f"{path}: missing keys {missing}")
+    return meta
+
+
+def load_predictor(model_dir: Path) -> Predictor:
+    """Probabilities from the folder's state_dict with torch, else from its ONNX file."""
+    try:
+        import torch
+    except ImportError:
+        return onnx_predictor(model_dir)
+    from results.export import load_exported
+    from tuning.train import predict_proba
+
+    model, _ = load_exported(model_dir)
+    return lambda images: predict_proba(model, torch.from_numpy(images)).numpy()
+
+
+def onnx_predictor(model_dir: Path) -> Predictor:
+    """The ONNX file run by onnxruntime on the CPU: uint8 [B, S, S] in, logits out."""
+    path = Path(model_dir) / FILES["onnx"]
+    if not path.is_file():
+        raise ModelFolderError(f"{path}: missing; without torch, predict needs the ONNX file "
+                               "that `ctscan export` writes")
+    try:
+        import onnxruntime
+    except ImportError as e:
+        raise ModelFolderError("neither torch nor onnxruntime is installed; "
+                               "pip install onnxruntime to run model.onnx") from e
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    name = session.get_inputs()[0].name
+
+    def predict(images: np.ndarray) -> np.ndarray:
+        logits = session.run(None, {name: np.ascontiguousarray(images, dtype=np.uint8)})[0]
+        return 1 / (1 + np.exp(-logits.astype(np.float64)))
+
+    return predict
