@@ -16,6 +16,7 @@ from results.plots import (
     plot_confusion,
     plot_hparam_scatter,
     plot_pr,
+    plot_reliability,
     plot_roc,
     plot_training_curves,
 )
@@ -45,6 +46,7 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     figures = {
         "roc": plot_roc(y, prob, value, out / "roc.png"),
         "pr": plot_pr(y, prob, out / "pr.png"),
+        "reliability": plot_reliability(metrics["test"]["calibration"], out / "reliability.png"),
         "confusion": plot_confusion(np.array(metrics["test"]["confusion_matrix"]),
                                     tuple(metrics["class_names"]), out / "confusion.png"),
         "training_curves": plot_training_curves(

@@ -259,16 +259,3 @@ def plot_hparam_scatter(trials: list[dict], keys: list[str], path: Path,
                frameon=False)
     fig.suptitle(f"Searched hyperparameters vs best {metric_label} ({len(scored)} trials)")
     return _save(fig, path)
-
-
-def figures_to_tensorboard(figures: dict[str, Figure], log_dir: Path, step: int = 0) -> None:
-    """Log each figure as an image under its key, e.g. "results/roc"."""
-    from torch.utils.tensorboard import SummaryWriter  # torch import is slow; only pay it here
-
-    writer = SummaryWriter(str(log_dir))
-    try:
-        for tag, fig in figures.items():
-            # close=False: the figures are ours, not pyplot's, and the caller may still use them.
-            writer.add_figure(tag, fig, global_step=step, close=False)
-    finally:
-        writer.close()

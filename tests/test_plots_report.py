@@ -99,19 +99,6 @@ def test_hparam_grid_fits_one_to_twelve_keys(tmp_path):
     assert [ax.get_title() for ax in fig.axes if ax.get_visible()] == ["lr", "momentum"]
 
 
-def test_figures_to_tensorboard_tags_read_back(tmp_path):
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    y, prob = _scores()
-    figures = {"results/pr": plots.plot_pr(y, prob, tmp_path / "pr.png"),
-               "results/confusion": plots.plot_confusion(np.array([[5, 1], [2, 7]]), CLASSES,
-                                                         tmp_path / "cm.png")}
-    plots.figures_to_tensorboard(figures, tmp_path / "tb", step=3)
-    events = EventAccumulator(str(tmp_path / "tb")).Reload()
-    assert sorted(events.Tags()["images"]) == ["results/confusion", "results/pr"]
-    assert events.Images("results/pr")[0].step == 3
-
-
 def _metric(value: float, low: float, high: float) -> dict:
     return {"value": value, "ci95": [low, high]}
 
@@ -205,3 +192,25 @@ def test_report_with_fixed_threshold_and_nothing_skipped(tmp_path):
     assert "| ROC AUC | 0.900 | n/a |" in text
     assert "](pr.png)" not in text and "Grad-CAM" not in text
     assert [p.name for p in tmp_path.iterdir()] == ["report.md"]
+
+
+def test_report_shows_calibration_and_which_unit_the_intervals_resampled(tmp_path):
+    from results.metrics import score
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 60)
+    prob = np.clip(0.3 * y + 0.7 * rng.random(60), 0, 1)
+    metrics = copy.deepcopy(METRICS)
+    metrics["test"]["calibration"] = score(y, prob, 0.5, resamples=100)["calibration"]
+    metrics["bootstrap"] = {"resamples": 100, "seed": 0, "unit": "manifest", "test_groups": 31}
+    fig = plots.plot_reliability(metrics["test"]["calibration"], tmp_path / "reliability.png")
+    assert (tmp_path / "reliability.png").stat().st_size > 0
+    assert fig.axes[0].get_xlabel().startswith("Mean predicted probability")
+    write_report(tmp_path / "report.md", metrics, LEADERBOARD, {**PLOTS, "reliability":
+                                                                  "reliability.png"})
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    brier = metrics["test"]["calibration"]["brier"]
+    assert f"| Brier score | {brier['value']:.3f} | {brier['ci95'][0]:.3f}–" in text
+    assert "](reliability.png)" in text
+    assert "over patients (the manifest's group column)" in text and "(31 groups" in text
+    assert "resamples of test patients" in text[text.index("## Limitations"):]

@@ -178,7 +178,10 @@ def end_session(writer: SummaryWriter, status: int) -> None:
 def log_report(log_dir: Path, figures: dict[str, Figure], gradcams: list[Path],
                report_md: str) -> None:
     """The winner's report as a run of its own: the figures, the Grad-CAM overlays and
-    report.md (the text dashboard renders its markdown)."""
+    report.md (the text dashboard renders its markdown). An earlier evaluation's events are
+    removed: TensorBoard would show both reports in one run."""
+    for stale in Path(log_dir).glob("events.out.tfevents.*"):
+        stale.unlink()
     with SummaryWriter(str(log_dir)) as writer:
         for name, fig in figures.items():
             # close=False: the figures are the caller's, who may still use them.
