@@ -74,7 +74,7 @@ def test_train_writes_checkpoints_tensorboard_and_resumes(tmp_path, capsys):
     assert {"val_auc", "val_loss", "train_loss", "lr", "images_per_sec"} <= set(
         events.Tags()["scalars"])
     assert [e.step for e in events.Scalars("val_auc")] == [1, 2]
-    assert events.Tags()["images"] == ["augmented_training_images"]
+    assert events.Tags()["images"] == ["training_inputs_augmented"]
 
     assert main(args) == 0  # same command again: resumes, and there is nothing left to do
     assert "epoch   1" not in capsys.readouterr().out

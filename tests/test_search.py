@@ -244,7 +244,7 @@ def test_tensorboard_shows_what_matters_per_trial_and_how_each_ended(demo_search
     for trial, folder in zip(trials, folders, strict=True):
         events = read_events(folder)
         assert sorted(events.Tags()["scalars"]) == sorted(SCALARS)  # no Ray bookkeeping
-        assert events.Tags()["images"] == ["augmented_training_images"]
+        assert events.Tags()["images"] == ["training_inputs_augmented"]
         # HParams shows a metric's last value: best_val_auc's is the trial's best epoch.
         assert [e.step for e in events.Scalars("best_val_auc")] == list(
             range(1, trial["epochs"] + 1))
