@@ -223,13 +223,17 @@ def _load_or_build(
     # Each build gets its own pixel file, named in the metadata that commits it, so two runs
     # building one entry at once never pair one's metadata with the other's rows.
     pixels_file = cache_dir / f"{meta_file.stem}-{secrets.token_hex(4)}.npy"
+    shape = (len(order), image_size, image_size)
     entries, hashes, rows, transient = {}, np.zeros((len(order), 32), np.uint8), 0, False
-    with atomic_write(pixels_file, "w+b") as f, tqdm(total=len(order), desc="decoding", unit="img",
+    with atomic_write(pixels_file) as f, tqdm(total=len(order), desc="decoding", unit="img",
                                               disable=not progress) as bar:
-        pixels = _open_npy_memmap(f, (len(order), image_size, image_size))
+        np.lib.format.write_array_header_1_0(
+            f, {"descr": "|u1", "fortran_order": False, "shape": shape})
+        data_start = f.tell()
         # Pillow releases the GIL while inflating and resizing, so threads use every core;
-        # processes measured no faster here and would have to re-import the stack. Chunks keep
-        # the decoded-but-unwritten rows (and pending futures) to one chunk's worth of memory.
+        # processes measured no faster here and would have to re-import the stack. Rows are
+        # written as each chunk decodes, with plain writes rather than through a memory map, so
+        # this process holds one chunk of pixels, never the array.
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
             for start in range(0, len(order), DECODE_CHUNK):
                 chunk = order[start : start + DECODE_CHUNK]
@@ -241,16 +245,16 @@ def _load_or_build(
                         continue
                     entries[digest] = {"row": rows, "mode": result["mode"],
                                        "size": result["size"], "bits": result["bits"]}
-                    pixels[rows] = result["pixels"]
+                    f.write(result["pixels"].tobytes())
                     hashes[rows] = result["phash"]
                     rows += 1
-        pixels.flush()
-    # Unreadable files get no row: the file's last len(order) - rows rows stay unused.
+        # Unreadable files get no row: the array's last len(order) - rows rows are never read.
+        f.truncate(data_start + int(np.prod(shape)))
+    pixels = _open_pixels(pixels_file, rows)
     if transient:
         # The map stays readable after the unlink; the disk space is freed when it is closed.
         pixels_file.unlink()
-        return entries, pixels[:rows], hashes[:rows]
-    del pixels  # the copy-on-write map below replaces this writable one
+        return entries, pixels, hashes[:rows]
     with atomic_write(meta_file) as f:
         np.savez(f, phash=hashes[:rows], entries=np.array(json.dumps(entries)),
                  pixels=np.array(pixels_file.name))
@@ -259,21 +263,11 @@ def _load_or_build(
         # next load finds its pixels gone and builds again: a wasted decode, never wrong rows.
         if other != pixels_file:
             other.unlink(missing_ok=True)
-    return entries, _open_pixels(pixels_file, rows), hashes[:rows]
+    return entries, pixels, hashes[:rows]
 
 
 def _open_pixels(path: Path, rows: int) -> np.ndarray:
     return np.load(path, mmap_mode="c")[:rows]
-
-
-def _open_npy_memmap(f, shape: tuple[int, ...]) -> np.memmap:
-    """A writable uint8 memory map behind a .npy header in the open file `f`."""
-    header = {"descr": "|u1", "fortran_order": False, "shape": shape}
-    np.lib.format.write_array_header_1_0(f, header)
-    offset = f.tell()
-    f.truncate(offset + int(np.prod(shape)))
-    f.flush()
-    return np.memmap(f, np.uint8, "r+", offset, shape)
 
 
 def transient_failure(error: BaseException) -> bool:
