@@ -32,6 +32,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/asha_vs_fifo.py
 	$(BIN)/python bench/search_vs_baseline.py
 	$(BIN)/python bench/ema_gap.py
+	$(BIN)/python bench/onnx_latency.py
+	$(BIN)/python bench/scale.py
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 from torchvision import datasets, transforms
 from torchvision.transforms import InterpolationMode
 
-from data_utils.augment import NORM_MEAN, NORM_STD, AugmentRanges, train_batches
+from ctmodels import NORM_MEAN, NORM_STD
+from data_utils.augment import AugmentRanges, train_batches
 from data_utils.cache import load_dataset
 
 DEFAULT_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "sarscov2-ct-sample"

@@ -33,10 +33,10 @@ from tuning.train import train_trial, trial_data
 SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/sarscov2-ct-sample"
 
 
-def score_checkpoint(checkpoint: Path, config, ds, split) -> dict:
-    """Test metrics at the threshold chosen on val, as `ctscan evaluate` scores."""
-    model = load_checkpoint_model(str(checkpoint), config)
-    scored = val_then_test(model, ds, split.indices("val"), split.indices("test"))
+def score_checkpoint(checkpoint: Path, ds, split) -> dict:
+    """Test metrics at the threshold chosen on val, as `ctscan evaluate` scores one trial."""
+    model = load_checkpoint_model(str(checkpoint))
+    scored = val_then_test([model], ds, split.indices("val"), split.indices("test"))
     return binary_metrics(scored["y_test"], scored["prob_test"], scored["threshold"]["value"])
 
 
@@ -59,7 +59,7 @@ def main() -> None:
         started = time.perf_counter()
         best = train_trial(config, trial_data(ds, split), tmp / "baseline")
         recipe_s = time.perf_counter() - started
-        baseline = score_checkpoint(tmp / "baseline" / "best.pt", config, ds, split)
+        baseline = score_checkpoint(tmp / "baseline" / "best.pt", ds, split)
 
         budget = 5 * recipe_s
         command = [sys.executable, "-m", "ctscan", "tune", str(data),

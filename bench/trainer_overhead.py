@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctmodels import build_model
-from data_utils.augment import normalize
+from ctmodels import build_model, normalize
 from tuning.config import make_config
 from tuning.train import TrialData, make_optimizer, make_scheduler, train_trial
 

@@ -1,5 +1,18 @@
-"""Networks: torchvision ResNets adapted to 1-channel CT slices with a binary head."""
+"""Networks: torchvision ResNets adapted to 1-channel CT slices with a binary head, how they are
+described, fed and loaded."""
 
+from ctmodels.model import (
+    NORM_MEAN,
+    NORM_STD,
+    Ensemble,
+    ModelDescription,
+    UInt8Classifier,
+    load_model,
+    normalize,
+    predict_proba,
+)
 from ctmodels.resnet import ARCHS, WeightsError, build_model, load_weights_file
 
-__all__ = ["ARCHS", "WeightsError", "build_model", "load_weights_file"]
+__all__ = ["ARCHS", "NORM_MEAN", "NORM_STD", "Ensemble", "ModelDescription", "UInt8Classifier",
+           "WeightsError", "build_model", "load_model", "load_weights_file", "normalize",
+           "predict_proba"]

@@ -149,6 +149,18 @@ def _cache_dir(args: argparse.Namespace) -> Path:
     return args.cache_dir or default_cache_dir()
 
 
+def _model_choice_options() -> argparse.ArgumentParser:
+    """What evaluation may make of a search's best trials; chosen on val, before the test."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--ensemble", type=positive_int, default=5, metavar="K",
+                   help="average the best 1..K trials' probabilities and keep the k with the best "
+                        "val AUC, fewest on a tie (default: 5; 1 = the best trial alone)")
+    p.add_argument("--calibrate", action="store_true",
+                   help="fit a temperature on val so the probabilities match observed "
+                        "frequencies; applied in the export (default: off)")
+    return p
+
+
 def _split_options_of(args: argparse.Namespace) -> dict:
     return {"ratios": args.ratios, "seed": args.split_seed, "group_by": args.group_by,
             "positive_class": args.positive_class}
@@ -321,14 +333,16 @@ def _tune(args: argparse.Namespace) -> int:
     from results.pipeline import report_run
 
     print_results(options.run_dir, report_run(options.run_dir, resamples=args.bootstrap,
-                                              cache_dir=args.cache_dir))
+                                              cache_dir=args.cache_dir, ensemble=args.ensemble,
+                                              calibrate=args.calibrate))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from results.pipeline import report_run
 
-    out = report_run(args.run_dir, args.threshold, args.bootstrap, args.seed, args.cache_dir)
+    out = report_run(args.run_dir, args.threshold, args.bootstrap, args.seed, args.cache_dir,
+                     ensemble=args.ensemble, calibrate=args.calibrate)
     print_results(args.run_dir, out)
     return 0
 
@@ -451,6 +465,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ctscan", description="Find, prove and ship a CT-scan COVID-19 classifier.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     source, decode, splitting = _source_options(), _decode_options(), _split_options()
+    choosing = _model_choice_options()
 
     p = commands.add_parser("inspect", parents=[source, decode], help="dataset doctor: counts, "
                             "modes, sizes, unreadable files, duplicates and label shortcuts")
@@ -476,7 +491,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser(
-        "tune", parents=[_source_options(data_required=False), splitting],
+        "tune", parents=[_source_options(data_required=False), splitting, choosing],
         help="search configs with Ray Tune (Optuna TPE + ASHA) on this machine or a Ray cluster")
     p.add_argument("--demo", action="store_true",
                    help=f"small CPU search on generated demo data ({DEMO_DATA}, made if absent): "
@@ -534,8 +549,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "its URL (it keeps running after the search)")
     p.set_defaults(func=cmd_tune)
 
-    p = commands.add_parser("evaluate", help="score a search's best trial once on the test "
-                            "split: metrics with 95%% CIs, plots, report, export")
+    p = commands.add_parser("evaluate", parents=[choosing],
+                            help="score a search's best trial (or top-k ensemble) once on the "
+                                 "test split: metrics with 95%% CIs, plots, report, export")
     p.add_argument("run_dir", help="the search's run folder (STORAGE_PATH/NAME), a local path or "
                    "a URI like s3://BUCKET/runs/NAME; results/ and export/ are written into it")
     p.add_argument("--threshold", type=number(float, Interval(0, 1, high_closed=True)),

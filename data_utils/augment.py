@@ -28,11 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-# Intensity normalisation applied after scaling uint8 to [0, 1]. Mean/std of the padded 224 px
-# sarscov2-ct-sample slices (0.471 / 0.365 measured, rounded); fixed constants so a checkpoint's
-# inputs never depend on which split computed them.
-NORM_MEAN = 0.47
-NORM_STD = 0.36
+from ctmodels.model import NORM_MEAN, NORM_STD
 
 
 @dataclass(frozen=True)
@@ -185,11 +181,7 @@ def augment_batch(
     return out
 
 
-def normalize(images: torch.Tensor) -> torch.Tensor:
-    """uint8 [B, H, W] -> float32 [B, 1, H, W]: scaled to [0, 1], then (x - mean) / std."""
-    return torch.mul(images.unsqueeze(1), _SCALE).add_(_OFFSET)
-
-
+# The networks' input normalisation (ctmodels.normalize), fused into the augmentation:
 # (x / 255 - mean) / std == x * _SCALE + _OFFSET. The scale is applied while converting from
 # uint8 (one pass) and the offset after warping, so grid_sample's zero fill is still air.
 _SCALE = 1.0 / (255.0 * NORM_STD)
@@ -207,7 +199,8 @@ def train_batches(
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled, augmented epoch over a uint8 [N, H, W] dataset.
 
-    Yields (float32 [B, 1, H, W] normalised as `normalize`, labels [B]), each batch a new tensor.
+    Yields (float32 [B, 1, H, W] normalised as `ctmodels.normalize`, labels [B]), each batch a
+    new tensor.
     The last batch is kept even when partial, so every image is seen exactly once per epoch: on a
     small CT set dropping it would discard a noticeable share of the slices.
 

@@ -30,25 +30,6 @@ SPLITS = ("train", "val", "test")
 GROUP_BY = ("none", "manifest", "duplicates")
 NEAR_DUPLICATE_BITS = 40
 SEARCH_BLOCK = 4096  # hashes searched at once: more rows per search, fewer repeated index builds
-# What each --group-by means for a test estimate, in words for reports and model cards.
-GROUPING_MEANING = {
-    "duplicates": (
-        "The train/validation/test split kept byte-identical files and near-identical slices "
-        "(perceptual-hash neighbours, in practice adjacent slices of one patient) on the same "
-        "side, so the model was never tested on a near-copy of a training image. The dataset has "
-        "no patient IDs, so less similar slices of one patient can still sit on both sides; the "
-        "test score may still be somewhat optimistic."),
-    "manifest": (
-        "The train/validation/test split kept all slices of one patient (the manifest's group "
-        "column) and byte-identical files on the same side, so no test patient was seen during "
-        "training or model selection."),
-    "none": (
-        "The train/validation/test split kept only byte-identical files together: near-identical "
-        "slices of one patient can sit in both training and test, so the model may have been "
-        "tested on near-copies of training images and the test score is likely optimistic."),
-}
-
-
 @dataclass(frozen=True)
 class Split:
     assignment: np.ndarray  # int8 [N]: index into SPLITS for each dataset row

@@ -7,20 +7,22 @@ first and then applied unchanged to the test split.
 from __future__ import annotations
 
 import hashlib
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from scipy.optimize import minimize_scalar
+from sklearn.metrics import log_loss, roc_auc_score
 
-from ctmodels import build_model
+from ctmodels import load_model, predict_proba
 from data_utils import runfolder
 from data_utils.cache import CTDataset, load_dataset
 from data_utils.files import write_json
 from data_utils.sources import DataError
 from results.metrics import score, youden_threshold
 from tuning.config import make_config
-from tuning.train import predict_proba
 
 
 def _read_json(run_dir: str, name: str) -> tuple[Any, str]:
@@ -56,13 +58,10 @@ def recorded_groups(split_json: dict, name: str) -> np.ndarray:
     return np.array([e["group"] for e in split_json["files"] if e["split"] == name])
 
 
-def load_checkpoint_model(checkpoint: str, config) -> torch.nn.Module:
-    """The trial's weights from its checkpoint (a local path or a storage URI)."""
+def load_checkpoint_model(checkpoint: str) -> torch.nn.Module:
+    """The trial's network from its checkpoint (a local path or a storage URI)."""
     with runfolder.local_path(checkpoint) as local:
-        state = torch.load(local, map_location="cpu", weights_only=True)
-    model = build_model(config.arch, config.head, config.dropout, config.activation)
-    model.load_state_dict(state["model"])
-    return model.eval()
+        return load_model(local)[0]
 
 
 def choose_threshold(y_val: np.ndarray, prob_val: np.ndarray, fixed: float | None) -> dict:
@@ -71,21 +70,81 @@ def choose_threshold(y_val: np.ndarray, prob_val: np.ndarray, fixed: float | Non
     return {"method": "youden", "value": youden_threshold(y_val, prob_val)}
 
 
-def val_then_test(model: torch.nn.Module, ds: CTDataset, val_rows: np.ndarray,
-                  test_rows: np.ndarray, threshold: float | None = None) -> dict:
-    """Probabilities on val, the threshold chosen there, and only then those on test."""
+def choose_ensemble(y_val: np.ndarray, member_probs: list[np.ndarray]) -> tuple[int, list[float]]:
+    """How many of the members (best first) to average: the k whose mean probability has the
+    best val AUC, the smaller k on a tie; and the val AUC of every k."""
+    aucs = [float(roc_auc_score(y_val, np.mean(member_probs[:k], axis=0)))
+            for k in range(1, len(member_probs) + 1)]
+    return aucs.index(max(aucs)) + 1, aucs
+
+
+def fit_temperature(y_val: np.ndarray, prob_val: np.ndarray) -> float:
+    """The temperature T minimising the val log-loss of sigmoid(logit(p) / T) (Guo et al. 2017,
+    for one logit): T > 1 softens overconfident probabilities, T < 1 sharpens them."""
+    logit = _logit(prob_val)
+
+    def loss(log_t: float) -> float:
+        return log_loss(y_val, 1 / (1 + np.exp(-logit / np.exp(log_t))), labels=[0, 1])
+
+    return float(np.exp(minimize_scalar(loss, bounds=(-3, 3), method="bounded").x))
+
+
+def combine(member_probs: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
+    """The members' mean probability, its logit divided by the temperature: what
+    `ctmodels.Ensemble` outputs, from probabilities already computed."""
+    if len(member_probs) == 1 and temperature == 1.0:
+        return member_probs[0]
+    return 1 / (1 + np.exp(-_logit(np.mean(member_probs, axis=0)) / temperature))
+
+
+def _logit(prob: np.ndarray) -> np.ndarray:
+    p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
+    return np.log(p / (1 - p))
+
+
+def _proba(model: torch.nn.Module, ds: CTDataset, rows: np.ndarray) -> np.ndarray:
+    return predict_proba(model, torch.from_numpy(ds.images[rows])).numpy()
+
+
+def val_then_test(members: list[torch.nn.Module], ds: CTDataset, val_rows: np.ndarray,
+                  test_rows: np.ndarray, threshold: float | None = None,
+                  calibrate: bool = False) -> dict:
+    """Everything is chosen on val first: how many of `members` (best first) to average, the
+    temperature, the thresholds of that model and of the single best. Only then are the test
+    probabilities computed, of both."""
     y_val = ds.labels[val_rows]
-    prob_val = predict_proba(model, torch.from_numpy(ds.images[val_rows])).numpy()
+    member_val = [_proba(m, ds, val_rows) for m in members]
+    k, aucs = choose_ensemble(y_val, member_val)
+    temperature = fit_temperature(y_val, combine(member_val[:k])) if calibrate else 1.0
+    prob_val = combine(member_val[:k], temperature)
     chosen = choose_threshold(y_val, prob_val, threshold)
+    single_threshold = choose_threshold(y_val, member_val[0], threshold)
     y_test = ds.labels[test_rows]
-    prob_test = predict_proba(model, torch.from_numpy(ds.images[test_rows])).numpy()
-    return {"threshold": chosen, "y_val": y_val, "prob_val": prob_val, "y_test": y_test,
-            "prob_test": prob_test}
+    member_test = [_proba(m, ds, test_rows) for m in members[:k]]
+    return {"k": k, "val_auc_by_k": aucs, "temperature": temperature, "threshold": chosen,
+            "y_val": y_val, "prob_val": prob_val, "y_test": y_test,
+            "prob_test": combine(member_test, temperature),
+            "single": {"threshold": single_threshold, "prob_val": member_val[0],
+                       "prob_test": member_test[0]}}
+
+
+def ensemble_candidates(run_dir: str, search: dict, best: dict, size: int) -> list[dict]:
+    """The best trial, then the next best by val AUC that kept a checkpoint: up to `size`
+    {"trial_id", "checkpoint", "config"}."""
+    trials = runfolder.read_json(runfolder.join(run_dir, runfolder.TRIALS)) or []
+    others = [{"trial_id": t["trial_id"], "checkpoint": t["checkpoint"],
+               "config": asdict(make_config({**search["base_config"], **t["params"]}))}
+              for t in trials if t.get("checkpoint") and t["trial_id"] != best["trial_id"]]
+    winner = {k: best[k] for k in ("trial_id", "checkpoint", "config")}
+    return [winner, *others][:size]
 
 
 def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
-                 seed: int = 0, cache_dir: Path | None = None) -> tuple[dict, dict]:
-    """Score the best trial; returns (metrics.json content, arrays for plots and export)."""
+                 seed: int = 0, cache_dir: Path | None = None, ensemble: int = 5,
+                 calibrate: bool = False) -> tuple[dict, dict]:
+    """Score the chosen model (the best trial, or the ensemble of the top trials that val
+    prefers) and the single best trial; returns (metrics.json content, arrays for plots and
+    export)."""
     search, _ = _read_json(run_dir, runfolder.SEARCH)
     best, _ = _read_json(run_dir, runfolder.BEST)
     split_json, split_text = _read_json(run_dir, runfolder.SPLIT)
@@ -94,11 +153,17 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
                       search["split"].get("positive_class"))
     val_rows = recorded_rows(ds, split_json, "val")
     test_rows = recorded_rows(ds, split_json, "test")
-    model = load_checkpoint_model(best["checkpoint"], config)
-    scored = val_then_test(model, ds, val_rows, test_rows, threshold)
+    candidates = ensemble_candidates(run_dir, search, best, ensemble)
+    members = [load_checkpoint_model(c["checkpoint"]) for c in candidates]
+    scored = val_then_test(members, ds, val_rows, test_rows, threshold, calibrate)
+    k, temperature = scored["k"], scored["temperature"]
     chosen, y_val, prob_val = scored["threshold"], scored["y_val"], scored["prob_val"]
     y_test, prob_test = scored["y_test"], scored["prob_test"]
     test_groups = recorded_groups(split_json, "test")
+    val_groups = recorded_groups(split_json, "val")
+
+    def at(y: np.ndarray, prob: np.ndarray, value: float, groups: np.ndarray) -> dict:
+        return score(y, prob, value, resamples, seed, groups)
 
     metrics = {
         "trial_id": best["trial_id"],
@@ -109,11 +174,13 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         "test": {
             "n": len(y_test), "positives": int(y_test.sum()),
             "negatives": int(len(y_test) - y_test.sum()),
-            **score(y_test, prob_test, chosen["value"], resamples, seed, test_groups),
-            "at_0.5": score(y_test, prob_test, 0.5, resamples, seed, test_groups),
+            **at(y_test, prob_test, chosen["value"], test_groups),
+            "at_0.5": at(y_test, prob_test, 0.5, test_groups),
         },
-        "val": {"n": len(y_val), **score(y_val, prob_val, chosen["value"], resamples, seed,
-                                         recorded_groups(split_json, "val"))},
+        "val": {"n": len(y_val), **at(y_val, prob_val, chosen["value"], val_groups)},
+        "ensemble": {"k": k, "candidates": len(candidates), "val_auc_by_k": scored["val_auc_by_k"],
+                     "members": candidates[:k]},
+        "temperature": temperature,
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": split_json["group_by"],
                       "test_groups": len(np.unique(test_groups))},
         "data": {
@@ -125,10 +192,17 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         },
         "config": best["config"],
         "searched": best["searched"],
-        "search": {k: best[k] for k in ("trials", "trials_stopped_early", "errored_trials",
+        "search": {key: best[key] for key in ("trials", "trials_stopped_early", "errored_trials",
                                         "time_budget_s", "budget_reached")},
     }
-    arrays = {"model": model, "config": config, "y_test": y_test, "prob_test": prob_test,
+    if k > 1 or temperature != 1.0:  # the single best trial beside what is exported
+        single = scored["single"]
+        metrics["single"] = {
+            "threshold": single["threshold"],
+            "test": at(y_test, single["prob_test"], single["threshold"]["value"], test_groups),
+            "val": at(y_val, single["prob_val"], single["threshold"]["value"], val_groups),
+        }
+    arrays = {"members": members[:k], "y_test": y_test, "prob_test": prob_test,
               "test_paths": [ds.paths[i] for i in test_rows], "class_names": ds.class_names,
               "test_files": [ds.root / ds.paths[i] for i in test_rows]}
     return metrics, arrays

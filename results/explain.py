@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from data_utils.augment import normalize
+from ctmodels import Ensemble, normalize
 from data_utils.errors import UserError
 from data_utils.files import atomic_write
 from results.export import load_exported
@@ -27,7 +27,12 @@ def gradcam(model: nn.Module, x: torch.Tensor) -> np.ndarray:
 
 
 def _gradcam(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
-    """(maps [B, S, S], logits [B]) from one forward and one backward pass."""
+    """(maps [B, S, S], logits [B]) from one forward and one backward pass; for an ensemble the
+    mean of its members' maps, beside its own logits."""
+    if isinstance(model, Ensemble):
+        maps = np.mean([_gradcam(member, x)[0] for member in model.members], axis=0)
+        with torch.no_grad():
+            return maps, model.eval()(x).squeeze(1)
     model.eval()  # BatchNorm in train mode would mix the images of the batch
     captured: list[torch.Tensor] = []
     hook = model.layer4.register_forward_hook(lambda _m, _i, out: captured.append(out))

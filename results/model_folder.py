@@ -24,8 +24,7 @@ FILES = {
     "model_card": "model_card.md",
 }
 # What loading needs; checked so a hand-edited config fails with a readable message.
-REQUIRED_KEYS = ("arch", "head", "dropout", "activation", "image_size", "resize", "threshold",
-                 "class_names")
+REQUIRED_KEYS = ("members", "image_size", "resize", "threshold", "class_names")
 # uint8 slices [B, S, S] -> probabilities [B]
 Predictor = Callable[[np.ndarray], np.ndarray]
 
@@ -58,8 +57,8 @@ def load_predictor(model_dir: Path) -> Predictor:
         import torch
     except ImportError:
         return onnx_predictor(model_dir)
+    from ctmodels import predict_proba
     from results.export import load_exported
-    from tuning.train import predict_proba
 
     model, _ = load_exported(model_dir)
     return lambda images: predict_proba(model, torch.from_numpy(images)).numpy()

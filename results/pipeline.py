@@ -32,10 +32,12 @@ def _trial_label(trial: dict) -> str:
 
 
 def report_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
-               seed: int = 0, cache_dir: Path | None = None, gradcams: int = 4) -> Path:
+               seed: int = 0, cache_dir: Path | None = None, gradcams: int = 4,
+               ensemble: int = 5, calibrate: bool = False) -> Path:
     """Everything `ctscan evaluate` writes into the run folder's results/ and export/; returns
     the local results folder (the run's own, or a copy of a bucket's under ./runs/NAME)."""
-    metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir)
+    metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
+                                   calibrate)
     out = runfolder.local_copy_dir(run_dir) / runfolder.RESULTS
     write_json(out / "metrics.json", metrics)
     write_predictions(out / "test_predictions.json", arrays)
@@ -57,7 +59,7 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     }
 
     export_dir = runfolder.local_copy_dir(run_dir) / runfolder.EXPORT
-    export_run(run_dir, export_dir, metrics, arrays["model"])
+    export_run(run_dir, export_dir, metrics, arrays["members"])
     # A few test slices of each class, so the report shows where the model looked.
     picks = [i for label in (1, 0) for i in np.flatnonzero(y == label)[: gradcams // 2]]
     shown = explain_paths(export_dir, [arrays["test_files"][i] for i in picks], out / "gradcam")
@@ -76,16 +78,20 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     return out
 
 
-def export_run(run_dir: str, out: Path, metrics: dict | None = None, model=None) -> Path:
-    """`ctscan export`: the winner's state_dict, TorchScript, config and model card."""
+def export_run(run_dir: str, out: Path, metrics: dict | None = None,
+               members: list | None = None) -> Path:
+    """`ctscan export`: the evaluated model (the best trial, or the ensemble evaluation chose):
+    its weights, TorchScript, ONNX, config and model card."""
     if metrics is None:
         metrics = runfolder.read_json(runfolder.join(run_dir, runfolder.METRICS))
         if metrics is None:
             raise DataError(f"{runfolder.join(run_dir, runfolder.METRICS)}: not found; run "
                             f"`ctscan evaluate {run_dir}` first")
-    config = make_config(metrics["config"])
-    if model is None:
-        model = load_checkpoint_model(metrics["checkpoint"], config)
+    # Evaluations before ensembles existed recorded only the best trial.
+    chosen = metrics.get("ensemble", {}).get("members") or [
+        {k: metrics[k] for k in ("trial_id", "checkpoint", "config")}]
+    if members is None:
+        members = [load_checkpoint_model(m["checkpoint"]) for m in chosen]
     extra = {
         "trial_id": metrics["trial_id"],
         "searched": metrics["searched"],
@@ -93,5 +99,8 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None, model=None)
         "threshold_method": metrics["threshold"]["method"],
         "data": metrics["data"],
     }
-    return export_model(out, model, config, tuple(metrics["class_names"]),
-                        metrics["threshold"]["value"], extra)
+    return export_model(out, [(net, make_config(m["config"]))
+                              for net, m in zip(members, chosen, strict=True)],
+                        tuple(metrics["class_names"]), metrics["threshold"]["value"], extra,
+                        [{"trial_id": m["trial_id"]} for m in chosen],
+                        metrics.get("temperature", 1.0))

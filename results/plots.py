@@ -65,11 +65,18 @@ def plot_roc(y_true: np.ndarray, prob: np.ndarray, threshold: float, path: Path,
     ax.annotate(f"t = {threshold:.3g}", (op_fpr, op_tpr), xytext=(14 if right else -14, -18),
                 textcoords="offset points", ha="left" if right else "right", fontsize=10,
                 color="tab:red", arrowprops={"arrowstyle": "-", "color": "tab:red"})
-    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", title=title,
-           xlabel="False positive rate (1 − specificity)",
-           ylabel="True positive rate (sensitivity)")
+    return _save_unit_square(fig, path, title, "False positive rate (1 − specificity)",
+                             "True positive rate (sensitivity)", "lower right")
+
+
+def _save_unit_square(fig: Figure, path: Path, title: str, xlabel: str, ylabel: str,
+                      legend: str) -> Figure:
+    """Square axes from 0 to 1 on both sides, as a ROC curve or a reliability diagram needs."""
+    ax = fig.axes[0]
+    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", title=title, xlabel=xlabel,
+           ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=9)
+    ax.legend(loc=legend, fontsize=9)
     return _save(fig, path)
 
 
@@ -91,12 +98,8 @@ def plot_reliability(calibration: dict, path: Path,
     for b in bins:
         ax.annotate(str(b["n"]), (b["mean_prob"], b["fraction_positive"]), fontsize=8,
                     xytext=(6, -10), textcoords="offset points")
-    ax.set(xlim=(-0.02, 1.02), ylim=(-0.02, 1.02), aspect="equal", title=title,
-           xlabel="Mean predicted probability (bin of width 0.1)",
-           ylabel="Fraction positive")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="upper left", fontsize=9)
-    return _save(fig, path)
+    return _save_unit_square(fig, path, title, "Mean predicted probability (bin of width 0.1)",
+                             "Fraction positive", "upper left")
 
 
 def plot_pr(y_true: np.ndarray, prob: np.ndarray, path: Path,

@@ -15,29 +15,16 @@ from urllib.parse import quote
 import yaml
 
 from data_utils.files import atomic_write
-from data_utils.split import GROUPING_MEANING
+from results.wording import (
+    BOOTSTRAP_UNITS,
+    GROUPING_MEANING,
+    LIMITATIONS,
+    METRIC_NAMES,
+    interval_limitation,
+)
 
-METRIC_NAMES = {
-    "accuracy": "Accuracy",
-    "recall": "Sensitivity (recall)",
-    "specificity": "Specificity",
-    "precision": "Precision (PPV)",
-    "f1": "F1 score",
-    "roc_auc": "ROC AUC",
-    "pr_auc": "PR AUC (average precision)",
-}
 THRESHOLD_FREE = ("roc_auc", "pr_auc")  # the same at every threshold
 THRESHOLD_METHODS = {"youden": "Youden's J on the validation split", "fixed": "fixed"}
-# What the bootstrap resampled, by the split's --group-by: the split's groups are drawn whole.
-BOOTSTRAP_UNITS = {
-    "manifest": ("patients (the manifest's group column): all slices of a patient are drawn "
-                 "together, so the intervals reflect the number of test patients"),
-    "duplicates": ("groups of near-identical slices (the split's groups): near-copies are drawn "
-                   "together, but other slices of one patient are still drawn independently, "
-                   "so the intervals may be somewhat narrow"),
-    "none": ("single slices (only byte-identical files are drawn together): slices of one "
-             "patient are treated as independent, so the intervals are optimistic"),
-}
 LEADERBOARD_ROWS = 10
 MAX_SKIPPED_LISTED = 50
 
@@ -113,8 +100,7 @@ def _summary(metrics: dict) -> list[str]:
     grouping = GROUPING_MEANING.get(
         group_by, f"The train/validation/test split grouped slices by `{group_by}` and kept "
         "each group on one side.")
-    arch = metrics.get("config", {}).get("arch")
-    model = f"the model (trial {metrics['trial_id']}" + (f", {arch})" if arch else ")")
+    model = _model_name(metrics)
     text = (
         f"On {test['n']} held-out test slices ({test['positives']} {positive}, "
         f"{test['negatives']} {negative}) that were never used for training or for choosing the "
@@ -124,6 +110,45 @@ def _summary(metrics: dict) -> list[str]:
         f"{grouping} These are slice-level results from a single centre, not a validated "
         f"diagnostic test; see [Limitations](#limitations).")
     return ["## Summary", "", text, ""]
+
+
+def _model_name(metrics: dict) -> str:
+    members = metrics.get("ensemble", {}).get("members", [])
+    calibrated = " with temperature scaling" if metrics.get("temperature", 1.0) != 1.0 else ""
+    if len(members) > 1:
+        trials = ", ".join(m["trial_id"] for m in members)
+        return f"the ensemble of the top {len(members)} trials ({trials}){calibrated}"
+    arch = metrics.get("config", {}).get("arch")
+    return (f"the model (trial {metrics['trial_id']}" + (f", {arch})" if arch else ")")
+            + calibrated)
+
+
+def _exported(metrics: dict) -> list[str]:
+    """The single best trial beside the model that is exported, when the two differ."""
+    single, ensemble = metrics.get("single"), metrics.get("ensemble", {})
+    if not single:
+        return []
+    k, aucs = ensemble["k"], ensemble["val_auc_by_k"]
+    why = (f"Averaging the probabilities of the best {k} of the top {ensemble['candidates']} "
+           f"trials gave the best validation AUC ({aucs[k - 1]:.3f}, against {aucs[0]:.3f} for "
+           f"the best trial alone; ties go to fewer members). " if k > 1 else "")
+    if metrics.get("temperature", 1.0) != 1.0:
+        why += (f"Its probabilities are calibrated by a temperature of "
+                f"{metrics['temperature']:.3g} fitted on the validation split. ")
+    rows = []
+    for name, entry, threshold in (
+            (f"single best trial {metrics['trial_id']}", single, single["threshold"]),
+            (f"exported: {_model_name(metrics).removeprefix('the ')}", metrics,
+             metrics["threshold"])):
+        m, c = entry["test"]["metrics"], entry["test"].get("calibration", {})
+        rows.append([name, f"{threshold['value']:.3g}", _num(entry["val"]["metrics"]
+                     ["roc_auc"]["value"]), _with_ci(m["roc_auc"]), _with_ci(m["accuracy"]),
+                     _num(c.get("brier", {}).get("value"))])
+    return ["## Single best trial and the exported model", "", why + "Both were fixed on the "
+            "validation split before either saw the test split; the model exported is the "
+            "second row.", "",
+            *_table(["Model", "Threshold", "Val AUC", "Test ROC AUC (95% CI)",
+                     "Test accuracy (95% CI)", "Test Brier"], rows)]
 
 
 def _negative(metrics: dict) -> str:
@@ -325,34 +350,16 @@ def _gradcams(gradcams: Sequence[str]) -> list[str]:
 
 
 def _limitations(metrics: dict) -> list[str]:
-    boot = metrics.get("bootstrap", {})
+    unit = metrics.get("bootstrap", {}).get("unit")
     return [
         "## Limitations", "",
-        "- **Single-centre data.** The SARS-CoV-2 CT-scan dataset comes from hospitals in São "
-        "Paulo, Brazil. Scanners, protocols and patients elsewhere differ; expect lower "
-        "performance on other data, and validate externally before drawing conclusions.",
-        "- **Slice-level, not patient-level.** Every number is about single CT slices, not "
-        "patients or whole scans. A patient-level decision would need the slices of a scan "
-        "combined, which was not evaluated here.",
-        "- **Not a medical device.** This is a research result. It is not cleared or approved "
-        "for clinical use and must not guide diagnosis or treatment.",
-        *_interval_limitation(boot),
+        *(f"- **{title}.** {text}" for title, text in
+          [*LIMITATIONS, interval_limitation(unit)]),
         "- **Threshold.** The threshold was fixed before testing; on a population with a "
         "different prevalence or scanner, sensitivity and specificity at that threshold will "
         "shift, and precision with them.",
         "",
     ]
-
-
-def _interval_limitation(boot: dict) -> list[str]:
-    if boot.get("unit") == "manifest":
-        return ["- **Confidence intervals** come from bootstrap resamples of test patients; "
-                "they cover the sampling of patients, not differences between hospitals or "
-                "scanners."]
-    return [f"- **Confidence intervals may be optimistic.** They resample "
-            f"{BOOTSTRAP_UNITS.get(boot.get('unit'), 'test slices')}. Slices of one patient "
-            "that share the test split are not independent, so the true uncertainty is larger "
-            "than the intervals show; a manifest with a patient column (`group`) fixes this."]
 
 
 def write_report(path: Path, metrics: dict, leaderboard: list[dict], plots: dict[str, str],
@@ -363,6 +370,7 @@ def write_report(path: Path, metrics: dict, leaderboard: list[dict], plots: dict
     lines = [f"# {positive} CT classifier: test report", "",
              f"Positive class: **{positive}**. Trial `{metrics['trial_id']}`.", ""]
     lines += _summary(metrics)
+    lines += _exported(metrics)
     lines += _results(metrics, plots)
     lines += _search(metrics, leaderboard, plots)
     lines += _failures(failures)

@@ -4,13 +4,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from ctmodels import NORM_MEAN, NORM_STD, normalize
 from data_utils.augment import (
-    NORM_MEAN,
-    NORM_STD,
     AugmentRanges,
     affine_matrices,
     augment_batch,
-    normalize,
     random_matrices,
     train_batches,
     warp,

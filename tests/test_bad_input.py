@@ -25,7 +25,7 @@ from tuning.space import DEMO_SPACE
 def model_dir(tmp_path_factory) -> Path:
     """A real exported model (untrained), for predict and explain."""
     out = tmp_path_factory.mktemp("model")
-    return export_model(out, build_model("resnet18"), make_config({"image_size": 32}),
+    return export_model(out, [(build_model("resnet18"), make_config({"image_size": 32}))],
                         ("non-COVID", "COVID"), 0.5, {})
 
 
@@ -77,7 +77,8 @@ def _model_copy_with_broken_weights(model_dir: Path, w: Path) -> None:
     bad = w / "badweights"
     bad.mkdir()
     (bad / "config.json").write_text((model_dir / "config.json").read_text())
-    torch.save({"conv1.weight": torch.zeros(1)}, bad / "model.pt")
+    described = {"description": {"arch": "resnet18"}, "model": {"conv1.weight": torch.zeros(1)}}
+    torch.save({"members": [described]}, bad / "model.pt")
 
 
 # id: (command, what its error line must contain, setup). {W} is the work folder, {D} the data
@@ -212,8 +213,8 @@ CASES = {
     "predict_model_not_json": ("predict {W}/badmodel {I}",
                                "{W}/badmodel/config.json: not a ctscan model config", None),
     "predict_weights_wrong": ("predict {W}/badweights {I}",
-                              "{W}/badweights/model.pt: shapes do not match the "
-                              "model", "broken_weights"),
+                              "{W}/badweights/model.pt: weights do not fit resnet18",
+                              "broken_weights"),
     "predict_csv_is_a_folder": ("predict {M} {I} --csv {W}",
                                 "--csv {W} is a folder", None),
     "predict_csv_inside_data": ("predict {M} {D} --csv {D}/p.csv",

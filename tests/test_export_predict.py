@@ -17,8 +17,7 @@ import yaml
 from conftest import tree_snapshot
 from PIL import Image
 
-from ctmodels import build_model
-from data_utils.augment import normalize
+from ctmodels import Ensemble, build_model, load_model, normalize, predict_proba
 from data_utils.decode import decode_image
 from data_utils.errors import UserError
 from results.explain import explain_paths, gradcam
@@ -26,7 +25,6 @@ from results.export import export_model, load_exported
 from results.model_folder import ModelFolderError
 from results.predict import main_predict, predict_paths
 from tuning.config import TrainConfig
-from tuning.train import predict_proba
 
 CLASSES = ("non-COVID", "COVID")
 
@@ -43,7 +41,7 @@ def _export(root: Path, size: int) -> tuple[Path, torch.nn.Module]:
                  "skipped": [{"path": "x.png", "reason": "empty file"}]},
         "trial_id": "trial_0001",
     }
-    return export_model(root / "model", model, config, CLASSES, 0.5, extra), model
+    return export_model(root / "model", [(model, config)], CLASSES, 0.5, extra), model
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +76,36 @@ def test_export_round_trip(exported):
     assert not loaded.training
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
-    state = torch.load(model_dir / "model.pt", weights_only=True)
-    assert isinstance(state, dict) and all(isinstance(v, torch.Tensor) for v in state.values())
-    assert state.keys() == model.state_dict().keys()
+    saved = torch.load(model_dir / "model.pt", weights_only=True)
+    [member] = saved["members"]
+    assert member["description"]["arch"] == "resnet18" and saved["temperature"] == 1.0
+    assert member["model"].keys() == model.state_dict().keys()
+
+
+def test_an_ensemble_exports_as_one_model_in_every_format(tmp_path):
+    """Two members of different heads: model.pt, TorchScript and ONNX all give the logit of the
+    members' mean probability, divided by the temperature."""
+    from results.model_folder import onnx_predictor
+
+    torch.manual_seed(1)
+    configs = [TrainConfig(head=[8], image_size=32), TrainConfig(head=[], image_size=32)]
+    nets = [c.description().build().eval() for c in configs]
+    model_dir = export_model(tmp_path / "m", list(zip(nets, configs, strict=True)), CLASSES,
+                             0.4, {}, [{"trial_id": "a"}, {"trial_id": "b"}], temperature=2.0)
+    images = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        probs = torch.stack([torch.sigmoid(n(normalize(images)).squeeze(1)) for n in nets])
+    expected = torch.sigmoid(torch.logit(probs.mean(0)) / 2.0)
+    loaded, description = load_model(model_dir / "model.pt")
+    assert isinstance(loaded, Ensemble) and description.image_size == 32
+    torch.testing.assert_close(predict_proba(loaded, images), expected, rtol=0, atol=1e-6)
+    script = torch.jit.load(model_dir / "model.torchscript.pt")
+    torch.testing.assert_close(torch.sigmoid(script(images)), expected, rtol=0, atol=1e-6)
+    assert np.abs(onnx_predictor(model_dir)(images.numpy()) - expected.numpy()).max() < 1e-4
+    config = json.loads((model_dir / "config.json").read_text())
+    assert [m["trial_id"] for m in config["members"]] == ["a", "b"]
+    card = (model_dir / "model_card.md").read_text()
+    assert "ensemble of 2" in card and "temperature of 2" in card
 
 
 def test_torchscript_runs_with_plain_torch(exported, tmp_path):
@@ -111,16 +136,19 @@ def test_config_and_model_card(exported):
     model_dir, _ = exported
     config = json.loads((model_dir / "config.json").read_text())
     assert yaml.safe_load((model_dir / "config.yaml").read_text()) == config
-    for key in ("arch", "head", "dropout", "activation", "image_size", "resize", "normalization",
-                "threshold", "class_names", "positive_class", "train_config", "versions",
-                "searched", "test_metrics", "data", "trial_id"):
+    for key in ("members", "image_size", "resize", "normalization", "threshold", "class_names",
+                "positive_class", "versions", "searched", "test_metrics", "data", "trial_id"):
         assert key in config, key
-    assert config["head"] == [8] and config["image_size"] == 32
+    [member] = config["members"]
+    assert member["arch"] == "resnet18" and member["head"] == [8] and config["image_size"] == 32
+    assert member["train_config"]["lr"] == 1e-3
     assert config["class_names"] == list(CLASSES) and config["positive_class"] == "COVID"
     assert set(config["normalization"]) >= {"mean", "std", "scale"}
-    assert config["train_config"]["arch"] == "resnet18"
     assert config["test_metrics"]["auc"]["value"] == 0.9  # numpy scalar became a plain float
-    assert set(config["versions"]) == {"python", "torch", "torchvision", "numpy", "ctscan"}
+    assert set(config["versions"]) == {"python", "torch", "torchvision", "numpy", "onnxruntime",
+                                       "ctscan"}
+    model, description = load_model(model_dir / "model.pt")  # the one loader, weights_only
+    assert description.arch == "resnet18" and description.head == (8,)
     card = (model_dir / "model_card.md").read_text()
     for phrase in ("not a medical device", "Not for diagnosis", "São Paulo", "Slice-level",
                    "optimistic", "torch.jit.load", "[0.8, 0.97]", "/data/ct",
@@ -131,7 +159,7 @@ def test_config_and_model_card(exported):
 def test_export_refuses_clashing_extra_and_missing_folder(tmp_path):
     model = build_model("resnet18")
     with pytest.raises(ValueError, match="threshold"):
-        export_model(tmp_path / "m", model, TrainConfig(), CLASSES, 0.5, {"threshold": 0.3})
+        export_model(tmp_path / "m", [(model, TrainConfig())], CLASSES, 0.5, {"threshold": 0.3})
     with pytest.raises(ModelFolderError, match="nowhere: no such model folder"):
         load_exported(tmp_path / "nowhere")
 

@@ -334,23 +334,36 @@ def test_predict_on_the_test_files_reproduces_evaluate(demo_search, evaluated):
         assert row["prob"] == pytest.approx(evaluated_probs[rel], abs=1e-6)
 
 
-def test_threshold_is_chosen_on_val_before_test_is_touched(demo_search, monkeypatch):
+def test_ensemble_and_threshold_are_chosen_on_val_before_test_is_touched(demo_search,
+                                                                          monkeypatch):
+    """Every choice (how many trials to average, the thresholds) sees val only, and the test
+    images are predicted only after all of them, for the chosen model and the single best."""
     options, _, ds, split, _ = demo_search
     events = []
-    real_predict, real_choose = evaluate_module.predict_proba, evaluate_module.choose_threshold
+    real_predict = evaluate_module.predict_proba
     monkeypatch.setattr(evaluate_module, "predict_proba",
                         lambda model, x: events.append(("predict", x.clone())) or
                         real_predict(model, x))
-    monkeypatch.setattr(evaluate_module, "choose_threshold",
-                        lambda y, p, fixed: events.append(("threshold", len(y))) or
-                        real_choose(y, p, fixed))
-    evaluate_module.evaluate_run(options.run_dir, resamples=10)
-    val = ds.images[split.indices("val")]
-    test = ds.images[split.indices("test")]
-    assert [e[0] for e in events] == ["predict", "threshold", "predict"]
-    assert sorted(map(bytes, events[0][1].numpy())) == sorted(map(bytes, val))
-    assert events[1][1] == len(val)
-    assert sorted(map(bytes, events[2][1].numpy())) == sorted(map(bytes, test))
+    for name in ("choose_threshold", "choose_ensemble"):
+        real = getattr(evaluate_module, name)
+        monkeypatch.setattr(evaluate_module, name, lambda y, *rest, real=real: events.append(
+            ("choose", len(y))) or real(y, *rest))
+    metrics, _ = evaluate_module.evaluate_run(options.run_dir, resamples=10, ensemble=3)
+    val = sorted(map(bytes, ds.images[split.indices("val")]))
+    test = sorted(map(bytes, ds.images[split.indices("test")]))
+
+    def kind(event: tuple) -> str:
+        if event[0] == "choose":
+            return "choose" if event[1] == len(val) else "choose on other data"
+        images = sorted(map(bytes, event[1].numpy()))
+        return "val" if images == val else "test" if images == test else "other"
+
+    kinds = [kind(e) for e in events]
+    first_test = kinds.index("test")
+    candidates = metrics["ensemble"]["candidates"]
+    assert candidates >= 2  # the search kept several trials' checkpoints: a real choice
+    assert kinds[:first_test] == ["val"] * candidates + ["choose"] * 3
+    assert kinds[first_test:] == ["test"] * metrics["ensemble"]["k"]
 
 
 def test_a_changed_test_file_stops_evaluation_naming_it(demo_search):

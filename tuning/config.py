@@ -9,12 +9,16 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import yaml
 
 from data_utils.decode import RESIZE_MODES
 from data_utils.errors import UserError
 from data_utils.files import atomic_write
+
+if TYPE_CHECKING:  # ctmodels imports torch: seconds, which --help should not pay
+    from ctmodels.model import ModelDescription
 
 
 class ConfigError(UserError, ValueError):
@@ -122,6 +126,13 @@ class TrainConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def description(self) -> ModelDescription:
+        """The network this config trains, as every checkpoint and export records it."""
+        from ctmodels.model import ModelDescription
+
+        return ModelDescription(self.arch, tuple(self.head), self.dropout, self.activation,
+                                self.image_size, self.resize)
 
 
 FIELD_TYPES = typing.get_type_hints(TrainConfig)

@@ -23,7 +23,8 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.io import read_image
 from torchvision.utils import make_grid
 
-from data_utils.augment import NORM_MEAN, NORM_STD, train_batches
+from ctmodels.model import NORM_MEAN, NORM_STD
+from data_utils.augment import train_batches
 from tuning.config import TrainConfig, coerce
 from tuning.train import Reporter
 

@@ -365,6 +365,8 @@ def trial_records(results: tune.ResultGrid, run_dir: str) -> list[dict]:
         if not (config or history or result.error):
             continue  # proposed, then the budget ended the search before the trial started
         trial_dir = runfolder.name_of(result.path)
+        kept = (result.get_best_checkpoint(CHECKPOINT_METRIC, MODE)
+                if result.best_checkpoints else None)
         records.append({
             # A trial that failed before reporting has no metrics; its folder still names it.
             "trial_id": _trial_id(trial_dir),
@@ -373,6 +375,9 @@ def trial_records(results: tune.ResultGrid, run_dir: str) -> list[dict]:
             "status": status,
             "epochs": len(history),
             "val_auc": max((h["val_auc"] for h in history), default=float("nan")),
+            # Its best epoch's weights: the ensemble of the top trials is built from these.
+            "checkpoint": runfolder.join(run_dir, trial_dir, runfolder.name_of(kept.path),
+                                         CHECKPOINT_FILE) if kept else None,
             **({"error": _error_line(result.error),
                 "error_file": runfolder.join(run_dir, trial_dir, "error.txt")}
                if result.error else {}),

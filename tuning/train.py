@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -21,8 +20,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from ctmodels import build_model
-from data_utils.augment import normalize, train_batches
+from ctmodels.model import autocast, predict_proba
+from data_utils.augment import train_batches
 from data_utils.files import atomic_write
 from tuning.config import TrainConfig
 
@@ -65,11 +64,6 @@ def fits_on_device(nbytes: int, total_memory: int, gpu_share: float) -> bool:
     return nbytes <= DEVICE_DATA_FRACTION * gpu_share * total_memory
 
 
-def _autocast(device: torch.device):
-    # bf16 needs no loss scaling; on CPU autocast would only slow the convolutions down.
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
-
-
 def train_one_epoch(
     model: nn.Module,
     criterion: nn.Module,
@@ -102,7 +96,7 @@ def train_one_epoch(
         target = y.float()
         if config.label_smoothing:
             target = target * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
-        with _autocast(device):
+        with autocast(device):
             loss = criterion(model(x).squeeze(1).float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -113,22 +107,6 @@ def train_one_epoch(
         total += loss.detach() * len(y)  # stays on device: no sync per step
         seen += len(y)
     return total.item() / max(seen, 1), seen
-
-
-@torch.no_grad()
-def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-    """Probability of the positive class for a uint8 [N, S, S] tensor, on the model's device; no
-    augmentation. The images may be elsewhere (the host): each chunk is copied over as uint8."""
-    model.eval()
-    device = next(model.parameters()).device
-    out = []
-    for chunk in images.split(batch_size):
-        x = normalize(chunk.to(device))
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with _autocast(device):
-            out.append(model(x).squeeze(1).float())
-    return torch.sigmoid(torch.cat(out))
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
@@ -232,8 +210,7 @@ def train_trial(
     torch.manual_seed(config.seed)  # initial weights and dropout
     generator = torch.Generator(device).manual_seed(config.seed)  # batch order, augmentation
 
-    model = build_model(config.arch, config.head, config.dropout, config.activation,
-                        config.weights).to(device)
+    model = config.description().build(config.weights).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     criterion = nn.BCEWithLogitsLoss(
@@ -306,6 +283,7 @@ def train_trial(
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
             "config": config.to_dict(),
+            "description": config.description().to_dict(),
             "metrics": metrics,
             "best_val_auc": best["val_auc"],
             "best_metrics": best,

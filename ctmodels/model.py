@@ -1,0 +1,149 @@
+"""A network as ctscan trains, scores and ships it: its description (everything but the weights),
+the input normalisation, probabilities from uint8 slices, and the one loader of weights files.
+
+A checkpoint and an exported model.pt both hold {"description": ModelDescription.to_dict(), ...}
+with the weights, so every place that rebuilds a network rebuilds the same one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ctmodels.resnet import WeightsError, build_model
+
+# Intensity normalisation applied after scaling uint8 to [0, 1]. Mean/std of the padded 224 px
+# sarscov2-ct-sample slices (0.471 / 0.365 measured, rounded); fixed constants so a checkpoint's
+# inputs never depend on which split computed them.
+NORM_MEAN = 0.47
+NORM_STD = 0.36
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """How to build a network and how to feed it: uint8 slices decoded to image_size x
+    image_size by `resize`, scaled to [0, 1], then (x - mean) / std."""
+
+    arch: str = "resnet18"
+    head: tuple[int, ...] = ()
+    dropout: float = 0.0
+    activation: str = "relu"
+    image_size: int = 224
+    resize: str = "pad"
+    mean: float = NORM_MEAN
+    std: float = NORM_STD
+
+    def build(self, weights: str = "none") -> nn.Module:
+        return build_model(self.arch, self.head, self.dropout, self.activation, weights)
+
+    def to_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "head": list(self.head)}
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "") -> ModelDescription:
+        known = {f.name for f in dataclasses.fields(cls)}
+        if not isinstance(values, dict) or set(values) - known:
+            raise WeightsError(f"{source}: not a model description ({values!r:.80})")
+        return cls(**{**values, "head": tuple(values.get("head", ()))})
+
+
+def normalize(images: torch.Tensor, mean: float = NORM_MEAN, std: float = NORM_STD
+              ) -> torch.Tensor:
+    """uint8 [B, H, W] -> float32 [B, 1, H, W]: scaled to [0, 1], then (x - mean) / std."""
+    return torch.mul(images.unsqueeze(1), 1.0 / (255.0 * std)).add_(-mean / std)
+
+
+class Ensemble(nn.Module):
+    """Several networks as one: the logit of their mean probability (one member: its logit),
+    divided by a temperature fitted on validation data (1: uncalibrated)."""
+
+    def __init__(self, members: list[nn.Module], temperature: float = 1.0):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+        self.temperature = float(temperature)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if len(self.members) == 1:
+            logits = self.members[0](x)
+        else:
+            prob = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+            logits = torch.logit(prob, eps=1e-7)
+        return logits / self.temperature
+
+
+class UInt8Classifier(nn.Module):
+    """Takes decoded grayscale slices as uint8 [B, S, S]; returns positive-class logits [B], so
+    a user of the TorchScript or ONNX file needs no ctscan code."""
+
+    def __init__(self, model: nn.Module, description: ModelDescription):
+        super().__init__()
+        self.model = model
+        self.mean, self.std = description.mean, description.std
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        # A float image in 0..1 would run silently and give garbage; refuse it instead.
+        if images.dtype != torch.uint8 or images.dim() != 3:
+            raise ValueError("expected a uint8 tensor [B, S, S] of decoded grayscale slices")
+        return self.model(normalize(images, self.mean, self.std)).squeeze(1)
+
+
+def autocast(device: torch.device):
+    # bf16 needs no loss scaling; on CPU autocast would only slow the convolutions down.
+    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+
+
+@torch.no_grad()
+def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
+                  description: ModelDescription = ModelDescription()) -> torch.Tensor:
+    """Probability of the positive class for a uint8 [N, S, S] tensor, on the model's device; no
+    augmentation. The images may be elsewhere (the host): each chunk is copied over as uint8."""
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    for chunk in images.split(batch_size):
+        x = normalize(chunk.to(device), description.mean, description.std)
+        if device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with autocast(device):
+            out.append(model(x).squeeze(1).float())
+    return torch.sigmoid(torch.cat(out))
+
+
+def load_model(path: Path) -> tuple[nn.Module, ModelDescription]:
+    """The network in a training checkpoint ({"model": state_dict, "description": ...}) or an
+    exported model.pt ({"members": [such entries], "temperature": T}, an Ensemble when several
+    or calibrated), in eval mode on
+    the CPU, with the description of its input. Loaded with weights_only=True: a file cannot
+    run code."""
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - corrupt file, pickle with code, not torch at all
+        raise WeightsError(f"{path}: not a ctscan checkpoint or model (truncated or corrupt, or "
+                           f"not a torch file; {type(e).__name__})") from e
+    entries = saved.get("members", [saved]) if isinstance(saved, dict) else [None]
+    if not all(isinstance(e, dict) and "description" in e and "model" in e for e in entries):
+        raise WeightsError(f"{path}: holds no model description; it was written by another "
+                           "program or by ctscan 0.1, whose files this version cannot rebuild")
+    members, inputs = [], set()
+    for entry in entries:
+        description = ModelDescription.from_dict(entry["description"], str(path))
+        member = description.build()
+        try:
+            member.load_state_dict(entry["model"])
+        except RuntimeError as e:
+            raise WeightsError(f"{path}: weights do not fit {description.arch} with head "
+                               f"{list(description.head)} ({str(e).splitlines()[0]})") from e
+        members.append(member)
+        inputs.add((description.image_size, description.resize, description.mean,
+                    description.std))
+    if len(inputs) > 1:
+        raise WeightsError(f"{path}: its members expect different inputs {sorted(inputs)}")
+    temperature = float(saved.get("temperature", 1.0))
+    model = (members[0] if len(members) == 1 and temperature == 1.0
+             else Ensemble(members, temperature))
+    return model.eval(), ModelDescription.from_dict(entries[0]["description"], str(path))

@@ -1,0 +1,107 @@
+"""model_card.md: what an exported model is, what it was tested on and how to load it, written
+from the exported config.json so the two never disagree, in the report's words (results.wording).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from results.model_folder import FILES
+from results.wording import GROUPING_MEANING, LIMITATIONS, interval_limitation
+
+
+def model_card(meta: dict) -> str:
+    """Markdown model card built from the exported config."""
+    data = meta.get("data", {})
+    size, members = meta["image_size"], meta["members"]
+    positive, negative = meta["positive_class"], meta["negative_class"]
+    what = (members[0]["arch"] if len(members) == 1
+            else f"ensemble of {len(members)} ({', '.join(m['arch'] for m in members)})")
+    lines = [
+        f"# ctscan model: {what} ({positive} vs {negative})", "",
+        "## Intended use", "",
+        f"Research on classifying single CT slices as {positive} or {negative}. **Not for "
+        "diagnosis**: this is not a medical device and must not be used to make or support "
+        "clinical decisions.", "",
+        "## Model", "",
+    ]
+    if len(members) > 1:
+        lines.append(f"- The mean probability of {len(members)} networks, the best checkpoints "
+                     "of the search's top trials (how many was chosen on the validation split)")
+    for m in members:
+        trial = f" (trial {m['trial_id']})" if "trial_id" in m else ""
+        lines.append(f"- Architecture{trial}: {m['arch']} (torchvision), 1-channel input, head "
+                     f"{m['head']}, dropout {_fmt(m['dropout'])}, activation {m['activation']}")
+    norm = meta["normalization"]
+    lines += [
+        f"- Input: one grayscale slice, {size} x {size} px ({meta['resize']} resize), uint8; "
+        f"normalised as (pixels / 255 - {norm['mean']}) / {norm['std']}",
+        f"- Output: one logit for `{positive}`; probability = sigmoid(logit)",
+        f"- Decision threshold: probability >= {meta['threshold']:.4g} -> `{positive}`, else "
+        f"`{negative}`",
+    ]
+    if meta.get("temperature", 1.0) != 1.0:
+        lines.append(f"- Calibrated: logits divided by a temperature of "
+                     f"{meta['temperature']:.4g}, fitted on the validation split")
+    if meta.get("searched"):
+        searched = ", ".join(f"{k}={_fmt(v)}" for k, v in meta["searched"].items())
+        lines.append(f"- Searched hyperparameters of the best trial: {searched}")
+    lines += ["", "## Data", ""]
+    lines += _bullets(data) if data else ["- Not recorded in this export."]
+    lines += [f"- Grouping: {GROUPING_MEANING.get(data.get('group_by'), 'not recorded')}", "",
+              "## Test metrics", ""]
+    metrics = meta.get("test_metrics") or {}
+    if metrics:
+        lines += ["| metric | value | 95% CI |", "|---|---|---|"]
+        for name, m in metrics.items():
+            value, ci = (m.get("value"), m.get("ci95")) if isinstance(m, dict) else (m, None)
+            interval = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
+            lines.append(f"| {name} | {_fmt(value)} | {interval} |")
+        lines.append("")
+    else:
+        lines += ["Not recorded in this export.", ""]
+    lines += ["## Limitations", ""]
+    lines += [f"- {title}: {text}" for title, text in
+              [*LIMITATIONS, interval_limitation(data.get("group_by"))]]
+    lines += [
+        "",
+        "## How to load", "",
+        "With plain torch (no ctscan), from uint8 slices decoded to grayscale and resized to "
+        f"{size} x {size} as above:", "",
+        "```python",
+        "import torch",
+        f"model = torch.jit.load({FILES['torchscript']!r})",
+        f"prob = torch.sigmoid(model(images))  # images: torch.uint8 [B, {size}, {size}]",
+        "```", "",
+        "With onnxruntime alone (no torch):", "",
+        "```python",
+        "import onnxruntime, numpy as np",
+        f"session = onnxruntime.InferenceSession({FILES['onnx']!r})",
+        "logits = session.run(None, {'images': images})[0]  # images: np.uint8 [B, S, S]",
+        "prob = 1 / (1 + np.exp(-logits))",
+        "```", "",
+        f"With ctscan: `model, description = ctmodels.load_model({FILES['state_dict']!r})` "
+        "(weights_only=True), then `ctmodels.predict_proba(model, images)`; or `ctscan predict "
+        "MODEL_DIR IMAGES...`.", "",
+    ]
+    return "\n".join(lines)
+
+
+def _bullets(d: dict, indent: str = "") -> list[str]:
+    lines = []
+    for k, v in d.items():
+        if isinstance(v, dict):
+            lines += [f"{indent}- {k}:", *_bullets(v, indent + "  ")]
+        elif isinstance(v, list) and any(isinstance(x, dict | list) for x in v):
+            # e.g. the skipped files: a card lists how many, config.json keeps them all
+            lines.append(f"{indent}- {k}: {len(v)} (listed in {FILES['config_json']})")
+        else:
+            lines.append(f"{indent}- {k}: {_fmt(v)}")
+    return lines
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return "nan" if math.isnan(v) else f"{v:.4g}"
+    return str(v)

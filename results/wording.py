@@ -1,0 +1,66 @@
+"""The phrases the report and the model card share, so the two never say different things."""
+
+from __future__ import annotations
+
+METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "recall": "Sensitivity (recall)",
+    "specificity": "Specificity",
+    "precision": "Precision (PPV)",
+    "f1": "F1 score",
+    "roc_auc": "ROC AUC",
+    "pr_auc": "PR AUC (average precision)",
+}
+
+# What each --group-by means for a test estimate.
+GROUPING_MEANING = {
+    "duplicates": (
+        "The train/validation/test split kept byte-identical files and near-identical slices "
+        "(perceptual-hash neighbours, in practice adjacent slices of one patient) on the same "
+        "side, so the model was never tested on a near-copy of a training image. The dataset has "
+        "no patient IDs, so less similar slices of one patient can still sit on both sides; the "
+        "test score may still be somewhat optimistic."),
+    "manifest": (
+        "The train/validation/test split kept all slices of one patient (the manifest's group "
+        "column) and byte-identical files on the same side, so no test patient was seen during "
+        "training or model selection."),
+    "none": (
+        "The train/validation/test split kept only byte-identical files together: near-identical "
+        "slices of one patient can sit in both training and test, so the model may have been "
+        "tested on near-copies of training images and the test score is likely optimistic."),
+}
+
+# What the bootstrap resampled, by the split's --group-by: the split's groups are drawn whole.
+BOOTSTRAP_UNITS = {
+    "manifest": ("patients (the manifest's group column): all slices of a patient are drawn "
+                 "together, so the intervals reflect the number of test patients"),
+    "duplicates": ("groups of near-identical slices (the split's groups): near-copies are drawn "
+                   "together, but other slices of one patient are still drawn independently, "
+                   "so the intervals may be somewhat narrow"),
+    "none": ("single slices (only byte-identical files are drawn together): slices of one "
+             "patient are treated as independent, so the intervals are optimistic"),
+}
+
+# (title, text) of what no number in a report or card can tell.
+LIMITATIONS = [
+    ("Single-centre data", "The SARS-CoV-2 CT-scan dataset comes from hospitals in São Paulo, "
+     "Brazil. Scanners, protocols and patients elsewhere differ; expect lower performance on "
+     "other data, and validate externally before drawing conclusions."),
+    ("Slice-level, not patient-level", "Every number is about single CT slices, not patients "
+     "or whole scans. A patient-level decision would need the slices of a scan combined, which "
+     "was not evaluated here."),
+    ("Not a medical device", "This is a research result. It is not cleared or approved for "
+     "clinical use and must not guide diagnosis or treatment."),
+]
+
+
+def interval_limitation(unit: str | None) -> tuple[str, str]:
+    """(title, text) of what the confidence intervals cover, given the bootstrap's unit."""
+    if unit == "manifest":
+        return ("Confidence intervals", "They come from bootstrap resamples of test patients; "
+                "they cover the sampling of patients, not differences between hospitals or "
+                "scanners.")
+    return ("Confidence intervals may be optimistic", f"They resample "
+            f"{BOOTSTRAP_UNITS.get(unit, 'test slices')}. Slices of one patient that share the "
+            "test split are not independent, so the true uncertainty is larger than the "
+            "intervals show; a manifest with a patient column (`group`) fixes this.")
