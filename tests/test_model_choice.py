@@ -1,0 +1,42 @@
+"""What evaluation chooses on val: how many trials to average, and the temperature."""
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import log_loss
+
+from ctmodels import Ensemble
+from results.evaluate import choose_ensemble, combine, fit_temperature
+
+
+def test_the_ensemble_size_with_the_best_val_auc_is_chosen_and_ties_go_to_fewer():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    best = np.array([0.1, 0.2, 0.6, 0.5, 0.7, 0.9])  # one pair out of order: AUC 8/9
+    fixer = np.array([0.1, 0.1, 0.1, 0.9, 0.9, 0.9])  # averaged in, all pairs in order
+    worse = np.array([0.9, 0.9, 0.9, 0.1, 0.1, 0.1])
+    k, aucs = choose_ensemble(y, [best, fixer, worse])
+    assert k == 2 and aucs[0] == pytest.approx(8 / 9) and aucs[1] == 1.0
+    k, aucs = choose_ensemble(y, [fixer, best])  # 1.0 alone and 1.0 averaged: a tie
+    assert k == 1 and aucs == [1.0, 1.0]
+
+
+def test_temperature_softens_overconfident_probabilities_and_lowers_the_log_loss():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    honest = np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25, 400), 0.01, 0.99)
+    overconfident = combine([honest], 1 / 3)  # logits tripled
+    temperature = fit_temperature(y, overconfident)
+    assert temperature > 1.5
+    assert log_loss(y, combine([overconfident], temperature)) < log_loss(y, overconfident)
+    assert fit_temperature(y, honest) == pytest.approx(1.0, abs=0.35)
+
+
+def test_combine_computes_what_the_exported_ensemble_outputs():
+    torch.manual_seed(0)
+    members = [torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)]
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        probs = [torch.sigmoid(m(x)).squeeze(1).numpy() for m in members]
+        exported = torch.sigmoid(Ensemble(members, 1.7)(x)).squeeze(1).numpy()
+    np.testing.assert_allclose(combine(probs, 1.7), exported, atol=1e-6)
+    assert combine(probs[:1]) is probs[0]  # one member, uncalibrated: its own probabilities
