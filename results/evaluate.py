@@ -110,22 +110,29 @@ def val_then_test(members: list[torch.nn.Module], ds: CTDataset, val_rows: np.nd
                   test_rows: np.ndarray, threshold: float | None = None,
                   calibrate: bool = False) -> dict:
     """Everything is chosen on val first: how many of `members` (best first) to average, the
-    temperature, the thresholds of that model and of the single best. Only then are the test
-    probabilities computed, of both."""
+    temperature, and the thresholds of that model and of the one it is compared with (the single
+    best trial, or when that is chosen the best ensemble of two or more). Only then are the
+    test probabilities computed, of both."""
     y_val = ds.labels[val_rows]
     member_val = [_proba(m, ds, val_rows) for m in members]
     k, aucs = choose_ensemble(y_val, member_val)
     temperature = fit_temperature(y_val, combine(member_val[:k])) if calibrate else 1.0
     prob_val = combine(member_val[:k], temperature)
     chosen = choose_threshold(y_val, prob_val, threshold)
-    single_threshold = choose_threshold(y_val, member_val[0], threshold)
+    compared = None
+    if len(members) > 1:
+        other_k = 1 if k > 1 else aucs.index(max(aucs[1:]), 1) + 1
+        other_val = combine(member_val[:other_k])
+        compared = {"k": other_k, "prob_val": other_val,
+                    "threshold": choose_threshold(y_val, other_val, threshold)}
     y_test = ds.labels[test_rows]
-    member_test = [_proba(m, ds, test_rows) for m in members[:k]]
+    needed = max(k, compared["k"]) if compared else k
+    member_test = [_proba(m, ds, test_rows) for m in members[:needed]]
+    if compared:
+        compared["prob_test"] = combine(member_test[:compared["k"]])
     return {"k": k, "val_auc_by_k": aucs, "temperature": temperature, "threshold": chosen,
             "y_val": y_val, "prob_val": prob_val, "y_test": y_test,
-            "prob_test": combine(member_test, temperature),
-            "single": {"threshold": single_threshold, "prob_val": member_val[0],
-                       "prob_test": member_test[0]}}
+            "prob_test": combine(member_test[:k], temperature), "compared": compared}
 
 
 def ensemble_candidates(run_dir: str, search: dict, best: dict, size: int) -> list[dict]:
@@ -143,8 +150,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
                  seed: int = 0, cache_dir: Path | None = None, ensemble: int = 5,
                  calibrate: bool = False) -> tuple[dict, dict]:
     """Score the chosen model (the best trial, or the ensemble of the top trials that val
-    prefers) and the single best trial; returns (metrics.json content, arrays for plots and
-    export)."""
+    prefers) and the one it is compared with; returns (metrics.json content, arrays for plots
+    and export)."""
     search, _ = _read_json(run_dir, runfolder.SEARCH)
     best, _ = _read_json(run_dir, runfolder.BEST)
     split_json, split_text = _read_json(run_dir, runfolder.SPLIT)
@@ -195,12 +202,14 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         "search": {key: best[key] for key in ("trials", "trials_stopped_early", "errored_trials",
                                         "time_budget_s", "budget_reached")},
     }
-    if k > 1 or temperature != 1.0:  # the single best trial beside what is exported
-        single = scored["single"]
-        metrics["single"] = {
-            "threshold": single["threshold"],
-            "test": at(y_test, single["prob_test"], single["threshold"]["value"], test_groups),
-            "val": at(y_val, single["prob_val"], single["threshold"]["value"], val_groups),
+    compared = scored["compared"]
+    if compared:  # the single best trial beside the ensemble, whichever is exported
+        value = compared["threshold"]["value"]
+        metrics["compared"] = {
+            "k": compared["k"], "threshold": compared["threshold"],
+            "members": [c["trial_id"] for c in candidates[:compared["k"]]],
+            "test": at(y_test, compared["prob_test"], value, test_groups),
+            "val": at(y_val, compared["prob_val"], value, val_groups),
         }
     arrays = {"members": members[:k], "y_test": y_test, "prob_test": prob_test,
               "test_paths": [ds.paths[i] for i in test_rows], "class_names": ds.class_names,

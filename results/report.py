@@ -124,31 +124,35 @@ def _model_name(metrics: dict) -> str:
 
 
 def _exported(metrics: dict) -> list[str]:
-    """The single best trial beside the model that is exported, when the two differ."""
-    single, ensemble = metrics.get("single"), metrics.get("ensemble", {})
-    if not single:
+    """The single best trial and the best ensemble of the top trials side by side, both fixed on
+    val before the test split was read, and which of the two is exported."""
+    compared, ensemble = metrics.get("compared"), metrics.get("ensemble", {})
+    if not compared:
         return []
     k, aucs = ensemble["k"], ensemble["val_auc_by_k"]
-    why = (f"Averaging the probabilities of the best {k} of the top {ensemble['candidates']} "
-           f"trials gave the best validation AUC ({aucs[k - 1]:.3f}, against {aucs[0]:.3f} for "
-           f"the best trial alone; ties go to fewer members). " if k > 1 else "")
+    chosen = {"k": k, "members": [m["trial_id"] for m in ensemble["members"]],
+              "threshold": metrics["threshold"], "test": metrics["test"], "val": metrics["val"]}
+    single, averaged = (compared, chosen) if k > 1 else (chosen, compared)
+    why = (f"Averaging the probabilities of the best {averaged['k']} of the top "
+           f"{ensemble['candidates']} trials gave a validation AUC of "
+           f"{aucs[averaged['k'] - 1]:.3f}, against {aucs[0]:.3f} for the best trial alone; "
+           f"the higher is exported, the single trial on a tie. ")
     if metrics.get("temperature", 1.0) != 1.0:
-        why += (f"Its probabilities are calibrated by a temperature of "
+        why += (f"The exported model's probabilities are calibrated by a temperature of "
                 f"{metrics['temperature']:.3g} fitted on the validation split. ")
     rows = []
-    for name, entry, threshold in (
-            (f"single best trial {metrics['trial_id']}", single, single["threshold"]),
-            (f"exported: {_model_name(metrics).removeprefix('the ')}", metrics,
-             metrics["threshold"])):
+    for entry in (single, averaged):
         m, c = entry["test"]["metrics"], entry["test"].get("calibration", {})
-        rows.append([name, f"{threshold['value']:.3g}", _num(entry["val"]["metrics"]
-                     ["roc_auc"]["value"]), _with_ci(m["roc_auc"]), _with_ci(m["accuracy"]),
-                     _num(c.get("brier", {}).get("value"))])
-    return ["## Single best trial and the exported model", "", why + "Both were fixed on the "
-            "validation split before either saw the test split; the model exported is the "
-            "second row.", "",
-            *_table(["Model", "Threshold", "Val AUC", "Test ROC AUC (95% CI)",
-                     "Test accuracy (95% CI)", "Test Brier"], rows)]
+        name = (f"best trial {entry['members'][0]}" if entry["k"] == 1
+                else f"ensemble of {entry['k']} ({', '.join(entry['members'])})")
+        rows.append([f"**{name}** (exported)" if entry is chosen else name,
+                     f"{entry['threshold']['value']:.3g}",
+                     _num(entry["val"]["metrics"]["roc_auc"]["value"]), _with_ci(m["roc_auc"]),
+                     _with_ci(m["accuracy"]), _num(c.get("brier", {}).get("value"))])
+    return ["## Single best trial and ensemble", "",
+            why + "Both were fixed on the validation split before either saw the test split.",
+            "", *_table(["Model", "Threshold", "Val AUC", "Test ROC AUC", "Test accuracy",
+                         "Test Brier"], rows)]
 
 
 def _negative(metrics: dict) -> str:

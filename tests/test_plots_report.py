@@ -214,3 +214,21 @@ def test_report_shows_calibration_and_which_unit_the_intervals_resampled(tmp_pat
     assert "](reliability.png)" in text
     assert "over patients (the manifest's group column)" in text and "(31 groups" in text
     assert "resamples of test patients" in text[text.index("## Limitations"):]
+
+
+def test_report_puts_single_best_and_ensemble_side_by_side_and_says_which_is_exported(tmp_path):
+    metrics = copy.deepcopy(METRICS)
+    metrics["ensemble"] = {"k": 1, "candidates": 3, "val_auc_by_k": [0.92, 0.92, 0.9],
+                           "members": [{"trial_id": "a1b2c3"}]}
+    metrics["compared"] = {"k": 2, "members": ["a1b2c3", "t01"],
+                           "threshold": {"method": "youden", "value": 0.37},
+                           "test": {"metrics": {"roc_auc": _metric(0.93, 0.9, 0.96),
+                                                "accuracy": _metric(0.85, 0.8, 0.9)}},
+                           "val": {"metrics": {"roc_auc": _metric(0.92, 0.9, 0.94)}}}
+    write_report(tmp_path / "report.md", metrics, LEADERBOARD, PLOTS)
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    section = text[text.index("## Single best trial and ensemble"):text.index("## Test results")]
+    assert "best 2 of the top 3 trials gave a validation AUC of 0.920, against 0.920" in section
+    assert "| **best trial a1b2c3** (exported) | 0.42 | 0.920 | 0.900 (95% CI 0.860–0.940) |" \
+        in section
+    assert "| ensemble of 2 (a1b2c3, t01) | 0.37 | 0.920 | 0.930 (95% CI 0.900–0.960) |" in section
