@@ -99,7 +99,7 @@ def plot_reliability(calibration: dict, path: Path,
         ax.annotate(str(b["n"]), (b["mean_prob"], b["fraction_positive"]), fontsize=8,
                     xytext=(6, -10), textcoords="offset points")
     return _save_unit_square(fig, path, title, "Mean predicted probability (bin of width 0.1)",
-                             "Fraction positive", "upper left")
+                             "Fraction positive", "lower right")
 
 
 def plot_pr(y_true: np.ndarray, prob: np.ndarray, path: Path,
