@@ -136,14 +136,20 @@ def val_then_test(members: list[torch.nn.Module], ds: CTDataset, val_rows: np.nd
 
 
 def ensemble_candidates(run_dir: str, search: dict, best: dict, size: int) -> list[dict]:
-    """The best trial, then the next best by val AUC that kept a checkpoint: up to `size`
-    {"trial_id", "checkpoint", "config"}."""
+    """The best trial, then the next best by val AUC whose checkpoint is there: up to `size`
+    {"trial_id", "checkpoint", "config"}. (A trial that failed on resuming may name a checkpoint
+    Ray had already replaced.)"""
     trials = runfolder.read_json(runfolder.join(run_dir, runfolder.TRIALS)) or []
-    others = [{"trial_id": t["trial_id"], "checkpoint": t["checkpoint"],
-               "config": asdict(make_config({**search["base_config"], **t["params"]}))}
-              for t in trials if t.get("checkpoint") and t["trial_id"] != best["trial_id"]]
     winner = {k: best[k] for k in ("trial_id", "checkpoint", "config")}
-    return [winner, *others][:size]
+    candidates = [winner]
+    for t in trials:
+        if len(candidates) == size:
+            break
+        if (t.get("checkpoint") and t["trial_id"] != best["trial_id"]
+                and runfolder.exists(t["checkpoint"])):
+            candidates.append({"trial_id": t["trial_id"], "checkpoint": t["checkpoint"], "config":
+                               asdict(make_config({**search["base_config"], **t["params"]}))})
+    return candidates
 
 
 def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,

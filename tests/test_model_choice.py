@@ -40,3 +40,29 @@ def test_combine_computes_what_the_exported_ensemble_outputs():
         exported = torch.sigmoid(Ensemble(members, 1.7)(x)).squeeze(1).numpy()
     np.testing.assert_allclose(combine(probs, 1.7), exported, atol=1e-6)
     assert combine(probs[:1]) is probs[0]  # one member, uncalibrated: its own probabilities
+
+
+def test_candidates_are_the_best_trial_then_the_next_best_whose_checkpoint_is_there(tmp_path):
+    from data_utils.files import write_json
+    from results.evaluate import ensemble_candidates
+
+    def trial(trial_id: str, exists: bool = True) -> dict:
+        checkpoint = tmp_path / trial_id / "last.pt"
+        if exists:
+            checkpoint.parent.mkdir()
+            checkpoint.write_bytes(b"weights")
+        return {"trial_id": trial_id, "checkpoint": str(checkpoint), "params": {"lr": 0.01}}
+
+    # trials.json lists trials best first; "gone" failed on resume after Ray replaced its
+    # checkpoint, and "never" reported nothing.
+    trials = [trial("a"), trial("gone", exists=False), trial("b"), trial("c"),
+              {"trial_id": "never", "checkpoint": None, "params": {}}]
+    write_json(tmp_path / "trials.json", trials)
+    best = {"trial_id": "a", "checkpoint": trials[0]["checkpoint"], "config": {"lr": 0.001}}
+    search = {"base_config": {"image_size": 32}}
+    got = ensemble_candidates(str(tmp_path), search, best, size=5)
+    assert [c["trial_id"] for c in got] == ["a", "b", "c"]
+    assert got[0]["config"] == {"lr": 0.001} and got[1]["config"]["lr"] == 0.01
+    assert got[1]["config"]["image_size"] == 32
+    assert [c["trial_id"] for c in ensemble_candidates(str(tmp_path), search, best, 2)] == [
+        "a", "b"]
