@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable
@@ -251,10 +250,6 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from tuning.search import SearchFailed
 
-    # Ray's own Ctrl-C handler ends the search early but returns as if it had finished, and the
-    # partial search would be scored and exported. Without it Ctrl-C raises KeyboardInterrupt:
-    # one line, exit 130, and the run folder resumes as after a crash (--resume).
-    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
     try:
         return _tune(args)
     except SearchFailed as e:  # the input was fine; the search itself produced nothing

@@ -1,4 +1,5 @@
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -8,6 +9,7 @@ import pytest
 from conftest import make_class_folders, tree_snapshot
 
 from ctscan.cli import main
+from tuning.space import DEMO_SPACE
 
 
 def test_inspect_json_has_the_documented_keys(tmp_path, capsys):
@@ -189,3 +191,27 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert train.returncode == 130
     assert err.strip().splitlines()[-1] == "ctscan: interrupted"
     assert "Traceback" not in err
+
+
+def test_ctrl_c_ends_a_search_resumable_and_never_scores_it(tmp_path):
+    """Ctrl-C reaches the whole process group, as from a terminal: Ray stops the trials and
+    saves its state, and ctscan exits 130 instead of scoring the unfinished search."""
+    root = make_class_folders(tmp_path / "data", 12)
+    run = tmp_path / "runs" / "s"
+    tune = subprocess.Popen([sys.executable, "-m", "ctscan", "tune", str(root), "--search-space",
+                             str(DEMO_SPACE), "--image-size", "32", "--num-samples", "4",
+                             "--max-epochs", "20", "--storage-path", str(tmp_path / "runs"),
+                             "--name", "s", "--group-by", "none"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    deadline = time.time() + 240
+    while not list(run.glob("trial_*/checkpoint_*")):  # a trial has finished an epoch
+        assert tune.poll() is None, tune.stderr.read()
+        assert time.time() < deadline, "the search made no progress"
+        time.sleep(0.5)
+    os.killpg(tune.pid, signal.SIGINT)
+    _, err = tune.communicate(timeout=120)
+    assert tune.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "ctscan: interrupted"
+    assert not (run / "best.json").exists() and not (run / "results").exists()
+    assert list(run.glob("experiment_state-*.json"))  # what --resume restores from

@@ -17,11 +17,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -299,13 +302,36 @@ def run_search(options: SearchOptions, data: TrialData, resume: bool = False,
     else:
         tuner = tune.Tuner(trainable_with_data, tune_config=tune_config, run_config=run_config)
     started = time.monotonic()
-    results = tuner.fit()
+    with _ctrl_c_ends_the_search():
+        results = tuner.fit()
     # Ray's budget clock starts with the search and does not stop it before the budget is spent,
     # so a search that took the whole budget is one the budget ended.
     budget_reached = (options.time_budget_s is not None
                       and time.monotonic() - started >= options.time_budget_s)
     prune_checkpoints(results)
     return summarize(options, results, budget_reached)
+
+
+@contextmanager
+def _ctrl_c_ends_the_search() -> Iterator[None]:
+    """Ray Tune's Ctrl-C handler stops the trials and saves the experiment state, so the search
+    resumes with nothing lost, and then returns as if the search had finished. It puts back the
+    handler it found only when it caught a Ctrl-C, so finding ours back means the search was
+    interrupted: it must then end as an interruption, never be scored as a finished search."""
+    if threading.current_thread() is not threading.main_thread():  # no signals there
+        yield
+        return
+
+    def interrupt(signum: int, frame) -> None:  # a second Ctrl-C: stop at once
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, interrupt)
+    try:
+        yield
+        if signal.getsignal(signal.SIGINT) is interrupt:
+            raise KeyboardInterrupt
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _sees(path: str) -> bool:
