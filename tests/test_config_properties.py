@@ -6,6 +6,7 @@ from __future__ import annotations
 import math
 
 import optuna
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -15,7 +16,10 @@ from data_utils.errors import UserError
 from tuning.config import FIELD_TYPES, RANGES, ConfigError, TrainConfig, load_config, make_config
 from tuning.space import RUN_KEYS, decode_params, load_space
 
-QUICK = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# The same examples on every run, so CI never fails on a draw this machine did not see; a
+# longer, random hunt is a local run with more examples.
+QUICK = settings(max_examples=150, deadline=None, derandomize=True,
+                 suppress_health_check=[HealthCheck.too_slow])
 
 CHOICES = {"arch": sorted(ARCHS), "activation": sorted(ACTIVATIONS), "optimizer": ["adamw", "sgd"],
            "lr_schedule": ["cosine", "constant"], "resize": ["pad", "stretch"],
@@ -126,3 +130,22 @@ def test_any_search_space_is_refused_or_draws_only_valid_configs(tmp_path_factor
         fixed = space(trial)
         assert_valid(make_config(decode_params({**trial.params, **fixed})))
         study.tell(trial, 0.5)
+
+
+def test_a_space_may_draw_a_key_whose_default_is_none(tmp_path):
+    """Found by the property test above: pos_weight defaults to None (unweighted), which no
+    range holds, so the recipe start point leaves it for Optuna to draw."""
+    (tmp_path / "space.yaml").write_text("pos_weight: {uniform: [1.0, 2.0]}\n")
+    space = load_space(tmp_path / "space.yaml")
+    assert space.start == [{}]
+    trial = optuna.create_study().ask()
+    fixed = space(trial)
+    assert 1.0 <= make_config(decode_params({**trial.params, **fixed})).pos_weight <= 2.0
+
+
+def test_found_by_a_longer_random_run_of_these_properties():
+    # An empty string is "in" any string: decode_params took '' for an encoded list.
+    assert decode_params({"weights": "", "head": "[8]"}) == {"weights": "", "head": [8]}
+    # ...and an empty weights path was a valid config, failing only when a trial loaded it.
+    with pytest.raises(ConfigError, match="weights must be none, imagenet or a path"):
+        make_config({"weights": ""})

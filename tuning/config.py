@@ -113,6 +113,8 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
         _check_choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _check_choice("resize", self.resize, RESIZE_MODES)
+        if not self.weights.strip():
+            raise ConfigError("weights must be none, imagenet or a path to a state_dict, got ''")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
             raise ConfigError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         for key, interval in RANGES.items():

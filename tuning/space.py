@@ -238,7 +238,9 @@ def _start_point(spec: dict, config: dict, strict: set, suffix: str, point: dict
             inside = wanted in typed
         else:
             low, high = args
-            inside = low <= wanted <= high and (kind != "randint" or wanted == int(wanted))
+            # None (pos_weight's default: unweighted) lies in no numeric range.
+            inside = (wanted is not None and low <= wanted <= high
+                      and (kind != "randint" or wanted == int(wanted)))
         if not inside:
             if key in strict:
                 raise ConfigError(f"{where}: {key}={wanted!r} is outside the space's {kind} "
@@ -262,7 +264,7 @@ def _encode(value):
 
 def decode_params(params: dict) -> dict:
     """Config keys and values from a trial's parameter names and encoded values."""
-    return {name.split("[")[0]: json.loads(v) if isinstance(v, str) and v[:1] in "[{" else v
+    return {name.split("[")[0]: json.loads(v) if isinstance(v, str) and v[:1] in ("[", "{") else v
             for name, v in params.items() if name != NUMBER}
 
 
