@@ -427,8 +427,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _refuse_another_split(path: Path, record: dict) -> None:
     """A run resumed on another split would validate and test on former training images."""
-    if path.exists():
-        changed = split_changes(json.loads(path.read_text()), record)
+    previous = runfolder.read_json(path)
+    if previous is not None:
+        changed = split_changes(previous, record)
         if changed:
             raise DataError(f"{path.parent} was trained on another split of the data ({changed}); "
                             "pick another --out, or restore the data and options it used")
