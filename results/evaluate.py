@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 from scipy.optimize import minimize_scalar
+from scipy.special import expit, logit
 from sklearn.metrics import log_loss, roc_auc_score
 
 from ctmodels import load_model, predict_proba
@@ -81,10 +82,10 @@ def choose_ensemble(y_val: np.ndarray, member_probs: list[np.ndarray]) -> tuple[
 def fit_temperature(y_val: np.ndarray, prob_val: np.ndarray) -> float:
     """The temperature T minimising the val log-loss of sigmoid(logit(p) / T) (Guo et al. 2017,
     for one logit): T > 1 softens overconfident probabilities, T < 1 sharpens them."""
-    logit = _logit(prob_val)
+    logits = _logit(prob_val)
 
     def loss(log_t: float) -> float:
-        return log_loss(y_val, 1 / (1 + np.exp(-logit / np.exp(log_t))), labels=[0, 1])
+        return log_loss(y_val, expit(logits / np.exp(log_t)), labels=[0, 1])
 
     return float(np.exp(minimize_scalar(loss, bounds=(-3, 3), method="bounded").x))
 
@@ -94,12 +95,13 @@ def combine(member_probs: list[np.ndarray], temperature: float = 1.0) -> np.ndar
     `ctmodels.Ensemble` outputs, from probabilities already computed."""
     if len(member_probs) == 1 and temperature == 1.0:
         return member_probs[0]
-    return 1 / (1 + np.exp(-_logit(np.mean(member_probs, axis=0)) / temperature))
+    return expit(_logit(np.mean(member_probs, axis=0)) / temperature)
 
 
 def _logit(prob: np.ndarray) -> np.ndarray:
-    p = np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7)
-    return np.log(p / (1 - p))
+    # Clipped as torch.logit(eps=1e-7) in ctmodels.Ensemble: a probability of exactly 0 or 1
+    # would give an infinite logit.
+    return logit(np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7))
 
 
 def _proba(model: torch.nn.Module, ds: CTDataset, rows: np.ndarray) -> np.ndarray:

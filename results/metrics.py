@@ -96,14 +96,28 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: i
             "brier": total((prob - y) ** 2) / n,
             "ece": gap / n,
         }
-    members = [np.flatnonzero(groups == g) for g in range(n_groups)]
-    rows = draws if slices else [np.concatenate([members[g] for g in draw]) for draw in draws]
+    rows = draws if slices else _rows_of_groups(groups, draws)
     both = [i for i in rows if 0 < y[i].sum() < len(i)]
     values["roc_auc"] = np.array([roc_auc_score(y[i], prob[i]) for i in both] or [np.nan])
     values["pr_auc"] = np.array([average_precision_score(y[i], prob[i]) for i in both]
                                 or [np.nan])
     return {m: [float(v) for v in np.nanpercentile(values[m], [2.5, 97.5])]
             for m in METRICS + CALIBRATION}
+
+
+def _rows_of_groups(groups: np.ndarray, draws: np.ndarray) -> list[np.ndarray]:
+    """For each row of group draws, the rows of the drawn groups, group after group. Indexing one
+    sorted order, not searching the rows per group: with near-duplicate groups nearly every
+    slice is a group of its own, and a search per group would be quadratic in the test split."""
+    order = np.argsort(groups, kind="stable")
+    sizes = np.bincount(groups)
+    starts = np.cumsum(sizes) - sizes
+    picked = []
+    for draw in draws:
+        lengths = sizes[draw]
+        within = np.arange(lengths.sum()) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+        picked.append(order[np.repeat(starts[draw], lengths) + within])
+    return picked
 
 
 def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 1000,

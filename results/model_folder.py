@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 
 from data_utils.errors import UserError, first_line
 
@@ -80,6 +81,6 @@ def onnx_predictor(model_dir: Path) -> Predictor:
 
     def predict(images: np.ndarray) -> np.ndarray:
         logits = session.run(None, {name: np.ascontiguousarray(images, dtype=np.uint8)})[0]
-        return 1 / (1 + np.exp(-logits.astype(np.float64)))
+        return expit(logits.astype(np.float64))
 
     return predict
