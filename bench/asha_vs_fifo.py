@@ -22,7 +22,8 @@ import ray
 from data_utils.cache import load_dataset
 from data_utils.demo import make_demo_data
 from data_utils.split import split_dataset
-from tuning.search import SearchOptions, run_search
+from tuning.records import SearchOptions
+from tuning.search import run_search
 from tuning.space import DEMO_SPACE
 from tuning.train import trial_data
 

@@ -124,7 +124,8 @@ def main() -> None:
         return sum(len(x) for x, _ in loader)
 
     def ours_epoch() -> int:
-        n = sum(len(x) for x, _ in train_batches(images, labels, args.batch_size, 1.0, generator))
+        n = sum(len(x) for x, _ in train_batches(images, labels, args.batch_size, 1.0, NORM_MEAN,
+                                                 NORM_STD, generator))
         sync()
         return n
 

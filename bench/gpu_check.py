@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ctmodels import NORM_MEAN, NORM_STD
 from data_utils.augment import train_batches
 from data_utils.decode import decode_image
 from data_utils.demo import make_demo_data
@@ -35,7 +36,7 @@ def time_augmentation(images: torch.Tensor, labels: torch.Tensor, batch: int) ->
         g = torch.Generator(images.device).manual_seed(0)
         torch.cuda.synchronize()
         started = time.perf_counter()
-        for x, _ in train_batches(images, labels, batch, strength, g):
+        for x, _ in train_batches(images, labels, batch, strength, NORM_MEAN, NORM_STD, g):
             x.sum()  # consume the batch as a model would
         torch.cuda.synchronize()
         return time.perf_counter() - started

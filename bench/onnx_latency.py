@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from ctmodels import predict_proba
-from results.export import export_model, load_exported
-from results.model_folder import onnx_predictor
+from results.export import export_model
+from results.model_folder import load_exported, onnx_predictor
 from tuning.config import make_config
 
 
@@ -45,11 +45,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = export_model(Path(tmp) / "model", [(config.description().build(), config)],
                                  ("non-COVID", "COVID"), 0.5, {})
-        model, _ = load_exported(model_dir)
+        model, description, _ = load_exported(model_dir)
         onnx = onnx_predictor(model_dir)
 
         def torch_predict(images: np.ndarray) -> np.ndarray:
-            return predict_proba(model, torch.from_numpy(images)).numpy()
+            return predict_proba(model, torch.from_numpy(images), description).numpy()
 
         rng = np.random.default_rng(0)
         print(f"{args.arch} at {args.image_size} px on {os.cpu_count()} CPU cores, torch "

@@ -35,8 +35,8 @@ SAMPLE = Path(__file__).resolve().parents[1].parent / "shared/data/sarscov2-ct-s
 
 def score_checkpoint(checkpoint: Path, ds, split) -> dict:
     """Test metrics at the threshold chosen on val, as `ctscan evaluate` scores one trial."""
-    model = load_checkpoint_model(str(checkpoint))
-    scored = val_then_test([model], ds, split.indices("val"), split.indices("test"))
+    member = load_checkpoint_model(str(checkpoint))
+    scored = val_then_test([member], ds, split.indices("val"), split.indices("test"))
     return binary_metrics(scored["y_test"], scored["prob_test"], scored["threshold"]["value"])
 
 

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ctmodels import build_model, normalize
+from ctmodels import NORM_MEAN, NORM_STD, build_model, normalize
 from tuning.config import make_config
 from tuning.train import TrialData, make_optimizer, make_scheduler, train_trial
 
@@ -37,7 +37,8 @@ def bare_loop(config, images: np.ndarray, labels: np.ndarray) -> float:
         model.train()
         started = time.perf_counter()
         for idx in torch.randperm(len(y_all)).split(config.batch_size):
-            loss = criterion(model(normalize(x_all[idx])).squeeze(1), y_all[idx])
+            loss = criterion(model(normalize(x_all[idx], NORM_MEAN, NORM_STD)).squeeze(1),
+                             y_all[idx])
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()

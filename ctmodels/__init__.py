@@ -7,6 +7,7 @@ from ctmodels.model import (
     Ensemble,
     ModelDescription,
     UInt8Classifier,
+    check_weights,
     load_model,
     normalize,
     predict_proba,
@@ -14,5 +15,5 @@ from ctmodels.model import (
 from ctmodels.resnet import ARCHS, WeightsError, build_model, load_weights_file
 
 __all__ = ["ARCHS", "NORM_MEAN", "NORM_STD", "Ensemble", "ModelDescription", "UInt8Classifier",
-           "WeightsError", "build_model", "load_model", "load_weights_file", "normalize",
-           "predict_proba"]
+           "WeightsError", "build_model", "check_weights", "load_model", "load_weights_file",
+           "normalize", "predict_proba"]

@@ -52,9 +52,9 @@ class ModelDescription:
         return cls(**{**values, "head": tuple(values.get("head", ()))})
 
 
-def normalize(images: torch.Tensor, mean: float = NORM_MEAN, std: float = NORM_STD
-              ) -> torch.Tensor:
-    """uint8 [B, H, W] -> float32 [B, 1, H, W]: scaled to [0, 1], then (x - mean) / std."""
+def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
+    """uint8 [B, H, W] -> float32 [B, 1, H, W]: scaled to [0, 1], then (x - mean) / std, with
+    the mean and std of the model description the images are fed to."""
     return torch.mul(images.unsqueeze(1), 1.0 / (255.0 * std)).add_(-mean / std)
 
 
@@ -98,10 +98,11 @@ def autocast(device: torch.device):
 
 
 @torch.no_grad()
-def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
-                  description: ModelDescription = ModelDescription()) -> torch.Tensor:
-    """Probability of the positive class for a uint8 [N, S, S] tensor, on the model's device; no
-    augmentation. The images may be elsewhere (the host): each chunk is copied over as uint8."""
+def predict_proba(model: nn.Module, images: torch.Tensor, description: ModelDescription,
+                  batch_size: int = 256) -> torch.Tensor:
+    """Probability of the positive class for a uint8 [N, S, S] tensor, normalised as
+    `description` says, on the model's device; no augmentation. The images may be elsewhere (the
+    host): each chunk is copied over as uint8."""
     model.eval()
     device = next(model.parameters()).device
     out = []
@@ -117,9 +118,8 @@ def predict_proba(model: nn.Module, images: torch.Tensor, batch_size: int = 256,
 def load_model(path: Path) -> tuple[nn.Module, ModelDescription]:
     """The network in a training checkpoint ({"model": state_dict, "description": ...}) or an
     exported model.pt ({"members": [such entries], "temperature": T}, an Ensemble when several
-    or calibrated), in eval mode on
-    the CPU, with the description of its input. Loaded with weights_only=True: a file cannot
-    run code."""
+    or calibrated), in eval mode on the CPU, with the description of its input. Loaded with
+    weights_only=True: a file cannot run code."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt file, pickle with code, not torch at all
@@ -147,3 +147,14 @@ def load_model(path: Path) -> tuple[nn.Module, ModelDescription]:
     model = (members[0] if len(members) == 1 and temperature == 1.0
              else Ensemble(members, temperature))
     return model.eval(), ModelDescription.from_dict(entries[0]["description"], str(path))
+
+
+def check_weights(description: ModelDescription, weights: str, archs: set[str] = frozenset()
+                  ) -> None:
+    """Initial weights must load before anything is written: the network is built with them once
+    for each of `archs` (default: the description's own), which also fetches ImageNet weights
+    into torch's cache."""
+    if weights == "none":
+        return
+    for arch in sorted(archs or {description.arch}):
+        dataclasses.replace(description, arch=arch).build(weights)

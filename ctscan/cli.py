@@ -11,27 +11,21 @@ from collections.abc import Callable
 from pathlib import Path
 
 from data_utils import runfolder
-from data_utils.cache import default_cache_dir, load_dataset
+from data_utils.cache import CTDataset, default_cache_dir, load_dataset
 from data_utils.decode import RESIZE_MODES
-from data_utils.errors import UserError
-from data_utils.sources import DataError
+from data_utils.errors import RunFolderError, UsageError, UserError
+from data_utils.runfolder import refuse_writes_inside
 from data_utils.split import (
     GROUP_BY,
-    split_changes,
-    split_counts,
-    split_dataset,
+    Split,
+    describe_split,
+    load_and_split,
+    recorded_split_changes,
     split_record,
     write_split,
 )
-from tuning.config import (
-    RANGES,
-    ConfigError,
-    Interval,
-    TrainConfig,
-    load_config,
-    make_config,
-    save_config,
-)
+from tuning.config import RANGES, Interval, load_config, save_config
+from tuning.records import SearchOptions
 from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE, load_space
 
 # Ray, TensorBoard and the training loop take seconds to import: each command imports what it
@@ -42,7 +36,7 @@ DEMO_DATA = Path("runs/demo-data")
 DEMO_CONFIG = ["image_size=64", "epochs=8", "batch_size=32", "lr=2e-3", "aug_strength=0.3",
                "patience=4"]
 DEMO_SEARCH = {"num_samples": 8, "max_epochs": 6, "image_size": 64, "search_space": DEMO_SPACE}
-DEFAULT_TRIALS, DEFAULT_TRIALS_IN_BUDGET = 12, 32
+DEFAULT_TRIALS, DEFAULT_TRIALS_IN_BUDGET = SearchOptions.num_samples, 32
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
 
 
@@ -116,32 +110,11 @@ def _split_options() -> argparse.ArgumentParser:
     return p
 
 
-def prepare_split(data: Path, image_size: int, resize: str, split_options: dict,
-                  cache_dir: Path | None = None):
-    """Load (cached) and split the dataset and print the counts."""
-    ds = load_dataset(data, image_size, resize, cache_dir, split_options["positive_class"])
-    split = split_dataset(ds, tuple(split_options["ratios"]), split_options["seed"],
-                          split_options["group_by"])
-    print(f"{len(ds)} images ({len(ds.skipped)} skipped), {split.groups.max() + 1} groups "
-          f"(--group-by {split.group_by}), split seed {split.seed}")
-    for name, counts in split_counts(split, ds).items():
-        print(f"  {name:<5} " + "  ".join(f"{c}: {n}" for c, n in counts.items()))
+def load_and_print_split(data: Path, image_size: int, resize: str, split_options: dict,
+                         cache_dir: Path | None = None) -> tuple[CTDataset, Split]:
+    ds, split = load_and_split(data, image_size, resize, split_options, cache_dir)
+    print(describe_split(split, ds))
     return ds, split
-
-
-def refuse_writes_inside(inputs: list[Path], outputs: dict[str, str | Path | None]) -> None:
-    """Nothing is written inside a data folder: a rerun would read it as data, and the folder
-    may be shared or read-only. `outputs` maps each option to the path it writes to."""
-    # A manifest's or an image file's folder is not a data folder: its files may lie anywhere.
-    folders = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
-    for option, path in outputs.items():
-        if path is None or runfolder.is_uri(path):
-            continue
-        target = Path(path).expanduser().resolve()
-        for folder in folders:
-            if target.is_relative_to(folder):
-                raise DataError(f"{option} {path} lies inside the data folder {folder}; ctscan "
-                                "never writes there, choose a folder outside it")
 
 
 def _cache_dir(args: argparse.Namespace) -> Path:
@@ -178,10 +151,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 def cmd_split(args: argparse.Namespace) -> int:
     refuse_writes_inside([args.data], {"--cache-dir": _cache_dir(args), "--out": args.out})
-    ds, split = prepare_split(args.data, args.image_size, args.resize, _split_options_of(args),
-                              args.cache_dir)
-    write_split(split, ds, args.out / "split.json")
-    print(f"wrote {args.out / 'split.json'}")
+    ds, split = load_and_print_split(args.data, args.image_size, args.resize,
+                                     _split_options_of(args), args.cache_dir)
+    write_split(split, ds, args.out / runfolder.SPLIT)
+    print(f"wrote {args.out / runfolder.SPLIT}")
     return 0
 
 
@@ -195,37 +168,26 @@ def _demo_data(args: argparse.Namespace, command: str) -> None:
             make_demo_data(args.data)
             print(f"generated demo data in {args.data}")
     elif args.data is None:
-        raise DataError(f"{command} needs DATA (a folder or manifest), or --demo")
-
-
-def start_ray(args: argparse.Namespace) -> None:
-    """Join --address, or start Ray here ("local": Ray would otherwise join the last cluster
-    started on this machine, even a dead one)."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=args.address or "local", include_dashboard=False, log_to_driver=False)
+        raise UsageError(f"{command} needs DATA (a folder or manifest), or --demo")
 
 
 def _default_space(args: argparse.Namespace) -> Path:
-    """The GPU space where the Ray cluster has GPUs, else the CPU space (small ResNets)."""
-    import ray
+    """The demo space with --demo, else the GPU or CPU space as the Ray cluster has GPUs."""
+    from tuning.cluster import default_space, start_ray
 
     if args.demo:
         return DEMO_SPACE
-    start_ray(args)
-    if ray.cluster_resources().get("GPU", 0) > 0:
-        return DEFAULT_SPACE
-    print(f"no GPU in the Ray cluster: searching the CPU space {CPU_SPACE} (ResNet-18/34); "
-          "give --search-space to choose another")
-    return CPU_SPACE
+    start_ray(args.address)
+    space = default_space()
+    if space == CPU_SPACE:
+        print(f"no GPU in the Ray cluster: searching the CPU space {CPU_SPACE} (ResNet-18/34); "
+              "give --search-space to choose another")
+    return space
 
 
-def _search_options(args: argparse.Namespace):
-    from tuning.search import SearchOptions
-
+def _search_options(args: argparse.Namespace) -> SearchOptions:
     demo = DEMO_SEARCH if args.demo else {}
-    max_epochs = args.max_epochs or demo.get("max_epochs", 10)
+    max_epochs = args.max_epochs or demo.get("max_epochs", SearchOptions.max_epochs)
     default_trials = DEFAULT_TRIALS_IN_BUDGET if args.time_budget else DEFAULT_TRIALS
     return SearchOptions(
         data=str(args.data.resolve()),
@@ -248,7 +210,7 @@ def _search_options(args: argparse.Namespace):
 def cmd_tune(args: argparse.Namespace) -> int:
     import ray  # ray takes seconds to import; only this command needs it
 
-    from tuning.search import SearchFailed
+    from tuning.records import SearchFailed
 
     try:
         return _tune(args)
@@ -259,51 +221,44 @@ def cmd_tune(args: argparse.Namespace) -> int:
         ray.shutdown()
 
 
-def _check_shared_storage(args: argparse.Namespace, storage_path: str) -> None:
-    """On a cluster of several machines every trial writes to storage_path: a folder only this
-    machine sees would scatter the run over the nodes."""
-    from tuning.search import unshared_nodes
-
-    if not args.address or runfolder.is_uri(storage_path):
-        return
-    start_ray(args)
-    blind = unshared_nodes(storage_path)
-    if blind:
-        raise ConfigError(f"--storage-path {storage_path} is a folder that Ray nodes "
-                          f"{', '.join(blind)} do not see; on a cluster use s3://BUCKET/PATH, "
-                          "gs://BUCKET/PATH, or a folder mounted on every node (NFS)")
-
-
 def _tune(args: argparse.Namespace) -> int:
     import ray
 
-    from tuning.search import load_options, prepare_run, run_search
+    from ctmodels import check_weights
+    from tuning.cluster import check_shared_storage, start_ray
+    from tuning.records import load_options, prepare_run
+    from tuning.search import run_search
+    from tuning.train import trial_data
 
     if args.resume:
         if args.resume == "NAME" and not args.name:
-            raise DataError("--resume needs --name NAME (with --storage-path) or a RUN_DIR")
+            raise UsageError("--resume needs --name NAME (with --storage-path) or a RUN_DIR")
         run_dir = (args.resume if args.resume != "NAME"
                    else runfolder.join(args.storage_path, args.name))
         options = load_options(run_dir)
-        _check_shared_storage(args, options.storage_path)
+        check_shared_storage(args.address, options.storage_path)
         print(f"resuming search {options.name} from {options.run_dir}")
     else:
         _demo_data(args, "tune")
         options = _search_options(args)
-        _check_shared_storage(args, options.storage_path)
+        check_shared_storage(args.address, options.storage_path)
         space = load_space(options.search_space, options.base_config)  # before any decoding
-        if not args.address:  # --weights; a space's own weights values fail just their trials
-            check_weights(make_config(options.base_config),
+        # --weights, on this machine only: a cluster's workers may hold files this machine lacks.
+        # A space's own weights values fail just their trials.
+        if not args.address:
+            config = options.trial_config({})
+            check_weights(config.description(), config.weights,
                           space.values_of("arch", options.base_config))
         if runfolder.exists(runfolder.join(options.run_dir, runfolder.SEARCH)):
-            raise DataError(f"{options.run_dir} already holds a search; continue it with "
-                            f"--resume {options.run_dir}, or pick another --name")
-    config = make_config(options.base_config)
+            raise RunFolderError(f"{options.run_dir} already holds a search; continue it with "
+                                 f"--resume {options.run_dir}, or pick another --name")
+    config = options.trial_config({})
     refuse_writes_inside([Path(options.data)], {"--cache-dir": _cache_dir(args),
                                                 "--storage-path": options.storage_path})
-    ds, split = prepare_split(Path(options.data), config.image_size, config.resize,
-                              options.split, args.cache_dir)
-    data = prepare_run(options, ds, split, resume=bool(args.resume))
+    ds, split = load_and_print_split(Path(options.data), config.image_size, config.resize,
+                                     options.split, args.cache_dir)
+    prepare_run(options, ds, split, resume=bool(args.resume))
+    data = trial_data(ds, split)
     del ds  # the test split stays out of the object store
     budget = (f" or {options.time_budget_s:.0f} s, whichever ends first"
               if options.time_budget_s else "")
@@ -314,7 +269,7 @@ def _tune(args: argparse.Namespace) -> int:
         from tuning.monitor import start_tensorboard
 
         print(start_tensorboard(options.run_dir))
-    start_ray(args)
+    start_ray(args.address)
     best = run_search(options, data, resume=bool(args.resume))
     ray.shutdown()
     print(f"best trial {best['trial_id']} (epoch {best['best_epoch']}): "
@@ -344,18 +299,18 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def print_results(run_dir: str, out: Path) -> None:
     """The headline of results/metrics.json and where everything is."""
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = json.loads((out / runfolder.METRICS).read_text(encoding="utf-8"))
     test, threshold = metrics["test"], metrics["threshold"]
     print(f"test split: {test['n']} images never used for training or model selection; "
           f"threshold {threshold['value']:.3f} ({threshold['method']}, chosen on val)")
     for name, m in test["metrics"].items():
         print(f"  {name:<12} {m['value']:.3f}  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
-    report, export = f"{runfolder.RESULTS}/report.md", runfolder.EXPORT
+    report, export = f"{runfolder.RESULTS}/{runfolder.REPORT}", runfolder.EXPORT
     if runfolder.is_uri(run_dir):  # out is this machine's copy of the bucket's results/
         print(f"report: {runfolder.join(run_dir, report)} (copy: {out / 'report.md'})\n"
               f"exported model: {runfolder.join(run_dir, export)} (copy: {out.parent / export})")
     else:
-        print(f"report: {out / 'report.md'}\nexported model: {out.parent / export}")
+        print(f"report: {out / runfolder.REPORT}\nexported model: {out.parent / export}")
     print(f"tensorboard --logdir {run_dir}")
 
 
@@ -367,14 +322,26 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
-    from results.predict import main_predict
+    """One line per image; exit code 1 if any image failed, else 0."""
+    from results.model_folder import read_config
+    from results.predict import predict_paths, write_predictions_csv
 
     if args.csv is not None and args.csv.is_dir():
-        raise DataError(f"--csv {args.csv} is a folder; give a file name such as "
-                        f"{args.csv / 'predictions.csv'}")
+        raise UsageError(f"--csv {args.csv} is a folder; give a file name such as "
+                         f"{args.csv / 'predictions.csv'}")
     refuse_writes_inside(args.paths, {"--csv": args.csv})
     with runfolder.local_path(args.model_dir) as model_dir:
-        return main_predict(model_dir, args.paths, args.csv)
+        rows = predict_paths(model_dir, args.paths)
+        positive = read_config(model_dir)["class_names"][1]
+    for r in rows:
+        if r["error"] is None:
+            print(f"{r['path']}\t{r['prob']:.4f}\t{r['label']}")
+        else:
+            print(f"{r['path']}\tERROR\t{r['error']}")
+    if args.csv is not None:
+        write_predictions_csv(rows, args.csv, positive)
+        print(f"wrote {args.csv}", file=sys.stderr)  # stdout stays one line per image
+    return 1 if any(r["error"] is not None for r in rows) else 0
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -389,24 +356,30 @@ def cmd_explain(args: argparse.Namespace) -> int:
 def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
+    from ctmodels import check_weights
     from tuning.monitor import tensorboard_reporter
     from tuning.train import train_trial, trial_data
 
     _demo_data(args, "train")
     config = load_config(args.config, [*(DEMO_CONFIG if args.demo else []), *args.overrides])
-    check_weights(config)
+    check_weights(config.description(), config.weights)
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
     refuse_writes_inside([args.data], {"--cache-dir": _cache_dir(args), "--out": out})
-    if (out / "config.yaml").exists() and load_config(out / "config.yaml") != config:
-        raise DataError(f"{out} holds a run with a different config; pick another --out")
-    ds, split = prepare_split(args.data, config.image_size, config.resize,
-                              _split_options_of(args), args.cache_dir)
-    _refuse_another_split(out / "split.json", split_record(split, ds))
-    write_split(split, ds, out / "split.json")
-    save_config(config, out / "config.yaml")
+    saved_config = out / runfolder.CONFIG
+    if saved_config.exists() and load_config(saved_config) != config:
+        raise RunFolderError(f"{out} holds a run with a different config; pick another --out")
+    ds, split = load_and_print_split(args.data, config.image_size, config.resize,
+                                     _split_options_of(args), args.cache_dir)
+    # A run resumed on another split would validate and test on former training images.
+    changed = recorded_split_changes(str(out / runfolder.SPLIT), split_record(split, ds))
+    if changed:
+        raise RunFolderError(f"{out} was trained on another split of the data ({changed}); "
+                             "pick another --out, or restore the data and options it used")
+    write_split(split, ds, out / runfolder.SPLIT)
+    save_config(config, saved_config)
     data = trial_data(ds, split)
     del ds  # the test images are not needed, nor kept, while training
-    report = tensorboard_reporter(out / "tensorboard", config,
+    report = tensorboard_reporter(out / runfolder.TENSORBOARD, config,
                                   torch.from_numpy(data.train_images),
                                   torch.from_numpy(data.train_labels))
     print(f"training {config.arch} on {len(data.train_labels)} images, validating on "
@@ -421,31 +394,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     best = train_trial(config, data, out, report_and_print, progress=True)
     print(f"best epoch {best['epoch']}: val AUC {best['val_auc']:.4f}, val accuracy "
           f"{best['val_accuracy']:.3f}, val F1 {best['val_f1']:.3f}, val loss "
-          f"{best['val_loss']:.4f}\ncheckpoint: {out / 'best.pt'}")
+          f"{best['val_loss']:.4f}\ncheckpoint: {out / runfolder.BEST_CHECKPOINT}")
     return 0
-
-
-def _refuse_another_split(path: Path, record: dict) -> None:
-    """A run resumed on another split would validate and test on former training images."""
-    previous = runfolder.read_json(path)
-    if previous is not None:
-        changed = split_changes(previous, record)
-        if changed:
-            raise DataError(f"{path.parent} was trained on another split of the data ({changed}); "
-                            "pick another --out, or restore the data and options it used")
-
-
-def check_weights(config: TrainConfig, archs: set[str] | None = None) -> None:
-    """Initial weights must load before anything is written: the model is built with them once
-    (for each of `archs`, default config.arch), which also fetches ImageNet weights into torch's
-    cache. On this machine only: a cluster's workers may hold files this machine lacks, so
-    `tune --address` does not check."""
-    if config.weights == "none":
-        return
-    from ctmodels import build_model
-
-    for arch in sorted(archs or {config.arch}):
-        build_model(arch, config.head, config.dropout, config.activation, config.weights)
 
 
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
@@ -503,30 +453,37 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop the search after this long, e.g. 90s, 30m, 2h, then score and "
                         "export its best trial as usual (default: no limit)")
     p.add_argument("--max-epochs", type=positive_int,
-                   help="epochs of a trial that is never stopped early (default: 10; demo 6)")
-    p.add_argument("--scheduler", choices=("asha", "fifo"), default="asha",
+                   help="epochs of a trial that is never stopped early (default: "
+                        f"{SearchOptions.max_epochs}; demo 6)")
+    p.add_argument("--scheduler", choices=("asha", "fifo"), default=SearchOptions.scheduler,
                    help="asha (default) stops weak trials early; fifo trains every trial fully")
-    p.add_argument("--grace-period", type=positive_int, default=1,
-                   help="epochs every trial gets before ASHA may stop it (default: 1)")
-    p.add_argument("--reduction-factor", type=number(int, Interval(2, math.inf)), default=3,
-                   help="ASHA keeps the top 1/FACTOR of trials at each rung (default: 3)")
+    p.add_argument("--grace-period", type=positive_int, default=SearchOptions.grace_period,
+                   help="epochs every trial gets before ASHA may stop it (default: %(default)s)")
+    p.add_argument("--reduction-factor", type=number(int, Interval(2, math.inf)),
+                   default=SearchOptions.reduction_factor,
+                   help="ASHA keeps the top 1/FACTOR of trials at each rung (default: "
+                        "%(default)s)")
     p.add_argument("--cpus-per-trial", type=number(float, Interval(0, math.inf, False)),
-                   default=1.0,
-                   help="CPUs reserved per trial; also its torch threads (default: 1)")
-    p.add_argument("--gpus-per-trial", type=number(float, Interval(0, math.inf)), default=0.0,
-                   help="GPUs per trial; fractions pack trials, 0.25 = 4 per GPU (default: 0)")
-    p.add_argument("--max-concurrent", type=positive_int, default=4,
-                   help="trials running at once, at most (default: 4)")
-    p.add_argument("--max-failures", type=number(int, Interval(0, math.inf)), default=2,
-                   help="retries of a crashed trial, from its last checkpoint (default: 2)")
-    p.add_argument("--storage-path", default="runs",
+                   default=SearchOptions.cpus_per_trial,
+                   help="CPUs reserved per trial; also its torch threads (default: %(default)g)")
+    p.add_argument("--gpus-per-trial", type=number(float, Interval(0, math.inf)),
+                   default=SearchOptions.gpus_per_trial,
+                   help="GPUs per trial; fractions pack trials, 0.25 = 4 per GPU (default: "
+                        "%(default)g)")
+    p.add_argument("--max-concurrent", type=positive_int, default=SearchOptions.max_concurrent,
+                   help="trials running at once, at most (default: %(default)s)")
+    p.add_argument("--max-failures", type=number(int, Interval(0, math.inf)),
+                   default=SearchOptions.max_failures,
+                   help="retries of a crashed trial, from its last checkpoint (default: "
+                        "%(default)s)")
+    p.add_argument("--storage-path", default=SearchOptions.storage_path,
                    help="where runs live: a folder (default: runs/), or on a cluster of "
                         "several machines an s3:// or gs:// URI or a folder every node mounts "
                         "(checked with --address)")
     p.add_argument("--name", help="run name (default: tune-TIMESTAMP); the run folder is "
                    "STORAGE_PATH/NAME")
-    p.add_argument("--seed", type=seed, default=0,
-                   help="seed of TPE and of every trial (default: 0)")
+    p.add_argument("--seed", type=seed, default=SearchOptions.seed,
+                   help="seed of TPE and of every trial (default: %(default)s)")
     p.add_argument("--address", help="join a running Ray cluster: 'auto' or ray://HOST:10001 "
                    "(default: start Ray on this machine)")
     p.add_argument("--resume", nargs="?", const="NAME", metavar="RUN_DIR",

@@ -5,9 +5,10 @@ matrix and applied with a single bilinear `grid_sample` (zero fill = air). The t
 `train_batches`, which gathers, converts, augments and normalises each batch with a few tensor ops
 on the training device, from a dataset that sits there or, when too big for it, on the host.
 
-Speed (2-core CPU, 224 px, batch 64, whole pipeline): affine_grid + grid_sample over the batch
-~1,400 img/s; with the cheaper grid of `warp` ~3,500; in cache-sized chunks of 8 images with
-reused scratch buffers ~7,500. On CUDA the whole batch goes in one pass.
+Speed: on a CPU the pipeline builds its own sampling grid (`warp`, cheaper than affine_grid),
+works in cache-sized chunks of a few images and reuses its scratch buffers; each of these choices
+was measured to pay when it was made. On CUDA the whole batch goes in one pass.
+`bench/data_pipeline.py` measures the whole pipeline today against an ImageFolder baseline.
 
 Geometry convention (used by `affine_matrices` and the tests): pixel coordinates are x to the
 right and y down, measured from the image centre. The *forward* transform maps an input pixel to
@@ -27,8 +28,6 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-
-from ctmodels.model import NORM_MEAN, NORM_STD
 
 
 @dataclass(frozen=True)
@@ -144,7 +143,7 @@ _CPU_CHUNK = 8
 def _chunk_size(device: torch.device, batch: int) -> int:
     # On CPU the float copy, grid and output of a whole batch (~50 MB at 64 x 224 px) spill out of
     # the caches and resampling becomes memory-bound; 8 images at a time (~6 MB) stay cached and
-    # run ~2x faster. A GPU wants one big launch instead.
+    # run faster (about twice as fast when measured). A GPU wants one big launch instead.
     return batch if device.type == "cuda" else min(batch, _CPU_CHUNK)
 
 
@@ -181,28 +180,24 @@ def augment_batch(
     return out
 
 
-# The networks' input normalisation (ctmodels.normalize), fused into the augmentation:
-# (x / 255 - mean) / std == x * _SCALE + _OFFSET. The scale is applied while converting from
-# uint8 (one pass) and the offset after warping, so grid_sample's zero fill is still air.
-_SCALE = 1.0 / (255.0 * NORM_STD)
-_OFFSET = -NORM_MEAN / NORM_STD
-
-
 def train_batches(
     images: torch.Tensor,
     labels: torch.Tensor,
     batch_size: int,
     strength: float,
+    mean: float,
+    std: float,
     generator: torch.Generator | None = None,
     ranges: AugmentRanges = AugmentRanges(),
     device: torch.device | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """One shuffled, augmented epoch over a uint8 [N, H, W] dataset.
 
-    Yields (float32 [B, 1, H, W] normalised as `ctmodels.normalize`, labels [B]), each batch a
-    new tensor.
-    The last batch is kept even when partial, so every image is seen exactly once per epoch: on a
-    small CT set dropping it would discard a noticeable share of the slices.
+    Yields (float32 [B, 1, H, W], labels [B]), each batch a new tensor, scaled to [0, 1] and
+    normalised to (x - mean) / std: the model description's input normalisation, as
+    `ctmodels.normalize` applies it. The last batch is kept even when partial, so every image is
+    seen exactly once per epoch: on a small CT set dropping it would discard a noticeable share
+    of the slices.
 
     Batches are built on `device`, where `generator` lives and drives both the order and the
     transforms. With `device` None the dataset lives there too (`images.device`). Given a device,
@@ -216,6 +211,10 @@ def train_batches(
         raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
+    # The normalisation fused into the augmentation: (x / 255 - mean) / std == x * scale + offset.
+    # The scale is applied while converting from uint8 (one pass) and the offset after warping,
+    # so grid_sample's zero fill is still air.
+    scale, offset = 1.0 / (255.0 * std), -mean / std
     n, h, w = images.shape
     on_host = device is not None
     device = images.device if device is None else torch.device(device)
@@ -240,10 +239,10 @@ def train_batches(
             part = rows[s : s + chunk]
             k = len(part)
             torch.index_select(source, 0, part, out=pixels[:k])
-            x = torch.mul(pixels[:k].unsqueeze(1), _SCALE, out=floats[:k])
+            x = torch.mul(pixels[:k].unsqueeze(1), scale, out=floats[:k])
             if strength > 0:
                 x = warp(x, theta[s : s + k], grid[:k])
-            torch.add(x, _OFFSET, out=out[s : s + k])
+            torch.add(x, offset, out=out[s : s + k])
         yield out, labels[idx]
 
 

@@ -148,7 +148,7 @@ def _hash_files(
     has not changed since an earlier run hashed it."""
     index_file = cache_dir / "file-hashes" / f"{hashlib.sha256(bytes(root)).hexdigest()[:20]}.json"
     try:
-        known = json.loads(index_file.read_text())
+        known = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
     digests, skipped, index = {}, [], {}

@@ -13,13 +13,14 @@ from typing import IO, Any
 
 @contextmanager
 def atomic_write(path: Path, mode: str = "wb") -> Iterator[IO[Any]]:
-    """Write to a temp file in the target's folder, then rename it over the target."""
+    """Write to a temp file in the target's folder, then rename it over the target. Text modes
+    write UTF-8 whatever the locale, so a file reads the same on every machine."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.fchmod(fd, 0o644)  # mkstemp makes files owner-only; results are meant to be shared
     try:
-        with os.fdopen(fd, mode) as f:
+        with os.fdopen(fd, mode, encoding=None if "b" in mode else "utf-8") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())

@@ -13,6 +13,9 @@ old file or the new one, never half of one.
     trials.json         every trial's params, status, error and per-epoch history
     results/            metrics.json, plots, report.md, test predictions (`ctscan evaluate`)
     export/             the winner, ready to ship (`ctscan export` writes the same elsewhere)
+
+`ctscan train` writes a run folder of its own: split.json, config.yaml, last.pt (the resume
+point, rewritten every epoch), best.pt (the best epoch) and tensorboard/.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 
 import pyarrow.fs
 
-from data_utils.errors import UserError, first_line
+from data_utils.errors import UsageError, UserError, first_line
 from data_utils.files import atomic_write
 
 SEARCH = "search.json"
@@ -34,9 +37,16 @@ SPACE = "search_space.yaml"
 SPLIT = "split.json"
 BEST = "best.json"
 TRIALS = "trials.json"
+TRIAL_ERROR = "error.txt"  # Ray's, in the folder of a trial that failed
 RESULTS = "results"
-METRICS = f"{RESULTS}/metrics.json"
+METRICS = "metrics.json"  # in results/, as are the next two
+REPORT = "report.md"
+TEST_PREDICTIONS = "test_predictions.json"
 EXPORT = "export"
+CONFIG = "config.yaml"
+LAST_CHECKPOINT = "last.pt"  # also what a trial's checkpoints hold: that epoch's resume point
+BEST_CHECKPOINT = "best.pt"
+TENSORBOARD = "tensorboard"
 LOCAL_RUNS = Path("runs")  # where a bucket run's results are also kept, to read on this machine
 
 
@@ -188,3 +198,18 @@ def local_path(location: str | Path) -> Iterator[Path]:
         # copy_files downloads in large parallel parts; small reads would be one request each.
         pyarrow.fs.copy_files(path, str(local), source_filesystem=fs)
         yield local
+
+
+def refuse_writes_inside(inputs: list[Path], outputs: dict[str, str | Path | None]) -> None:
+    """Nothing is written inside a data folder: a rerun would read it as data, and the folder
+    may be shared or read-only. `outputs` maps each option to the path it writes to."""
+    # A manifest's or an image file's folder is not a data folder: its files may lie anywhere.
+    folders = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
+    for option, path in outputs.items():
+        if path is None or is_uri(path):
+            continue
+        target = Path(path).expanduser().resolve()
+        for folder in folders:
+            if target.is_relative_to(folder):
+                raise UsageError(f"{option} {path} lies inside the data folder {folder}; ctscan "
+                                 "never writes there, choose a folder outside it")

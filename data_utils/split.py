@@ -22,7 +22,8 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from data_utils.cache import CTDataset
+from data_utils import runfolder
+from data_utils.cache import CTDataset, load_dataset
 from data_utils.files import atomic_write, write_json
 from data_utils.sources import DataError
 
@@ -138,6 +139,23 @@ def split_dataset(
     return split
 
 
+def load_and_split(data: Path, image_size: int, resize: str, options: dict,
+                   cache_dir: Path | None = None) -> tuple[CTDataset, Split]:
+    """The dataset, decoded (or read from the cache), and its split; `options` are split.json's
+    and search.json's: ratios, seed, group_by and positive_class."""
+    ds = load_dataset(data, image_size, resize, cache_dir, options["positive_class"])
+    return ds, split_dataset(ds, tuple(options["ratios"]), options["seed"], options["group_by"])
+
+
+def describe_split(split: Split, ds: CTDataset) -> str:
+    """A few lines saying how many images and groups there are and what went where."""
+    lines = [f"{len(ds)} images ({len(ds.skipped)} skipped), {split.groups.max() + 1} groups "
+             f"(--group-by {split.group_by}), split seed {split.seed}"]
+    for name, counts in split_counts(split, ds).items():
+        lines.append(f"  {name:<5} " + "  ".join(f"{c}: {n}" for c, n in counts.items()))
+    return "\n".join(lines)
+
+
 def _check_ratios(ratios: tuple[float, ...]) -> tuple[float, float, float]:
     if len(ratios) != 3 or min(ratios) <= 0 or abs(sum(ratios) - 1) > 1e-6:
         raise DataError(f"split ratios must be three positive numbers summing to 1, got {ratios}")
@@ -213,6 +231,13 @@ def split_changes(old: dict, new: dict) -> str:
     if not changes and old != new:
         changes.append("the split's grouping changed")
     return "; ".join(changes)
+
+
+def recorded_split_changes(location: str, record: dict) -> str:
+    """What differs between the split a run recorded at `location` (its split.json) and
+    `record`, in words; "" when they are equal or the run recorded none yet."""
+    recorded = runfolder.read_json(location)
+    return "" if recorded is None else split_changes(recorded, record)
 
 
 def split_counts(split: Split, ds: CTDataset) -> dict[str, dict[str, int]]:

@@ -17,13 +17,15 @@ from scipy.optimize import minimize_scalar
 from scipy.special import expit, logit
 from sklearn.metrics import log_loss, roc_auc_score
 
-from ctmodels import load_model, predict_proba
+from ctmodels import ModelDescription, load_model, predict_proba
 from data_utils import runfolder
 from data_utils.cache import CTDataset, load_dataset
+from data_utils.errors import RunFolderError
 from data_utils.files import write_json
 from data_utils.sources import DataError
 from results.metrics import score, youden_threshold
 from tuning.config import make_config
+from tuning.records import SearchOptions, options_at
 
 
 def _read_json(run_dir: str, name: str) -> tuple[Any, str]:
@@ -31,7 +33,7 @@ def _read_json(run_dir: str, name: str) -> tuple[Any, str]:
     location = runfolder.join(run_dir, name)
     text = runfolder.read_text(location)
     if text is None:
-        raise DataError(f"{location}: not found; is {run_dir} a finished ctscan search?")
+        raise RunFolderError(f"{location}: not found; is {run_dir} a finished ctscan search?")
     return runfolder.parse_json(text, location), text
 
 
@@ -59,10 +61,14 @@ def recorded_groups(split_json: dict, name: str) -> np.ndarray:
     return np.array([e["group"] for e in split_json["files"] if e["split"] == name])
 
 
-def load_checkpoint_model(checkpoint: str) -> torch.nn.Module:
-    """The trial's network from its checkpoint (a local path or a storage URI)."""
+Member = tuple[torch.nn.Module, ModelDescription]  # a network and how to feed it
+
+
+def load_checkpoint_model(checkpoint: str) -> Member:
+    """The trial's network from its checkpoint (a local path or a storage URI), with its
+    description."""
     with runfolder.local_path(checkpoint) as local:
-        return load_model(local)[0]
+        return load_model(local)
 
 
 def choose_threshold(y_val: np.ndarray, prob_val: np.ndarray, fixed: float | None) -> dict:
@@ -104,11 +110,12 @@ def _logit(prob: np.ndarray) -> np.ndarray:
     return logit(np.clip(prob.astype(np.float64), 1e-7, 1 - 1e-7))
 
 
-def _proba(model: torch.nn.Module, ds: CTDataset, rows: np.ndarray) -> np.ndarray:
-    return predict_proba(model, torch.from_numpy(ds.images[rows])).numpy()
+def _proba(member: Member, ds: CTDataset, rows: np.ndarray) -> np.ndarray:
+    model, description = member
+    return predict_proba(model, torch.from_numpy(ds.images[rows]), description).numpy()
 
 
-def val_then_test(members: list[torch.nn.Module], ds: CTDataset, val_rows: np.ndarray,
+def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
                   test_rows: np.ndarray, threshold: float | None = None,
                   calibrate: bool = False) -> dict:
     """Everything is chosen on val first: how many of `members` (best first) to average, the
@@ -137,7 +144,8 @@ def val_then_test(members: list[torch.nn.Module], ds: CTDataset, val_rows: np.nd
             "prob_test": combine(member_test[:k], temperature), "compared": compared}
 
 
-def ensemble_candidates(run_dir: str, search: dict, best: dict, size: int) -> list[dict]:
+def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: int
+                        ) -> list[dict]:
     """The best trial, then the next best by val AUC whose checkpoint is there: up to `size`
     {"trial_id", "checkpoint", "config"}. (A trial that failed on resuming may name a checkpoint
     Ray had already replaced.)"""
@@ -149,8 +157,8 @@ def ensemble_candidates(run_dir: str, search: dict, best: dict, size: int) -> li
             break
         if (t.get("checkpoint") and t["trial_id"] != best["trial_id"]
                 and runfolder.exists(t["checkpoint"])):
-            candidates.append({"trial_id": t["trial_id"], "checkpoint": t["checkpoint"], "config":
-                               asdict(make_config({**search["base_config"], **t["params"]}))})
+            candidates.append({"trial_id": t["trial_id"], "checkpoint": t["checkpoint"],
+                               "config": asdict(options.trial_config(t["params"]))})
     return candidates
 
 
@@ -160,15 +168,15 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     """Score the chosen model (the best trial, or the ensemble of the top trials that val
     prefers) and the one it is compared with; returns (metrics.json content, arrays for plots
     and export)."""
-    search, _ = _read_json(run_dir, runfolder.SEARCH)
+    options = options_at(run_dir, _read_json(run_dir, runfolder.SEARCH)[0])
     best, _ = _read_json(run_dir, runfolder.BEST)
     split_json, split_text = _read_json(run_dir, runfolder.SPLIT)
     config = make_config(best["config"])
-    ds = load_dataset(Path(search["data"]), config.image_size, config.resize, cache_dir,
-                      search["split"].get("positive_class"))
+    ds = load_dataset(Path(options.data), config.image_size, config.resize, cache_dir,
+                      options.split.get("positive_class"))
     val_rows = recorded_rows(ds, split_json, "val")
     test_rows = recorded_rows(ds, split_json, "test")
-    candidates = ensemble_candidates(run_dir, search, best, ensemble)
+    candidates = ensemble_candidates(run_dir, options, best, ensemble)
     members = [load_checkpoint_model(c["checkpoint"]) for c in candidates]
     scored = val_then_test(members, ds, val_rows, test_rows, threshold, calibrate)
     k, temperature = scored["k"], scored["temperature"]

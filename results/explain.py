@@ -17,7 +17,7 @@ from torch import nn
 from ctmodels import Ensemble, normalize
 from data_utils.errors import UserError
 from data_utils.files import atomic_write
-from results.export import load_exported
+from results.model_folder import load_exported
 from results.predict import decode_batches, expand_paths
 
 
@@ -65,7 +65,7 @@ def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
     out_dir = Path(out_dir)
     files = expand_paths(paths)
     _check_out_dir(out_dir, [Path(p) for p in paths], files)
-    model, config = load_exported(model_dir)
+    model, description, config = load_exported(model_dir)
     negative, positive = config["class_names"]
     written: list[Path] = []
     used: set[str] = set()
@@ -77,7 +77,8 @@ def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
         if not ok:
             continue
         pixels = np.stack([p for _, p in ok])
-        maps, logits = _gradcam(model, normalize(torch.from_numpy(pixels)))
+        x = normalize(torch.from_numpy(pixels), description.mean, description.std)
+        maps, logits = _gradcam(model, x)
         for (path, image), cam, prob in zip(ok, maps, torch.sigmoid(logits).tolist(),
                                             strict=True):
             label = positive if prob >= config["threshold"] else negative

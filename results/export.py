@@ -29,10 +29,10 @@ import torch
 import yaml
 from torch import nn
 
-from ctmodels import Ensemble, UInt8Classifier, load_model
+from ctmodels import Ensemble, UInt8Classifier
 from data_utils.files import atomic_write, write_json
 from results.model_card import model_card
-from results.model_folder import FILES, ModelFolderError, read_config
+from results.model_folder import FILES
 from tuning.config import TrainConfig
 
 FORMAT = "ctscan-model"
@@ -136,17 +136,6 @@ def package_versions() -> dict[str, str | None]:
         except importlib.metadata.PackageNotFoundError:  # e.g. run from a source tree
             versions[name] = None
     return versions
-
-
-def load_exported(model_dir: Path) -> tuple[nn.Module, dict]:
-    """Rebuild an exported model (eval mode) and return it with its config dict."""
-    model_dir = Path(model_dir)
-    meta = read_config(model_dir)
-    weights = model_dir / FILES["state_dict"]
-    if not weights.is_file():
-        raise ModelFolderError(f"{weights}: missing; is {model_dir} an exported model?")
-    model, _ = load_model(weights)
-    return model, meta
 
 
 def _save_torchscript(module: nn.Module, f: IO[bytes]) -> None:

@@ -10,11 +10,17 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from scipy.special import expit
 
 from data_utils.errors import UserError, first_line
+
+if TYPE_CHECKING:  # torch is imported only where a function needs it
+    from torch import nn
+
+    from ctmodels import ModelDescription
 
 FILES = {
     "state_dict": "model.pt",
@@ -52,6 +58,20 @@ def read_config(model_dir: Path) -> dict:
     return meta
 
 
+def load_exported(model_dir: Path) -> tuple[nn.Module, ModelDescription, dict]:
+    """Rebuild an exported model (eval mode) and return it with the description of its input and
+    its config dict. Needs torch."""
+    from ctmodels import load_model
+
+    model_dir = Path(model_dir)
+    meta = read_config(model_dir)
+    weights = model_dir / FILES["state_dict"]
+    if not weights.is_file():
+        raise ModelFolderError(f"{weights}: missing; is {model_dir} an exported model?")
+    model, description = load_model(weights)
+    return model, description, meta
+
+
 def load_predictor(model_dir: Path) -> Predictor:
     """Probabilities from the folder's state_dict with torch, else from its ONNX file."""
     try:
@@ -59,10 +79,9 @@ def load_predictor(model_dir: Path) -> Predictor:
     except ImportError:
         return onnx_predictor(model_dir)
     from ctmodels import predict_proba
-    from results.export import load_exported
 
-    model, _ = load_exported(model_dir)
-    return lambda images: predict_proba(model, torch.from_numpy(images)).numpy()
+    model, description, _ = load_exported(model_dir)
+    return lambda images: predict_proba(model, torch.from_numpy(images), description).numpy()
 
 
 def onnx_predictor(model_dir: Path) -> Predictor:

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 
 from data_utils import runfolder
+from data_utils.errors import RunFolderError
 from data_utils.files import write_json
-from data_utils.sources import DataError
 from results.evaluate import evaluate_run, load_checkpoint_model, write_predictions
 from results.explain import explain_paths
 from results.export import export_model
@@ -39,8 +39,8 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
                                    calibrate)
     out = runfolder.local_copy_dir(run_dir) / runfolder.RESULTS
-    write_json(out / "metrics.json", metrics)
-    write_predictions(out / "test_predictions.json", arrays)
+    write_json(out / runfolder.METRICS, metrics)
+    write_predictions(out / runfolder.TEST_PREDICTIONS, arrays)
 
     trials = runfolder.read_json(runfolder.join(run_dir, runfolder.TRIALS)) or []
     scored = [t for t in trials if t["history"]]
@@ -68,11 +68,11 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
                     "status": t["status"], **t["params"]} for t in trials]
     failures = [{k: t[k] for k in ("trial_id", "epochs", "error", "error_file")}
                 for t in trials if "error" in t]
-    write_report(out / "report.md", metrics, leaderboard, {k: f"{k}.png" for k in figures},
+    write_report(out / runfolder.REPORT, metrics, leaderboard, {k: f"{k}.png" for k in figures},
                  [str(p.relative_to(out)) for p in shown], failures)
     # A run of the winner's report next to the trials' runs, named after the winning trial.
     log_report(out / f"winner_trial_{metrics['trial_id']}", figures, shown,
-               (out / "report.md").read_text())
+               (out / runfolder.REPORT).read_text(encoding="utf-8"))
     runfolder.publish(out, run_dir, runfolder.RESULTS)
     runfolder.publish(export_dir, run_dir, runfolder.EXPORT)
     return out
@@ -83,10 +83,10 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
     """`ctscan export`: the evaluated model (the best trial, or the ensemble evaluation chose):
     its weights, TorchScript, ONNX, config and model card."""
     if metrics is None:
-        metrics = runfolder.read_json(runfolder.join(run_dir, runfolder.METRICS))
+        location = runfolder.join(run_dir, runfolder.RESULTS, runfolder.METRICS)
+        metrics = runfolder.read_json(location)
         if metrics is None:
-            raise DataError(f"{runfolder.join(run_dir, runfolder.METRICS)}: not found; run "
-                            f"`ctscan evaluate {run_dir}` first")
+            raise RunFolderError(f"{location}: not found; run `ctscan evaluate {run_dir}` first")
     # Evaluations before ensembles existed recorded only the best trial.
     chosen = metrics.get("ensemble", {}).get("members") or [
         {k: metrics[k] for k in ("trial_id", "checkpoint", "config")}]
@@ -100,7 +100,7 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
         "data": metrics["data"],
     }
     return export_model(out, [(net, make_config(m["config"]))
-                              for net, m in zip(members, chosen, strict=True)],
+                              for (net, _), m in zip(members, chosen, strict=True)],
                         tuple(metrics["class_names"]), metrics["threshold"]["value"], extra,
                         [{"trial_id": m["trial_id"]} for m in chosen],
                         metrics.get("temperature", 1.0))

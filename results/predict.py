@@ -7,7 +7,6 @@ onnxruntime, so this module imports torch only through `load_predictor`.
 from __future__ import annotations
 
 import csv
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -103,18 +102,3 @@ def write_predictions_csv(rows: list[dict], path: Path, positive_class: str) -> 
         for r in rows:
             prob = "" if r["prob"] is None else repr(r["prob"])  # repr: round-trips exactly
             writer.writerow([r["path"], prob, r["label"] or "", r["error"] or ""])
-
-
-def main_predict(model_dir: Path, paths: list[Path], csv_path: Path | None = None) -> int:
-    """`ctscan predict`: one line per image; exit code 1 if any image failed, else 0."""
-    rows = predict_paths(Path(model_dir), [Path(p) for p in paths])
-    for r in rows:
-        if r["error"] is None:
-            print(f"{r['path']}\t{r['prob']:.4f}\t{r['label']}")
-        else:
-            print(f"{r['path']}\tERROR\t{r['error']}")
-    if csv_path is not None:
-        positive = read_config(Path(model_dir))["class_names"][1]
-        write_predictions_csv(rows, Path(csv_path), positive)
-        print(f"wrote {csv_path}", file=sys.stderr)  # stdout stays one line per image
-    return 1 if any(r["error"] is not None for r in rows) else 0

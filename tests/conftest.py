@@ -1,18 +1,12 @@
-"""Shared fixtures: small generated datasets, the real sample when present, an isolated cache."""
+"""Shared fixtures: the real sample when present, an S3 server and bucket, an isolated cache."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
-
-REPO = Path(__file__).resolve().parents[1]
-SAMPLE = Path(os.environ.get("CTSCAN_SAMPLE_DIR", REPO.parent / "shared/data/sarscov2-ct-sample"))
+from helpers import SAMPLE
 
 
 @pytest.fixture(autouse=True)
@@ -28,42 +22,6 @@ def sample_dir() -> Path:
     if not (SAMPLE / "COVID").is_dir():
         pytest.skip(f"real CT sample not found at {SAMPLE} (set CTSCAN_SAMPLE_DIR)")
     return SAMPLE
-
-
-def smooth_image(rng: np.random.Generator, size: int = 48) -> np.ndarray:
-    """A distinct uint8 picture with enough structure at every scale for a stable pHash."""
-    coarse = Image.fromarray(rng.integers(0, 256, (16, 16), dtype=np.uint8))
-    return np.asarray(coarse.resize((size, size), Image.Resampling.BICUBIC))
-
-
-def make_class_folders(root: Path, n_per_class: int = 20, seed: int = 0,
-                       classes: tuple[str, ...] = ("COVID", "non-COVID")) -> Path:
-    rng = np.random.default_rng(seed)
-    for name in classes:
-        (root / name).mkdir(parents=True)
-        for i in range(n_per_class):
-            Image.fromarray(smooth_image(rng)).save(root / name / f"{name} ({i}).png")
-    return root
-
-
-def tiny_trial_data(tmp_path: Path):
-    """(data folder, TrialData) of 48 small demo slices: enough for a trial to run, fast."""
-    from data_utils.cache import load_dataset
-    from data_utils.demo import make_demo_data
-    from data_utils.split import split_dataset
-    from tuning.train import trial_data
-
-    root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
-    ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
-    return root, trial_data(ds, split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none"))
-
-
-def tree_snapshot(root: Path) -> dict[str, tuple[int, str]]:
-    """Every entry under root with its mtime and content digest: compare before/after to prove
-    no writes (a folder's mtime changes when an entry is added or removed, even a temp file)."""
-    return {str(p.relative_to(root)): (p.lstat().st_mtime_ns, hashlib.sha256(
-                p.read_bytes() if p.is_file() else b"").hexdigest())
-            for p in [root, *sorted(root.rglob("*"))]}
 
 
 @pytest.fixture(scope="session")
@@ -91,12 +49,3 @@ def s3_bucket(s3_endpoint, monkeypatch, request) -> str:
     name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:50].strip("-")
     boto3.client("s3").create_bucket(Bucket=name)
     return f"s3://{name}"
-
-
-def bucket_keys(bucket: str, prefix: str = "") -> list[str]:
-    """Every object key in an s3://BUCKET under prefix, read with boto3 (not our own code)."""
-    import boto3
-
-    pages = boto3.client("s3").get_paginator("list_objects_v2").paginate(
-        Bucket=bucket.removeprefix("s3://"), Prefix=prefix)
-    return [o["Key"] for page in pages for o in page.get("Contents", [])]

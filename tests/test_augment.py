@@ -55,7 +55,8 @@ def test_strength_out_of_range_raises(strength):
     with pytest.raises(ValueError, match="strength"):
         augment_batch(torch.rand(2, 1, 8, 8), strength)
     with pytest.raises(ValueError, match="strength"):
-        next(train_batches(torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2), 2, strength))
+        next(train_batches(torch.zeros(2, 8, 8, dtype=torch.uint8), torch.zeros(2), 2, strength,
+                           NORM_MEAN, NORM_STD))
 
 
 def test_rejects_non_float_batch():
@@ -219,7 +220,8 @@ def test_train_batches_cover_each_index_once(device, strength):
     images, labels = numbered_dataset(45)
     images, labels = images.to(device), labels.to(device)
     gen = torch.Generator(device=device).manual_seed(0)
-    batches = list(train_batches(images, labels, 20, strength, gen))  # > one CPU chunk each
+    # > one CPU chunk each
+    batches = list(train_batches(images, labels, 20, strength, NORM_MEAN, NORM_STD, gen))
     assert [len(x) for x, _ in batches] == [20, 20, 5]  # last partial batch kept
     seen = []
     for x, y in batches:
@@ -239,29 +241,30 @@ def test_train_batches_normalisation_and_air():
     images, labels = numbered_dataset(5)
     images[:, :4] = 0  # a band of air
     images[:, 4:] = 200
-    ((x, _),) = list(train_batches(images, labels, 5, 0.0, seeded()))
+    ((x, _),) = list(train_batches(images, labels, 5, 0.0, NORM_MEAN, NORM_STD, seeded()))
     assert torch.allclose(x[:, :, 4:], torch.tensor((200 / 255 - NORM_MEAN) / NORM_STD))
     assert torch.allclose(x[:, :, :4], torch.tensor(-NORM_MEAN / NORM_STD))
-    assert torch.equal(normalize(images), x)  # all five images are equal, so order is moot
+    # all five images are equal, so order is moot
+    assert torch.equal(normalize(images, NORM_MEAN, NORM_STD), x)
     # warping pulls in air from outside the image, which normalises like air inside it
     zero = torch.zeros(4, 24, 24, dtype=torch.uint8)
-    ((x, _),) = list(train_batches(zero, torch.zeros(4), 4, 1.0, seeded()))
+    ((x, _),) = list(train_batches(zero, torch.zeros(4), 4, 1.0, NORM_MEAN, NORM_STD, seeded()))
     assert torch.allclose(x, torch.tensor(-NORM_MEAN / NORM_STD))
 
 
 def test_train_batches_deterministic():
     images = torch.randint(0, 256, (10, 24, 24), dtype=torch.uint8)
     labels = torch.arange(10)
-    a = [x for x, _ in train_batches(images, labels, 4, 1.0, seeded(5))]
-    b = [x for x, _ in train_batches(images, labels, 4, 1.0, seeded(5))]
+    a = [x for x, _ in train_batches(images, labels, 4, 1.0, NORM_MEAN, NORM_STD, seeded(5))]
+    b = [x for x, _ in train_batches(images, labels, 4, 1.0, NORM_MEAN, NORM_STD, seeded(5))]
     assert all(torch.equal(p, q) for p, q in zip(a, b, strict=True))
 
 
 def test_train_batches_rejects_bad_input():
     images = torch.zeros(4, 8, 8, dtype=torch.uint8)
     with pytest.raises(ValueError, match="uint8"):
-        next(train_batches(images.float(), torch.zeros(4), 2, 1.0))
+        next(train_batches(images.float(), torch.zeros(4), 2, 1.0, NORM_MEAN, NORM_STD))
     with pytest.raises(ValueError, match="labels"):
-        next(train_batches(images, torch.zeros(3), 2, 1.0))
+        next(train_batches(images, torch.zeros(3), 2, 1.0, NORM_MEAN, NORM_STD))
     with pytest.raises(ValueError, match="batch_size"):
-        next(train_batches(images, torch.zeros(4), 0, 1.0))
+        next(train_batches(images, torch.zeros(4), 0, 1.0, NORM_MEAN, NORM_STD))

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_class_folders, tree_snapshot
+from helpers import make_class_folders, tree_snapshot
 from torchvision import models
 
 from ctmodels import build_model
@@ -45,6 +45,7 @@ def _files(w: Path) -> None:
     (w / "space_dist.yaml").write_text("lr: {loguniform: [1, -3]}\n")
     (w / "space_key.yaml").write_text("bogus: {choice: [1, 2]}\n")
     (w / "space_range.yaml").write_text("batch_size: {choice: [1, 32]}\n")
+    (w / "space_fixed.yaml").write_text("arch: resnet18\nlr: 0.001\n")
     (w / "garbage.pt").write_bytes(b"garbage")
     (w / "notsearch").mkdir()
     (w / "cut").mkdir()
@@ -180,6 +181,9 @@ CASES = {
                                  "{W}/runs",
                                  "{W}/space_range.yaml: batch_size: batch_size must be in "
                                  "[2, inf)", None),
+    "space_searches_nothing": ("tune {D} --search-space {W}/space_fixed.yaml --storage-path "
+                               "{W}/runs",
+                               "{W}/space_fixed.yaml: searches nothing, every key is fixed", None),
     "storage_inside_data": ("tune {D} --search-space {S} --storage-path {D}/runs",
                             "--storage-path {D}/runs lies inside the data folder", None),
     "run_name_taken": ("tune {D} --search-space {S} --storage-path {W}/runs --name taken",

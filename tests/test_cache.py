@@ -4,7 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_class_folders, tree_snapshot
+from helpers import make_class_folders, tree_snapshot
 from PIL import Image
 
 import data_utils.cache as cache_module

@@ -6,7 +6,7 @@ import sys
 import time
 
 import pytest
-from conftest import make_class_folders, tree_snapshot
+from helpers import make_class_folders, tree_snapshot
 
 from ctscan.cli import main
 from tuning.space import DEMO_SPACE

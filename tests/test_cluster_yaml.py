@@ -5,7 +5,7 @@ import copy
 import jsonschema
 import pytest
 import yaml
-from conftest import REPO
+from helpers import REPO
 from ray.autoscaler._private.util import prepare_config, validate_config
 
 

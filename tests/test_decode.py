@@ -1,48 +1,12 @@
-import io
 import struct
 import zlib
 
 import numpy as np
 import pytest
-from conftest import smooth_image
+from helpers import png_bytes, png_chunk, png_with_sbit, smooth_image, tiff_bytes
 from PIL import Image
 
 from data_utils.decode import decode_image
-
-
-def png_bytes(img: Image.Image) -> bytes:
-    buf = io.BytesIO()
-    img.save(buf, format="TIFF" if img.mode in ("I", "F") else "PNG")  # PNG holds neither
-    return buf.getvalue()
-
-
-def _chunk(kind: bytes, data: bytes) -> bytes:
-    body = kind + data
-    return struct.pack(">I", len(data)) + body + struct.pack(">I", zlib.crc32(body))
-
-
-def png_with_sbit(samples: np.ndarray, significant_bits: int) -> bytes:
-    """A 16-bit gray PNG with an sBIT chunk right after IHDR (8-byte signature + 25-byte IHDR)."""
-    png = png_bytes(Image.fromarray(samples.astype(np.uint16)))
-    return png[:33] + _chunk(b"sBIT", bytes([significant_bits])) + png[33:]
-
-
-def tiff_bytes(values: np.ndarray, bits: int, sample_format: int = 1) -> bytes:
-    """A one-strip gray TIFF written by hand: Pillow writes neither 12-bit nor unsigned 32-bit."""
-    height, width = values.shape
-    if bits == 12:  # two samples in three bytes, most significant bits first
-        samples = values.astype(np.uint16).ravel()
-        first, second = samples[0::2], samples[1::2]
-        raw = np.stack([first >> 4, (first & 15) << 4 | second >> 8, second & 255], 1)
-        raw = raw.astype(np.uint8).tobytes()
-    else:
-        raw = values.astype(f"<{'u' if sample_format == 1 else 'i'}{bits // 8}").tobytes()
-    tags = {256: width, 257: height, 258: bits, 259: 1, 262: 1, 273: 0, 277: 1, 278: height,
-            279: len(raw), 339: sample_format}
-    tags[273] = 8 + 2 + 12 * len(tags) + 4  # the strip follows the header and the one IFD
-    ifd = struct.pack("<H", len(tags)) + b"".join(
-        struct.pack("<HHII", tag, 4, 1, value) for tag, value in tags.items())
-    return b"II*\x00" + struct.pack("<I", 8) + ifd + struct.pack("<I", 0) + raw
 
 
 @pytest.fixture
@@ -203,8 +167,8 @@ def test_constant_images_are_refused_naming_the_value(img, value):
 def _bomb_header(width: int, height: int) -> bytes:
     """A tiny PNG whose header claims a huge image."""
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
-    return (b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr)
-            + _chunk(b"IDAT", zlib.compress(b"\0" * 64)) + _chunk(b"IEND", b""))
+    return (b"\x89PNG\r\n\x1a\n" + png_chunk(b"IHDR", ihdr)
+            + png_chunk(b"IDAT", zlib.compress(b"\0" * 64)) + png_chunk(b"IEND", b""))
 
 
 @pytest.mark.parametrize("data, reason", [

@@ -10,10 +10,10 @@ import io
 import hypothesis.extra.numpy as hnp
 import numpy as np
 import pytest
+from helpers import png_bytes, png_with_sbit, tiff_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from test_decode import png_bytes, png_with_sbit, tiff_bytes
 
 from data_utils.cache import transient_failure
 from data_utils.decode import decode_image

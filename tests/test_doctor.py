@@ -1,5 +1,5 @@
 import numpy as np
-from conftest import make_class_folders
+from helpers import make_class_folders
 from PIL import Image
 
 from data_utils.cache import load_dataset

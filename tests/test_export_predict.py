@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import csv
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,16 +15,25 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import tree_snapshot
+from helpers import REPO, tree_snapshot
 from PIL import Image
 
-from ctmodels import Ensemble, build_model, load_model, normalize, predict_proba
+from ctmodels import (
+    NORM_MEAN,
+    NORM_STD,
+    Ensemble,
+    build_model,
+    load_model,
+    normalize,
+    predict_proba,
+)
+from ctscan.cli import main
 from data_utils.decode import decode_image
 from data_utils.errors import UserError
 from results.explain import explain_paths, gradcam
-from results.export import export_model, load_exported
-from results.model_folder import ModelFolderError
-from results.predict import main_predict, predict_paths
+from results.export import export_model
+from results.model_folder import ModelFolderError, load_exported
+from results.predict import predict_paths
 from tuning.config import TrainConfig
 
 CLASSES = ("non-COVID", "COVID")
@@ -71,8 +81,8 @@ def _images(folder: Path, n: int = 3, seed: int = 0) -> list[Path]:
 
 def test_export_round_trip(exported):
     model_dir, model = exported
-    x = normalize(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8))
-    loaded, config = load_exported(model_dir)
+    x = normalize(torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8), NORM_MEAN, NORM_STD)
+    loaded, _, config = load_exported(model_dir)
     assert not loaded.training
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
@@ -94,11 +104,13 @@ def test_an_ensemble_exports_as_one_model_in_every_format(tmp_path):
                              0.4, {}, [{"trial_id": "a"}, {"trial_id": "b"}], temperature=2.0)
     images = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
-        probs = torch.stack([torch.sigmoid(n(normalize(images)).squeeze(1)) for n in nets])
+        x = normalize(images, NORM_MEAN, NORM_STD)
+        probs = torch.stack([torch.sigmoid(n(x).squeeze(1)) for n in nets])
     expected = torch.sigmoid(torch.logit(probs.mean(0)) / 2.0)
     loaded, description = load_model(model_dir / "model.pt")
     assert isinstance(loaded, Ensemble) and description.image_size == 32
-    torch.testing.assert_close(predict_proba(loaded, images), expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(predict_proba(loaded, images, description), expected, rtol=0,
+                               atol=1e-6)
     script = torch.jit.load(model_dir / "model.torchscript.pt")
     torch.testing.assert_close(torch.sigmoid(script(images)), expected, rtol=0, atol=1e-6)
     assert np.abs(onnx_predictor(model_dir)(images.numpy()) - expected.numpy()).max() < 1e-4
@@ -127,7 +139,7 @@ def test_torchscript_runs_with_plain_torch(exported, tmp_path):
     assert done.returncode == 0, done.stderr
     logits = torch.load(tmp_path / "out.pt", weights_only=True)
     with torch.no_grad():
-        expected = model(normalize(images)).squeeze(1)
+        expected = model(normalize(images, NORM_MEAN, NORM_STD)).squeeze(1)
     assert logits.shape == (4,)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -156,6 +168,28 @@ def test_config_and_model_card(exported):
         assert phrase in card, phrase
 
 
+def test_text_files_are_utf8_whatever_the_locale(exported, tmp_path):
+    """In an ASCII locale the model card's "São Paulo" once failed to write: every text file
+    ctscan writes goes through atomic_write, which writes UTF-8 whatever the locale."""
+    model_dir, _ = exported
+    card = (model_dir / "model_card.md").read_text(encoding="utf-8")
+    assert "São Paulo" in card
+    script = textwrap.dedent(f"""
+        import locale
+        from pathlib import Path
+        from data_utils.files import atomic_write
+        assert locale.getpreferredencoding(False) != "UTF-8"
+        with atomic_write(Path({str(tmp_path / "card.md")!r}), "w") as f:
+            f.write(Path({str(model_dir / "model_card.md")!r}).read_text(encoding="utf-8"))
+    """)
+    env = {**os.environ, "LC_ALL": "C", "LANG": "C", "PYTHONCOERCECLOCALE": "0",
+           "PYTHONUTF8": "0"}
+    done = subprocess.run([sys.executable, "-c", script], env=env, cwd=REPO,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "card.md").read_bytes() == card.encode("utf-8")
+
+
 def test_export_refuses_clashing_extra_and_missing_folder(tmp_path):
     model = build_model("resnet18")
     with pytest.raises(ValueError, match="threshold"):
@@ -168,7 +202,7 @@ def test_predict_matches_direct_model_path(exported, tmp_path):
     model_dir, model = exported
     paths = _images(tmp_path / "in")
     pixels = np.stack([decode_image(p.read_bytes(), 32, "pad").pixels for p in paths])
-    expected = predict_proba(model, torch.from_numpy(pixels)).tolist()
+    expected = predict_proba(model, torch.from_numpy(pixels), load_exported(model_dir)[1]).tolist()
     rows = predict_paths(model_dir, [tmp_path / "in"], batch_size=2, progress=False)
     assert [r["path"] for r in rows] == [str(p) for p in paths]  # folder expanded, sorted
     assert [r["prob"] for r in rows] == pytest.approx(expected, rel=1e-6)
@@ -182,7 +216,7 @@ def test_onnx_file_gives_the_same_probabilities_as_torch(exported, tmp_path):
 
     model_dir, model = exported
     pixels = np.random.default_rng(1).integers(0, 256, (5, 32, 32), dtype=np.uint8)
-    expected = predict_proba(model, torch.from_numpy(pixels)).numpy()
+    expected = predict_proba(model, torch.from_numpy(pixels), load_exported(model_dir)[1]).numpy()
     assert np.abs(onnx_predictor(model_dir)(pixels) - expected).max() < 1e-4
     assert np.abs(onnx_predictor(model_dir)(pixels[:1]) - expected[:1]).max() < 1e-4  # any batch
 
@@ -192,7 +226,7 @@ def test_predict_runs_the_onnx_file_where_torch_is_absent(exported, tmp_path):
     model_dir, model = exported
     paths = _images(tmp_path / "in")
     pixels = np.stack([decode_image(p.read_bytes(), 32, "pad").pixels for p in paths])
-    expected = predict_proba(model, torch.from_numpy(pixels)).tolist()
+    expected = predict_proba(model, torch.from_numpy(pixels), load_exported(model_dir)[1]).tolist()
     code = ("import sys\n"
             "sys.modules['torch'] = None\n"
             "from ctscan.cli import main\n"
@@ -218,14 +252,14 @@ def test_corrupt_file_gets_error_row_and_exit_code(exported, tmp_path, capsys):
     assert "no image files" in rows[4]["error"]
 
     csv_path = tmp_path / "out" / "pred.csv"
-    assert main_predict(model_dir, [*good, bad], csv_path) == 1
+    assert main(["predict", str(model_dir), *map(str, [*good, bad]), "--csv", str(csv_path)]) == 1
     assert "ERROR" in capsys.readouterr().out
     with csv_path.open(newline="") as f:
         table = list(csv.DictReader(f))
     assert list(table[0]) == ["path", "prob_COVID", "label", "error"]
     assert len(table) == 4 and table[3]["error"] and not table[3]["prob_COVID"]
     assert float(table[0]["prob_COVID"]) == rows[0]["prob"]
-    assert main_predict(model_dir, good, None) == 0
+    assert main(["predict", str(model_dir), *map(str, good)]) == 0
 
 
 def test_gradcam_shape_range_and_input_dependence(exported64):
@@ -234,7 +268,7 @@ def test_gradcam_shape_range_and_input_dependence(exported64):
     # flipping the output layer turns the same evidence positive.
     model.fc[-1].weight.data.neg_()
     x = normalize(torch.randint(0, 256, (3, 64, 64), dtype=torch.uint8,
-                                generator=torch.Generator().manual_seed(1)))
+                                generator=torch.Generator().manual_seed(1)), NORM_MEAN, NORM_STD)
     maps = gradcam(model, x)
     assert maps.shape == (3, 64, 64) and maps.dtype == np.float32
     assert maps.min() >= 0 and maps.max() <= 1

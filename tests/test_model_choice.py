@@ -7,6 +7,7 @@ from sklearn.metrics import log_loss
 
 from ctmodels import Ensemble
 from results.evaluate import choose_ensemble, combine, fit_temperature
+from tuning.records import SearchOptions
 
 
 def test_the_ensemble_size_with_the_best_val_auc_is_chosen_and_ties_go_to_fewer():
@@ -59,7 +60,7 @@ def test_candidates_are_the_best_trial_then_the_next_best_whose_checkpoint_is_th
               {"trial_id": "never", "checkpoint": None, "params": {}}]
     write_json(tmp_path / "trials.json", trials)
     best = {"trial_id": "a", "checkpoint": trials[0]["checkpoint"], "config": {"lr": 0.001}}
-    search = {"base_config": {"image_size": 32}}
+    search = SearchOptions(data="/data", base_config={"image_size": 32})
     got = ensemble_candidates(str(tmp_path), search, best, size=5)
     assert [c["trial_id"] for c in got] == ["a", "b", "c"]
     assert got[0]["config"] == {"lr": 0.001} and got[1]["config"]["lr"] == 0.01

@@ -9,9 +9,8 @@ import optuna
 import pytest
 import ray
 import torch
-from conftest import tiny_trial_data
+from helpers import hparams_data, read_events, tiny_trial_data
 from tensorboard.plugins.hparams import api_pb2, metadata
-from test_tensorboard import hparams_data, read_events
 
 import results.evaluate as evaluate_module
 from data_utils.cache import load_dataset
@@ -22,13 +21,8 @@ from results.pipeline import report_run
 from results.predict import predict_paths
 from tuning.config import ConfigError, make_config
 from tuning.monitor import SCALARS
-from tuning.search import (
-    PrunedAwareOptunaSearch,
-    SearchOptions,
-    prepare_run,
-    run_search,
-    trainable,
-)
+from tuning.records import SearchOptions, prepare_run
+from tuning.search import PrunedAwareOptunaSearch, run_search, trainable
 from tuning.space import (
     CPU_SPACE,
     DEFAULT_SPACE,
@@ -38,6 +32,7 @@ from tuning.space import (
     load_space,
     startup_trials,
 )
+from tuning.train import trial_data
 
 TINY_SPACE = """
 arch: resnet18
@@ -76,6 +71,8 @@ aug_strength: {uniform: [0.0, 0.5]}
     ("start_with: [{optimizer: sgd, weight_decay: 0.1}]\n"
      "optimizer: {choice: {adamw: {weight_decay: {uniform: [0, 1]}}, sgd: }}",
      "start_with[0]: weight_decay is not searched on this branch"),
+    # Every trial would train the same config; refused before any work, not after the search.
+    ("arch: resnet18\nlr: 0.001\nhead: [64]", "searches nothing, every key is fixed"),
 ])
 def test_bad_space_files_are_clear_errors(tmp_path, text, error):
     (tmp_path / "space.yaml").write_text(text)
@@ -164,7 +161,8 @@ def demo_search(tmp_path_factory, local_ray):
         base_config={"image_size": 32, "epochs": 3, "num_workers": 1},
         split={"ratios": [0.7, 0.2, 0.1], "seed": 0, "group_by": "duplicates",
                "positive_class": None})
-    data = prepare_run(options, ds, split)
+    prepare_run(options, ds, split)
+    data = trial_data(ds, split)
     best = run_search(options, data)
     hidden.rename(root)  # evaluation, later, reads the test files
     return options, best, ds, split, data
@@ -263,7 +261,7 @@ def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray
     (tmp_path / "space.yaml").write_text("lr: {choice: [0.001]}\n")
     marker = tmp_path / "crashed"
 
-    def crash_once(params, data, base_config):
+    def crash_once(params, data, options):
         """The real trainable, but the first run in this search dies right after epoch 1."""
         import tuning.search as search
 
@@ -278,7 +276,7 @@ def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray
             return real_train_trial(config, data, out_dir, report_then_crash, **kwargs)
 
         search.train_trial = train_then_crash
-        trainable(params, data, base_config)
+        trainable(params, data, options)
 
     options = SearchOptions(
         data=str(root), num_samples=1, max_epochs=3, max_failures=1,
@@ -342,8 +340,8 @@ def test_ensemble_and_threshold_are_chosen_on_val_before_test_is_touched(demo_se
     events = []
     real_predict = evaluate_module.predict_proba
     monkeypatch.setattr(evaluate_module, "predict_proba",
-                        lambda model, x: events.append(("predict", x.clone())) or
-                        real_predict(model, x))
+                        lambda model, x, *a: events.append(("predict", x.clone())) or
+                        real_predict(model, x, *a))
     for name in ("choose_threshold", "choose_ensemble"):
         real = getattr(evaluate_module, name)
         monkeypatch.setattr(evaluate_module, name, lambda y, *rest, real=real: events.append(
@@ -387,11 +385,11 @@ def test_trials_read_the_dataset_zero_copy_from_the_object_store(tmp_path, local
     seen = tmp_path / "seen"
     seen.mkdir()
 
-    def record_then_train(params, data, base_config):
+    def record_then_train(params, data, options):
         arrays = (data.train_images, data.val_images)
         flags = [not a.flags.writeable and not a.flags.owndata for a in arrays]
         (seen / f"{os.getpid()}-{id(data)}").write_text(json.dumps(flags))
-        trainable(params, data, base_config)
+        trainable(params, data, options)
 
     options = SearchOptions(
         data=str(root), num_samples=2, max_epochs=1, storage_path=str(tmp_path / "runs"),
@@ -404,7 +402,7 @@ def test_trials_read_the_dataset_zero_copy_from_the_object_store(tmp_path, local
 
 def test_best_json_describes_its_checkpoint_on_ties_and_failed_trials_are_listed(tmp_path,
                                                                                  local_ray):
-    def tied_then_failing(params, data, base_config):
+    def tied_then_failing(params, data, options):
         """No training: trial 0 reports val AUCs 0.8, 0.9, 0.9 (a tie); trial 1 fails at epoch 2."""
         import tempfile
 

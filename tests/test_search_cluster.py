@@ -6,11 +6,13 @@ import json
 import boto3
 import pytest
 import ray
-from conftest import bucket_keys, tiny_trial_data
+from helpers import bucket_keys, tiny_trial_data
 from ray.cluster_utils import Cluster
 
 from ctscan.cli import main
-from tuning.search import SearchOptions, run_search, unshared_nodes
+from tuning.cluster import unshared_nodes
+from tuning.records import SearchOptions
+from tuning.search import run_search
 
 
 @pytest.fixture
@@ -56,9 +58,9 @@ def test_a_folder_some_node_does_not_see_is_refused_before_any_work(tmp_path, tw
                                                                     monkeypatch, capsys):
     # Both nodes share this machine's disk, so the blind node is simulated; the probe itself is
     # checked for real in the test above.
-    import tuning.search
+    import tuning.cluster
 
-    monkeypatch.setattr(tuning.search, "unshared_nodes", lambda folder: ["10.0.0.7 (1a2b3c4d)"])
+    monkeypatch.setattr(tuning.cluster, "unshared_nodes", lambda folder: ["10.0.0.7 (1a2b3c4d)"])
     root, _ = tiny_trial_data(tmp_path)
     code = main(["tune", str(root), "--address", two_gpu_nodes.address, "--storage-path",
                  str(tmp_path / "runs"), "--search-space", str(tmp_path / "missing.yaml")])

@@ -9,7 +9,7 @@ import sys
 import time
 
 import boto3
-from conftest import bucket_keys
+from helpers import bucket_keys
 
 from data_utils.demo import make_demo_data
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import make_class_folders, smooth_image
+from helpers import make_class_folders, smooth_image
 from PIL import Image
 
 from data_utils.sources import DataError, discover

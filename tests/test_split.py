@@ -2,7 +2,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import make_class_folders, smooth_image
+from helpers import make_class_folders, smooth_image
 from PIL import Image
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components

@@ -3,7 +3,7 @@
 import json
 
 import boto3
-from conftest import bucket_keys
+from helpers import bucket_keys
 
 from ctscan.cli import main
 from data_utils import runfolder
@@ -72,7 +72,8 @@ def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_tri
 
 def test_a_search_in_which_no_trial_reports_fails_in_one_line(tmp_path, capsys):
     root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
-    (tmp_path / "space.yaml").write_text("weights: /nonexistent/resnet18.pt\n")
+    # A one-option choice: a space that fixes every key searches nothing and is refused.
+    (tmp_path / "space.yaml").write_text("weights: {choice: [/nonexistent/resnet18.pt]}\n")
     code = main(["tune", str(root), "--storage-path", str(tmp_path / "runs"), "--name", "dead",
                  "--search-space", str(tmp_path / "space.yaml"), "--num-samples", "1", *TUNE[2:]])
     err = capsys.readouterr().err.strip().splitlines()

@@ -7,14 +7,13 @@ runs anyway; these tests need no search.
 import os
 import signal
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import torch
+from helpers import hparams_data, read_events
 from matplotlib.figure import Figure
 from PIL import Image
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from tensorboard.plugins.hparams import api_pb2, metadata, plugin_data_pb2
+from tensorboard.plugins.hparams import api_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
 from tuning.config import make_config
@@ -44,16 +43,6 @@ optimizer:
       lr: {loguniform: [1.0e-3, 1.0e-1]}
       momentum: {uniform: [0.8, 0.95]}
 """
-
-
-def read_events(folder: Path) -> EventAccumulator:
-    return EventAccumulator(str(folder), size_guidance={"tensors": 0}).Reload()
-
-
-def hparams_data(events: EventAccumulator, tag: str) -> plugin_data_pb2.HParamsPluginData:
-    """What the HParams plugin reads from a run: metadata.EXPERIMENT_TAG and the session tags."""
-    return plugin_data_pb2.HParamsPluginData.FromString(
-        events.SummaryMetadata(tag).plugin_data.content)
 
 
 def test_a_search_declares_every_searched_key_with_its_domain(tmp_path):

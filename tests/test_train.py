@@ -149,7 +149,8 @@ def test_ema_validates_and_keeps_the_averaged_weights(demo, tmp_path):
     model = build_model("resnet18")
     model.load_state_dict(averaged)
     x, y = torch.from_numpy(ds.images[split.indices("val")]), ds.labels[split.indices("val")]
-    prob = train_module.predict_proba(model, x).numpy()
+    description = make_config(TINY).description()
+    prob = train_module.predict_proba(model, x, description).numpy()
     assert roc_auc_score(y, prob) == pytest.approx(best["val_auc"], abs=1e-6)
 
 

@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from ctmodels import NORM_MEAN, NORM_STD
 from data_utils.augment import train_batches
 from data_utils.cache import load_dataset
 from data_utils.demo import make_demo_data
@@ -38,9 +39,10 @@ def test_the_budget_is_a_fraction_of_the_trials_share_of_gpu_memory():
 def test_host_batches_equal_device_batches():
     images = torch.randint(0, 256, (21, 24, 24), dtype=torch.uint8)
     labels = torch.arange(21)
-    there = list(train_batches(images, labels, 4, 1.0, torch.Generator().manual_seed(3)))
-    copied = list(train_batches(images, labels, 4, 1.0, torch.Generator().manual_seed(3),
-                                device=torch.device("cpu")))
+    there = list(train_batches(images, labels, 4, 1.0, NORM_MEAN, NORM_STD,
+                               torch.Generator().manual_seed(3)))
+    copied = list(train_batches(images, labels, 4, 1.0, NORM_MEAN, NORM_STD,
+                                torch.Generator().manual_seed(3), device=torch.device("cpu")))
     assert len(there) == len(copied) == 6
     for (x, y), (hx, hy) in zip(there, copied, strict=True):
         assert torch.equal(x, hx) and torch.equal(y, hy)

@@ -23,7 +23,6 @@ from torch.utils.tensorboard import SummaryWriter
 from torchvision.io import read_image
 from torchvision.utils import make_grid
 
-from ctmodels.model import NORM_MEAN, NORM_STD
 from data_utils.augment import train_batches
 from tuning.config import TrainConfig, coerce
 from tuning.train import Reporter
@@ -52,9 +51,10 @@ def open_run(log_dir: Path, config: TrainConfig, train_images: torch.Tensor,
     inputs (the first 64 training images, as the run's first batch would augment them)."""
     writer = SummaryWriter(str(log_dir))
     generator = torch.Generator().manual_seed(config.seed)
+    description = config.description()
     x, _ = next(train_batches(train_images[:64], train_labels[:64], 32, config.aug_strength,
-                              generator))
-    grid = make_grid(x * NORM_STD + NORM_MEAN, nrow=8).clamp(0, 1)
+                              description.mean, description.std, generator))
+    grid = make_grid(x * description.std + description.mean, nrow=8).clamp(0, 1)
     # Named to sort between the scalars: TensorBoard lists tags by name, and a grid first would
     # push every curve below the fold.
     writer.add_image("training_inputs_augmented", grid, 0)

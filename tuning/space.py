@@ -86,6 +86,10 @@ def load_space(path: str | Path = DEFAULT_SPACE, base_config: dict | None = None
         points = _start_points(raw, start, dict(base_config or {}), strict=explicit_start)
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
+    if not any(_searched(raw)):  # every trial would train the same config
+        raise ConfigError(f"{path}: searches nothing, every key is fixed; give one a "
+                          "distribution (e.g. lr: {loguniform: [1.0e-4, 1.0e-2]}), or train this "
+                          "config once with `ctscan train --config`")
     return SearchSpace(raw, points, str(path))
 
 

@@ -20,7 +20,8 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from ctmodels.model import autocast, predict_proba
+from ctmodels.model import ModelDescription, autocast, predict_proba
+from data_utils import runfolder
 from data_utils.augment import train_batches
 from data_utils.files import atomic_write
 from tuning.config import TrainConfig
@@ -83,8 +84,9 @@ def train_one_epoch(
     for module in model.modules():  # a frozen BatchNorm keeps its running statistics too
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.weight.requires_grad:
             module.eval()
-    batches = train_batches(images, labels, config.batch_size, config.aug_strength, generator,
-                            device=device)
+    description = config.description()
+    batches = train_batches(images, labels, config.batch_size, config.aug_strength,
+                            description.mean, description.std, generator, device=device)
     device = images.device if device is None else device  # where the batches are
     total, seen = torch.zeros((), device=device), 0
     steps = math.ceil(len(images) / config.batch_size)
@@ -109,9 +111,10 @@ def train_one_epoch(
     return total.item() / max(seen, 1), seen
 
 
-def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
-    """Val loss, accuracy at 0.5, ROC AUC and F1."""
-    prob = predict_proba(model, images)
+def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
+             description: ModelDescription) -> dict[str, float]:
+    """Val loss, accuracy at 0.5, ROC AUC and F1 of `model`, fed as `description` says."""
+    prob = predict_proba(model, images, description)
     y = labels.float()
     loss = nn.functional.binary_cross_entropy(prob.clamp(1e-7, 1 - 1e-7), y).item()
     prob, y = prob.cpu().numpy(), labels.cpu().numpy()
@@ -210,7 +213,8 @@ def train_trial(
     torch.manual_seed(config.seed)  # initial weights and dropout
     generator = torch.Generator(device).manual_seed(config.seed)  # batch order, augmentation
 
-    model = config.description().build(config.weights).to(device)
+    description = config.description()
+    model = description.build(config.weights).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     criterion = nn.BCEWithLogitsLoss(
@@ -236,8 +240,9 @@ def train_trial(
     val_y = torch.from_numpy(data.val_labels).to(device)
 
     start_epoch, best, stale, history = 0, {"val_auc": -math.inf}, 0, []
-    if (out_dir / "last.pt").exists():
-        state = load_checkpoint(out_dir / "last.pt")
+    last = out_dir / runfolder.LAST_CHECKPOINT
+    if last.exists():
+        state = load_checkpoint(last)
         model.load_state_dict(state["trained_model"] if ema else state["model"])
         if ema is not None:
             ema.module.load_state_dict(state["model"])
@@ -261,7 +266,7 @@ def train_trial(
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
-            **evaluate(validated, val_x, val_y),
+            **evaluate(validated, val_x, val_y, description),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time": time.perf_counter() - started,
             "images_per_sec": seen / train_time,
@@ -283,7 +288,7 @@ def train_trial(
             "scheduler": scheduler.state_dict(),
             "epoch": epoch,
             "config": config.to_dict(),
-            "description": config.description().to_dict(),
+            "description": description.to_dict(),
             "metrics": metrics,
             "best_val_auc": best["val_auc"],
             "best_metrics": best,
@@ -292,8 +297,8 @@ def train_trial(
             "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
         }
         if save_best and best is metrics:
-            save_checkpoint(out_dir / "best.pt", checkpoint)
-        save_checkpoint(out_dir / "last.pt", checkpoint)
+            save_checkpoint(out_dir / runfolder.BEST_CHECKPOINT, checkpoint)
+        save_checkpoint(last, checkpoint)
         if report is not None:
             report(metrics)
     return best

@@ -1,0 +1,209 @@
+"""What a search writes into its run folder and reads back: search.json (`SearchOptions`), the
+copy of its space, split.json, trials.json and best.json.
+
+Nothing here imports Ray or torch: the CLI reads the options' defaults from `SearchOptions` for
+every command's --help, and `ctscan evaluate` reads a finished search's records.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from data_utils import runfolder
+from data_utils.errors import RunFolderError
+from data_utils.split import Split, recorded_split_changes, split_record
+from tuning.config import TrainConfig, make_config
+from tuning.space import DEFAULT_SPACE, NUMBER, SearchSpace, decode_params, load_space
+
+if TYPE_CHECKING:  # Ray's result types, only read here
+    from ray.tune import ResultGrid
+
+    from data_utils.cache import CTDataset
+
+METRIC, MODE = "best_val_auc", "max"  # what trials are ranked, stopped and modelled by
+CHECKPOINT_METRIC = "val_auc"  # what the kept checkpoint of a trial is chosen by: its best epoch
+HISTORY_KEYS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "best_val_auc",
+                "val_f1", "lr"]
+
+
+@dataclass
+class SearchOptions:
+    """Everything that defines a search; saved as search.json so a resume needs only the name.
+    The CLI's defaults are these."""
+
+    data: str
+    num_samples: int = 12  # with a time budget: at most this many
+    max_epochs: int = 10
+    time_budget_s: float | None = None  # stop the search after this long (per session)
+    scheduler: str = "asha"  # asha | fifo (no early stopping; for comparisons)
+    grace_period: int = 1
+    reduction_factor: int = 3
+    cpus_per_trial: float = 1.0
+    gpus_per_trial: float = 0.0
+    max_concurrent: int = 4
+    max_failures: int = 2
+    storage_path: str = "runs"  # a local folder (made absolute), a shared path or a URI
+    name: str = field(default_factory=lambda: time.strftime("tune-%Y%m%d-%H%M%S"))
+    seed: int = 0
+    search_space: str = str(DEFAULT_SPACE)
+    base_config: dict = field(default_factory=dict)  # fixed training config keys (image size...)
+    split: dict = field(default_factory=dict)  # ratios, seed, group_by, positive_class
+
+    @property
+    def run_dir(self) -> str:
+        return runfolder.join(self.storage_path, self.name)
+
+    def trial_config(self, values: dict) -> TrainConfig:
+        """The training config of a trial: the fixed keys, then its searched values (config keys,
+        as `decode_params` gives them)."""
+        return make_config({**self.base_config, **values})
+
+
+class SearchFailed(RuntimeError):
+    """The search ended without a single trial that finished an epoch."""
+
+
+def load_options(run_dir: str) -> SearchOptions:
+    """A search's options, placed at run_dir wherever it was started from."""
+    saved = runfolder.read_json(runfolder.join(run_dir, runfolder.SEARCH))
+    if saved is None:
+        raise RunFolderError(f"{run_dir}: not a ctscan search (no {runfolder.SEARCH})")
+    return options_at(run_dir, saved)
+
+
+def options_at(run_dir: str, saved: Any) -> SearchOptions:
+    """search.json's content as the options of the search at run_dir."""
+    try:
+        return SearchOptions(**{**saved, "storage_path": runfolder.parent_of(run_dir),
+                                "name": runfolder.name_of(run_dir)})
+    except TypeError as e:  # not a mapping, or keys missing or unknown
+        raise RunFolderError(f"{runfolder.join(run_dir, runfolder.SEARCH)}: not a ctscan search "
+                             f"file ({e})") from e
+
+
+def load_search_space(options: SearchOptions) -> SearchSpace:
+    """The run's own copy of its space once the run exists (so a resume needs no other file),
+    the user's file before."""
+    copy = runfolder.join(options.run_dir, runfolder.SPACE)
+    return load_space(copy if runfolder.exists(copy) else options.search_space,
+                      options.base_config)
+
+
+def prepare_run(options: SearchOptions, ds: CTDataset, split: Split, resume: bool = False
+                ) -> None:
+    """Write split.json, search.json and the space into the run; a resumed search must find the
+    split it started with."""
+    record = split_record(split, ds)
+    split_uri = runfolder.join(options.run_dir, runfolder.SPLIT)
+    changed = resume and recorded_split_changes(split_uri, record)
+    if changed:
+        raise RunFolderError(f"{options.data} no longer gives the split this search started "
+                             f"with ({split_uri}): {changed}")
+    runfolder.write_json(split_uri, record)
+    space_uri = runfolder.join(options.run_dir, runfolder.SPACE)
+    if not resume:
+        runfolder.write_text(space_uri, runfolder.read_text(options.search_space))
+    runfolder.write_json(runfolder.join(options.run_dir, runfolder.SEARCH), asdict(options))
+
+
+def trial_dirname(trial) -> str:
+    """trial_NUMBER-ARCH-ID, say trial_003-resnet18-93b1ef24: TensorBoard names each trial's run
+    by this folder, in this order. (Ray's default packs every parameter into the name.)"""
+    params = trial.config or {}
+    number = f"{params[NUMBER]:03d}" if NUMBER in params else None
+    parts = [number, decode_params(params).get("arch"), trial.trial_id]
+    return "trial_" + "-".join(p for p in parts if p is not None)
+
+
+def _trial_id(trial_dirname: str) -> str:
+    return trial_dirname.rsplit("-", 1)[-1].removeprefix("trial_")
+
+
+def _error_line(error: BaseException) -> str:
+    """The last line of a trial's error: the exception itself, below Ray's traceback."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[-1] if lines else type(error).__name__
+
+
+def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
+    """trials.json: every trial's searched values, status, error and per-epoch history, best
+    first; trials that failed before reporting come last."""
+    records = []
+    for result in results:
+        frame = result.metrics_dataframe
+        # A trial the budget ended before it started, or one that failed before its first
+        # report, has no frame or an empty one.
+        history = ([] if frame is None or frame.empty or CHECKPOINT_METRIC not in frame
+                   else frame[HISTORY_KEYS].to_dict("records"))
+        status = ("error" if result.error else "completed" if history and
+                  result.metrics.get("final_epoch") else "stopped early")
+        config = result.config or {}
+        if not (config or history or result.error):
+            continue  # proposed, then the budget ended the search before the trial started
+        trial_dir = runfolder.name_of(result.path)
+        kept = (result.get_best_checkpoint(CHECKPOINT_METRIC, MODE)
+                if result.best_checkpoints else None)
+        records.append({
+            # A trial that failed before reporting has no metrics; its folder still names it.
+            "trial_id": _trial_id(trial_dir),
+            "number": config.get(NUMBER),  # 0: the first proposed
+            "params": decode_params(config),
+            "status": status,
+            "epochs": len(history),
+            "val_auc": max((h["val_auc"] for h in history), default=float("nan")),
+            # Its best epoch's weights: the ensemble of the top trials is built from these.
+            "checkpoint": runfolder.join(run_dir, trial_dir, runfolder.name_of(kept.path),
+                                         runfolder.LAST_CHECKPOINT) if kept else None,
+            **({"error": _error_line(result.error),
+                "error_file": runfolder.join(run_dir, trial_dir, runfolder.TRIAL_ERROR)}
+               if result.error else {}),
+            "history": history,
+        })
+    return sorted(records, key=lambda r: -r["val_auc"] if r["history"] else 1)
+
+
+def _no_trial_reported(records: list[dict], run_dir: str) -> SearchFailed:
+    failed = [r for r in records if "error" in r]
+    if not failed:
+        return SearchFailed(f"{run_dir}: no trial finished an epoch; give the search more time")
+    first = min(failed, key=lambda r: r["number"] if r["number"] is not None else 1 << 30)
+    return SearchFailed(f"no trial finished an epoch; trial {first['trial_id']} failed with "
+                        f"{first['error']} (see {first['error_file']})")
+
+
+def summarize(options: SearchOptions, results: ResultGrid, budget_reached: bool = False) -> dict:
+    """Write trials.json, and best.json: the best trial, its best checkpoint and exactly that
+    epoch's metrics (returned)."""
+    records = trial_records(results, options.run_dir)
+    runfolder.write_json(runfolder.join(options.run_dir, runfolder.TRIALS), records)
+    if not any(r["history"] for r in records):
+        raise _no_trial_reported(records, options.run_dir)
+    best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
+    checkpoint = best.get_best_checkpoint(CHECKPOINT_METRIC, MODE)
+    # The metrics Ray stored with that very checkpoint: on tied val AUCs, Ray keeps the later
+    # epoch's, and best.json must describe the weights it points to.
+    top = next(m for c, m in best.best_checkpoints if c.path == checkpoint.path)
+    params = decode_params(best.config)
+    config = asdict(options.trial_config(params))
+    searched = load_search_space(options).searched_keys()
+    statuses = [r["status"] for r in records]
+    summary = {
+        "trial_id": top["trial_id"],
+        "config": config,
+        "searched": {k: config[k] for k in searched if k in params},
+        "val_metrics": {k: float(top[k]) for k in
+                        ("val_auc", "val_loss", "val_accuracy", "val_f1", "train_loss")},
+        "best_epoch": int(top["epoch"]),
+        "checkpoint": runfolder.join(options.run_dir, runfolder.name_of(best.path),
+                                     runfolder.name_of(checkpoint.path),
+                                     runfolder.LAST_CHECKPOINT),
+        "trials": len(records),
+        "trials_stopped_early": statuses.count("stopped early"),
+        "errored_trials": statuses.count("error"),
+        "time_budget_s": options.time_budget_s,
+        "budget_reached": budget_reached,
+    }
+    runfolder.write_json(runfolder.join(options.run_dir, runfolder.BEST), summary)
+    return summary

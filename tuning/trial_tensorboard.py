@@ -1,0 +1,62 @@
+"""TensorBoard for a search: each trial's run and HParams session, logged on the driver."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from ray import tune
+
+from tuning import monitor
+from tuning.records import SearchOptions
+from tuning.space import SearchSpace, decode_params
+from tuning.train import TrialData
+
+
+class TrialTensorBoard(tune.Callback):
+    """Logs each trial on the driver into the trial's folder (Ray syncs it to storage with the
+    trial's other files, also to a bucket): the same scalars and input grid as `ctscan train`,
+    and an HParams session from its start to its end, with how it ended. Ray's own TensorBoard
+    logger is off: it logs every result key and marks every session a success.
+
+    Pickled with the tuner (so a resumed search logs the same way): only a sample of the training
+    images for the grid is kept, not the dataset.
+    """
+
+    def __init__(self, space: SearchSpace, options: SearchOptions, data: TrialData):
+        self.space, self.options = space, options
+        self.grid_images = torch.from_numpy(data.train_images[:64].copy())
+        self.grid_labels = torch.from_numpy(data.train_labels[:64].copy())
+        self.writers = {}
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "writers": {}}  # open files do not pickle
+
+    def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
+        if trial.trial_id in self.writers:  # restarted after a failure: same run, same session
+            return
+        if not self.writers:  # the search's first trial, or the first one after a resume
+            monitor.declare_search(Path(trial.local_path).parent, self.space.spec)
+        params = decode_params(trial.config)
+        writer = monitor.open_run(Path(trial.local_path), self.options.trial_config(params),
+                                  self.grid_images, self.grid_labels)
+        monitor.start_session(writer, params, self.space.searched_keys())
+        self.writers[trial.trial_id] = writer
+
+    def on_trial_result(self, iteration: int, trials: list, trial, result: dict,
+                        **info) -> None:
+        if trial.trial_id in self.writers:  # not a result replayed from before a resume
+            monitor.log_epoch(self.writers[trial.trial_id], result)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
+        # A trial the scheduler stopped is "complete" to Ray, but it did not end by itself.
+        ended = trial.last_result.get("final_epoch", False)
+        self._end(trial, monitor.COMPLETED if ended else monitor.STOPPED_EARLY)
+
+    def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
+        self._end(trial, monitor.FAILED)
+
+    def _end(self, trial, status: int) -> None:
+        writer = self.writers.pop(trial.trial_id, None)
+        if writer is not None:
+            monitor.end_session(writer, status)
