@@ -16,6 +16,8 @@ from data_utils.decode import RESIZE_MODES
 from data_utils.errors import RunFolderError, UsageError, UserError
 from data_utils.runfolder import refuse_writes_inside
 from data_utils.split import (
+    DEFAULT_GROUP_BY,
+    DEFAULT_RATIOS,
     GROUP_BY,
     Split,
     describe_split,
@@ -24,7 +26,7 @@ from data_utils.split import (
     split_record,
     write_split,
 )
-from tuning.config import RANGES, Interval, load_config, save_config
+from tuning.config import RANGES, Interval, TrainConfig, load_config, save_config
 from tuning.records import SearchOptions
 from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE, load_space
 
@@ -91,22 +93,24 @@ def _source_options(data_required: bool = True) -> argparse.ArgumentParser:
 
 def _decode_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
-    p.add_argument("--image-size", type=image_size, default=224,
-                   help="decoded images are SIZE x SIZE grayscale (default: 224)")
-    p.add_argument("--resize", choices=RESIZE_MODES, default="pad",
-                   help="keep aspect ratio and pad with black (default), or stretch")
+    p.add_argument("--image-size", type=image_size, default=TrainConfig.image_size,
+                   help="decoded images are SIZE x SIZE grayscale (default: %(default)s)")
+    p.add_argument("--resize", choices=RESIZE_MODES, default=TrainConfig.resize,
+                   help="keep aspect ratio and pad with black, or stretch (default: "
+                        "%(default)s)")
     return p
 
 
 def _split_options() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--ratios", type=number(float, Interval(0, 1, high_closed=True)), nargs=3,
-                   default=[0.7, 0.2, 0.1], metavar=("TRAIN", "VAL", "TEST"),
-                   help="split fractions (default: 0.7 0.2 0.1)")
+                   default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
+                   help=f"split fractions (default: {' '.join(map(str, DEFAULT_RATIOS))})")
     p.add_argument("--split-seed", type=seed, default=0, help="seed of the split (default: 0)")
-    p.add_argument("--group-by", choices=GROUP_BY, default="duplicates",
-                   help="keep related slices in one split: near-identical images (default), "
-                        "the manifest's group column (patient id), or only byte-identical files")
+    p.add_argument("--group-by", choices=GROUP_BY, default=DEFAULT_GROUP_BY,
+                   help="keep related slices in one split: near-identical images (duplicates), "
+                        "the manifest's group column (patient id: manifest), or only "
+                        "byte-identical files (none) (default: %(default)s)")
     return p
 
 
@@ -121,8 +125,9 @@ def _cache_dir(args: argparse.Namespace) -> Path:
     return args.cache_dir or default_cache_dir()
 
 
-def _model_choice_options() -> argparse.ArgumentParser:
-    """What evaluation may make of a search's best trials; chosen on val, before the test."""
+def _evaluation_options() -> argparse.ArgumentParser:
+    """What evaluation may make of a search's best trials (chosen on val, before the test) and
+    how it states its uncertainty."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--ensemble", type=positive_int, default=5, metavar="K",
                    help="average the best 1..K trials' probabilities and keep the k with the best "
@@ -130,6 +135,9 @@ def _model_choice_options() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on val so the probabilities match observed "
                         "frequencies; applied in the export (default: off)")
+    p.add_argument("--bootstrap", type=positive_int, default=1000,
+                   help="bootstrap resamples for the test metrics' confidence intervals "
+                        "(default: %(default)s)")
     return p
 
 
@@ -199,7 +207,8 @@ def _search_options(args: argparse.Namespace) -> SearchOptions:
         max_concurrent=args.max_concurrent, max_failures=args.max_failures,
         storage_path=runfolder.join(args.storage_path), seed=args.seed,
         search_space=str(args.search_space or _default_space(args)),
-        base_config={"image_size": args.image_size or demo.get("image_size", 224),
+        base_config={"image_size": args.image_size or demo.get("image_size",
+                                                                TrainConfig.image_size),
                      "weights": args.weights, "resize": args.resize, "epochs": max_epochs,
                      "seed": args.seed},
         split=_split_options_of(args),
@@ -411,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ctscan", description="Find, prove and ship a CT-scan COVID-19 classifier.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     source, decode, splitting = _source_options(), _decode_options(), _split_options()
-    choosing = _model_choice_options()
+    evaluating = _evaluation_options()
 
     p = commands.add_parser("inspect", parents=[source, decode], help="dataset doctor: counts, "
                             "modes, sizes, unreadable files, duplicates and label shortcuts")
@@ -437,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser(
-        "tune", parents=[_source_options(data_required=False), splitting, choosing],
+        "tune", parents=[_source_options(data_required=False), splitting, evaluating],
         help="search configs with Ray Tune (Optuna TPE + ASHA) on this machine or a Ray cluster")
     p.add_argument("--demo", action="store_true",
                    help=f"small CPU search on generated demo data ({DEMO_DATA}, made if absent): "
@@ -490,27 +499,25 @@ def build_parser() -> argparse.ArgumentParser:
                    help="continue an interrupted search: --resume RUN_DIR (a path or URI, from "
                         "any working directory), or --resume --name NAME [--storage-path ...]")
     p.add_argument("--image-size", type=image_size,
-                   help="image size of every trial (default: 224; demo 64)")
-    p.add_argument("--resize", choices=RESIZE_MODES, default="pad", help="pad (default) or stretch")
-    p.add_argument("--weights", default="none",
-                   help="initial weights of every trial: none (default), imagenet, or a path")
-    p.add_argument("--bootstrap", type=positive_int, default=1000,
-                   help="bootstrap resamples for the test metrics' confidence intervals "
-                        "(default: 1000)")
+                   help=f"image size of every trial (default: {TrainConfig.image_size}; demo "
+                        f"{DEMO_SEARCH['image_size']})")
+    p.add_argument("--resize", choices=RESIZE_MODES, default=TrainConfig.resize,
+                   help="pad or stretch (default: %(default)s)")
+    p.add_argument("--weights", default=TrainConfig.weights,
+                   help="initial weights of every trial: none, imagenet, or a path (default: "
+                        "%(default)s)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also start TensorBoard on the run folder, on a free port, and print "
                         "its URL (it keeps running after the search)")
     p.set_defaults(func=cmd_tune)
 
-    p = commands.add_parser("evaluate", parents=[choosing],
+    p = commands.add_parser("evaluate", parents=[evaluating],
                             help="score a search's best trial (or top-k ensemble) once on the "
                                  "test split: metrics with 95%% CIs, plots, report, export")
     p.add_argument("run_dir", help="the search's run folder (STORAGE_PATH/NAME), a local path or "
                    "a URI like s3://BUCKET/runs/NAME; results/ and export/ are written into it")
     p.add_argument("--threshold", type=number(float, Interval(0, 1, high_closed=True)),
                    help="fixed decision threshold (default: maximise Youden's J on val)")
-    p.add_argument("--bootstrap", type=positive_int, default=1000,
-                   help="bootstrap resamples for the confidence intervals (default: 1000)")
     p.add_argument("--seed", type=seed, default=0, help="bootstrap seed (default: 0)")
     p.add_argument("--cache-dir", type=Path, help="decoded-dataset cache (default: as for tune)")
     p.set_defaults(func=cmd_evaluate)

@@ -29,6 +29,8 @@ from data_utils.sources import DataError
 
 SPLITS = ("train", "val", "test")
 GROUP_BY = ("none", "manifest", "duplicates")
+DEFAULT_GROUP_BY = "duplicates"
+DEFAULT_RATIOS = (0.7, 0.2, 0.1)  # train, val, test
 NEAR_DUPLICATE_BITS = 40
 SEARCH_BLOCK = 4096  # hashes searched at once: more rows per search, fewer repeated index builds
 @dataclass(frozen=True)
@@ -110,9 +112,9 @@ def _same_key_links(keys: list) -> np.ndarray:
 
 def split_dataset(
     ds: CTDataset,
-    ratios: tuple[float, float, float] = (0.7, 0.2, 0.1),
+    ratios: tuple[float, float, float] = DEFAULT_RATIOS,
     seed: int = 0,
-    group_by: str = "duplicates",
+    group_by: str = DEFAULT_GROUP_BY,
 ) -> Split:
     """Deal whole groups to train/val/test so each split gets its share of each class."""
     ratios = _check_ratios(ratios)
