@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 from data_utils import runfolder
 from data_utils.cache import CTDataset, default_cache_dir, load_dataset
@@ -73,6 +74,9 @@ def number(kind: type, interval: Interval) -> Callable[[str], float]:
 
 
 positive_int = number(int, Interval(1, math.inf))
+# Fewer resamples leave a handful in each 2.5% tail: an "interval" that may exclude its own
+# point estimate.
+MIN_BOOTSTRAP = 200
 seed = number(int, RANGES["seed"])
 image_size = number(int, RANGES["image_size"])
 
@@ -135,9 +139,10 @@ def _evaluation_options() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on val so the probabilities match observed "
                         "frequencies; applied in the export (default: off)")
-    p.add_argument("--bootstrap", type=positive_int, default=1000,
-                   help="bootstrap resamples for the test metrics' confidence intervals "
-                        "(default: %(default)s)")
+    p.add_argument("--bootstrap", type=number(int, Interval(MIN_BOOTSTRAP, math.inf)),
+                   default=1000,
+                   help="bootstrap resamples for the test metrics' confidence intervals, at "
+                        f"least {MIN_BOOTSTRAP} (default: %(default)s)")
     return p
 
 
@@ -415,8 +420,18 @@ def cmd_make_demo_data(args: argparse.Namespace) -> int:
     return 0
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as the one `ctscan: error: ...` line every other error is (its
+    usage block stays with --help); the subcommands' parsers are of this class too."""
+
+    def error(self, message: str) -> NoReturn:
+        print(f"ctscan: error: {' '.join(message.split())} (see {self.prog} --help)",
+              file=sys.stderr)
+        sys.exit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="ctscan", description="Find, prove and ship a CT-scan COVID-19 classifier.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     source, decode, splitting = _source_options(), _decode_options(), _split_options()

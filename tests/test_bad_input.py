@@ -46,6 +46,9 @@ def _files(w: Path) -> None:
     (w / "space_key.yaml").write_text("bogus: {choice: [1, 2]}\n")
     (w / "space_range.yaml").write_text("batch_size: {choice: [1, 32]}\n")
     (w / "space_fixed.yaml").write_text("arch: resnet18\nlr: 0.001\n")
+    (w / "twice.yaml").write_text("lr: 0.001\nbatch_size: 16\nlr: 0.01\n")
+    (w / "space_twice.yaml").write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n"
+                                        "dropout: {uniform: [0, 0.5]}\ndropout: 0.1\n")
     (w / "garbage.pt").write_bytes(b"garbage")
     (w / "notsearch").mkdir()
     (w / "cut").mkdir()
@@ -144,6 +147,9 @@ CASES = {
                              "{W}/list.yaml: expected a mapping", None),
     "config_not_utf8": ("train {D} --out {W}/run --config {W}/latin1.yaml",
                         "{W}/latin1.yaml: not UTF-8", None),
+    "config_duplicate_key": ("train {D} --out {W}/run --config {W}/twice.yaml",
+                             "{W}/twice.yaml: not valid YAML at line 3, column 1: duplicate key "
+                             "'lr' (also on line 1)", None),
     "set_without_equals": ("train {D} --out {W}/run --set lr",
                            "--set expects key=value, got 'lr'", None),
     "set_unknown_key": ("train {D} --out {W}/run --set colour=red",
@@ -184,6 +190,15 @@ CASES = {
     "space_searches_nothing": ("tune {D} --search-space {W}/space_fixed.yaml --storage-path "
                                "{W}/runs",
                                "{W}/space_fixed.yaml: searches nothing, every key is fixed", None),
+    "space_duplicate_key": ("tune {D} --search-space {W}/space_twice.yaml --storage-path "
+                            "{W}/runs",
+                            "{W}/space_twice.yaml: not valid YAML at line 3, column 1: duplicate "
+                            "key 'dropout' (also on line 2)", None),
+    "bootstrap_too_few": ("tune {D} --bootstrap 10",
+                          "argument --bootstrap: expected an integer in [200, inf), got '10' "
+                          "(see ctscan tune --help)", None),
+    "unknown_command": ("frobnicate",
+                        "invalid choice: 'frobnicate'", None),
     "storage_inside_data": ("tune {D} --search-space {S} --storage-path {D}/runs",
                             "--storage-path {D}/runs lies inside the data folder", None),
     "run_name_taken": ("tune {D} --search-space {S} --storage-path {W}/runs --name taken",
@@ -283,7 +298,8 @@ def test_bad_input_is_one_line_exit_2_and_writes_nothing(case, tmp_path, model_d
     assert code == 2, err
     assert "Traceback" not in err
     last = lines[-1]
-    assert last.startswith("ctscan") and ": error: " in last, err
+    assert last.startswith("ctscan: error: "), err  # argparse's refusals too: one format
+    assert "usage:" not in err
     assert expected in last, last
     assert [line for line in lines if ": error: " in line] == [last]
     assert tree_snapshot(data) == before

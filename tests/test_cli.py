@@ -95,7 +95,7 @@ def test_train_writes_checkpoints_tensorboard_and_resumes(tmp_path, capsys):
     ("--ratios", "nan", "a number in [0, 1]"),
     ("--cpus-per-trial", "0", "a number in (0, inf)"),
     ("--reduction-factor", "1", "an integer in [2, inf)"),
-    ("--bootstrap", "0", "an integer in [1, inf)"),
+    ("--bootstrap", "199", "an integer in [200, inf)"),
     ("--time-budget", "0s", "a positive duration like 90s, 30m or 2h"),
     ("--time-budget", "30x", "a positive duration like 90s, 30m or 2h"),
     ("--time-budget", "inf", "a positive duration like 90s, 30m or 2h")])
@@ -109,7 +109,7 @@ def test_tune_refuses_numbers_that_would_silently_become_defaults(flag, value, e
 @pytest.mark.parametrize("argv, expected", [
     (["evaluate", "RUN", "--threshold", "nan"], "--threshold: expected a number in [0, 1]"),
     (["evaluate", "RUN", "--threshold", "2"], "--threshold: expected a number in [0, 1]"),
-    (["evaluate", "RUN", "--bootstrap", "0"], "--bootstrap: expected an integer in [1, inf)"),
+    (["evaluate", "RUN", "--bootstrap", "0"], "--bootstrap: expected an integer in [200, inf)"),
     (["split", "DATA", "--out", "OUT", "--split-seed", "-1"], "--split-seed: expected an integer"),
 ])
 def test_other_commands_refuse_out_of_range_numbers(argv, expected, capsys):

@@ -184,7 +184,19 @@ def _coerce(key: str, value, annotation):
 
 class _YAMLLoader(yaml.SafeLoader):
     """PyYAML follows YAML 1.1, which reads `1e-4` (no dot) as a string; YAML 1.2 and every
-    user read it as a number."""
+    user read it as a number. And PyYAML keeps the last of two equal keys, so a config or space
+    that sets `lr` twice would silently use one of them: that is an error here, as YAML says."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        first_line = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if key in first_line:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (also on line {first_line[key]})",
+                    key_node.start_mark)
+            first_line[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 _YAMLLoader.add_implicit_resolver(
