@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -125,8 +126,13 @@ def load_and_print_split(data: Path, image_size: int, resize: str, split_options
     return ds, split
 
 
-def _cache_dir(args: argparse.Namespace) -> Path:
-    return args.cache_dir or default_cache_dir()
+def _cache_dir(args: argparse.Namespace) -> dict[str, Path]:
+    """The cache folder by the name of where it came from, for the write guard's message."""
+    if args.cache_dir:
+        return {"--cache-dir": args.cache_dir}
+    if os.environ.get("CTSCAN_CACHE_DIR"):
+        return {"CTSCAN_CACHE_DIR": default_cache_dir()}
+    return {"the cache folder": default_cache_dir()}
 
 
 def _evaluation_options() -> argparse.ArgumentParser:
@@ -154,7 +160,7 @@ def _split_options_of(args: argparse.Namespace) -> dict:
 def cmd_inspect(args: argparse.Namespace) -> int:
     from data_utils.doctor import format_report, inspect_dataset
 
-    refuse_writes_inside([args.data], {"--cache-dir": _cache_dir(args)})
+    refuse_writes_inside([args.data], _cache_dir(args))
     ds = load_dataset(args.data, args.image_size, args.resize, args.cache_dir,
                       args.positive_class)
     report = inspect_dataset(ds)
@@ -163,7 +169,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
 
 def cmd_split(args: argparse.Namespace) -> int:
-    refuse_writes_inside([args.data], {"--cache-dir": _cache_dir(args), "--out": args.out})
+    refuse_writes_inside([args.data], {**_cache_dir(args), "--out": args.out})
     ds, split = load_and_print_split(args.data, args.image_size, args.resize,
                                      _split_options_of(args), args.cache_dir)
     write_split(split, ds, args.out / runfolder.SPLIT)
@@ -198,6 +204,15 @@ def _default_space(args: argparse.Namespace) -> Path:
     return space
 
 
+def _run_name(name: str) -> str:
+    """A run name is one folder name: with a `/` or `..` the run folder would land elsewhere than
+    under --storage-path, where nothing checked it."""
+    if not name.strip() or name in (".", "..") or "/" in name or "\\" in name:
+        raise UsageError(f"--name {name!r} must be a single folder name (no '/', not '.' or "
+                         "'..'); choose where runs go with --storage-path")
+    return name
+
+
 def _search_options(args: argparse.Namespace) -> SearchOptions:
     demo = DEMO_SEARCH if args.demo else {}
     max_epochs = args.max_epochs or demo.get("max_epochs", SearchOptions.max_epochs)
@@ -217,7 +232,7 @@ def _search_options(args: argparse.Namespace) -> SearchOptions:
                      "weights": args.weights, "resize": args.resize, "epochs": max_epochs,
                      "seed": args.seed},
         split=_split_options_of(args),
-        **({"name": args.name} if args.name else {}),
+        **({"name": _run_name(args.name)} if args.name is not None else {}),
     )
 
 
@@ -267,7 +282,7 @@ def _tune(args: argparse.Namespace) -> int:
             raise RunFolderError(f"{options.run_dir} already holds a search; continue it with "
                                  f"--resume {options.run_dir}, or pick another --name")
     config = options.trial_config({})
-    refuse_writes_inside([Path(options.data)], {"--cache-dir": _cache_dir(args),
+    refuse_writes_inside([Path(options.data)], {**_cache_dir(args),
                                                 "--storage-path": options.storage_path})
     ds, split = load_and_print_split(Path(options.data), config.image_size, config.resize,
                                      options.split, args.cache_dir)
@@ -304,7 +319,9 @@ def _tune(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from results.pipeline import report_run
+    from tuning.records import load_options
 
+    refuse_writes_inside([Path(load_options(args.run_dir).data)], _cache_dir(args))
     out = report_run(args.run_dir, args.threshold, args.bootstrap, args.seed, args.cache_dir,
                      ensemble=args.ensemble, calibrate=args.calibrate)
     print_results(args.run_dir, out)
@@ -315,8 +332,10 @@ def print_results(run_dir: str, out: Path) -> None:
     """The headline of results/metrics.json and where everything is."""
     metrics = json.loads((out / runfolder.METRICS).read_text(encoding="utf-8"))
     test, threshold = metrics["test"], metrics["threshold"]
+    how = ("fixed by --threshold" if threshold["method"] == "fixed"
+           else f"{threshold['method']}, chosen on val")
     print(f"test split: {test['n']} images never used for training or model selection; "
-          f"threshold {threshold['value']:.3f} ({threshold['method']}, chosen on val)")
+          f"threshold {threshold['value']:.3f} ({how})")
     for name, m in test["metrics"].items():
         print(f"  {name:<12} {m['value']:.3f}  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
     report, export = f"{runfolder.RESULTS}/{runfolder.REPORT}", runfolder.EXPORT
@@ -330,7 +349,9 @@ def print_results(run_dir: str, out: Path) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from results.pipeline import export_run
+    from tuning.records import load_options
 
+    refuse_writes_inside([Path(load_options(args.run_dir).data)], {"--out": args.out})
     print(f"exported to {export_run(args.run_dir, args.out)}")
     return 0
 
@@ -359,12 +380,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
+    """Exit code 1 if any image could not be explained, as for predict."""
     from results.explain import explain_paths
+    from results.predict import expand_paths
 
     with runfolder.local_path(args.model_dir) as model_dir:
         written = explain_paths(model_dir, args.paths, args.out)
     print(f"wrote {len(written)} Grad-CAM overlays to {args.out}")
-    return 0 if written else 1
+    return 0 if written and len(written) == len(expand_paths(args.paths)) else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -372,13 +395,14 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from ctmodels import check_weights
     from tuning.monitor import tensorboard_reporter
-    from tuning.train import train_trial, trial_data
+    from tuning.train import check_device, train_trial, trial_data
 
     _demo_data(args, "train")
     config = load_config(args.config, [*(DEMO_CONFIG if args.demo else []), *args.overrides])
+    check_device(config.device)
     check_weights(config.description(), config.weights)
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
-    refuse_writes_inside([args.data], {"--cache-dir": _cache_dir(args), "--out": out})
+    refuse_writes_inside([args.data], {**_cache_dir(args), "--out": out})
     saved_config = out / runfolder.CONFIG
     if saved_config.exists() and load_config(saved_config) != config:
         raise RunFolderError(f"{out} holds a run with a different config; pick another --out")

@@ -73,9 +73,11 @@ class CTDataset:
 
 
 def default_cache_dir() -> Path:
-    if "CTSCAN_CACHE_DIR" in os.environ:
+    """$CTSCAN_CACHE_DIR, else ctscan/ in the user's cache folder; an empty variable counts as
+    unset (it would otherwise put the cache in the working folder)."""
+    if os.environ.get("CTSCAN_CACHE_DIR"):
         return Path(os.environ["CTSCAN_CACHE_DIR"])
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ctscan"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ctscan"
 
 
 def load_dataset(

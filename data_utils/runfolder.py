@@ -200,16 +200,38 @@ def local_path(location: str | Path) -> Iterator[Path]:
         yield local
 
 
+def require_keys(content: Any, keys: tuple[str, ...], location: str) -> dict:
+    """A run file's content, which must be a mapping holding `keys`: a hand-edited or foreign
+    file is named with the first key it lacks, not met by a KeyError later."""
+    if not isinstance(content, dict):
+        raise StorageError(f"{location}: not a ctscan run file (expected a JSON object)")
+    missing = [k for k in keys if k not in content]
+    if missing:
+        raise StorageError(f"{location}: not a ctscan run file (no key {missing[0]!r})")
+    return content
+
+
 def refuse_writes_inside(inputs: list[Path], outputs: dict[str, str | Path | None]) -> None:
-    """Nothing is written inside a data folder: a rerun would read it as data, and the folder
-    may be shared or read-only. `outputs` maps each option to the path it writes to."""
-    # A manifest's or an image file's folder is not a data folder: its files may lie anywhere.
-    folders = [Path(p).resolve() for p in inputs if Path(p).is_dir()]
+    """The one guard of every write: nothing is written inside a data folder (a rerun would read
+    it as data, and the folder may be shared or read-only) nor onto an input file. `inputs` are
+    the command's data folders, manifests and image files; `outputs` maps each option (or
+    environment variable) to the path it writes to. Paths are compared resolved, `..` and
+    symlinks included; a class folder that links elsewhere makes that folder data too."""
+    folders, files = set(), set()
+    for given in map(Path, inputs):
+        if given.is_dir():
+            folders.add(given.resolve())
+            folders.update(sub.resolve() for sub in given.iterdir() if sub.is_dir())
+        elif given.exists():  # a manifest's or an image's folder may hold anything else
+            files.add(given.resolve())
     for option, path in outputs.items():
         if path is None or is_uri(path):
             continue
         target = Path(path).expanduser().resolve()
-        for folder in folders:
+        if target in files:
+            raise UsageError(f"{option} {path} is one of the command's input files; ctscan never "
+                             "writes over its inputs, choose another path")
+        for folder in sorted(folders):
             if target.is_relative_to(folder):
                 raise UsageError(f"{option} {path} lies inside the data folder {folder}; ctscan "
                                  "never writes there, choose a folder outside it")

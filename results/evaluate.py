@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -25,16 +24,22 @@ from data_utils.files import write_json
 from data_utils.sources import DataError
 from results.metrics import score, youden_threshold
 from tuning.config import make_config
-from tuning.records import SearchOptions, options_at
+from tuning.records import SearchOptions, load_options
+
+# What evaluation reads of best.json and split.json.
+BEST_KEYS = ("trial_id", "checkpoint", "config", "searched", "trials", "trials_stopped_early",
+             "errored_trials", "time_budget_s", "budget_reached")
+SPLIT_KEYS = ("files", "group_by", "counts", "seed")
 
 
-def _read_json(run_dir: str, name: str) -> tuple[Any, str]:
-    """A run file's content and its text (hashed into metrics.json for split.json)."""
+def _read_json(run_dir: str, name: str, keys: tuple[str, ...]) -> tuple[dict, str]:
+    """A run file's content, checked to hold `keys`, and its text (hashed into metrics.json for
+    split.json)."""
     location = runfolder.join(run_dir, name)
     text = runfolder.read_text(location)
     if text is None:
         raise RunFolderError(f"{location}: not found; is {run_dir} a finished ctscan search?")
-    return runfolder.parse_json(text, location), text
+    return runfolder.require_keys(runfolder.parse_json(text, location), keys, location), text
 
 
 def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
@@ -168,9 +173,9 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     """Score the chosen model (the best trial, or the ensemble of the top trials that val
     prefers) and the one it is compared with; returns (metrics.json content, arrays for plots
     and export)."""
-    options = options_at(run_dir, _read_json(run_dir, runfolder.SEARCH)[0])
-    best, _ = _read_json(run_dir, runfolder.BEST)
-    split_json, split_text = _read_json(run_dir, runfolder.SPLIT)
+    options = load_options(run_dir)
+    best, _ = _read_json(run_dir, runfolder.BEST, BEST_KEYS)
+    split_json, split_text = _read_json(run_dir, runfolder.SPLIT, SPLIT_KEYS)
     config = make_config(best["config"])
     ds = load_dataset(Path(options.data), config.image_size, config.resize, cache_dir,
                       options.split.get("positive_class"))

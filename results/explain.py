@@ -15,8 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctmodels import Ensemble, normalize
-from data_utils.errors import UserError
+from data_utils.errors import UsageError
 from data_utils.files import atomic_write
+from data_utils.runfolder import refuse_writes_inside
 from results.model_folder import load_exported
 from results.predict import decode_batches, expand_paths
 
@@ -89,15 +90,12 @@ def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
 
 
 def _check_out_dir(out_dir: Path, inputs: list[Path], files: list[Path]) -> None:
+    refuse_writes_inside(inputs, {"--out": out_dir})
     out = out_dir.resolve()
-    for folder in {p.resolve() for p in inputs if p.is_dir()}:
-        if out == folder or folder in out.parents:
-            raise UserError(f"--out {out_dir} lies inside input folder {folder}; ctscan never "
-                            "writes there, choose a folder outside the inputs")
     for f in files:
         if out == f.resolve().parent:
-            raise UserError(f"--out {out_dir} holds input {f}; a rerun would read the heatmaps as "
-                            "inputs, choose another folder")
+            raise UsageError(f"--out {out_dir} holds input {f}; a rerun would read the heatmaps "
+                             "as inputs, choose another folder")
 
 
 def _unique_name(stem: str, used: set[str]) -> str:

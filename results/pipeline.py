@@ -78,6 +78,11 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     return out
 
 
+# What export reads of results/metrics.json.
+METRICS_KEYS = ("trial_id", "checkpoint", "config", "searched", "test", "threshold",
+                "class_names", "data")
+
+
 def export_run(run_dir: str, out: Path, metrics: dict | None = None,
                members: list | None = None) -> Path:
     """`ctscan export`: the evaluated model (the best trial, or the ensemble evaluation chose):
@@ -87,6 +92,7 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
         metrics = runfolder.read_json(location)
         if metrics is None:
             raise RunFolderError(f"{location}: not found; run `ctscan evaluate {run_dir}` first")
+        runfolder.require_keys(metrics, METRICS_KEYS, location)
     # Evaluations before ensembles existed recorded only the best trial.
     chosen = metrics.get("ensemble", {}).get("members") or [
         {k: metrics[k] for k in ("trial_id", "checkpoint", "config")}]

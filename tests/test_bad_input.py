@@ -7,6 +7,7 @@ traceback, the data folder byte-identical, and nothing written where the command
 from __future__ import annotations
 
 import urllib.error
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,10 @@ from torchvision import models
 
 from ctmodels import build_model
 from ctscan.cli import main
+from data_utils.files import write_json
 from results.export import export_model
 from tuning.config import make_config
+from tuning.records import SearchOptions
 from tuning.space import DEMO_SPACE
 
 
@@ -70,6 +73,25 @@ def _offline(monkeypatch, w: Path) -> None:
         raise urllib.error.URLError("no network")
 
     monkeypatch.setattr(models._api, "load_state_dict_from_url", no_network)
+
+
+def _run_of_the_data(w: Path) -> None:
+    """A run folder whose search.json names the data folder, and nothing else."""
+    (w / "fakerun").mkdir()
+    write_json(w / "fakerun" / "search.json", asdict(SearchOptions(data=str(w / "data"))))
+
+
+def _class_folder_linked_elsewhere(w: Path) -> None:
+    make_class_folders(w / "elsewhere", 3, classes=("COVID",))
+    make_class_folders(w / "linked", 3, classes=("non-COVID",))
+    (w / "linked" / "COVID").symlink_to(w / "elsewhere" / "COVID")
+
+
+def _no_driver() -> None:
+    """What torch says on a machine without an NVIDIA driver (seen on this one), whatever machine
+    the test runs on."""
+    raise RuntimeError("Found no NVIDIA driver on your system. Please check that you have an "
+                       "NVIDIA GPU and installed a driver from\nhttp://www.nvidia.com/Download")
 
 
 def _split_with_seed_5(monkeypatch, w: Path) -> None:
@@ -130,6 +152,10 @@ CASES = {
     # split: where it writes and what it can make
     "split_out_under_a_file": ("split {D} --out {W}/afile/run --image-size 32",
                                "{W}/afile", None),
+    "split_out_through_a_linked_class_folder": (
+        "split {W}/linked --out {W}/elsewhere/COVID/run --image-size 32",
+        "--out {W}/elsewhere/COVID/run lies inside the data folder {W}/elsewhere/COVID",
+        "linked_class"),
     "split_out_inside_data": ("split {D} --out {D}/run",
                               "--out {D}/run lies inside the data folder", None),
     "split_ratios_sum": ("split {D} --out {W}/run --ratios 0.5 0.2 0.1",
@@ -168,6 +194,9 @@ CASES = {
                         "{W}/garbage.pt: not a loadable state_dict", None),
     "weights_imagenet_offline": ("train {D} --out {W}/run --set weights=imagenet",
                                  "could not get ImageNet weights for resnet18", "offline"),
+    "train_on_cuda_without_a_driver": ("train {D} --out {W}/run --set device=cuda",
+                                       "device cuda: CUDA is not usable here (RuntimeError: "
+                                       "Found no NVIDIA driver", "no_cuda"),
     "train_out_inside_data": ("train {D} --out {D}/run",
                               "--out {D}/run lies inside the data folder", None),
     "train_onto_another_split": ("train {D} --out {W}/run --set image_size=32",
@@ -201,6 +230,10 @@ CASES = {
                         "invalid choice: 'frobnicate'", None),
     "storage_inside_data": ("tune {D} --search-space {S} --storage-path {D}/runs",
                             "--storage-path {D}/runs lies inside the data folder", None),
+    "run_name_climbs_out": ("tune {D} --search-space {S} --storage-path {W}/runs --name ../data/x",
+                            "--name '../data/x' must be a single folder name", None),
+    "run_name_absolute": ("tune {D} --search-space {S} --storage-path {W}/runs --name {D}/x",
+                          "--name '{D}/x' must be a single folder name", None),
     "run_name_taken": ("tune {D} --search-space {S} --storage-path {W}/runs --name taken",
                        "{W}/runs/taken already holds a search; continue it with --resume", None),
     "resume_not_a_search": ("tune --resume {W}/notsearch",
@@ -220,12 +253,25 @@ CASES = {
                          "--num-samples: expected an integer in [1, inf), got '0'", None),
     # evaluate, export: run folders
     "evaluate_not_a_search": ("evaluate {W}/notsearch",
-                              "{W}/notsearch/search.json: not found", None),
+                              "{W}/notsearch: not a ctscan search (no search.json)", None),
+    "evaluate_cache_inside_data": ("evaluate {W}/fakerun --cache-dir {D}/.cache",
+                                   "--cache-dir {D}/.cache lies inside the data folder", "run"),
+    "evaluate_cache_variable_inside_data": ("evaluate {W}/fakerun",
+                                            "CTSCAN_CACHE_DIR {D}/.cache lies inside the data "
+                                            "folder", "run_and_cache_variable"),
+    "evaluate_best_json_of_another_shape": ("evaluate {W}/fakerun",
+                                            "{W}/fakerun/best.json: not a ctscan run file (no key "
+                                            "'checkpoint')", "run_with_odd_files"),
+    "export_metrics_json_of_another_shape": ("export {W}/fakerun --out {W}/exported",
+                                             "{W}/fakerun/results/metrics.json: not a ctscan run "
+                                             "file (expected a JSON object)", "run_with_odd_files"),
+    "export_out_inside_data": ("export {W}/fakerun --out {D}/exported",
+                               "--out {D}/exported lies inside the data folder", "run"),
     "evaluate_threshold_nan": ("evaluate {W}/notsearch --threshold nan",
                                "--threshold: expected a number in [0, 1], got 'nan'", None),
-    "export_not_evaluated": ("export {W}/notsearch --out {W}/export",
-                             "{W}/notsearch/results/metrics.json: not found; run `ctscan "
-                             "evaluate", None),
+    "export_not_evaluated": ("export {W}/fakerun --out {W}/export",
+                             "{W}/fakerun/results/metrics.json: not found; run `ctscan "
+                             "evaluate", "run"),
     # predict, explain: model folders and outputs
     "predict_model_missing": ("predict {W}/nomodel {I}",
                               "{W}/nomodel: no such model folder", None),
@@ -236,10 +282,12 @@ CASES = {
                               "broken_weights"),
     "predict_csv_is_a_folder": ("predict {M} {I} --csv {W}",
                                 "--csv {W} is a folder", None),
+    "predict_csv_onto_an_input": ("predict {M} {I} --csv {I}",
+                                  "--csv {I} is one of the command's input files", None),
     "predict_csv_inside_data": ("predict {M} {D} --csv {D}/p.csv",
                                 "--csv {D}/p.csv lies inside the data folder", None),
     "explain_out_inside_data": ("explain {M} {D} --out {D}/cams",
-                                "--out {D}/cams lies inside input folder", None),
+                                "--out {D}/cams lies inside the data folder", None),
     "explain_out_next_to_input": ("explain {M} {I} --out {D}/COVID",
                                   "--out {D}/COVID holds input", None),
     # make-demo-data: never over a folder with files
@@ -269,6 +317,14 @@ SETUPS = {
     "offline": lambda w, m, mp: _offline(mp, w),
     "split_seed_5": lambda w, m, mp: _split_with_seed_5(mp, w),
     "broken_weights": lambda w, m, mp: _model_copy_with_broken_weights(m, w),
+    "run": lambda w, m, mp: _run_of_the_data(w),
+    "run_with_odd_files": lambda w, m, mp: (
+        _run_of_the_data(w), write_json(w / "fakerun" / "best.json", {"trial_id": "a"}),
+        write_json(w / "fakerun" / "results" / "metrics.json", ["not", "an", "object"])),
+    "run_and_cache_variable": lambda w, m, mp: (
+        _run_of_the_data(w), mp.setenv("CTSCAN_CACHE_DIR", str(w / "data" / ".cache"))),
+    "linked_class": lambda w, m, mp: _class_folder_linked_elsewhere(w),
+    "no_cuda": lambda w, m, mp: mp.setattr(torch.cuda, "init", _no_driver),
 }
 
 

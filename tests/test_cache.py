@@ -8,7 +8,7 @@ from helpers import make_class_folders, tree_snapshot
 from PIL import Image
 
 import data_utils.cache as cache_module
-from data_utils.cache import load_dataset
+from data_utils.cache import default_cache_dir, load_dataset
 from data_utils.sources import DataError
 
 
@@ -221,3 +221,11 @@ def test_unchanged_files_are_not_hashed_again(tmp_path, monkeypatch):
     reads.clear()
     reloaded = load_dataset(root, image_size=32, progress=False)
     assert reads == [] and dict(zip(reloaded.paths, reloaded.sha256, strict=True)) == digest
+
+
+def test_an_empty_cache_variable_counts_as_unset(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("CTSCAN_CACHE_DIR", "")
+    assert default_cache_dir() == tmp_path / "xdg" / "ctscan"  # not the working folder
+    monkeypatch.setenv("CTSCAN_CACHE_DIR", str(tmp_path / "mine"))
+    assert default_cache_dir() == tmp_path / "mine"

@@ -280,6 +280,18 @@ def test_gradcam_shape_range_and_input_dependence(exported64):
     np.testing.assert_allclose(gradcam(model, x[:1]), maps[:1], atol=1e-5)
 
 
+def test_explain_exits_1_when_an_image_is_skipped_as_predict_does(exported64, tmp_path):
+    model_dir, _ = exported64
+    good = _images(tmp_path / "in", n=2)
+    bad = tmp_path / "in" / "broken.png"
+    bad.write_bytes(b"\x89PNG broken")
+    assert main(["explain", str(model_dir), *map(str, good), "--out", str(tmp_path / "a")]) == 0
+    assert main(["explain", str(model_dir), *map(str, [*good, bad]), "--out",
+                 str(tmp_path / "b")]) == 1
+    assert len(list((tmp_path / "b").glob("*.png"))) == 2
+    assert main(["predict", str(model_dir), *map(str, [*good, bad])]) == 1
+
+
 def test_explain_writes_pngs_only_into_out_dir(exported64, tmp_path, capsys):
     model_dir, _ = exported64
     inputs = tmp_path / "in"
@@ -294,5 +306,5 @@ def test_explain_writes_pngs_only_into_out_dir(exported64, tmp_path, capsys):
         with Image.open(p) as img:
             assert img.width > 64 and img.height > 64
     assert "skipped" in capsys.readouterr().err
-    with pytest.raises(UserError, match="inside input folder"):
+    with pytest.raises(UserError, match="inside the data folder"):
         explain_paths(model_dir, [inputs], inputs / "cams")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from data_utils import runfolder
 from data_utils.errors import RunFolderError
@@ -67,20 +67,15 @@ class SearchFailed(RuntimeError):
 
 def load_options(run_dir: str) -> SearchOptions:
     """A search's options, placed at run_dir wherever it was started from."""
-    saved = runfolder.read_json(runfolder.join(run_dir, runfolder.SEARCH))
+    search_json = runfolder.join(run_dir, runfolder.SEARCH)
+    saved = runfolder.read_json(search_json)
     if saved is None:
         raise RunFolderError(f"{run_dir}: not a ctscan search (no {runfolder.SEARCH})")
-    return options_at(run_dir, saved)
-
-
-def options_at(run_dir: str, saved: Any) -> SearchOptions:
-    """search.json's content as the options of the search at run_dir."""
     try:
         return SearchOptions(**{**saved, "storage_path": runfolder.parent_of(run_dir),
                                 "name": runfolder.name_of(run_dir)})
     except TypeError as e:  # not a mapping, or keys missing or unknown
-        raise RunFolderError(f"{runfolder.join(run_dir, runfolder.SEARCH)}: not a ctscan search "
-                             f"file ({e})") from e
+        raise RunFolderError(f"{search_json}: not a ctscan search file ({e})") from e
 
 
 def load_search_space(options: SearchOptions) -> SearchSpace:

@@ -23,8 +23,9 @@ from tqdm import tqdm
 from ctmodels.model import ModelDescription, autocast, predict_proba
 from data_utils import runfolder
 from data_utils.augment import train_batches
+from data_utils.errors import first_line
 from data_utils.files import atomic_write
-from tuning.config import TrainConfig
+from tuning.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:  # not imported at run time: a GPU box may lack imagehash, this loop does not
     from data_utils.cache import CTDataset
@@ -57,6 +58,21 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+def check_device(name: str) -> None:
+    """A CUDA device must be usable before anything is written; torch says why it is not."""
+    if not name.startswith("cuda"):
+        return
+    try:
+        torch.cuda.init()
+        count = torch.cuda.device_count()
+    except Exception as e:  # noqa: BLE001 - no driver, a driver too old, a CPU build of torch
+        raise ConfigError(f"device {name}: CUDA is not usable here ({first_line(e)}); set "
+                          "device to auto or cpu") from e
+    index = int(name.partition(":")[2] or 0)
+    if index >= count:
+        raise ConfigError(f"device {name}: torch sees {count} CUDA device(s), numbered from 0")
 
 
 def fits_on_device(nbytes: int, total_memory: int, gpu_share: float) -> bool:
