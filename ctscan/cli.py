@@ -256,7 +256,7 @@ def _tune(args: argparse.Namespace) -> int:
     from ctmodels import check_weights
     from tuning.cluster import check_shared_storage, start_ray
     from tuning.records import load_options, prepare_run
-    from tuning.search import run_search
+    from tuning.search import run_search, search_started
     from tuning.train import trial_data
 
     if args.resume:
@@ -266,7 +266,9 @@ def _tune(args: argparse.Namespace) -> int:
                    else runfolder.join(args.storage_path, args.name))
         options = load_options(run_dir)
         check_shared_storage(args.address, options.storage_path)
-        print(f"resuming search {options.name} from {options.run_dir}")
+        restore = search_started(options.run_dir)
+        print(f"resuming search {options.name} from {options.run_dir}" if restore else
+              f"search {options.name} in {options.run_dir} never started a trial: starting it")
     else:
         _demo_data(args, "tune")
         options = _search_options(args)
@@ -278,9 +280,13 @@ def _tune(args: argparse.Namespace) -> int:
             config = options.trial_config({})
             check_weights(config.description(), config.weights,
                           space.values_of("arch", options.base_config))
+        restore = False
         if runfolder.exists(runfolder.join(options.run_dir, runfolder.SEARCH)):
-            raise RunFolderError(f"{options.run_dir} already holds a search; continue it with "
-                                 f"--resume {options.run_dir}, or pick another --name")
+            if search_started(options.run_dir):
+                raise RunFolderError(f"{options.run_dir} already holds a search; continue it "
+                                     f"with --resume {options.run_dir}, or pick another --name")
+            print(f"{options.run_dir} holds a search that never started a trial: starting this "
+                  "one there instead")
     config = options.trial_config({})
     refuse_writes_inside([Path(options.data)], {**_cache_dir(args),
                                                 "--storage-path": options.storage_path})
@@ -299,7 +305,7 @@ def _tune(args: argparse.Namespace) -> int:
 
         print(start_tensorboard(options.run_dir))
     start_ray(args.address)
-    best = run_search(options, data, resume=bool(args.resume))
+    best = run_search(options, data, resume=restore)
     ray.shutdown()
     print(f"best trial {best['trial_id']} (epoch {best['best_epoch']}): "
           f"val AUC {best['val_metrics']['val_auc']:.4f}, val accuracy "

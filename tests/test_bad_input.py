@@ -60,6 +60,7 @@ def _files(w: Path) -> None:
     (w / "alien" / "search.json").write_text('{"colour": "red"}')
     (w / "runs" / "taken").mkdir(parents=True)
     (w / "runs" / "taken" / "search.json").write_text("{}")
+    (w / "runs" / "taken" / "tuner.pkl").write_bytes(b"")  # Ray Tune's state: it started
     bad = w / "badmodel"
     bad.mkdir()
     (bad / "config.json").write_text("{")

@@ -215,3 +215,31 @@ def test_ctrl_c_ends_a_search_resumable_and_never_scores_it(tmp_path):
     assert err.strip().splitlines()[-1] == "ctscan: interrupted"
     assert not (run / "best.json").exists() and not (run / "results").exists()
     assert list(run.glob("experiment_state-*.json"))  # what --resume restores from
+
+
+def test_a_search_interrupted_before_its_first_trial_is_resumed_or_its_name_reused(tmp_path,
+                                                                                    monkeypatch,
+                                                                                    capsys):
+    """Ctrl-C during Ray's start-up leaves search.json and split.json but no Ray Tune state."""
+    import tuning.search
+
+    root = make_class_folders(tmp_path / "data", 12)
+    run = tmp_path / "runs" / "early"
+    (tmp_path / "space.yaml").write_text("lr: {loguniform: [1.0e-3, 1.0e-2]}\n")
+    args = [str(root), "--search-space", str(tmp_path / "space.yaml"), "--storage-path",
+            str(tmp_path / "runs"), "--name", "early", "--image-size", "32", "--num-samples", "1",
+            "--max-epochs", "1", "--group-by", "none", "--bootstrap", "200", "--ensemble", "1"]
+
+    def interrupted(*_args, **_kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tuning.search, "run_search", interrupted)
+    assert main(["tune", *args]) == 130
+    assert (run / "search.json").exists() and not (run / "tuner.pkl").exists()
+    capsys.readouterr()
+    assert main(["tune", *args]) == 130  # the name is free again: not "already holds a search"
+    assert "holds a search that never started a trial" in capsys.readouterr().out
+    monkeypatch.undo()
+    assert main(["tune", "--resume", str(run), "--bootstrap", "200", "--ensemble", "1"]) == 0
+    assert f"search early in {run} never started a trial: starting it" in capsys.readouterr().out
+    assert json.loads((run / "best.json").read_text())["trials"] == 1

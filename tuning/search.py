@@ -163,6 +163,12 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
     return trainable_with_data, tune_config, run_config
 
 
+def search_started(run_dir: str) -> bool:
+    """Whether Ray Tune saved the state of a search there. A Ctrl-C during Ray's start-up leaves
+    the run's own records (search.json, split.json) but none: nothing to resume, nothing lost."""
+    return tune.Tuner.can_restore(run_dir)
+
+
 def run_search(options: SearchOptions, data: TrialData, resume: bool = False,
                trainable_fn: Callable = trainable) -> dict:
     """Run (or resume) the search and return best.json's content (also written to the run).
