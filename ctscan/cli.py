@@ -313,7 +313,7 @@ def _tune(args: argparse.Namespace) -> int:
           f"{best['trials_stopped_early']} stopped early, {best['errored_trials']} failed"
           f"{'; the time budget ended the search' if best['budget_reached'] else ''}\n"
           f"  config: {json.dumps(best['searched'])}\n"
-          f"  checkpoint: {best['checkpoint']}\n"
+          f"  checkpoint: {runfolder.in_run(options.run_dir, best['checkpoint'])}\n"
           f"  summary: {runfolder.join(options.run_dir, runfolder.BEST)}")
     from results.pipeline import report_run
 

@@ -9,7 +9,7 @@ old file or the new one, never half of one.
     search_space.yaml   the space searched, copied in at the start: a resume needs no other file
     split.json          every file's split and sha256; the test rows are scored once, at the end
     trial_*/            Ray Tune's trials: results, checkpoints, TensorBoard events, errors
-    best.json           the best trial, its config and the checkpoint it names
+    best.json           the best trial, its config and the checkpoint it names (run-relative)
     trials.json         every trial's params, status, error and per-epoch history
     results/            metrics.json, plots, report.md, test predictions (`ctscan evaluate`)
     export/             the winner, ready to ship (`ctscan export` writes the same elsewhere)
@@ -72,6 +72,19 @@ def parent_of(location: str | Path) -> str:
     if is_uri(location):
         return str(location).rstrip("/").rsplit("/", 1)[0]
     return str(Path(location).expanduser().resolve().parent)
+
+
+def recorded(run_dir: str, *parts: str) -> str:
+    """How run files (best.json, trials.json, metrics.json) name a file of their own run:
+    relative to the run folder, so a copied or moved folder still finds its own; in a bucket,
+    the full URI."""
+    return join(run_dir, *parts) if is_uri(run_dir) else "/".join(parts)
+
+
+def in_run(run_dir: str | Path, name: str) -> str:
+    """The location of a file a run file names: a relative name lies in run_dir; a URI or an
+    absolute path (as ctscan 0.2 recorded them) stays as it is."""
+    return name if is_uri(name) or Path(name).is_absolute() else join(run_dir, name)
 
 
 class StorageError(UserError):

@@ -161,7 +161,7 @@ def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: 
         if len(candidates) == size:
             break
         if (t.get("checkpoint") and t["trial_id"] != best["trial_id"]
-                and runfolder.exists(t["checkpoint"])):
+                and runfolder.exists(runfolder.in_run(run_dir, t["checkpoint"]))):
             candidates.append({"trial_id": t["trial_id"], "checkpoint": t["checkpoint"],
                                "config": asdict(options.trial_config(t["params"]))})
     return candidates
@@ -182,7 +182,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     val_rows = recorded_rows(ds, split_json, "val")
     test_rows = recorded_rows(ds, split_json, "test")
     candidates = ensemble_candidates(run_dir, options, best, ensemble)
-    members = [load_checkpoint_model(c["checkpoint"]) for c in candidates]
+    members = [load_checkpoint_model(runfolder.in_run(run_dir, c["checkpoint"]))
+               for c in candidates]
     scored = val_then_test(members, ds, val_rows, test_rows, threshold, calibrate)
     k, temperature = scored["k"], scored["temperature"]
     chosen, y_val, prob_val = scored["threshold"], scored["y_val"], scored["prob_val"]

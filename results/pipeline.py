@@ -97,7 +97,8 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
     chosen = metrics.get("ensemble", {}).get("members") or [
         {k: metrics[k] for k in ("trial_id", "checkpoint", "config")}]
     if members is None:
-        members = [load_checkpoint_model(m["checkpoint"]) for m in chosen]
+        members = [load_checkpoint_model(runfolder.in_run(run_dir, m["checkpoint"]))
+                   for m in chosen]
     extra = {
         "trial_id": metrics["trial_id"],
         "searched": metrics["searched"],

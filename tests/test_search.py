@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ from helpers import hparams_data, read_events, tiny_trial_data
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 import results.evaluate as evaluate_module
+from ctscan.cli import main
 from data_utils.cache import load_dataset
 from data_utils.demo import make_demo_data
 from data_utils.sources import DataError
@@ -175,7 +177,8 @@ def test_search_finds_a_best_trial_and_writes_best_json(demo_search):
     assert best["trials"] == 6 and best["errored_trials"] == 0
     assert 0.5 < best["val_metrics"]["val_auc"] <= 1
     assert best["config"]["image_size"] == 32 and best["config"]["head"] in ([], [16])
-    checkpoint = Path(best["checkpoint"])
+    assert not Path(best["checkpoint"]).is_absolute()  # the run folder can be moved
+    checkpoint = Path(options.run_dir) / best["checkpoint"]
     assert checkpoint.is_file()
     saved = torch.load(checkpoint, weights_only=True)
     assert saved["metrics"]["val_auc"] == pytest.approx(best["val_metrics"]["val_auc"])
@@ -289,6 +292,25 @@ def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray
     results = (trial / "result.json").read_text().splitlines()
     epochs = [json.loads(line)["epoch"] for line in results]
     assert epochs == [1, 2, 3]  # resumed after epoch 1, did not start over
+
+
+def test_a_copied_run_folder_evaluates_and_exports_on_its_own(demo_search, tmp_path):
+    """best.json and trials.json name checkpoints relative to the run folder: a copy reads its
+    own, and needs the original no more."""
+    options, *_ = demo_search
+    copy = tmp_path / "copied"
+    shutil.copytree(options.run_dir, copy)
+    gone = Path(options.run_dir).rename(tmp_path / "original-gone")
+    try:
+        out = report_run(str(copy), resamples=200, gradcams=0, ensemble=2)
+        assert main(["export", str(copy), "--out", str(tmp_path / "exported")]) == 0
+    finally:
+        gone.rename(options.run_dir)  # the module's other tests read the original
+    assert out == copy / "results"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["ensemble"]["candidates"] == 2  # the runner-up's checkpoint was found too
+    assert all(not Path(m["checkpoint"]).is_absolute() for m in metrics["ensemble"]["members"])
+    assert (tmp_path / "exported" / "model.pt").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -428,7 +450,8 @@ def test_best_json_describes_its_checkpoint_on_ties_and_failed_trials_are_listed
         search_space=str(tmp_path / "space.yaml"), base_config={"image_size": 32})
     best = run_search(options, data, trainable_fn=tied_then_failing)
     # Ray keeps the later of two tied epochs; best.json must describe that one.
-    assert torch.load(best["checkpoint"], weights_only=True)["epoch"] == best["best_epoch"] == 3
+    checkpoint = Path(options.run_dir) / best["checkpoint"]
+    assert torch.load(checkpoint, weights_only=True)["epoch"] == best["best_epoch"] == 3
     assert best["val_metrics"]["val_loss"] == 1 / 3
     assert best["errored_trials"] == 1
     failed = next(t for t in json.loads((Path(options.run_dir) / "trials.json").read_text())

@@ -149,8 +149,8 @@ def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
             "epochs": len(history),
             "val_auc": max((h["val_auc"] for h in history), default=float("nan")),
             # Its best epoch's weights: the ensemble of the top trials is built from these.
-            "checkpoint": runfolder.join(run_dir, trial_dir, runfolder.name_of(kept.path),
-                                         runfolder.LAST_CHECKPOINT) if kept else None,
+            "checkpoint": runfolder.recorded(run_dir, trial_dir, runfolder.name_of(kept.path),
+                                             runfolder.LAST_CHECKPOINT) if kept else None,
             **({"error": _error_line(result.error),
                 "error_file": runfolder.join(run_dir, trial_dir, runfolder.TRIAL_ERROR)}
                if result.error else {}),
@@ -191,9 +191,9 @@ def summarize(options: SearchOptions, results: ResultGrid, budget_reached: bool 
         "val_metrics": {k: float(top[k]) for k in
                         ("val_auc", "val_loss", "val_accuracy", "val_f1", "train_loss")},
         "best_epoch": int(top["epoch"]),
-        "checkpoint": runfolder.join(options.run_dir, runfolder.name_of(best.path),
-                                     runfolder.name_of(checkpoint.path),
-                                     runfolder.LAST_CHECKPOINT),
+        "checkpoint": runfolder.recorded(options.run_dir, runfolder.name_of(best.path),
+                                         runfolder.name_of(checkpoint.path),
+                                         runfolder.LAST_CHECKPOINT),
         "trials": len(records),
         "trials_stopped_early": statuses.count("stopped early"),
         "errored_trials": statuses.count("error"),
