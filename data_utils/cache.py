@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_utils.decode import RESIZE_MODES, decode_image
+from data_utils.decode import RESIZE_MODES, decode_failure, decode_image
 from data_utils.files import atomic_write
 from data_utils.sources import DataError, Sample, discover
 
@@ -214,7 +214,7 @@ def _load_or_build(
         try:
             decoded = decode_image(path_of[digest].read_bytes(), image_size, resize)
         except Exception as e:  # noqa: BLE001 - any failure to decode one file skips that file
-            reason = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+            reason = decode_failure(e)
             if transient_failure(e):
                 return {"error": f"{reason} (not cached; tried again next run)", "transient": True}
             return {"error": reason}

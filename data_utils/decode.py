@@ -17,6 +17,7 @@ An image whose every pixel holds the same value carries no picture and is refuse
 from __future__ import annotations
 
 import io
+import re
 import struct
 import warnings
 from dataclasses import dataclass
@@ -25,6 +26,8 @@ import numpy as np
 from PIL import Image, ImageOps
 
 RESIZE_MODES = ("pad", "stretch")
+# Pillow names the in-memory file it was handed: `<_io.BytesIO object at 0x7f...>`.
+_OBJECT_ADDRESS = re.compile(r"\s*<[\w.]+ object at 0x[0-9a-fA-F]+>")
 # Modes whose pixels are integers or floats wider than 8 bits; Pillow's convert("L") clips them.
 _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 # A signed integer slice is a CT in Hounsfield units: no scanner writes negative raw values. A
@@ -166,3 +169,11 @@ def _fit_square(img: Image.Image, size: int, resize: str) -> np.ndarray:
     top, left = (size - h) // 2, (size - w) // 2
     canvas[top : top + h, left : left + w] = img.resize((w, h), Image.Resampling.BILINEAR)
     return canvas
+
+
+def decode_failure(e: Exception) -> str:
+    """Why a file did not decode, as `Type: message` on one line that reads the same on every
+    run (no object addresses), so two runs' skip lists can be compared."""
+    lines = str(e).strip().splitlines()
+    message = _OBJECT_ADDRESS.sub("", lines[0]) if lines else ""
+    return f"{type(e).__name__}: {message}" if message else type(e).__name__

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_utils.decode import decode_image
+from data_utils.decode import decode_failure, decode_image
 from data_utils.files import atomic_write
 from data_utils.sources import IMAGE_SUFFIXES, image_files
 from results.model_folder import load_predictor, read_config
@@ -45,7 +45,7 @@ def decode_batches(files: list[Path], config: dict, batch_size: int
                                       config["resize"]).pixels
                 batch.append((path, pixels, None))
             except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
-                batch.append((path, None, f"{type(e).__name__}: {e}"))
+                batch.append((path, None, decode_failure(e)))
         yield batch
 
 

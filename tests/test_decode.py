@@ -6,7 +6,7 @@ import pytest
 from helpers import png_bytes, png_chunk, png_with_sbit, smooth_image, tiff_bytes
 from PIL import Image
 
-from data_utils.decode import decode_image
+from data_utils.decode import decode_failure, decode_image
 
 
 @pytest.fixture
@@ -190,3 +190,14 @@ def test_truncated_and_corrupt_png_raise(gray):
     corrupt[60:80] = b"\xff" * 20  # inside the first IDAT chunk: its CRC no longer matches
     with pytest.raises((OSError, SyntaxError)):
         decode_image(bytes(corrupt), 32)
+
+
+def test_a_decode_failure_reads_the_same_on_every_run():
+    reasons = set()
+    for _ in range(2):
+        try:
+            decode_image(b"not an image at all", 32)
+        except Exception as e:  # noqa: BLE001 - whatever Pillow raises
+            reasons.add(decode_failure(e))
+    [reason] = reasons
+    assert reason == "UnidentifiedImageError: cannot identify image file"
