@@ -58,6 +58,7 @@ class CTDataset:
     groups: list[str | None]  # manifest group (patient id), None for class folders
     modes: list[str]  # image mode as stored, e.g. "RGB"; the pixels never depend on it
     bits: list[int | str]  # the scale each file was read with: Decoded.bits (8, 12, 16, "HU"...)
+    peaks: list[int | None]  # Decoded.peak: None where not read as 16 bits, or cached before it
     sizes: list[tuple[int, int]]  # (width, height) as stored
     skipped: list[Skipped]
     image_size: int
@@ -135,6 +136,7 @@ def load_dataset(
         groups=[s.group for s in kept],
         modes=[entries[digests[s.path]]["mode"] for s in kept],
         bits=[entries[digests[s.path]]["bits"] for s in kept],
+        peaks=[entries[digests[s.path]].get("peak") for s in kept],
         sizes=[tuple(entries[digests[s.path]]["size"]) for s in kept],
         skipped=skipped,
         image_size=image_size,
@@ -186,7 +188,8 @@ def _load_or_build(
     cache_dir: Path,
     progress: bool,
 ) -> tuple[dict[str, dict], np.ndarray, np.ndarray]:
-    """Return {sha256: {"row", "mode", "size", "bits"} | {"error"}}, and the pixel and hash arrays.
+    """Return {sha256: {"row", "mode", "size", "bits", "peak"} | {"error"}}, and the pixel and hash
+    arrays.
 
     `order` lists each digest once; readable ones get rows in that order, so when it is the
     dataset's order the pixel array needs no reordering. The pixels are a copy-on-write memory
@@ -220,7 +223,7 @@ def _load_or_build(
             return {"error": reason}
         return {"pixels": decoded.pixels, "phash": perceptual_hash(decoded.pixels),
                 "mode": decoded.mode, "size": [decoded.width, decoded.height],
-                "bits": decoded.bits}
+                "bits": decoded.bits, "peak": decoded.peak}
 
     # Each build gets its own pixel file, named in the metadata that commits it, so two runs
     # building one entry at once never pair one's metadata with the other's rows.
@@ -246,7 +249,8 @@ def _load_or_build(
                         transient |= "transient" in result
                         continue
                     entries[digest] = {"row": rows, "mode": result["mode"],
-                                       "size": result["size"], "bits": result["bits"]}
+                                       "size": result["size"], "bits": result["bits"],
+                                       "peak": result["peak"]}
                     f.write(result["pixels"].tobytes())
                     hashes[rows] = result["phash"]
                     rows += 1

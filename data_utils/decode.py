@@ -46,6 +46,9 @@ class Decoded:
     # The scale the pixels were read with: the bit depth whose full range became 0..255 (1, 8,
     # 12, 16, 32...), "HU" for signed integers (HU_WINDOW) or "float" (0..1).
     bits: int | str
+    # The largest raw sample of a file read as 16 bits: a 12-bit scan saved in a 16-bit PNG
+    # without sBIT stays below 4096, and decodes nearly black (the dataset doctor warns).
+    peak: int | None = None
 
 
 def decode_image(data: bytes, size: int, resize: str = "pad") -> Decoded:
@@ -63,7 +66,8 @@ def decode_image(data: bytes, size: int, resize: str = "pad") -> Decoded:
             img.load()
             bits, shift = _depth_of(img, data)
             gray = _to_gray(ImageOps.exif_transpose(img), bits, shift)
-    return Decoded(_fit_square(gray, size, resize), mode, width, height, bits)
+            peak = img.getextrema()[1] if bits == 16 else None
+    return Decoded(_fit_square(gray, size, resize), mode, width, height, bits, peak)
 
 
 def _depth_of(img: Image.Image, data: bytes) -> tuple[int | str, int]:

@@ -53,6 +53,12 @@ def inspect_dataset(ds: CTDataset) -> dict:
         report["warnings"].append(
             f"images mix bit depths ({found}): each file is scaled by its own depth, so one "
             "tissue can come out at different brightness in different files")
+    peaks = [p for b, p in zip(ds.bits, ds.peaks, strict=True) if b == 16 and p is not None]
+    if peaks and max(peaks) < 4096:
+        report["warnings"].append(
+            f"all {len(peaks)} 16-bit slice(s) use at most 12 bits (largest sample "
+            f"{max(peaks)} of 65535): each file is scaled by the 16 bits it declares, so they "
+            "decode nearly black; save them with a PNG sBIT chunk of 12, or as 8-bit images")
     if ds.skipped:
         report["warnings"].append(f"{len(ds.skipped)} file(s) could not be read and are skipped")
     return report
