@@ -243,3 +243,16 @@ def test_a_search_interrupted_before_its_first_trial_is_resumed_or_its_name_reus
     assert main(["tune", "--resume", str(run), "--bootstrap", "200", "--ensemble", "1"]) == 0
     assert f"search early in {run} never started a trial: starting it" in capsys.readouterr().out
     assert json.loads((run / "best.json").read_text())["trials"] == 1
+
+
+@pytest.mark.parametrize("method, said", [("fixed", "threshold 1.000 (fixed by --threshold)"),
+                                          ("youden", "threshold 1.000 (youden, chosen on val)")])
+def test_the_threshold_is_said_as_it_was_chosen(method, said, tmp_path, capsys):
+    from ctscan.cli import print_results
+
+    metrics = {"test": {"n": 4, "metrics": {"accuracy": {"value": 0.5, "ci95": [0.2, 0.8]}}},
+               "threshold": {"value": 1.0, "method": method}}
+    (tmp_path / "results").mkdir()
+    (tmp_path / "results" / "metrics.json").write_text(json.dumps(metrics))
+    print_results(str(tmp_path), tmp_path / "results")
+    assert said in capsys.readouterr().out
