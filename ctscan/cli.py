@@ -263,7 +263,7 @@ def _tune(args: argparse.Namespace) -> int:
         if args.resume == "NAME" and not args.name:
             raise UsageError("--resume needs --name NAME (with --storage-path) or a RUN_DIR")
         run_dir = (args.resume if args.resume != "NAME"
-                   else runfolder.join(args.storage_path, args.name))
+                   else runfolder.join(args.storage_path, _run_name(args.name)))
         options = load_options(run_dir)
         check_shared_storage(args.address, options.storage_path)
         restore = search_started(options.run_dir)
@@ -346,7 +346,7 @@ def print_results(run_dir: str, out: Path) -> None:
         print(f"  {name:<12} {m['value']:.3f}  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
     report, export = f"{runfolder.RESULTS}/{runfolder.REPORT}", runfolder.EXPORT
     if runfolder.is_uri(run_dir):  # out is this machine's copy of the bucket's results/
-        print(f"report: {runfolder.join(run_dir, report)} (copy: {out / 'report.md'})\n"
+        print(f"report: {runfolder.join(run_dir, report)} (copy: {out / runfolder.REPORT})\n"
               f"exported model: {runfolder.join(run_dir, export)} (copy: {out.parent / export})")
     else:
         print(f"report: {out / runfolder.REPORT}\nexported model: {out.parent / export}")

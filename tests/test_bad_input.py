@@ -235,6 +235,8 @@ CASES = {
                             "--name '../data/x' must be a single folder name", None),
     "run_name_absolute": ("tune {D} --search-space {S} --storage-path {W}/runs --name {D}/x",
                           "--name '{D}/x' must be a single folder name", None),
+    "resume_name_climbs_out": ("tune --resume --name .. --storage-path {W}/runs",
+                               "--name '..' must be a single folder name", None),
     "run_name_taken": ("tune {D} --search-space {S} --storage-path {W}/runs --name taken",
                        "{W}/runs/taken already holds a search; continue it with --resume", None),
     "resume_not_a_search": ("tune --resume {W}/notsearch",
