@@ -37,4 +37,4 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/scale.py
 
 clean:
-	rm -rf runs .pytest_cache .ruff_cache
+	rm -rf runs .pytest_cache .ruff_cache .import_linter_cache
