@@ -65,9 +65,10 @@ def decode_image(data: bytes, size: int, resize: str = "pad") -> Decoded:
             mode, (width, height) = img.mode, img.size
             img.load()
             bits, shift = _depth_of(img, data)
+            _, peak = _refuse_constant(img)
             gray = _to_gray(ImageOps.exif_transpose(img), bits, shift)
-            peak = img.getextrema()[1] if bits == 16 else None
-    return Decoded(_fit_square(gray, size, resize), mode, width, height, bits, peak)
+    return Decoded(_fit_square(gray, size, resize), mode, width, height, bits,
+                   peak if bits == 16 else None)
 
 
 def _depth_of(img: Image.Image, data: bytes) -> tuple[int | str, int]:
@@ -115,9 +116,6 @@ def _png_significant_bits(data: bytes) -> int | None:
 
 def _to_gray(img: Image.Image, bits: int | str, shift: int) -> Image.Image:
     """8-bit luminance; alpha is dropped (not composited) so RGB and opaque RGBA agree exactly."""
-    if img.mode == "F":
-        _refuse_non_finite(np.asarray(img))
-    _refuse_constant(img)
     if img.mode == "L":
         return img
     if img.mode == "F":
@@ -137,8 +135,11 @@ def _refuse_non_finite(a: np.ndarray) -> None:
         raise ValueError("float image holds NaN/inf")
 
 
-def _refuse_constant(img: Image.Image) -> None:
-    """A blank slice (all air, all padding) would teach the model nothing but its label."""
+def _refuse_constant(img: Image.Image) -> tuple[float, float]:
+    """A blank slice (all air, all padding) would teach the model nothing but its label; returns
+    the first colour band's range. A float image must be finite first."""
+    if img.mode == "F":
+        _refuse_non_finite(np.asarray(img))
     extrema = img.getextrema()
     if not isinstance(extrema[0], tuple):
         extrema = (extrema,)
@@ -147,6 +148,7 @@ def _refuse_constant(img: Image.Image) -> None:
     if all(low == high for low, high in colour):
         value = colour[0][0] if len(colour) == 1 else tuple(low for low, _ in colour)
         raise ValueError(f"constant image: every pixel is {value}")
+    return colour[0]
 
 
 def _float_to_uint8(a: np.ndarray) -> np.ndarray:
