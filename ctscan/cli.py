@@ -6,6 +6,7 @@ import argparse
 import json
 import math
 import os
+import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from data_utils.split import (
     split_record,
     write_split,
 )
+from data_utils.volumes import DEFAULT_WINDOW, parse_slices, parse_window
 from tuning.config import RANGES, Interval, TrainConfig, load_config, save_config
 from tuning.records import SearchOptions
 from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE, load_space
@@ -93,7 +95,26 @@ def _source_options(data_required: bool = True) -> argparse.ArgumentParser:
     p.add_argument("--cache-dir", type=Path, default=None,
                    help=f"where decoded datasets are cached (default: {default_cache_dir()}, "
                         "or $CTSCAN_CACHE_DIR); never inside the data folder")
+    p.add_argument("--window", type=_argument(parse_window), default=DEFAULT_WINDOW,
+                   metavar="CENTER,WIDTH",
+                   help="HU window of DICOM and NIfTI slices onto 0..255 (default: lung, "
+                        f"{DEFAULT_WINDOW[0]:g},{DEFAULT_WINDOW[1]:g})")
+    p.add_argument("--slices", type=_argument(parse_slices), default="all", metavar="RULE",
+                   help="which slices of each DICOM series / NIfTI volume to use: all, every:K, "
+                        "central:FRACTION (e.g. central:0.6) or max:N spread evenly, so long "
+                        "scans do not outweigh short ones (default: %(default)s)")
     return p
+
+
+def _argument(parse: Callable[[str], object]) -> Callable[[str], object]:
+    """An argparse type from a parser that raises ValueError with its own message."""
+    def checked(text: str) -> object:
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+
+    return checked
 
 
 def _decode_options() -> argparse.ArgumentParser:
@@ -112,10 +133,12 @@ def _split_options() -> argparse.ArgumentParser:
                    default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
                    help=f"split fractions (default: {' '.join(map(str, DEFAULT_RATIOS))})")
     p.add_argument("--split-seed", type=seed, default=0, help="seed of the split (default: 0)")
-    p.add_argument("--group-by", choices=GROUP_BY, default=DEFAULT_GROUP_BY,
-                   help="keep related slices in one split: near-identical images (duplicates), "
-                        "the manifest's group column (patient id: manifest), or only "
-                        "byte-identical files (none) (default: %(default)s)")
+    p.add_argument("--group-by", choices=(DEFAULT_GROUP_BY, *GROUP_BY[:3]),
+                   default=DEFAULT_GROUP_BY,
+                   help="keep related slices in one split: by patient (DICOM PatientID, one "
+                        "NIfTI file, or a manifest's group column), near-identical images "
+                        "(duplicates), or only byte-identical files (none); auto: patient when "
+                        "every slice names one, else duplicates (default: %(default)s)")
     return p
 
 
@@ -153,8 +176,10 @@ def _evaluation_options() -> argparse.ArgumentParser:
 
 
 def _split_options_of(args: argparse.Namespace) -> dict:
+    """How the data are read and split: what split.json and search.json record."""
     return {"ratios": args.ratios, "seed": args.split_seed, "group_by": args.group_by,
-            "positive_class": args.positive_class}
+            "positive_class": args.positive_class, "window": list(args.window),
+            "slices": args.slices}
 
 
 def cmd_inspect(args: argparse.Namespace) -> int:
@@ -162,7 +187,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
 
     refuse_writes_inside([args.data], _cache_dir(args))
     ds = load_dataset(args.data, args.image_size, args.resize, args.cache_dir,
-                      args.positive_class)
+                      args.positive_class, window=args.window, slices=args.slices)
     report = inspect_dataset(ds)
     print(json.dumps(report, indent=2) if args.json else format_report(report))
     return 0
@@ -231,7 +256,9 @@ def _search_options(args: argparse.Namespace) -> SearchOptions:
                                                                 TrainConfig.image_size),
                      "weights": args.weights, "resize": args.resize, "epochs": max_epochs,
                      "seed": args.seed},
-        split=_split_options_of(args),
+        # The run's own pseudonym key: its split.json names DICOM files the same on every
+        # machine that evaluates it, and no other run shares it.
+        split={**_split_options_of(args), "identity_key": secrets.token_hex(32)},
         **({"name": _run_name(args.name)} if args.name is not None else {}),
     )
 
@@ -445,8 +472,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_make_demo_data(args: argparse.Namespace) -> int:
     from data_utils.demo import make_demo_data
 
-    out = make_demo_data(args.dir, args.n_per_class, args.size, args.seed)
-    print(f"wrote {2 * args.n_per_class} demo CT slices to {out}")
+    out = make_demo_data(args.dir, args.n_per_class, args.size, args.seed, format=args.format)
+    print(f"wrote {2 * args.n_per_class} demo CT slices to {out}"
+          f"{'' if args.format == 'png' else f' as {args.format}'}")
     return 0
 
 
@@ -588,13 +616,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder for the overlay PNGs")
     p.set_defaults(func=cmd_explain)
 
-    p = commands.add_parser("make-demo-data", help="generate CT-like demo slices (Kaggle layout)")
+    p = commands.add_parser("make-demo-data", help="generate CT-like demo patients (Kaggle "
+                            "layout: PNG, DICOM or NIfTI)")
     p.add_argument("dir", type=Path, help="new folder to create")
     p.add_argument("--n-per-class", type=positive_int, default=300,
                    help="slices per class (default: 300)")
     p.add_argument("--size", type=number(int, Interval(32, 4096, high_closed=True)), default=256,
                    help="largest slice side in px (default: 256)")
     p.add_argument("--seed", type=seed, default=0, help="generator seed (default: 0)")
+    p.add_argument("--format", choices=("png", "dicom", "nifti"), default="png",
+                   help="PNG slices with a manifest.csv, one DICOM CT series per patient "
+                        "(int16 HU, real UIDs), or one NIfTI volume per patient "
+                        "(default: %(default)s)")
     p.set_defaults(func=cmd_make_demo_data)
     return parser
 

@@ -18,7 +18,7 @@ import os
 import secrets
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import imagehash
@@ -26,22 +26,18 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from data_utils.decode import RESIZE_MODES, decode_failure, decode_image
+from data_utils.decode import RESIZE_MODES, Decoded, decode_failure
 from data_utils.files import atomic_write
-from data_utils.sources import DataError, Sample, discover
+from data_utils.sources import DataError, Sample, Skipped, discover
+from data_utils.volumes import DEFAULT_WINDOW, decode_frames, pseudonym
 
-CACHE_FORMAT = 3  # bump when decoding changes what pixels a file yields, or the cache's layout
-DECODE_CHUNK = 1024  # files decoded before their rows are written to the cache file
+CACHE_FORMAT = 4  # bump when decoding changes what pixels a file yields, or the cache's layout
+DECODE_CHUNK = 1024  # slices decoded before their rows are written to the cache file
+KEY_FILE = "identity.key"
 # How long after its last write a file's (size, mtime_ns) is trusted to stand for its content:
 # within the filesystem's timestamp granularity (2 s on FAT) a write may leave mtime unchanged.
 UNSETTLED_MTIME_NS = 2_000_000_000
 PHASH_SIZE = 16  # 256-bit pHash: the 64-bit default cannot tell two patients' CT slices apart
-
-
-@dataclass(frozen=True)
-class Skipped:
-    path: str
-    reason: str
 
 
 @dataclass
@@ -53,9 +49,12 @@ class CTDataset:
     images: np.ndarray  # uint8 [N, S, S]
     phash: np.ndarray  # uint8 [N, 32]: packed perceptual hash, for near-duplicate grouping
     labels: np.ndarray  # int64 [N]
-    paths: list[str]  # relative to root
-    sha256: list[str]
-    groups: list[str | None]  # manifest group (patient id), None for class folders
+    paths: list[str]  # Sample.rel: relative to root, IDs scrubbed, "#K" for slice K of a file
+    sha256: list[str]  # of the file holding the slice
+    frames: list[int]  # which slice of that file: (sha256, frame) names a slice's content
+    groups: list[str | None]  # the patient's pseudonym; None where the data do not say
+    series: list[str | None]  # pseudonyms of the DICOM series / NIfTI file; None for 2-D files
+    studies: list[str | None]
     modes: list[str]  # image mode as stored, e.g. "RGB"; the pixels never depend on it
     bits: list[int | str]  # the scale each file was read with: Decoded.bits (8, 12, 16, "HU"...)
     peaks: list[int | None]  # Decoded.peak: None where not read as 16 bits, or cached before it
@@ -64,6 +63,9 @@ class CTDataset:
     image_size: int
     resize: str
     cache_dir: Path | None = None  # where results derived from the data may be kept
+    window: tuple[float, float] = DEFAULT_WINDOW  # HU window of DICOM and NIfTI slices
+    slices: str = "all"  # which slices of each series were kept (volumes.select_slices)
+    series_slices: dict[str, int] = field(default_factory=dict)  # each series' slices, all
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -81,6 +83,21 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ctscan"
 
 
+def machine_identity_key(cache_dir: Path) -> bytes:
+    """The key of the pseudonyms ctscan writes outside a run (a run keeps its own in
+    search.json), made once per cache folder: the same patient gets the same pseudonym in every
+    command on this machine, and nothing ctscan writes elsewhere holds the key."""
+    path = Path(cache_dir) / KEY_FILE
+    try:
+        return bytes.fromhex(path.read_text(encoding="ascii").strip())
+    except (FileNotFoundError, ValueError):
+        pass
+    with atomic_write(path, "w") as f:
+        os.chmod(f.name, 0o600)
+        f.write(secrets.token_hex(32))
+    return bytes.fromhex(path.read_text(encoding="ascii").strip())
+
+
 def load_dataset(
     data: Path,
     image_size: int = 224,
@@ -88,27 +105,36 @@ def load_dataset(
     cache_dir: Path | None = None,
     positive_class: str | None = None,
     progress: bool = True,
+    window: tuple[float, float] = DEFAULT_WINDOW,
+    slices: str = "all",
+    identity_key: bytes | None = None,
 ) -> CTDataset:
-    """Discover, hash and (once per content/size/mode) decode a dataset; see the module doc."""
+    """Discover, hash and (once per content/size/mode/window) decode a dataset; see the module
+    doc. `identity_key` makes the pseudonyms (a run's own; default: this machine's)."""
     if resize not in RESIZE_MODES:
         raise DataError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if image_size < 8:
         raise DataError(f"image size must be at least 8 pixels, got {image_size}")
-    source = discover(data, positive_class)
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    digests, skipped = _hash_files(source.samples, source.root, cache_dir, progress)
+    machine_key = machine_identity_key(cache_dir)
+    source = discover(data, positive_class, slices, key=identity_key or machine_key)
+    digests, skipped = _hash_files(source.samples, source.root, cache_dir, machine_key, progress)
+    frames = {digests[s.path]: s.frames for s in source.samples if s.path in digests}
     entries, pixels, phashes = _load_or_build(
-        list(dict.fromkeys(digests.values())), digests, image_size, resize, cache_dir, progress
+        frames, digests, image_size, resize, window, cache_dir, progress
     )
 
     rows, kept, first_label = [], [], {}
+    skipped += source.skipped
     for sample in source.samples:
         digest = digests.get(sample.path)
         if digest is None:
             continue
         entry = entries[digest]
-        if "error" in entry:
-            skipped.append(Skipped(sample.rel, entry["error"]))
+        row = entry["rows"][sample.frame] if sample.frame < len(entry.get("rows", [])) else \
+            entry.get("error", f"slice {sample.frame} missing from the file")
+        if isinstance(row, str):
+            skipped.append(Skipped(sample.rel, row))
             continue
         other = first_label.setdefault(digest, sample)
         if other.class_name != sample.class_name:
@@ -116,7 +142,7 @@ def load_dataset(
                 f"{source.root}: {other.rel} and {sample.rel} are byte-identical but labelled "
                 f"{other.class_name!r} and {sample.class_name!r}; fix the labels"
             )
-        rows.append(entry["row"])
+        rows.append(row)
         kept.append(sample)
     skipped.sort(key=lambda s: s.path)
     for name in source.class_names:
@@ -133,7 +159,10 @@ def load_dataset(
         labels=np.array([source.label(s) for s in kept], np.int64),
         paths=[s.rel for s in kept],
         sha256=[digests[s.path] for s in kept],
+        frames=[s.frame for s in kept],
         groups=[s.group for s in kept],
+        series=[s.series for s in kept],
+        studies=[s.study for s in kept],
         modes=[entries[digests[s.path]]["mode"] for s in kept],
         bits=[entries[digests[s.path]]["bits"] for s in kept],
         peaks=[entries[digests[s.path]].get("peak") for s in kept],
@@ -142,25 +171,31 @@ def load_dataset(
         image_size=image_size,
         resize=resize,
         cache_dir=cache_dir,
+        window=tuple(window),
+        slices=slices,
+        series_slices=source.series_slices,
     )
 
 
 def _hash_files(
-    samples: list[Sample], root: Path, cache_dir: Path, progress: bool
+    samples: list[Sample], root: Path, cache_dir: Path, key: bytes, progress: bool
 ) -> tuple[dict[Path, str], list[Skipped]]:
     """sha256 of every readable file, reusing the digest of a file whose (path, size, mtime_ns)
-    has not changed since an earlier run hashed it."""
+    has not changed since an earlier run hashed it. The index names files by pseudonym: a PACS
+    export's paths hold patient IDs."""
     index_file = cache_dir / "file-hashes" / f"{hashlib.sha256(bytes(root)).hexdigest()[:20]}.json"
     try:
         known = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         known = {}
     digests, skipped, index = {}, [], {}
-    for s in tqdm(samples, desc="hashing", unit="file", disable=not progress, leave=False):
+    files = list({s.path: s for s in samples}.values())  # a volume's slices share its file
+    for s in tqdm(files, desc="hashing", unit="file", disable=not progress, leave=False):
+        name = pseudonym(str(s.path), key)
         try:
             stat = s.path.stat()
             stamp = [stat.st_size, stat.st_mtime_ns]
-            entry = known.get(s.rel)
+            entry = known.get(name)
             if entry is not None and entry[:2] == stamp:
                 digests[s.path] = entry[2]
             else:
@@ -173,7 +208,7 @@ def _hash_files(
         # A file written within the filesystem's timestamp granularity of now could change again
         # without its mtime moving, so it is hashed again next run rather than trusted.
         if time.time_ns() - stat.st_mtime_ns > UNSETTLED_MTIME_NS:
-            index[s.rel] = [*stamp, digests[s.path]]
+            index[name] = [*stamp, digests[s.path]]
     if index != known:
         with atomic_write(index_file, "w") as f:
             json.dump(index, f)
@@ -181,26 +216,29 @@ def _hash_files(
 
 
 def _load_or_build(
-    order: list[str],
+    frames: dict[str, int],
     digests: dict[Path, str],
     image_size: int,
     resize: str,
+    window: tuple[float, float],
     cache_dir: Path,
     progress: bool,
 ) -> tuple[dict[str, dict], np.ndarray, np.ndarray]:
-    """Return {sha256: {"row", "mode", "size", "bits", "peak"} | {"error"}}, and the pixel and hash
-    arrays.
+    """Return {sha256: {"rows", "mode", "size", "bits", "peak"} | {"error"}}, and the pixel and
+    hash arrays. "rows" holds, per slice of the file, its row or why it is not usable.
 
-    `order` lists each digest once; readable ones get rows in that order, so when it is the
-    dataset's order the pixel array needs no reordering. The pixels are a copy-on-write memory
-    map of the cache file: pages are read on first use and shared with every process on the node
-    through the page cache, and writes stay private.
+    `frames` names each digest once, with how many slices its file holds; readable slices get
+    rows in that order, so when it is the dataset's order the pixel array needs no reordering.
+    The pixels are a copy-on-write memory map of the cache file: pages are read on first use and
+    shared with every process on the node through the page cache, and writes stay private.
 
     A failure that another run may not repeat (out of memory, an OS read error) is reported like
     any other but keeps the cache entry from being committed, so the next run decodes again.
     """
+    order = list(frames)
     key = hashlib.sha256(
-        f"{CACHE_FORMAT}|{image_size}|{resize}|{','.join(sorted(order))}".encode()
+        f"{CACHE_FORMAT}|{image_size}|{resize}|{window[0]:g},{window[1]:g}|"
+        f"{','.join(sorted(order))}".encode()
     ).hexdigest()
     meta_file = cache_dir / f"{image_size}px-{resize}-{key[:20]}.npz"
     try:
@@ -214,23 +252,31 @@ def _load_or_build(
     path_of = {digest: path for path, digest in digests.items()}
 
     def decode(digest: str) -> dict:
+        path = path_of[digest]
         try:
-            decoded = decode_image(path_of[digest].read_bytes(), image_size, resize)
+            slices = decode_frames(path.name, path.read_bytes(), image_size, resize, window)
         except Exception as e:  # noqa: BLE001 - any failure to decode one file skips that file
             reason = decode_failure(e)
             if transient_failure(e):
                 return {"error": f"{reason} (not cached; tried again next run)", "transient": True}
             return {"error": reason}
-        return {"pixels": decoded.pixels, "phash": perceptual_hash(decoded.pixels),
-                "mode": decoded.mode, "size": [decoded.width, decoded.height],
-                "bits": decoded.bits, "peak": decoded.peak}
+        first = next((d for d in slices if isinstance(d, Decoded)), None)
+        if first is None and len(slices) == 1:
+            return {"error": slices[0]}
+        # Hashed here, in the pool's threads, rather than in the loop that writes the rows.
+        slices = [d if isinstance(d, str) else (d.pixels, perceptual_hash(d.pixels))
+                  for d in slices]
+        return {"slices": slices, "mode": first and first.mode,
+                "size": first and [first.width, first.height], "bits": first and first.bits,
+                "peak": first and first.peak}
 
     # Each build gets its own pixel file, named in the metadata that commits it, so two runs
     # building one entry at once never pair one's metadata with the other's rows.
     pixels_file = cache_dir / f"{meta_file.stem}-{secrets.token_hex(4)}.npy"
-    shape = (len(order), image_size, image_size)
-    entries, hashes, rows, transient = {}, np.zeros((len(order), 32), np.uint8), 0, False
-    with atomic_write(pixels_file) as f, tqdm(total=len(order), desc="decoding", unit="img",
+    total = sum(frames.values())  # what the headers promise; a file may hold fewer
+    shape = (total, image_size, image_size)
+    entries, hashes, rows, transient = {}, np.zeros((total, 32), np.uint8), 0, False
+    with atomic_write(pixels_file) as f, tqdm(total=total, desc="decoding", unit="img",
                                               disable=not progress) as bar:
         np.lib.format.write_array_header_1_0(
             f, {"descr": "|u1", "fortran_order": False, "shape": shape})
@@ -240,21 +286,24 @@ def _load_or_build(
         # written as each chunk decodes, with plain writes rather than through a memory map, so
         # this process holds one chunk of pixels, never the array.
         with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            for start in range(0, len(order), DECODE_CHUNK):
-                chunk = order[start : start + DECODE_CHUNK]
+            for chunk in _chunks(order, frames):
                 for digest, result in zip(chunk, pool.map(decode, chunk), strict=True):
-                    bar.update()
+                    bar.update(frames[digest])
                     if "error" in result:
                         entries[digest] = {"error": result["error"]}
                         transient |= "transient" in result
                         continue
-                    entries[digest] = {"row": rows, "mode": result["mode"],
-                                       "size": result["size"], "bits": result["bits"],
-                                       "peak": result["peak"]}
-                    f.write(result["pixels"].tobytes())
-                    hashes[rows] = result["phash"]
-                    rows += 1
-        # Unreadable files get no row: the array's last len(order) - rows rows are never read.
+                    slice_rows = []
+                    for decoded in result.pop("slices")[:frames[digest]]:
+                        if isinstance(decoded, str):
+                            slice_rows.append(decoded)
+                            continue
+                        f.write(decoded[0].tobytes())
+                        hashes[rows] = decoded[1]
+                        slice_rows.append(rows)
+                        rows += 1
+                    entries[digest] = {"rows": slice_rows, **result}
+        # Unreadable slices get no row: the array's last total - rows rows are never read.
         f.truncate(data_start + int(np.prod(shape)))
     pixels = _open_pixels(pixels_file, rows)
     if transient:
@@ -270,6 +319,19 @@ def _load_or_build(
         if other != pixels_file:
             other.unlink(missing_ok=True)
     return entries, pixels, hashes[:rows]
+
+
+def _chunks(order: list[str], frames: dict[str, int]) -> list[list[str]]:
+    """Files in runs of about DECODE_CHUNK slices (a volume counts its slices), so the decoded
+    pixels held at once stay bounded whatever the files hold."""
+    chunks, size = [[]], 0
+    for digest in order:
+        if size >= DECODE_CHUNK:
+            chunks.append([])
+            size = 0
+        chunks[-1].append(digest)
+        size += frames[digest]
+    return chunks
 
 
 def _open_pixels(path: Path, rows: int) -> np.ndarray:

@@ -67,7 +67,7 @@ def decode_image(data: bytes, size: int, resize: str = "pad") -> Decoded:
             bits, shift = _depth_of(img, data)
             _, peak = _refuse_constant(img)
             gray = _to_gray(ImageOps.exif_transpose(img), bits, shift)
-    return Decoded(_fit_square(gray, size, resize), mode, width, height, bits,
+    return Decoded(fit_square(gray, size, resize), mode, width, height, bits,
                    peak if bits == 16 else None)
 
 
@@ -121,11 +121,11 @@ def _to_gray(img: Image.Image, bits: int | str, shift: int) -> Image.Image:
     if img.mode == "F":
         return Image.fromarray(_float_to_uint8(np.asarray(img)))
     if bits == "HU":
-        return Image.fromarray(_linear_to_uint8(np.asarray(img), *HU_WINDOW))
+        return Image.fromarray(linear_to_uint8(np.asarray(img), *HU_WINDOW))
     if img.mode in _WIDE_MODES:
         # int64 holds unsigned 32-bit samples, which Pillow's signed "I" shows as negative.
         samples = np.asarray(img).astype(np.int64) % (1 << 32) >> shift
-        return Image.fromarray(_linear_to_uint8(samples, 0, 2**int(bits) - 1))
+        return Image.fromarray(linear_to_uint8(samples, 0, 2**int(bits) - 1))
     # Pillow's RGB->L weights sum to exactly 1 in fixed point, so gray RGB maps to the same L.
     return img.convert("RGB").convert("L")
 
@@ -157,16 +157,16 @@ def _float_to_uint8(a: np.ndarray) -> np.ndarray:
     if low < 0 or high > 1:
         raise ValueError(f"float image holds values outside 0..1 (min {low:g}, max {high:g}); "
                          "save it as 8- or 16-bit integers")
-    return _linear_to_uint8(a, 0, 1)
+    return linear_to_uint8(a, 0, 1)
 
 
-def _linear_to_uint8(a: np.ndarray, low: float, high: float) -> np.ndarray:
+def linear_to_uint8(a: np.ndarray, low: float, high: float) -> np.ndarray:
     """low..high onto 0..255, clipping outside."""
     scaled = (a.astype(np.float64) - low) * (255 / (high - low))
     return np.clip(np.round(scaled), 0, 255).astype(np.uint8)
 
 
-def _fit_square(img: Image.Image, size: int, resize: str) -> np.ndarray:
+def fit_square(img: Image.Image, size: int, resize: str) -> np.ndarray:
     if resize == "stretch":
         return np.asarray(img.resize((size, size), Image.Resampling.BILINEAR))
     scale = size / max(img.size)

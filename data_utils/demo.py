@@ -12,6 +12,20 @@ makes healthy lungs look denser: lung density from patient to patient, a depende
 gradient, smooth patchiness and, in a quarter of patients, dependent atelectasis (a band along
 the back with a flat upper edge). So the lung field's brightness is not the label; a model has
 to find the patches.
+
+``make_demo_data(..., format=...)`` also writes the same patients, pixel for pixel, the way
+scanners and PACS exports deliver CT, so ctscan's DICOM and NIfTI readers can be tried on them:
+
+- ``"dicom"``: one CT series per patient, ``<label>/<PatientID>/<SeriesInstanceUID>/001.dcm``,
+  one single-frame CT Image Storage file per slice (signed 16-bit, rescale intercept -1024,
+  InstanceNumber 1 at the lowest z, slices 5 mm apart). The paths carry patient identifiers on
+  purpose, as real exports do: ctscan has to keep them out of what it writes.
+- ``"nifti"``: one ``<label>/<group>.nii.gz`` volume per patient, int16 Hounsfield units in
+  RAS+ with the axial slices along the third axis.
+
+In both, the lung window ctscan applies by default (``data_utils.volumes.DEFAULT_WINDOW``) turns
+the Hounsfield units back into exactly the PNG demo's 8-bit pixels (see ``hu_of_pixels``).
+Neither has a manifest: the patient is in the DICOM headers, and a NIfTI file is one patient.
 """
 
 from __future__ import annotations
@@ -23,13 +37,27 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from PIL import Image
 
+from data_utils.volumes import DEFAULT_WINDOW
+
+if TYPE_CHECKING:
+    from pydicom.dataset import Dataset
+
 CLASSES = ("COVID", "non-COVID")
 _PREFIX = {"COVID": "covid", "non-COVID": "noncovid"}
 _MIN_SLICES, _MAX_SLICES = 4, 10
+
+FORMATS = ("png", "dicom", "nifti")
+# Scan geometry of the DICOM and NIfTI outputs: thick slices, as in many routine chest CTs;
+# a pixel spacing that is exact in binary, so positions print short in the DICOM headers.
+PIXEL_SPACING_MM = 0.75
+SLICE_THICKNESS_MM = 5.0
+# Stored value 0 is -1024 HU, as on most CT scanners, so air is near 0 and bone positive.
+_RESCALE_INTERCEPT = -1024
 
 
 @dataclass(frozen=True)
@@ -39,15 +67,22 @@ class RenderedSlice:
     lesion_mask: np.ndarray  # bool (H, W); all False for negatives
 
 
-def make_demo_data(out_dir: Path, n_per_class: int = 300, size: int = 256, seed: int = 0) -> Path:
-    """Write a demo dataset in the Kaggle layout and return out_dir.
+def make_demo_data(
+    out_dir: Path, n_per_class: int = 300, size: int = 256, seed: int = 0, format: str = "png"
+) -> Path:
+    """Write a demo dataset and return out_dir.
 
-    Creates ``out_dir/COVID/*.png``, ``out_dir/non-COVID/*.png`` (8-bit grayscale, each side in
-    [0.8 * size, size]) and ``out_dir/manifest.csv`` with columns ``path,label,group``. The same
-    arguments always give byte-identical files. Raises FileExistsError if out_dir exists and is
-    not an empty directory; nothing is written in that case.
+    With format "png" (the default): the Kaggle layout, ``out_dir/COVID/*.png``,
+    ``out_dir/non-COVID/*.png`` (8-bit grayscale, each side in [0.8 * size, size]) and
+    ``out_dir/manifest.csv`` with columns ``path,label,group``. With "dicom" or "nifti": the same
+    patients as CT series or volumes under ``out_dir/COVID/`` and ``out_dir/non-COVID/`` (see
+    the module docstring), no manifest. The same arguments always give byte-identical files.
+    Raises ValueError for an unknown format, and FileExistsError if out_dir exists and is not an
+    empty directory; nothing is written in either case.
     """
     out_dir = Path(out_dir)
+    if format not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, got {format!r}")
     if n_per_class < 1:
         raise ValueError(f"n_per_class must be >= 1, got {n_per_class}")
     if size < 32:
@@ -59,18 +94,17 @@ def make_demo_data(out_dir: Path, n_per_class: int = 300, size: int = 256, seed:
     # never see a half-written dataset, and a crash leaves only a dot-prefixed temp folder.
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:
-        rows = []
         for label in CLASSES:
             (tmp / label).mkdir()
-        for label, group, slices in _iter_patients(n_per_class, size, seed):
-            for s, sl in enumerate(slices):
-                rel = f"{label}/{group}-s{s:02d}.png"
-                Image.fromarray(sl.image).save(tmp / rel, format="PNG")
-                rows.append((rel, label, group))
-        with open(tmp / "manifest.csv", "w", newline="", encoding="utf-8") as f:
-            writer = csv.writer(f, lineterminator="\n")
-            writer.writerow(("path", "label", "group"))
-            writer.writerows(rows)
+        patients = _iter_patients(n_per_class, size, seed)
+        if format == "png":
+            _write_pngs(tmp, patients)
+        else:
+            for label, group, slices in patients:
+                if format == "dicom":
+                    _write_dicom_series(tmp / label, label, group, slices, seed)
+                else:
+                    _write_nifti_volume(tmp / label / f"{group}.nii.gz", slices)
         os.chmod(tmp, 0o755)  # mkdtemp makes it owner-only; a dataset is not a secret
         _refuse_existing(out_dir)  # someone may have filled it while we were rendering
         if out_dir.is_dir():
@@ -80,6 +114,147 @@ def make_demo_data(out_dir: Path, n_per_class: int = 300, size: int = 256, seed:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
+
+
+def hu_of_pixels(pixels: np.ndarray) -> np.ndarray:
+    """Hounsfield units (int16) that ctscan's default lung window maps back to exactly `pixels`.
+
+    The window maps ``low = center - width / 2`` to 0 and ``low + width`` to 255 linearly, so
+    pixel p becomes ``round(low + p * width / 255)`` HU. Rounding to whole HU moves a pixel by at
+    most 0.5 * 255 / width (0.09 at the default width of 1500), so the window's own rounding
+    lands on p again. Black pixels come out at -1350 HU, below the -1024 HU of air: real scans
+    do not go there, but the demo needs the exact round trip more than that realism.
+    """
+    center, width = DEFAULT_WINDOW
+    low = center - width / 2
+    return np.rint(low + pixels.astype(np.float64) * (width / 255)).astype(np.int16)
+
+
+def _write_pngs(root: Path, patients: Iterator[tuple[str, str, list[RenderedSlice]]]) -> None:
+    """The Kaggle layout: ``<label>/<group>-sNN.png`` per slice, and manifest.csv."""
+    rows = []
+    for label, group, slices in patients:
+        for s, sl in enumerate(slices):
+            rel = f"{label}/{group}-s{s:02d}.png"
+            Image.fromarray(sl.image).save(root / rel, format="PNG")
+            rows.append((rel, label, group))
+    with open(root / "manifest.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("path", "label", "group"))
+        writer.writerows(rows)
+
+
+def _write_dicom_series(
+    label_dir: Path, label: str, group: str, slices: list[RenderedSlice], seed: int
+) -> None:
+    """One CT series: ``label_dir/<PatientID>/<SeriesInstanceUID>/<InstanceNumber:03d>.dcm``.
+
+    Axial slices in the usual patient orientation (row 0 anterior, column 0 the patient's
+    right), centred on x = y = 0, InstanceNumber 1 at the lowest z.
+    """
+    # Imported here, not at the top: only this format needs pydicom, and importing it costs.
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
+
+    rows, cols = slices[0].image.shape  # one size per patient: _render_patient draws it once
+    series = _dicom_series_header(label, group, seed, rows, cols)
+    folder = label_dir / series.PatientID / series.SeriesInstanceUID
+    folder.mkdir(parents=True)
+    x0, y0 = -(cols - 1) / 2 * PIXEL_SPACING_MM, -(rows - 1) / 2 * PIXEL_SPACING_MM
+    for k, sl in enumerate(slices):
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = CTImageStorage
+        meta.MediaStorageSOPInstanceUID = _demo_uid(seed, label, group, "instance", k)
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        path = folder / f"{k + 1:03d}.dcm"
+        ds = FileDataset(path, {}, file_meta=meta, preamble=b"\0" * 128)
+        ds.update(series)  # copies the elements; FileDataset(path, series) would share them
+        ds.SOPClassUID = meta.MediaStorageSOPClassUID
+        ds.SOPInstanceUID = meta.MediaStorageSOPInstanceUID
+        ds.InstanceNumber = k + 1
+        z = k * SLICE_THICKNESS_MM
+        ds.ImagePositionPatient = [x0, y0, z]
+        ds.SliceLocation = z
+        stored = hu_of_pixels(sl.image) - _RESCALE_INTERCEPT  # -326..1174: fits int16
+        ds.PixelData = stored.astype("<i2").tobytes()
+        ds.save_as(path, enforce_file_format=True)
+
+
+def _dicom_series_header(label: str, group: str, seed: int, rows: int, cols: int) -> Dataset:
+    """The attributes all slices of one patient's series share: patient, study, series, image."""
+    from pydicom.dataset import Dataset
+
+    prefix, number = group.split("-p")  # "covid-p007" -> "covid", "007"
+    ds = Dataset()
+    ds.PatientID = f"DEMO-{prefix.upper()}-{number}"
+    ds.PatientName = f"Demo^{prefix.capitalize()}{number}"
+    ds.PatientBirthDate = ""
+    ds.PatientSex = ""
+    ds.StudyInstanceUID = _demo_uid(seed, label, group, "study")
+    ds.StudyDate = "20200401"  # fixed, not today: the same arguments give the same bytes
+    ds.StudyTime = "120000"
+    ds.StudyID = "1"
+    ds.AccessionNumber = ""
+    ds.ReferringPhysicianName = ""
+    ds.StudyDescription = "CT chest (ctscan demo)"
+    ds.Modality = "CT"
+    ds.SeriesInstanceUID = _demo_uid(seed, label, group, "series")
+    ds.SeriesNumber = 1
+    ds.SeriesDescription = f"Axial {SLICE_THICKNESS_MM:g} mm, synthetic {label}"
+    ds.FrameOfReferenceUID = _demo_uid(seed, label, group, "frame of reference")
+    ds.PositionReferenceIndicator = ""
+    ds.Manufacturer = "ctscan demo"
+    ds.ImageType = ["ORIGINAL", "PRIMARY", "AXIAL"]
+    ds.KVP = ""
+    ds.AcquisitionNumber = 1
+    ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+    ds.PixelSpacing = [PIXEL_SPACING_MM, PIXEL_SPACING_MM]
+    ds.SliceThickness = SLICE_THICKNESS_MM
+    ds.Rows = rows
+    ds.Columns = cols
+    ds.SamplesPerPixel = 1
+    ds.PhotometricInterpretation = "MONOCHROME2"
+    ds.BitsAllocated = 16
+    ds.BitsStored = 16
+    ds.HighBit = 15
+    ds.PixelRepresentation = 1  # signed
+    ds.RescaleIntercept = _RESCALE_INTERCEPT
+    ds.RescaleSlope = 1
+    ds.RescaleType = "HU"
+    ds.WindowCenter, ds.WindowWidth = DEFAULT_WINDOW  # viewers open it as ctscan reads it
+    return ds
+
+
+def _demo_uid(seed: int, label: str, group: str, *what: object) -> str:
+    """A valid DICOM UID derived from the arguments, so the same call gives the same files."""
+    from pydicom.uid import generate_uid
+
+    return generate_uid(entropy_srcs=["ctscan demo", str(seed), label, group, *map(str, what)])
+
+
+def _write_nifti_volume(path: Path, slices: list[RenderedSlice]) -> None:
+    """One patient as a RAS+ int16 HU volume, axial slice k at ``data[:, :, k]``.
+
+    ctscan shows slice k of a volume as ``data[::-1, ::-1, k].T`` after
+    ``nibabel.as_closest_canonical``: row 0 anterior, column 0 the patient's right, as in
+    DICOM. Each slice is stored as the inverse of that. The affine puts every voxel where the
+    DICOM output puts the same pixel (centred on x = y = 0, slice k at z = k * thickness).
+    """
+    import nibabel as nib  # imported here for the same reason as pydicom above
+
+    vol = np.stack([hu_of_pixels(sl.image)[::-1, ::-1].T for sl in slices], axis=-1)
+    n_x, n_y = vol.shape[:2]
+    affine = np.diag([PIXEL_SPACING_MM, PIXEL_SPACING_MM, SLICE_THICKNESS_MM, 1.0])
+    affine[:2, 3] = -(n_x - 1) / 2 * PIXEL_SPACING_MM, -(n_y - 1) / 2 * PIXEL_SPACING_MM
+    img = nib.Nifti1Image(vol, affine)
+    # Both transforms, as scanner coordinates: readers differ in which one they trust.
+    img.set_qform(affine, code="scanner")
+    img.set_sform(affine, code="scanner")
+    img.header.set_data_dtype(np.int16)
+    img.header.set_xyzt_units("mm")
+    img.header.set_slope_inter(1, 0)  # the stored values are HU as they are
+    # nibabel (>= 4) gzips with mtime 0 and no file name in the header: reproducible bytes.
+    nib.save(img, path)
 
 
 def _refuse_existing(out_dir: Path) -> None:

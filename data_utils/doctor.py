@@ -19,7 +19,10 @@ SHORTCUT_LIFT = 0.10
 def inspect_dataset(ds: CTDataset) -> dict:
     """The doctor's findings as one JSON-ready dict (the --json output)."""
     by_class = {name: np.flatnonzero(ds.labels == i) for i, name in enumerate(ds.class_names)}
-    groups = group_rows(ds, "duplicates")
+    near = group_rows(ds, "duplicates", whole_files=False)
+    with_patients = all(g is not None for g in ds.groups)
+    # The units a model could memorise: patients where the data name them, else near-duplicates.
+    groups = np.unique(ds.groups, return_inverse=True)[1] if with_patients else near
     classes = {name: len(rows) for name, rows in by_class.items()}
     report = {
         "data": str(ds.root),
@@ -37,8 +40,13 @@ def inspect_dataset(ds: CTDataset) -> dict:
         "sizes": {name: _size_range([ds.sizes[i] for i in rows])
                   for name, rows in by_class.items()},
         "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
-        "duplicate_groups": _groups_of(ds, np.unique(ds.sha256, return_inverse=True)[1]),
-        "near_duplicate_groups": _groups_of(ds, groups),
+        "patients": _patients(ds, by_class),
+        "duplicate_groups": _groups_of(ds, np.unique(
+            [f"{sha}#{frame}" for sha, frame in zip(ds.sha256, ds.frames, strict=True)],
+            return_inverse=True)[1]),
+        # With patients known, neighbouring slices of one scan are alike by nature: only a
+        # group spanning two patients is news (one patient under two IDs, or a copied slice).
+        "near_duplicate_groups": _groups_of(ds, near, across=ds.groups if with_patients else None),
         "warnings": _shortcut_warnings(ds, groups) + _balance_warnings(classes),
     }
     label_of = dict(zip(ds.paths, ds.labels.tolist(), strict=True))
@@ -64,6 +72,37 @@ def inspect_dataset(ds: CTDataset) -> dict:
     return report
 
 
+def _patients(ds: CTDataset, by_class: dict[str, np.ndarray]) -> dict | None:
+    """Patients, studies and series per class, slices per patient and per series, and the
+    slices that name no patient; None for data that name none (2-D files, no manifest groups).
+    Counts only: a pseudonym is no business of a report."""
+    if all(g is None for g in ds.groups):
+        return None
+    per_class = {}
+    for name, rows in by_class.items():
+        slices = Counter(ds.groups[i] for i in rows if ds.groups[i] is not None)
+        per_class[name] = {
+            "patients": len(slices),
+            "studies": len({ds.studies[i] for i in rows} - {None}),
+            "series": len({ds.series[i] for i in rows} - {None}),
+            "slices_per_patient": _spread(list(slices.values())),
+        }
+    kept = Counter(s for s in ds.series if s is not None)
+    return {
+        "by_class": per_class,
+        "slices_without_patient": sum(g is None for g in ds.groups),
+        "slices": ds.slices,
+        "slices_kept_per_series": _spread(list(kept.values())),
+        "slices_per_series": _spread([ds.series_slices[s] for s in kept]),
+    }
+
+
+def _spread(counts: list[int]) -> dict[str, float] | None:
+    if not counts:
+        return None
+    return {"min": int(min(counts)), "median": float(np.median(counts)), "max": int(max(counts))}
+
+
 def _depth_label(bits: str) -> str:
     return f"{bits}-bit" if bits.isdigit() else bits
 
@@ -73,11 +112,16 @@ def _size_range(sizes: list[tuple[int, int]]) -> dict[str, list[int]]:
     return {"width": [int(w.min()), int(w.max())], "height": [int(h.min()), int(h.max())]}
 
 
-def _groups_of(ds: CTDataset, group_ids: np.ndarray) -> list[list[str]]:
-    members: dict[int, list[str]] = {}
-    for path, g in zip(ds.paths, group_ids.tolist(), strict=True):
-        members.setdefault(g, []).append(path)
-    return sorted((sorted(m) for m in members.values() if len(m) > 1), key=lambda m: m[0])
+def _groups_of(ds: CTDataset, group_ids: np.ndarray, across: list | None = None
+               ) -> list[list[str]]:
+    """The paths of each group of two or more; with `across`, only groups whose rows hold two
+    or more of its values."""
+    members: dict[int, list[int]] = {}
+    for row, g in enumerate(group_ids.tolist()):
+        members.setdefault(g, []).append(row)
+    return sorted((sorted(ds.paths[i] for i in rows) for rows in members.values()
+                   if len(rows) > 1 and (across is None or len({across[i] for i in rows}) > 1)),
+                  key=lambda m: m[0])
 
 
 def shortcut_accuracy(
@@ -137,10 +181,13 @@ def format_report(report: dict) -> str:
             f"{size['width'][0]}-{size['width'][1]}, height {size['height'][0]}-"
             f"{size['height'][1]} px"
         )
+    lines += _format_patients(report["patients"])
     lines.append(f"skipped (unreadable): {len(report['skipped'])}")
     lines += [f"  {s['path']}: {s['reason']}" for s in report["skipped"]]
+    near = ("near-identical groups across patients" if report["patients"] else
+            "near-identical groups (kept in one split)")
     for key, title in [("duplicate_groups", "byte-identical groups"),
-                       ("near_duplicate_groups", "near-identical groups (kept in one split)")]:
+                       ("near_duplicate_groups", near)]:
         groups = report[key]
         lines.append(f"{title}: {len(groups)}, {sum(map(len, groups))} files")
         lines += [f"  {' = '.join(g[:3])}" + (f" (+{len(g) - 3} more)" if len(g) > 3 else "")
@@ -149,3 +196,22 @@ def format_report(report: dict) -> str:
             lines.append(f"  ... {len(groups) - 10} more (see --json)")
     lines += [f"WARNING: {w}" for w in report["warnings"]]
     return "\n".join(lines)
+
+
+def _format_patients(patients: dict | None) -> list[str]:
+    if patients is None:
+        return ["patients: not named by the data (2-D files without a manifest group column); "
+                "the split groups near-identical slices instead"]
+    lines = []
+    for name, c in patients["by_class"].items():
+        spread = c["slices_per_patient"] or {"min": 0, "median": 0, "max": 0}
+        lines.append(f"  {name:<12} {c['patients']:>6} patients, {c['studies']} studies, "
+                     f"{c['series']} series; slices per patient {spread['min']}/"
+                     f"{spread['median']:g}/{spread['max']} (min/median/max)")
+    kept, total = patients["slices_kept_per_series"], patients["slices_per_series"]
+    if kept:
+        lines.append(f"slices kept per series (--slices {patients['slices']}): "
+                     f"{kept['min']}/{kept['median']:g}/{kept['max']} of "
+                     f"{total['min']}/{total['median']:g}/{total['max']} (min/median/max)")
+    lines.append(f"slices without a patient ID: {patients['slices_without_patient']}")
+    return lines

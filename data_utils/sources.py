@@ -1,14 +1,30 @@
-"""Find the labelled image files of a dataset: a folder of class folders, or a CSV manifest."""
+"""Find the labelled slices of a dataset: a folder of class folders, or a CSV manifest.
+
+A slice is a 2-D image file, a DICOM file (a multi-frame one: each frame) or an axial slice of a
+NIfTI volume (see data_utils.volumes). DICOM and NIfTI slices carry their patient, study and
+series, as pseudonyms; PNGs only where a manifest's group column names the patient.
+"""
 
 from __future__ import annotations
 
 import csv
 import io
 import re
-from dataclasses import dataclass
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_utils.errors import UserError
+from data_utils.volumes import (
+    DicomHeader,
+    NotASlice,
+    nifti_slices,
+    pseudonym,
+    read_dicom_header,
+    scrub,
+    select_slices,
+    volume_kind,
+)
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".gif", ".webp"}
 POSITIVE_HINTS = ("covid", "positive")
@@ -20,11 +36,23 @@ class DataError(UserError):
 
 
 @dataclass(frozen=True)
+class Skipped:
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
 class Sample:
     path: Path  # absolute
-    rel: str  # relative to the dataset root, as written to split.json and reports
+    # As split.json and reports name the slice: relative to the dataset root, with any ID its
+    # DICOM header holds scrubbed out, and "#K" for slice K of a volume or multi-frame file.
+    rel: str
     class_name: str
-    group: str | None = None  # patient id from a manifest's group column
+    group: str | None = None  # the patient's pseudonym (manifest group, DICOM, NIfTI file)
+    frame: int = 0  # which slice of the file
+    frames: int = 1  # how many slices the file holds
+    series: str | None = None  # pseudonyms; None for 2-D image files
+    study: str | None = None
 
 
 @dataclass(frozen=True)
@@ -32,6 +60,8 @@ class Source:
     root: Path
     samples: list[Sample]
     class_names: tuple[str, str]  # (negative, positive): label 1 means class_names[1]
+    skipped: list[Skipped] = field(default_factory=list)  # files that hold no usable slice
+    series_slices: dict[str, int] = field(default_factory=dict)  # before --slices chose
 
     @property
     def positive_class(self) -> str:
@@ -41,17 +71,21 @@ class Source:
         return self.class_names.index(sample.class_name)
 
 
-def discover(data: Path, positive_class: str | None = None) -> Source:
-    """Read a class-folder tree (Kaggle layout: COVID/, non-COVID/) or a path,label[,group] CSV."""
+def discover(data: Path, positive_class: str | None = None, slices: str = "all", *,
+             key: bytes) -> Source:
+    """Read a class-folder tree (Kaggle layout: COVID/, non-COVID/) or a path,label[,group] CSV,
+    and expand its DICOM and NIfTI files into slices (`slices`: see volumes.select_slices).
+    `key` makes the pseudonyms of patients, studies, series and scrubbed path parts."""
     data = Path(data).expanduser()
     if not data.exists():
         raise DataError(f"{data}: no such file or folder")
     if data.is_file():
         if data.suffix.lower() != ".csv":
             raise DataError(f"{data}: expected a folder of class folders or a .csv manifest")
-        root, samples = data.parent.resolve(), _read_manifest(data)
+        root, files = data.parent.resolve(), _read_manifest(data, key)
     else:
-        root, samples = data.resolve(), _read_class_folders(data)
+        root, files = data.resolve(), _read_class_folders(data)
+    samples, skipped, series_slices = _expand(files, key, slices)
     where = str(data)
     names = sorted({s.class_name for s in samples})
     if len(names) < 2:
@@ -59,16 +93,85 @@ def discover(data: Path, positive_class: str | None = None) -> Source:
         raise DataError(f"{where}: found {found}; a binary classifier needs exactly two classes")
     if len(names) > 2:
         raise DataError(f"{where}: found {len(names)} classes {names}; ctscan needs exactly two")
-    return Source(root, samples, _order_classes(names, positive_class, where))
+    return Source(root, samples, _order_classes(names, positive_class, where), skipped,
+                  series_slices)
 
 
 def image_files(folder: Path) -> list[Path]:
-    """Image files under folder, recursively and sorted; hidden files are left out.
+    """Image, DICOM and NIfTI files under folder, recursively and sorted; hidden files are left
+    out. A file without a suffix counts when it is DICOM (PACS exports name files by UID).
 
     Broken symlinks are kept, so that reading them fails and they are reported, not lost.
     """
     return sorted(p for p in folder.rglob("*") if (p.is_file() or p.is_symlink())
-                  and p.suffix.lower() in IMAGE_SUFFIXES and not p.name.startswith("."))
+                  and not p.name.startswith(".")
+                  and (p.suffix.lower() in IMAGE_SUFFIXES or volume_kind(p) is not None))
+
+
+def _expand(files: list[Sample], key: bytes, slices: str
+            ) -> tuple[list[Sample], list[Skipped], dict[str, int]]:
+    """One sample per slice, in the files' order: a 2-D image stays itself; a NIfTI volume
+    becomes its chosen axial slices; DICOM files join their series (wherever they lie), which
+    becomes its chosen slices in position order, placed where its first file was listed.
+    Returns the samples, the files holding no usable slice, and each series' slice count."""
+    placed: list[tuple[int, list[Sample]]] = []
+    skipped, series_slices = [], {}
+    series_files: dict[str, list[tuple[DicomHeader, Sample]]] = defaultdict(list)
+    first_of_series: dict[str, int] = {}
+    for index, f in enumerate(files):
+        kind = volume_kind(f.path)
+        try:
+            if kind == "nifti":
+                n = nifti_slices(f.path)
+                series = pseudonym(f"nifti:{f.rel}", key)
+                series_slices[series] = n
+                patient = f.group or pseudonym(f"nifti:{f.rel}", key)
+                placed.append((index, [
+                    Sample(f.path, f"{f.rel}#{k}", f.class_name, patient, k, n, series, series)
+                    for k in select_slices(n, slices)]))
+            elif kind == "dicom":
+                header = read_dicom_header(f.path)
+                # Without a SeriesInstanceUID, a folder is taken to hold one series.
+                series = header.series or f"folder:{f.path.parent}"
+                first_of_series.setdefault(series, index)
+                series_files[series].append((header, f))
+            else:
+                placed.append((index, [f]))
+        except NotASlice as e:
+            skipped.append(Skipped(f.rel, str(e)))
+        except OSError as e:
+            skipped.append(Skipped(f.rel, f"cannot read: {e.strerror or e}"))
+    for series, members in series_files.items():
+        kept, odd = _one_size(members)
+        skipped += odd
+        slices_of = [(h, f, k) for h, f in sorted(kept, key=lambda m: (m[0].position, m[1].rel))
+                     for k in range(h.frames)]
+        name = pseudonym(series, key)
+        series_slices[name] = len(slices_of)
+        placed.append((first_of_series[series], [
+            _dicom_sample(h, f, k, name, key) for h, f, k in
+            (slices_of[i] for i in select_slices(len(slices_of), slices))]))
+    placed.sort(key=lambda p: p[0])
+    return [s for _, group in placed for s in group], skipped, series_slices
+
+
+def _one_size(members: list[tuple[DicomHeader, Sample]]
+              ) -> tuple[list[tuple[DicomHeader, Sample]], list[Skipped]]:
+    """The files of a series with its most common slice size, and the others as skipped: a
+    slice of another size is a reconstruction or a stray file, not part of this stack."""
+    size = Counter(h.size for h, _ in members).most_common(1)[0][0]
+    odd = [Skipped(f.rel, f"{h.size[0]}x{h.size[1]} slice in a series of {size[0]}x{size[1]} "
+                          "slices") for h, f in members if h.size != size]
+    return [(h, f) for h, f in members if h.size == size], odd
+
+
+def _dicom_sample(header: DicomHeader, f: Sample, frame: int, series: str, key: bytes
+                  ) -> Sample:
+    rel = scrub(f.rel, list(header.identifiers), key)
+    patient = f.group or (pseudonym(header.patient, key) if header.patient else None)
+    return Sample(f.path, f"{rel}#{frame}" if header.frames > 1 else rel, f.class_name,
+                  patient, frame, header.frames, series,
+                  pseudonym(header.study, key) if header.study else None)
 
 
 def _read_class_folders(root: Path) -> list[Sample]:
@@ -87,7 +190,7 @@ def _read_class_folders(root: Path) -> list[Sample]:
     return samples
 
 
-def _read_manifest(manifest: Path) -> list[Sample]:
+def _read_manifest(manifest: Path, key: bytes) -> list[Sample]:
     root = manifest.parent.resolve()
     try:
         text = manifest.read_text(encoding="utf-8-sig")
@@ -113,7 +216,8 @@ def _read_manifest(manifest: Path) -> list[Sample]:
             if path in line_of:
                 raise DataError(f"{manifest}:{line_of[path]} and :{line_no} both list {rel}")
             line_of[path] = line_no
-            samples.append(Sample(path, rel, row["label"], row.get("group") or None))
+            group = pseudonym(row["group"], key) if row.get("group") else None
+            samples.append(Sample(path, rel, row["label"], group))
     if not samples:
         raise DataError(f"{manifest}: manifest lists no images")
     return samples

@@ -1,13 +1,16 @@
 """Stratified, seeded train/val/test split that never lets related slices straddle two splits.
 
-Files are first joined into groups, then whole groups are dealt to splits:
-- byte-identical files (same sha256) are always one group, whatever --group-by says;
-- `manifest`: the manifest's group column (patient id) joins files too;
-- `duplicates` (default): near-identical slices join too: 256-bit pHashes at Hamming distance
-  <= NEAR_DUPLICATE_BITS (of 256). On the 314-slice real sample that joins the 2 byte-identical
-  pairs and 5 same-class pairs at distance 20-40 that are visibly the same patient (Non-Covid
-  (787) and (987) are one slice, 200 file numbers apart); the closest pair with different labels,
-  visibly different patients, is at distance 50.
+Slices are first joined into groups, then whole groups are dealt to splits:
+- byte-identical files (same sha256) are always one group, whatever --group-by says; so are the
+  slices of one file (a NIfTI volume, a multi-frame DICOM);
+- `patient` (the default when every slice names its patient: DICOM PatientID, one NIfTI file, a
+  manifest's group column): a patient's slices are one group; a patient under both labels is an
+  error. `manifest` is its former name, still read from older runs;
+- `duplicates` (the default otherwise): near-identical slices join: 256-bit pHashes at Hamming
+  distance <= NEAR_DUPLICATE_BITS (of 256). On the 314-slice real sample that joins the 2
+  byte-identical pairs and 5 same-class pairs at distance 20-40 that are visibly the same patient
+  (Non-Covid (787) and (987) are one slice, 200 file numbers apart); the closest pair with
+  different labels, visibly different patients, is at distance 50.
 Groups joined this way are transitive: A~B and B~C puts A, B and C together.
 """
 
@@ -26,10 +29,12 @@ from data_utils import runfolder
 from data_utils.cache import CTDataset, load_dataset
 from data_utils.files import atomic_write, write_json
 from data_utils.sources import DataError
+from data_utils.volumes import DEFAULT_WINDOW
 
 SPLITS = ("train", "val", "test")
-GROUP_BY = ("none", "manifest", "duplicates")
-DEFAULT_GROUP_BY = "duplicates"
+GROUP_BY = ("none", "patient", "duplicates", "manifest")
+PATIENT_GROUPING = ("patient", "manifest")  # groups that are patients; "manifest": former name
+DEFAULT_GROUP_BY = "auto"  # patient where every slice names one, else duplicates
 DEFAULT_RATIOS = (0.7, 0.2, 0.1)  # train, val, test
 NEAR_DUPLICATE_BITS = 40
 SEARCH_BLOCK = 4096  # hashes searched at once: more rows per search, fewer repeated index builds
@@ -84,17 +89,30 @@ def cached_near_duplicate_pairs(ds: CTDataset) -> np.ndarray:
     return pairs
 
 
-def group_rows(ds: CTDataset, group_by: str) -> np.ndarray:
-    """Connected components of 'must share a split' links; returns a group id per row."""
+def resolve_group_by(ds: CTDataset, group_by: str) -> str:
+    """`auto` as the data allow: patients where every slice names one, else near-duplicates."""
+    if group_by == DEFAULT_GROUP_BY:
+        return "patient" if all(g is not None for g in ds.groups) else "duplicates"
     if group_by not in GROUP_BY:
-        raise DataError(f"--group-by must be one of {GROUP_BY}, got {group_by!r}")
-    keys = [ds.sha256]
-    if group_by == "manifest":
-        if any(g is None for g in ds.groups):
+        raise DataError(f"--group-by must be one of {(DEFAULT_GROUP_BY, *GROUP_BY)}, "
+                        f"got {group_by!r}")
+    return group_by
+
+
+def group_rows(ds: CTDataset, group_by: str, whole_files: bool = True) -> np.ndarray:
+    """Connected components of 'must share a split' links; returns a group id per row. With
+    whole_files=False the slices of one volume are not joined for being in one file, only
+    byte-identical slices are (how the dataset doctor looks for near-duplicates)."""
+    keys = [ds.sha256 if whole_files else list(zip(ds.sha256, ds.frames, strict=True))]
+    if group_by in PATIENT_GROUPING:
+        missing = sum(g is None for g in ds.groups)
+        if missing:
             raise DataError(
-                f"{ds.root}: --group-by manifest needs a CSV manifest with a group column "
-                "filled in for every row (path,label,group)"
+                f"{ds.root}: --group-by {group_by} needs every slice's patient: DICOM files with "
+                "a PatientID, NIfTI volumes, or a CSV manifest with a group column "
+                f"(path,label,group); {missing} of {len(ds)} slices name none"
             )
+        _refuse_patients_under_both_labels(ds)
         keys.append(ds.groups)
     links = [_same_key_links(k) for k in keys]
     if group_by == "duplicates":
@@ -102,6 +120,18 @@ def group_rows(ds: CTDataset, group_by: str) -> np.ndarray:
     edges = np.concatenate(links)
     graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(ds),) * 2)
     return connected_components(graph, directed=False)[1]
+
+
+def _refuse_patients_under_both_labels(ds: CTDataset) -> None:
+    # The count only: an error message must not name a patient.
+    labels: dict[str, set[int]] = {}
+    for group, label in zip(ds.groups, ds.labels.tolist(), strict=True):
+        labels.setdefault(group, set()).add(label)
+    mixed = sum(len(seen) > 1 for seen in labels.values())
+    if mixed:
+        raise DataError(f"{ds.root}: {mixed} of {len(labels)} patients have slices under both "
+                        f"{ds.class_names[0]!r} and {ds.class_names[1]!r}; a patient has one "
+                        "label: fix the folders or the manifest")
 
 
 def _same_key_links(keys: list) -> np.ndarray:
@@ -118,6 +148,7 @@ def split_dataset(
 ) -> Split:
     """Deal whole groups to train/val/test so each split gets its share of each class."""
     ratios = _check_ratios(ratios)
+    group_by = resolve_group_by(ds, group_by)
     groups = group_rows(ds, group_by)
     rng = np.random.default_rng(seed)
     sizes = np.bincount(groups)
@@ -145,8 +176,20 @@ def load_and_split(data: Path, image_size: int, resize: str, options: dict,
                    cache_dir: Path | None = None) -> tuple[CTDataset, Split]:
     """The dataset, decoded (or read from the cache), and its split; `options` are split.json's
     and search.json's: ratios, seed, group_by and positive_class."""
-    ds = load_dataset(data, image_size, resize, cache_dir, options["positive_class"])
+    ds = load_data_options(data, image_size, resize, options, cache_dir)
     return ds, split_dataset(ds, tuple(options["ratios"]), options["seed"], options["group_by"])
+
+
+def load_data_options(data: Path, image_size: int, resize: str, options: dict,
+                      cache_dir: Path | None = None) -> CTDataset:
+    """load_dataset with how a run reads its data (split.json's options): the positive class,
+    the HU window and slice rule of DICOM and NIfTI files, and the run's pseudonym key (runs
+    from before these existed read as they did)."""
+    key = options.get("identity_key")
+    return load_dataset(data, image_size, resize, cache_dir, options["positive_class"],
+                        window=tuple(options.get("window", DEFAULT_WINDOW)),
+                        slices=options.get("slices", "all"),
+                        identity_key=bytes.fromhex(key) if key else None)
 
 
 def describe_split(split: Split, ds: CTDataset) -> str:
@@ -205,6 +248,8 @@ def split_record(split: Split, ds: CTDataset) -> dict:
         "group_by": split.group_by,
         "near_duplicate_bits": NEAR_DUPLICATE_BITS if split.group_by == "duplicates" else None,
         "positive_class": ds.positive_class,
+        "window": list(ds.window),
+        "slices": ds.slices,
         "counts": split_counts(split, ds),
         "files": files,
     }
@@ -213,9 +258,12 @@ def split_record(split: Split, ds: CTDataset) -> dict:
 def split_changes(old: dict, new: dict) -> str:
     """What differs between two split.json records, in words ("" when they are equal): a run
     continued on another split would put former training images into val or test."""
+    # A key the old record lacks was not recorded then (window, slices: before DICOM), and the
+    # data were read as its default reads them.
     changes = [f"{key} {old.get(key)!r} -> {new.get(key)!r}"
-               for key in ("seed", "ratios", "group_by", "near_duplicate_bits", "positive_class")
-               if old.get(key) != new.get(key)]
+               for key in ("seed", "ratios", "group_by", "near_duplicate_bits", "positive_class",
+                           "window", "slices")
+               if key in old and old[key] != new.get(key)]
     before = {f["path"]: f for f in old.get("files", [])}
     after = {f["path"]: f for f in new.get("files", [])}
     for what, paths in (

@@ -36,8 +36,8 @@ def test_bad_files_are_skipped_with_reasons_and_the_rest_loads(tmp_path):
 def decode_calls(monkeypatch) -> list:
     """Records every file the cache decodes."""
     calls = []
-    real = cache_module.decode_image
-    monkeypatch.setattr(cache_module, "decode_image", lambda *a: calls.append(a) or real(*a))
+    real = cache_module.decode_frames
+    monkeypatch.setattr(cache_module, "decode_frames", lambda *a: calls.append(a) or real(*a))
     return calls
 
 
@@ -101,15 +101,15 @@ def test_identical_bytes_with_different_labels_is_an_error(tmp_path):
 def test_a_transient_failure_is_skipped_but_not_cached(tmp_path, monkeypatch, isolated_cache,
                                                        failure):
     root = make_class_folders(tmp_path / "data", 3)
-    real, failed = cache_module.decode_image, []
+    real, failed = cache_module.decode_frames, []
 
-    def fail_once(data, *args):
+    def fail_once(*args):
         if not failed:
-            failed.append(data)
+            failed.append(args)
             raise failure
-        return real(data, *args)
+        return real(*args)
 
-    monkeypatch.setattr(cache_module, "decode_image", fail_once)
+    monkeypatch.setattr(cache_module, "decode_frames", fail_once)
     first = load_dataset(root, image_size=32, progress=False)
     [skipped] = first.skipped
     assert skipped.reason.startswith(type(failure).__name__)

@@ -7,9 +7,12 @@ import re
 from collections import Counter
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from PIL import Image
+from pydicom.uid import UID, CTImageStorage, ExplicitVRLittleEndian
 from scipy.ndimage import binary_dilation
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold, cross_val_score
@@ -18,6 +21,7 @@ from sklearn.preprocessing import StandardScaler
 
 from data_utils import demo
 from data_utils.demo import make_demo_data
+from data_utils.volumes import DEFAULT_WINDOW
 
 NAME = re.compile(r"^(?P<group>(covid|noncovid)-p\d{3,})-s(?P<slice>\d{2})\.png$")
 
@@ -138,6 +142,9 @@ def test_rejects_bad_arguments(tmp_path: Path) -> None:
         make_demo_data(tmp_path / "x", n_per_class=0)
     with pytest.raises(ValueError):
         make_demo_data(tmp_path / "x", size=8)
+    with pytest.raises(ValueError, match="png, dicom, nifti.*'jpeg'"):
+        make_demo_data(tmp_path / "x", n_per_class=4, size=32, format="jpeg")
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_plan_runs_cover_total() -> None:
@@ -209,3 +216,138 @@ def test_global_statistics_do_not_reveal_label(patients) -> None:
     assert len(set(sizes)) > 10  # sizes do vary, so loaders must pad/resize
     # Conversely, the label is there: the same classifier given the lesion area is near-perfect.
     assert _logreg_group_cv(np.array(area), y, groups) > 0.9
+
+
+# --- The same patients as CT arrives: DICOM series and NIfTI volumes -------------------------
+
+# Enough slices for at least two patients per class, so "distinct across patients" means something.
+CT_ARGS = {"n_per_class": 12, "size": 64, "seed": 2}
+
+
+def _window(hu: np.ndarray) -> np.ndarray:
+    """ctscan's default lung window, written out: low..low + width HU onto 0..255."""
+    center, width = DEFAULT_WINDOW
+    low = center - width / 2
+    return np.clip(np.rint((hu - low) * 255 / width), 0, 255).astype(np.uint8)
+
+
+def _patient_id(group: str) -> str:
+    prefix, number = group.split("-p")
+    return f"DEMO-{prefix.upper()}-{number}"
+
+
+@pytest.fixture(scope="module")
+def png_patients(tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, list]]:
+    """label -> group -> slice images, in order, as the PNG demo writes them for CT_ARGS."""
+    root = make_demo_data(tmp_path_factory.mktemp("png") / "data", **CT_ARGS)
+    patients: dict[str, dict[str, list]] = {label: {} for label in demo.CLASSES}
+    for r in _read_manifest(root):  # one patient's slices are consecutive rows, s00 first
+        with Image.open(root / r["path"]) as im:
+            patients[r["label"]].setdefault(r["group"], []).append(np.asarray(im))
+    return patients
+
+
+def test_hu_of_pixels_round_trips_through_the_default_window() -> None:
+    pixels = np.arange(256, dtype=np.uint8)
+    hu = demo.hu_of_pixels(pixels)
+    assert hu.dtype == np.int16
+    assert np.array_equal(_window(hu), pixels)
+    assert np.all(np.diff(hu) > 0)
+    assert (hu[0], hu[-1]) == (-1350, 150)  # the window's ends
+
+
+def test_dicom_series_read_back_as_the_png_demo(
+    tmp_path: Path, png_patients: dict[str, dict[str, list]]
+) -> None:
+    root = make_demo_data(tmp_path / "dicom", **CT_ARGS, format="dicom")
+    assert sorted(p.name for p in root.iterdir()) == sorted(demo.CLASSES)  # no manifest
+    study_uids, sop_uids = set(), set()
+    for label, groups in png_patients.items():
+        # One folder per patient, named by PatientID; one series folder in it, named by its UID.
+        patient_dirs = sorted((root / label).iterdir())
+        assert [d.name for d in patient_dirs] == [_patient_id(g) for g in groups]
+        for patient_dir, (group, images) in zip(patient_dirs, groups.items(), strict=True):
+            (series_dir,) = patient_dir.iterdir()
+            files = sorted(series_dir.iterdir())
+            assert [f.name for f in files] == [f"{k:03d}.dcm" for k in range(1, len(images) + 1)]
+            datasets = [pydicom.dcmread(f) for f in files]  # not forced: a real DICOM file
+            first = datasets[0]
+            assert first.PatientID == patient_dir.name
+            assert first.PatientName == f"Demo^{group.split('-p')[0].capitalize()}{group[-3:]}"
+            assert first.SeriesInstanceUID == series_dir.name
+            for uid in ("StudyInstanceUID", "SeriesInstanceUID", "FrameOfReferenceUID"):
+                assert UID(first[uid].value).is_valid
+                assert {ds[uid].value for ds in datasets} == {first[uid].value}
+            study_uids.add(first.StudyInstanceUID)
+            for f, ds in zip(files, datasets, strict=True):
+                assert ds.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+                assert ds.SOPClassUID == ds.file_meta.MediaStorageSOPClassUID == CTImageStorage
+                assert ds.SOPInstanceUID == ds.file_meta.MediaStorageSOPInstanceUID
+                assert UID(ds.SOPInstanceUID).is_valid
+                sop_uids.add(ds.SOPInstanceUID)
+                assert ds.Modality == "CT" and ds.PhotometricInterpretation == "MONOCHROME2"
+                assert ds.PatientID == first.PatientID
+                assert (ds.BitsAllocated, ds.BitsStored, ds.PixelRepresentation) == (16, 16, 1)
+                assert (ds.RescaleSlope, ds.RescaleIntercept) == (1, -1024)
+                assert [float(v) for v in ds.ImageOrientationPatient] == [1, 0, 0, 0, 1, 0]
+                assert ds.InstanceNumber == int(f.stem)
+            # InstanceNumber runs with z, one slice thickness apart.
+            z = [float(ds.ImagePositionPatient[2]) for ds in datasets]
+            assert np.allclose(np.diff(z), float(first.SliceThickness))
+            assert float(first.SliceThickness) > 0
+            for ds, image in zip(datasets, images, strict=True):
+                hu = ds.pixel_array * float(ds.RescaleSlope) + float(ds.RescaleIntercept)
+                assert np.array_equal(_window(hu), image)
+    n_patients = sum(len(groups) for groups in png_patients.values())
+    assert n_patients >= 4
+    assert len(study_uids) == n_patients
+    assert len(sop_uids) == sum(len(im) for g in png_patients.values() for im in g.values())
+
+
+def test_nifti_volumes_read_back_as_the_png_demo(
+    tmp_path: Path, png_patients: dict[str, dict[str, list]]
+) -> None:
+    root = make_demo_data(tmp_path / "nifti", **CT_ARGS, format="nifti")
+    assert sorted(p.name for p in root.iterdir()) == sorted(demo.CLASSES)  # no manifest
+    for label, groups in png_patients.items():
+        files = sorted((root / label).iterdir())
+        assert [f.name for f in files] == [f"{g}.nii.gz" for g in groups]
+        for f, images in zip(files, groups.values(), strict=True):
+            img = nib.load(f)
+            assert img.get_data_dtype() == np.int16
+            assert (img.dataobj.slope, img.dataobj.inter) == (1.0, 0.0)  # stored values are HU
+            # What ctscan's reader does: RAS+, then slice k shown as data[::-1, ::-1, k].T.
+            data = np.asarray(nib.as_closest_canonical(img).dataobj)
+            assert data.shape[2] == len(images)
+            for k, image in enumerate(images):
+                assert np.array_equal(_window(data[::-1, ::-1, k].T), image)
+
+
+def test_dicom_and_nifti_place_pixels_alike(tmp_path: Path) -> None:
+    args = {"n_per_class": 4, "size": 48, "seed": 5}
+    dicom_root = make_demo_data(tmp_path / "dicom", **args, format="dicom")
+    nifti_root = make_demo_data(tmp_path / "nifti", **args, format="nifti")
+    series = sorted(next((dicom_root / "COVID").rglob("*.dcm")).parent.iterdir())
+    datasets = [pydicom.dcmread(f) for f in series]
+    img = nib.as_closest_canonical(nib.load(nifti_root / "COVID" / "covid-p000.nii.gz"))
+    n_x, n_y, n_z = img.shape
+    assert (datasets[0].Rows, datasets[0].Columns, len(datasets)) == (n_y, n_x, n_z)
+    spacing = [float(v) for v in datasets[0].PixelSpacing]  # row spacing, column spacing
+    for k in (0, n_z - 1):
+        for row, col in [(0, 0), (0, n_x - 1), (n_y - 1, 0), (n_y - 1, n_x - 1)]:
+            # DICOM: patient coordinates (LPS) of pixel (row, col); RAS flips x and y.
+            x, y, z = [float(v) for v in datasets[k].ImagePositionPatient]
+            lps = np.array([x + col * spacing[1], y + row * spacing[0], z])
+            ras = lps * [-1, -1, 1]
+            # NIfTI: the voxel the reader shows at (row, col) of slice k.
+            voxel = [n_x - 1 - col, n_y - 1 - row, k, 1]
+            assert np.allclose(img.affine @ voxel, [*ras, 1])
+
+
+@pytest.mark.parametrize("fmt", ["dicom", "nifti"])
+def test_ct_formats_are_deterministic(tmp_path: Path, fmt: str) -> None:
+    a = _all_bytes(make_demo_data(tmp_path / "a", **CT_ARGS, format=fmt))
+    b = _all_bytes(make_demo_data(tmp_path / "b", **CT_ARGS, format=fmt))
+    assert a == b  # paths (UIDs among them) and bytes
+    c = _all_bytes(make_demo_data(tmp_path / "c", **{**CT_ARGS, "seed": 3}, format=fmt))
+    assert set(a.values()).isdisjoint(c.values())

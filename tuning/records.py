@@ -49,7 +49,9 @@ class SearchOptions:
     seed: int = 0
     search_space: str = str(DEFAULT_SPACE)
     base_config: dict = field(default_factory=dict)  # fixed training config keys (image size...)
-    split: dict = field(default_factory=dict)  # ratios, seed, group_by, positive_class
+    # How the data are read and split: ratios, seed, group_by, positive_class, window, slices,
+    # and the run's pseudonym key (identity_key); see data_utils.split.load_data_options.
+    split: dict = field(default_factory=dict)
 
     @property
     def run_dir(self) -> str:
