@@ -399,11 +399,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          f"{args.csv / 'predictions.csv'}")
     refuse_writes_inside(args.paths, {"--csv": args.csv})
     with runfolder.local_path(args.model_dir) as model_dir:
-        rows = predict_paths(model_dir, args.paths)
+        rows = predict_paths(model_dir, args.paths, per_slice=args.per_slice)
         positive = read_config(model_dir)["class_names"][1]
     for r in rows:
         if r["error"] is None:
-            print(f"{r['path']}\t{r['prob']:.4f}\t{r['label']}")
+            series = "" if r["slices"] is None else f"\t{r['slices']} slices"
+            print(f"{r['path']}\t{r['prob']:.4f}\t{r['label']}{series}")
         else:
             print(f"{r['path']}\tERROR\t{r['error']}")
     if args.csv is not None:
@@ -415,12 +416,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Exit code 1 if any image could not be explained, as for predict."""
     from results.explain import explain_paths
-    from results.predict import expand_paths
 
     with runfolder.local_path(args.model_dir) as model_dir:
-        written = explain_paths(model_dir, args.paths, args.out)
+        written, failed = explain_paths(model_dir, args.paths, args.out)
     print(f"wrote {len(written)} Grad-CAM overlays to {args.out}")
-    return 0 if written and len(written) == len(expand_paths(args.paths)) else 1
+    return 0 if written and not failed else 1
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -601,11 +601,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to export into")
     p.set_defaults(func=cmd_export)
 
-    p = commands.add_parser("predict", help="probability of the positive class per image")
+    p = commands.add_parser("predict", help="probability of the positive class per image, and "
+                            "per DICOM series or NIfTI volume")
     p.add_argument("model_dir", help="an exported model folder (RUN_DIR/export), local or in a "
                    "bucket (s3://..., gs://...)")
-    p.add_argument("paths", type=Path, nargs="+", help="images or folders of images")
+    p.add_argument("paths", type=Path, nargs="+",
+                   help="images, DICOM files, NIfTI volumes, or folders of them")
     p.add_argument("--csv", type=Path, help="also write the predictions to this CSV file")
+    p.add_argument("--per-slice", action="store_true",
+                   help="after a DICOM series' or NIfTI volume's line, one line per slice "
+                        "(default: the series' aggregate only)")
     p.set_defaults(func=cmd_predict)
 
     p = commands.add_parser("explain", help="Grad-CAM heatmaps over the slices (where the model "

@@ -108,6 +108,14 @@ def image_files(folder: Path) -> list[Path]:
                   and (p.suffix.lower() in IMAGE_SUFFIXES or volume_kind(p) is not None))
 
 
+def unlabelled_slices(paths: list[Path], key: bytes, slices: str = "all"
+                      ) -> tuple[list[Sample], list[Skipped]]:
+    """The slices of files to classify (class_name ""), as a dataset's: a DICOM series or a
+    NIfTI volume becomes its slices, each with its series; paths are named as given, scrubbed."""
+    samples, skipped, _ = _expand([Sample(Path(p), str(p), "") for p in paths], key, slices)
+    return samples, skipped
+
+
 def _expand(files: list[Sample], key: bytes, slices: str
             ) -> tuple[list[Sample], list[Skipped], dict[str, int]]:
     """One sample per slice, in the files' order: a 2-D image stays itself; a NIfTI volume

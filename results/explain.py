@@ -15,9 +15,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctmodels import Ensemble, normalize
+from data_utils.cache import default_cache_dir, machine_identity_key
 from data_utils.errors import UsageError
 from data_utils.files import atomic_write
 from data_utils.runfolder import refuse_writes_inside
+from data_utils.sources import Sample, unlabelled_slices
 from results.model_folder import load_exported
 from results.predict import decode_batches, expand_paths
 
@@ -57,8 +59,10 @@ def _gradcam(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, torch.Tenso
 
 
 def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
-                  batch_size: int = 16) -> list[Path]:
-    """Write `<stem>_gradcam.png` per readable image into out_dir; returns the written paths.
+                  batch_size: int = 16) -> tuple[list[Path], int]:
+    """Write `<stem>_gradcam.png` per readable image into out_dir, and for a DICOM series or
+    NIfTI volume one for its slice of highest probability (the one that most raises the
+    series' score); returns the written paths and how many images or series failed.
 
     Unreadable files are skipped with a warning on stderr. out_dir may not be an input file's
     folder or lie inside an input folder (a rerun would read the heatmaps as inputs).
@@ -67,26 +71,45 @@ def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
     files = expand_paths(paths)
     _check_out_dir(out_dir, [Path(p) for p in paths], files)
     model, description, config = load_exported(model_dir)
-    negative, positive = config["class_names"]
-    written: list[Path] = []
-    used: set[str] = set()
-    for batch in decode_batches(files, config, batch_size):
-        for path, _, error in batch:
+    samples, skipped = unlabelled_slices(files, machine_identity_key(default_cache_dir()),
+                                         config.get("data", {}).get("slices", "all"))
+    failed = len(skipped)
+    for s in skipped:
+        print(f"warning: skipped {s.path}: {s.reason}", file=sys.stderr)
+    chosen: list[tuple[Sample, np.ndarray, np.ndarray, float]] = []
+    top_of_series: dict[str, int] = {}  # series -> its entry in chosen
+    for batch in decode_batches(samples, config, batch_size):
+        for sample, _, error in batch:
             if error is not None:
-                print(f"warning: skipped {path}: {error}", file=sys.stderr)
-        ok = [(path, pixels) for path, pixels, _ in batch if pixels is not None]
+                print(f"warning: skipped {sample.rel}: {error}", file=sys.stderr)
+                failed += sample.series is None
+        ok = [(sample, pixels) for sample, pixels, _ in batch if pixels is not None]
         if not ok:
             continue
         pixels = np.stack([p for _, p in ok])
         x = normalize(torch.from_numpy(pixels), description.mean, description.std)
         maps, logits = _gradcam(model, x)
-        for (path, image), cam, prob in zip(ok, maps, torch.sigmoid(logits).tolist(),
-                                            strict=True):
-            label = positive if prob >= config["threshold"] else negative
-            target = out_dir / _unique_name(path.stem, used)
-            _write_overlay(target, image, cam, f"{path.name}\n{label}  p({positive})={prob:.3f}")
-            written.append(target)
-    return written
+        for (sample, image), cam, prob in zip(ok, maps, torch.sigmoid(logits).tolist(),
+                                              strict=True):
+            at = top_of_series.get(sample.series) if sample.series else None
+            if at is None:
+                if sample.series:
+                    top_of_series[sample.series] = len(chosen)
+                chosen.append((sample, image, cam, prob))
+            elif prob > chosen[at][3]:
+                chosen[at] = (sample, image, cam, prob)
+    negative, positive = config["class_names"]
+    written: list[Path] = []
+    used: set[str] = set()
+    for sample, image, cam, prob in chosen:
+        label = positive if prob >= config["threshold"] else negative
+        name = sample.rel.rpartition("#")[0] or sample.rel
+        where = f"slice {sample.frame} of " if "#" in sample.rel else ""
+        target = out_dir / _unique_name(Path(name).name.split(".")[0], used)
+        _write_overlay(target, image, cam, f"{where}{Path(name).name}\n{label}  "
+                                           f"p({positive})={prob:.3f}")
+        written.append(target)
+    return written, failed
 
 
 def _check_out_dir(out_dir: Path, inputs: list[Path], files: list[Path]) -> None:

@@ -7,15 +7,19 @@ onnxruntime, so this module imports torch only through `load_predictor`.
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from data_utils.decode import decode_failure, decode_image
+from data_utils.cache import default_cache_dir, machine_identity_key
+from data_utils.decode import decode_failure
 from data_utils.files import atomic_write
-from data_utils.sources import IMAGE_SUFFIXES, image_files
+from data_utils.sources import IMAGE_SUFFIXES, Sample, image_files, unlabelled_slices
+from data_utils.volumes import DEFAULT_WINDOW, DICOM_SUFFIXES, NIFTI_SUFFIXES, decode_frames
+from results.metrics import aggregate_by_group
 from results.model_folder import load_predictor, read_config
 
 
@@ -34,18 +38,34 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     return out
 
 
-def decode_batches(files: list[Path], config: dict, batch_size: int
-                   ) -> Iterator[list[tuple[Path, np.ndarray | None, str | None]]]:
-    """(path, uint8 [S, S] pixels or None, error or None) per file, batch_size files at a time."""
-    for start in range(0, len(files), batch_size):
-        batch = []
-        for path in files[start : start + batch_size]:
+def decode_batches(samples: list[Sample], config: dict, batch_size: int
+                   ) -> Iterator[list[tuple[Sample, np.ndarray | None, str | None]]]:
+    """(sample, uint8 [S, S] pixels or None, error or None) per slice, batch_size at a time.
+    Each file is read and decoded once: a volume's slices follow each other."""
+    window = tuple(config.get("data", {}).get("window", DEFAULT_WINDOW))
+    batch: list = []
+    decoded: tuple[Path | None, list | str] = (None, [])
+    for sample in samples:
+        if decoded[0] != sample.path:
             try:
-                pixels = decode_image(path.read_bytes(), config["image_size"],
-                                      config["resize"]).pixels
-                batch.append((path, pixels, None))
+                decoded = (sample.path, decode_frames(sample.path.name, sample.path.read_bytes(),
+                                                      config["image_size"], config["resize"],
+                                                      window))
             except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
-                batch.append((path, None, decode_failure(e)))
+                decoded = (sample.path, decode_failure(e))
+        frames = decoded[1]
+        if isinstance(frames, str):
+            batch.append((sample, None, frames))
+        elif sample.frame >= len(frames):
+            batch.append((sample, None, f"slice {sample.frame} missing from the file"))
+        elif isinstance(frames[sample.frame], str):
+            batch.append((sample, None, frames[sample.frame]))
+        else:
+            batch.append((sample, frames[sample.frame].pixels, None))
+        if len(batch) == batch_size:
+            yield batch
+            batch = []
+    if batch:
         yield batch
 
 
@@ -54,8 +74,12 @@ def predict_paths(
     paths: list[Path],
     batch_size: int = 64,
     progress: bool = True,
+    per_slice: bool = False,
 ) -> list[dict]:
-    """One row per image: {"path", "prob", "label", "error"}; unreadable files get an error row.
+    """One row per image, and one per DICOM series or NIfTI volume with the probability its
+    slices aggregate to (as evaluation chose on val, when the model was scored per patient):
+    {"path", "prob", "label", "error", "slices"}. With per_slice, a series' slices get rows of
+    their own after its row. Unreadable files get an error row.
 
     Rows follow the input order, folders expanded in place; a folder without any image file
     gets an error row of its own at the end, so it is not silently skipped.
@@ -64,41 +88,84 @@ def predict_paths(
     predict = load_predictor(model_dir)
     negative, positive = config["class_names"]
     threshold = config["threshold"]
-    rows: list[dict] = []
+    patient = config.get("patient") or {"aggregate": "mean", "threshold": threshold}
     empty: list[dict] = []
     files: list[Path] = []
     for path in map(Path, paths):
         found = expand_paths([path])
         if not found:  # only a folder expands to nothing
-            suffixes = " ".join(sorted(IMAGE_SUFFIXES))
+            suffixes = " ".join(sorted(IMAGE_SUFFIXES | {*DICOM_SUFFIXES, *NIFTI_SUFFIXES}))
             empty.append(_row(path, error=f"no image files ({suffixes}) in this folder"))
         files += found
+    samples, skipped = unlabelled_slices(files, machine_identity_key(default_cache_dir()),
+                                         config.get("data", {}).get("slices", "all"))
+    slice_rows: list[tuple[Sample, dict]] = []
     # A bar only when there is something to wait for; a handful of files prints no noise.
-    with tqdm(total=len(files), unit="img", disable=not progress or len(files) <= batch_size,
+    with tqdm(total=len(samples), unit="img", disable=not progress or len(samples) <= batch_size,
               desc="predict") as bar:
-        for batch in decode_batches(files, config, batch_size):
+        for batch in decode_batches(samples, config, batch_size):
             ok = [pixels for _, pixels, _ in batch if pixels is not None]
             probs = iter(predict(np.stack(ok)).tolist() if ok else [])
-            for path, pixels, error in batch:
+            for sample, pixels, error in batch:
                 if pixels is None:
-                    rows.append(_row(path, error=error))
+                    slice_rows.append((sample, _row(sample.rel, error=error)))
                 else:
                     prob = next(probs)
-                    rows.append(_row(path, prob, positive if prob >= threshold else negative))
+                    label = positive if prob >= threshold else negative
+                    slice_rows.append((sample, _row(sample.rel, prob, label)))
             bar.update(len(batch))
-    return rows + empty
+    rows = _by_series(slice_rows, patient, (negative, positive), per_slice)
+    return rows + [_row(s.path, error=s.reason) for s in skipped] + empty
 
 
-def _row(path: Path, prob: float | None = None, label: str | None = None,
-         error: str | None = None) -> dict:
-    return {"path": str(path), "prob": prob, "label": label, "error": error}
+def _by_series(slice_rows: list[tuple[Sample, dict]], patient: dict,
+               class_names: tuple[str, str], per_slice: bool) -> list[dict]:
+    """A 2-D image's row as it is; the slices of one series become one row where its first
+    slice was, named by the folder (DICOM) or file (NIfTI) holding them, then, with per_slice
+    (or when none could be read), their own rows."""
+    order: list[dict | str] = []  # a row, or the series whose row goes there
+    members: dict[str, list[dict]] = {}
+    for sample, row in slice_rows:
+        if sample.series is None:
+            order.append(row)
+        else:
+            if sample.series not in members:
+                order.append(sample.series)
+            members.setdefault(sample.series, []).append(row)
+    out = []
+    for entry in order:
+        if isinstance(entry, dict):
+            out.append(entry)
+            continue
+        slices = members[entry]
+        paths = [r["path"].rpartition("#")[0] or r["path"] for r in slices]
+        name = os.path.commonpath(paths) if len(set(paths)) > 1 else paths[0]
+        scored = [r["prob"] for r in slices if r["error"] is None]
+        if scored:
+            _, [prob] = aggregate_by_group(np.array(scored), np.zeros(len(scored)),
+                                           patient["aggregate"])
+            label = class_names[int(prob >= patient["threshold"])]
+            out.append(_row(name, float(prob), label, slices=len(scored)))
+        else:
+            out.append(_row(name, error=f"none of its {len(slices)} slices could be read "
+                                        f"(first: {slices[0]['error']})", slices=0))
+        if per_slice or not scored:
+            out += slices
+    return out
+
+
+def _row(path: Path | str, prob: float | None = None, label: str | None = None,
+         error: str | None = None, slices: int | None = None) -> dict:
+    return {"path": str(path), "prob": prob, "label": label, "error": error, "slices": slices}
 
 
 def write_predictions_csv(rows: list[dict], path: Path, positive_class: str) -> None:
-    """CSV with columns path, prob_<positive_class>, label, error (empty where not applicable)."""
+    """CSV with columns path, prob_<positive_class>, label, error, slices (a series' row: how
+    many slices its probability aggregates); empty where not applicable."""
     with atomic_write(Path(path), "w") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["path", f"prob_{positive_class}", "label", "error"])
+        writer.writerow(["path", f"prob_{positive_class}", "label", "error", "slices"])
         for r in rows:
             prob = "" if r["prob"] is None else repr(r["prob"])  # repr: round-trips exactly
-            writer.writerow([r["path"], prob, r["label"] or "", r["error"] or ""])
+            slices = "" if r.get("slices") is None else r["slices"]
+            writer.writerow([r["path"], prob, r["label"] or "", r["error"] or "", slices])

@@ -256,7 +256,7 @@ def test_corrupt_file_gets_error_row_and_exit_code(exported, tmp_path, capsys):
     assert "ERROR" in capsys.readouterr().out
     with csv_path.open(newline="") as f:
         table = list(csv.DictReader(f))
-    assert list(table[0]) == ["path", "prob_COVID", "label", "error"]
+    assert list(table[0]) == ["path", "prob_COVID", "label", "error", "slices"]
     assert len(table) == 4 and table[3]["error"] and not table[3]["prob_COVID"]
     assert float(table[0]["prob_COVID"]) == rows[0]["prob"]
     assert main(["predict", str(model_dir), *map(str, good)]) == 0
@@ -298,7 +298,8 @@ def test_explain_writes_pngs_only_into_out_dir(exported64, tmp_path, capsys):
     _images(inputs)
     (inputs / "broken.png").write_bytes(b"\x89PNG broken")
     before = tree_snapshot(inputs)
-    written = explain_paths(model_dir, [inputs], tmp_path / "cams")
+    written, failed = explain_paths(model_dir, [inputs], tmp_path / "cams")
+    assert failed == 1  # broken.png
     assert tree_snapshot(inputs) == before
     assert [p.name for p in written] == [f"slice{i}_gradcam.png" for i in range(3)]
     for p in written:
