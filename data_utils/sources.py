@@ -146,12 +146,12 @@ def _expand(files: list[Sample], key: bytes, slices: str
             else:
                 placed.append((index, [f]))
         except NotASlice as e:
-            skipped.append(Skipped(f.rel, str(e)))
+            skipped.append(Skipped(scrub(f.rel, list(e.identifiers), key), str(e)))
         except OSError as e:
             skipped.append(Skipped(f.rel, f"cannot read: {e.strerror or e}"))
     for series, members in series_files.items():
         kept, odd = _one_size(members)
-        skipped += odd
+        skipped += [Skipped(scrub(f.rel, list(h.identifiers), key), reason) for h, f, reason in odd]
         slices_of = [(h, f, k) for h, f in sorted(kept, key=lambda m: (m[0].position, m[1].rel))
                      for k in range(h.frames)]
         name = pseudonym(series, key)
@@ -164,12 +164,13 @@ def _expand(files: list[Sample], key: bytes, slices: str
 
 
 def _one_size(members: list[tuple[DicomHeader, Sample]]
-              ) -> tuple[list[tuple[DicomHeader, Sample]], list[Skipped]]:
-    """The files of a series with its most common slice size, and the others as skipped: a
-    slice of another size is a reconstruction or a stray file, not part of this stack."""
+              ) -> tuple[list[tuple[DicomHeader, Sample]], list[tuple[DicomHeader, Sample, str]]]:
+    """The files of a series with its most common slice size, and the others with the reason
+    they are skipped: a slice of another size is a reconstruction or a stray file, not part of
+    this stack."""
     size = Counter(h.size for h, _ in members).most_common(1)[0][0]
-    odd = [Skipped(f.rel, f"{h.size[0]}x{h.size[1]} slice in a series of {size[0]}x{size[1]} "
-                          "slices") for h, f in members if h.size != size]
+    odd = [(h, f, f"{h.size[0]}x{h.size[1]} slice in a series of {size[0]}x{size[1]} slices")
+           for h, f in members if h.size != size]
     return [(h, f) for h, f in members if h.size == size], odd
 
 

@@ -53,7 +53,12 @@ _HEADER_TAGS = ["Modality", "ImageType", "SOPClassUID", "PatientID", "PatientNam
 
 
 class NotASlice(ValueError):
-    """A file that holds no CT slice ctscan can use; the message is the reason it is skipped."""
+    """A file that holds no CT slice ctscan can use; the message is the reason it is skipped,
+    `identifiers` what its header names (to scrub from its path where it is listed)."""
+
+    def __init__(self, reason: str, identifiers: tuple[str, ...] = ()):
+        super().__init__(reason)
+        self.identifiers = identifiers
 
 
 def volume_kind(path: Path) -> str | None:
@@ -87,9 +92,10 @@ def scrub(rel: str, identifiers: list[str], key: bytes) -> str:
     for value in sorted({v for v in identifiers if v}, key=len, reverse=True):
         stand_in = f"id-{pseudonym(value, key)}"
         for i, part in enumerate(parts):
-            stem, dot, suffix = part.partition(".") if part.startswith(value) else (part, "", "")
-            if part == value or stem == value:
-                parts[i] = stand_in + dot + suffix
+            if part == value:
+                parts[i] = stand_in
+            elif part.startswith(value + "."):  # a file named by the ID: keep its suffix
+                parts[i] = stand_in + part[len(value):]
             elif len(value) >= MIN_SUBSTRING_ID:
                 parts[i] = part.replace(value, stand_in)
     return "/".join(parts)
@@ -119,18 +125,19 @@ def read_dicom_header(path: Path) -> DicomHeader:
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for a damaged header
         raise NotASlice(f"unreadable DICOM header ({decode_failure(e)})") from e
     modality = str(ds.get("Modality", "") or "")
-    if "Rows" not in ds:
-        raise NotASlice(f"DICOM object without an image (Modality {modality or 'unset'})")
-    if modality != "CT":
-        raise NotASlice(f"Modality {modality or 'unset'} is not CT")
-    if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
-        raise NotASlice("localizer (scout) image, not an axial slice")
     ids = {tag: str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS[3:9]}
+    held = tuple(v for v in ids.values() if v)
+    if "Rows" not in ds:
+        raise NotASlice(f"DICOM object without an image (Modality {modality or 'unset'})", held)
+    if modality != "CT":
+        raise NotASlice(f"Modality {modality or 'unset'} is not CT", held)
+    if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
+        raise NotASlice("localizer (scout) image, not an axial slice", held)
     return DicomHeader(
         patient=ids["PatientID"] or ids["StudyInstanceUID"],
         study=ids["StudyInstanceUID"],
         series=ids["SeriesInstanceUID"],
-        identifiers=tuple(v for v in ids.values() if v),
+        identifiers=held,
         position=_position(ds),
         size=(int(ds.Rows), int(ds.Columns)),
         frames=int(ds.get("NumberOfFrames", 1) or 1),
@@ -138,11 +145,14 @@ def read_dicom_header(path: Path) -> DicomHeader:
 
 
 def _position(ds: pydicom.Dataset) -> float:
-    """Where the slice lies along its normal (mm), so slices sort from feet to head; without
-    ImagePositionPatient, its InstanceNumber."""
+    """Where the slice lies along its normal (mm), so slices sort from feet to head (the
+    normal turned to point headwards: a feet-first scan's row x column points to the feet);
+    without ImagePositionPatient, its InstanceNumber."""
     position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
     if position is not None and orientation is not None and len(orientation) == 6:
         normal = np.cross(np.array(orientation[:3], float), np.array(orientation[3:], float))
+        if normal[2] < 0:  # DICOM's patient z points to the head
+            normal = -normal
         return float(np.dot(normal, np.array(position, float)))
     return float(ds.get("InstanceNumber", 0) or 0)
 
@@ -198,7 +208,7 @@ def parse_window(text: str) -> tuple[float, float]:
         center, width = (float(v) for v in text.split(","))
     except ValueError:
         center, width = 0.0, -1.0
-    if not width > 0 or not np.isfinite(center):
+    if not (width > 0 and np.isfinite(width) and np.isfinite(center)):
         raise ValueError(f"--window {text!r}: expected CENTER,WIDTH in HU with WIDTH > 0, "
                          "e.g. -600,1500")
     return center, width
