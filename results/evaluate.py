@@ -18,11 +18,12 @@ from sklearn.metrics import log_loss, roc_auc_score
 
 from ctmodels import ModelDescription, load_model, predict_proba
 from data_utils import runfolder
-from data_utils.cache import CTDataset, load_dataset
+from data_utils.cache import CTDataset
 from data_utils.errors import RunFolderError
 from data_utils.files import write_json
 from data_utils.sources import DataError
-from results.metrics import score, youden_threshold
+from data_utils.split import PATIENT_GROUPING, load_data_options
+from results.metrics import AGGREGATES, aggregate_by_group, score, youden_threshold
 from tuning.config import make_config
 from tuning.records import SearchOptions, load_options
 
@@ -30,6 +31,7 @@ from tuning.records import SearchOptions, load_options
 BEST_KEYS = ("trial_id", "checkpoint", "config", "searched", "trials", "trials_stopped_early",
              "errored_trials", "time_budget_s", "budget_reached")
 SPLIT_KEYS = ("files", "group_by", "counts", "seed")
+TEST_PATIENTS = "test_patients.json"  # beside test_predictions.json in results/
 
 
 def _read_json(run_dir: str, name: str, keys: tuple[str, ...]) -> tuple[dict, str]:
@@ -120,13 +122,57 @@ def _proba(member: Member, ds: CTDataset, rows: np.ndarray) -> np.ndarray:
     return predict_proba(model, torch.from_numpy(ds.images[rows]), description).numpy()
 
 
+def per_patient(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, aggregate: str
+                ) -> dict[str, np.ndarray]:
+    """{"patient": the split's group numbers, ascending, "label", "prob" (the `aggregate` of
+    its slices'), "slices": how many}, one entry per patient. A patient's label is that of its
+    slices, which must agree."""
+    ids, patient_prob = aggregate_by_group(prob, groups, aggregate)
+    inverse = np.unique(groups, return_inverse=True)[1]
+    slices = np.bincount(inverse)
+    positives = np.bincount(inverse, y)
+    mixed = ids[(positives > 0) & (positives < slices)]
+    if len(mixed):
+        raise DataError(f"split.json: the slices of patient group(s) {mixed[:10].tolist()} "
+                        "carry both labels; patient-level results need one label per patient")
+    return {"patient": ids, "label": (positives > 0).astype(int), "prob": patient_prob,
+            "slices": slices}
+
+
+def choose_patient_level(y_val: np.ndarray, prob_val: np.ndarray, val_groups: np.ndarray,
+                         threshold: float | None = None) -> dict:
+    """{"aggregate", "val_auc_by_aggregate", "threshold"}, all chosen on the val patients: the
+    aggregate whose patient probabilities have the best val ROC AUC (the first of AGGREGATES
+    on a tie), then the patient threshold as the slice level chooses its own."""
+    patients = {m: per_patient(y_val, prob_val, val_groups, m) for m in AGGREGATES}
+    aucs = {m: float(roc_auc_score(p["label"], p["prob"])) for m, p in patients.items()}
+    aggregate = max(AGGREGATES, key=aucs.__getitem__)  # max keeps the first of equals
+    chosen = patients[aggregate]
+    return {"aggregate": aggregate, "val_auc_by_aggregate": aucs,
+            "threshold": choose_threshold(chosen["label"], chosen["prob"], threshold)}
+
+
+def score_patients(choice: dict, y: np.ndarray, prob: np.ndarray, groups: np.ndarray,
+                   resamples: int = 1000, seed: int = 0) -> tuple[dict, dict[str, np.ndarray]]:
+    """The patient-level entry of one split ({"n", "positives", "negatives", **score}) at the
+    aggregate and threshold of `choice`, and its per-patient arrays. Each patient is one
+    observation, so the bootstrap resamples patients."""
+    patients = per_patient(y, prob, groups, choice["aggregate"])
+    labels = patients["label"]
+    entry = {"n": len(labels), "positives": int(labels.sum()),
+             "negatives": int(len(labels) - labels.sum()),
+             **score(labels, patients["prob"], choice["threshold"]["value"], resamples, seed)}
+    return entry, patients
+
+
 def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
                   test_rows: np.ndarray, threshold: float | None = None,
-                  calibrate: bool = False) -> dict:
+                  calibrate: bool = False, val_patients: np.ndarray | None = None) -> dict:
     """Everything is chosen on val first: how many of `members` (best first) to average, the
     temperature, and the thresholds of that model and of the one it is compared with (the single
-    best trial, or when that is chosen the best ensemble of two or more). Only then are the
-    test probabilities computed, of both."""
+    best trial, or when that is chosen the best ensemble of two or more); with `val_patients`
+    (the patient of each val row) also the patient-level aggregate and threshold. Only then are
+    the test probabilities computed, of both."""
     y_val = ds.labels[val_rows]
     member_val = [_proba(m, ds, val_rows) for m in members]
     k, aucs = choose_ensemble(y_val, member_val)
@@ -139,6 +185,8 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
         other_val = combine(member_val[:other_k])
         compared = {"k": other_k, "prob_val": other_val,
                     "threshold": choose_threshold(y_val, other_val, threshold)}
+    patient = (None if val_patients is None
+               else choose_patient_level(y_val, prob_val, val_patients, threshold))
     y_test = ds.labels[test_rows]
     needed = max(k, compared["k"]) if compared else k
     member_test = [_proba(m, ds, test_rows) for m in members[:needed]]
@@ -146,7 +194,8 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
         compared["prob_test"] = combine(member_test[:compared["k"]])
     return {"k": k, "val_auc_by_k": aucs, "temperature": temperature, "threshold": chosen,
             "y_val": y_val, "prob_val": prob_val, "y_test": y_test,
-            "prob_test": combine(member_test[:k], temperature), "compared": compared}
+            "prob_test": combine(member_test[:k], temperature), "compared": compared,
+            "patient": patient}
 
 
 def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: int
@@ -177,19 +226,28 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     best, _ = _read_json(run_dir, runfolder.BEST, BEST_KEYS)
     split_json, split_text = _read_json(run_dir, runfolder.SPLIT, SPLIT_KEYS)
     config = make_config(best["config"])
-    ds = load_dataset(Path(options.data), config.image_size, config.resize, cache_dir,
-                      options.split.get("positive_class"))
+    ds = load_data_options(Path(options.data), config.image_size, config.resize,
+                           {"positive_class": None, **options.split}, cache_dir)
     val_rows = recorded_rows(ds, split_json, "val")
     test_rows = recorded_rows(ds, split_json, "test")
     candidates = ensemble_candidates(run_dir, options, best, ensemble)
     members = [load_checkpoint_model(runfolder.in_run(run_dir, c["checkpoint"]))
                for c in candidates]
-    scored = val_then_test(members, ds, val_rows, test_rows, threshold, calibrate)
+    test_groups = recorded_groups(split_json, "test")
+    val_groups = recorded_groups(split_json, "val")
+    by_patient = split_json["group_by"] in PATIENT_GROUPING  # then also scored per patient
+    scored = val_then_test(members, ds, val_rows, test_rows, threshold, calibrate,
+                           val_groups if by_patient else None)
     k, temperature = scored["k"], scored["temperature"]
     chosen, y_val, prob_val = scored["threshold"], scored["y_val"], scored["prob_val"]
     y_test, prob_test = scored["y_test"], scored["prob_test"]
-    test_groups = recorded_groups(split_json, "test")
-    val_groups = recorded_groups(split_json, "val")
+    patient, test_patients = {}, None
+    if scored["patient"]:
+        choice = scored["patient"]
+        test_entry, test_patients = score_patients(choice, y_test, prob_test, test_groups,
+                                                   resamples, seed)
+        val_entry, _ = score_patients(choice, y_val, prob_val, val_groups, resamples, seed)
+        patient = {"patient": {**choice, "test": test_entry, "val": val_entry}}
 
     def at(y: np.ndarray, prob: np.ndarray, value: float, groups: np.ndarray) -> dict:
         return score(y, prob, value, resamples, seed, groups)
@@ -207,6 +265,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
             "at_0.5": at(y_test, prob_test, 0.5, test_groups),
         },
         "val": {"n": len(y_val), **at(y_val, prob_val, chosen["value"], val_groups)},
+        **patient,  # only when the split's groups are patients
         "ensemble": {"k": k, "candidates": len(candidates), "val_auc_by_k": scored["val_auc_by_k"],
                      "members": candidates[:k]},
         "temperature": temperature,
@@ -215,6 +274,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         "data": {
             "path": str(ds.root), "images": len(ds),
             "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
+            # How DICOM and NIfTI slices were read: predict reads them the same way.
+            "window": list(ds.window), "slices": ds.slices,
             "split_counts": split_json["counts"], "group_by": split_json["group_by"],
             "split_seed": split_json["seed"],
             "split_sha256": hashlib.sha256(split_text.encode()).hexdigest(),
@@ -235,7 +296,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         }
     arrays = {"members": members[:k], "y_test": y_test, "prob_test": prob_test,
               "test_paths": [ds.paths[i] for i in test_rows], "class_names": ds.class_names,
-              "test_files": [ds.root / ds.paths[i] for i in test_rows]}
+              "images": ds.images, "test_rows": test_rows,
+              "test_patients": test_patients}
     return metrics, arrays
 
 
@@ -243,4 +305,13 @@ def write_predictions(path: Path, arrays: dict) -> None:
     rows = [{"path": p, "label": arrays["class_names"][y], "prob": float(q)}
             for p, y, q in zip(arrays["test_paths"], arrays["y_test"], arrays["prob_test"],
                                strict=True)]
+    write_json(path, rows)
+
+
+def write_patient_predictions(path: Path, arrays: dict) -> None:
+    """test_patients.json: one row per test patient, named only by the split's group number."""
+    patients, names = arrays["test_patients"], arrays["class_names"]
+    rows = [{"patient": int(g), "label": names[y], "prob": float(q), "slices": int(n)}
+            for g, y, q, n in zip(patients["patient"], patients["label"], patients["prob"],
+                                  patients["slices"], strict=True)]
     write_json(path, rows)

@@ -98,18 +98,40 @@ def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
                 chosen.append((sample, image, cam, prob))
             elif prob > chosen[at][3]:
                 chosen[at] = (sample, image, cam, prob)
+    return _write_overlays([(s.rel, image, cam, prob) for s, image, cam, prob in chosen],
+                           config, out_dir), failed
+
+
+def explain_slices(model_dir: Path, images: np.ndarray, names: list[str], out_dir: Path
+                   ) -> list[Path]:
+    """Overlays for slices already decoded (uint8 [N, S, S], as the dataset cache holds them),
+    named after `names` (their paths in the dataset): how the report shows test slices, which a
+    DICOM series' scrubbed path or a volume's "#K" could not be read back from."""
+    if len(images) == 0:
+        return []
+    model, description, config = load_exported(model_dir)
+    maps, logits = _gradcam(model, normalize(torch.from_numpy(np.asarray(images)),
+                                             description.mean, description.std))
+    return _write_overlays(list(zip(names, images, maps, torch.sigmoid(logits).tolist(),
+                                    strict=True)), config, out_dir)
+
+
+def _write_overlays(items: list[tuple[str, np.ndarray, np.ndarray, float]], config: dict,
+                    out_dir: Path) -> list[Path]:
+    """One `<stem>_gradcam.png` per (name, image, cam, probability), titled with the name, the
+    call and the probability; a slice K of a file says so."""
     negative, positive = config["class_names"]
     written: list[Path] = []
     used: set[str] = set()
-    for sample, image, cam, prob in chosen:
+    for name, image, cam, prob in items:
         label = positive if prob >= config["threshold"] else negative
-        name = sample.rel.rpartition("#")[0] or sample.rel
-        where = f"slice {sample.frame} of " if "#" in sample.rel else ""
-        target = out_dir / _unique_name(Path(name).name.split(".")[0], used)
-        _write_overlay(target, image, cam, f"{where}{Path(name).name}\n{label}  "
+        file, _, frame = name.rpartition("#") if "#" in name else (name, "", "")
+        where = f"slice {frame} of " if frame else ""
+        target = out_dir / _unique_name(Path(file).name.split(".")[0], used)
+        _write_overlay(target, image, cam, f"{where}{Path(file).name}\n{label}  "
                                            f"p({positive})={prob:.3f}")
         written.append(target)
-    return written, failed
+    return written
 
 
 def _check_out_dir(out_dir: Path, inputs: list[Path], files: list[Path]) -> None:

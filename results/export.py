@@ -47,10 +47,13 @@ def export_model(
     extra: dict,
     member_extra: Sequence[dict] = (),
     temperature: float = 1.0,
+    patient: dict | None = None,
 ) -> Path:
     """Write the model folder (each file atomically) and return its path. `members` is one
     (network, its training config) pair, or several for an ensemble (mean probability); the
-    output logit is divided by `temperature` (calibration fitted on val).
+    output logit is divided by `temperature` (calibration fitted on val). `patient`
+    ({"aggregate", "threshold"}, chosen on val patients) is how to call a whole patient or CT
+    series from its slices' probabilities, when the evaluation had patients.
 
     class_names is (negative, positive), as in `data_utils.sources.Source`. `extra` (searched
     hyperparameters, test_metrics, data fingerprints, trial id...) is added to the config files
@@ -65,7 +68,7 @@ def export_model(
                 for m, _ in members]
     descriptions = [config.description() for _, config in members]
     meta = _plain(export_config([c for _, c in members], class_names, threshold, extra,
-                                member_extra, temperature))
+                                member_extra, temperature, patient))
 
     with atomic_write(out_dir / FILES["state_dict"]) as f:
         torch.save({"members": [{"description": d.to_dict(), "model": n.state_dict()}
@@ -88,8 +91,9 @@ def export_model(
 
 def export_config(configs: Sequence[TrainConfig], class_names: tuple[str, str],
                   threshold: float, extra: dict, member_extra: Sequence[dict] = (),
-                  temperature: float = 1.0) -> dict[str, Any]:
-    """The content of config.json: everything needed to rebuild, feed and judge the model."""
+                  temperature: float = 1.0, patient: dict | None = None) -> dict[str, Any]:
+    """The content of config.json: everything needed to rebuild, feed and judge the model;
+    "patient" ({"aggregate", "threshold"}) only when `patient` is given."""
     negative, positive = class_names
     first = configs[0].description()
     members = [{**config.description().to_dict(), **(member_extra[i] if member_extra else {}),
@@ -122,6 +126,9 @@ def export_config(configs: Sequence[TrainConfig], class_names: tuple[str, str],
         "files": dict(FILES),
         "versions": package_versions(),
     }
+    if patient is not None:
+        meta["patient"] = {"aggregate": patient["aggregate"],
+                           "threshold": float(patient["threshold"])}
     clash = sorted(set(meta) & set(extra))
     if clash:
         raise ValueError(f"extra keys {clash} would overwrite the exported model's own fields")

@@ -8,7 +8,12 @@ import math
 from typing import Any
 
 from results.model_folder import FILES
-from results.wording import GROUPING_MEANING, LIMITATIONS, interval_limitation
+from results.wording import (
+    AGGREGATE_MEANING,
+    GROUPING_MEANING,
+    interval_limitation,
+    limitations,
+)
 
 
 def model_card(meta: dict) -> str:
@@ -16,12 +21,14 @@ def model_card(meta: dict) -> str:
     data = meta.get("data", {})
     size, members = meta["image_size"], meta["members"]
     positive, negative = meta["positive_class"], meta["negative_class"]
+    patient = meta.get("patient")  # {"aggregate", "threshold"} when evaluated per patient
+    subject = "single CT slices, and patients from their slices," if patient else "single CT slices"
     what = (members[0]["arch"] if len(members) == 1
             else f"ensemble of {len(members)} ({', '.join(m['arch'] for m in members)})")
     lines = [
         f"# ctscan model: {what} ({positive} vs {negative})", "",
         "## Intended use", "",
-        f"Research on classifying single CT slices as {positive} or {negative}. **Not for "
+        f"Research on classifying {subject} as {positive} or {negative}. **Not for "
         "diagnosis**: this is not a medical device and must not be used to make or support "
         "clinical decisions.", "",
         "## Model", "",
@@ -41,6 +48,17 @@ def model_card(meta: dict) -> str:
         f"- Decision threshold: probability >= {meta['threshold']:.4g} -> `{positive}`, else "
         f"`{negative}`",
     ]
+    if patient:
+        aggregate, method = patient["aggregate"], meta.get("patient_threshold_method")
+        threshold_how = {"youden": "the threshold by Youden's J on the same patients",
+                         "fixed": "the threshold was fixed in advance"}.get(
+            method, f"the threshold by the `{method}` method")
+        lines.append(f"- Patient (or CT series) decision (`{aggregate}`): its probability is "
+                     f"{AGGREGATE_MEANING.get(aggregate, aggregate)}; >= "
+                     f"{patient['threshold']:.4g} -> `{positive}`, else `{negative}`. The "
+                     f"aggregate was chosen by ROC AUC on the validation patients, "
+                     f"{threshold_how}; `ctscan predict` calls each DICOM series or NIfTI "
+                     f"volume so")
     if meta.get("temperature", 1.0) != 1.0:
         lines.append(f"- Calibrated: logits divided by a temperature of "
                      f"{meta['temperature']:.4g}, fitted on the validation split")
@@ -52,18 +70,17 @@ def model_card(meta: dict) -> str:
     lines += [f"- Grouping: {GROUPING_MEANING.get(data.get('group_by'), 'not recorded')}", "",
               "## Test metrics", ""]
     metrics = meta.get("test_metrics") or {}
-    if metrics:
-        lines += ["| metric | value | 95% CI |", "|---|---|---|"]
-        for name, m in metrics.items():
-            value, ci = (m.get("value"), m.get("ci95")) if isinstance(m, dict) else (m, None)
-            interval = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
-            lines.append(f"| {name} | {_fmt(value)} | {interval} |")
-        lines.append("")
-    else:
-        lines += ["Not recorded in this export.", ""]
+    lines += _metric_table(metrics) if metrics else ["Not recorded in this export.", ""]
+    patient_test = meta.get("patient_test")
+    if patient_test:
+        lines += ["## Patient-level test metrics", "",
+                  f"On {patient_test['n']} test patients ({patient_test['positives']} "
+                  f"{positive}, {patient_test['negatives']} {negative}), each one observation; "
+                  "95% CIs from a bootstrap over patients.", "",
+                  *_metric_table(patient_test["metrics"])]
     lines += ["## Limitations", ""]
     lines += [f"- {title}: {text}" for title, text in
-              [*LIMITATIONS, interval_limitation(data.get("group_by"))]]
+              [*limitations(patient is not None), interval_limitation(data.get("group_by"))]]
     lines += [
         "",
         "## How to load", "",
@@ -86,6 +103,15 @@ def model_card(meta: dict) -> str:
         "MODEL_DIR IMAGES...`.", "",
     ]
     return "\n".join(lines)
+
+
+def _metric_table(metrics: dict) -> list[str]:
+    lines = ["| metric | value | 95% CI |", "|---|---|---|"]
+    for name, m in metrics.items():
+        value, ci = (m.get("value"), m.get("ci95")) if isinstance(m, dict) else (m, None)
+        interval = f"[{_fmt(ci[0])}, {_fmt(ci[1])}]" if ci else "-"
+        lines.append(f"| {name} | {_fmt(value)} | {interval} |")
+    return [*lines, ""]
 
 
 def _bullets(d: dict, indent: str = "") -> list[str]:

@@ -9,8 +9,14 @@ import numpy as np
 from data_utils import runfolder
 from data_utils.errors import RunFolderError
 from data_utils.files import write_json
-from results.evaluate import evaluate_run, load_checkpoint_model, write_predictions
-from results.explain import explain_paths
+from results.evaluate import (
+    TEST_PATIENTS,
+    evaluate_run,
+    load_checkpoint_model,
+    write_patient_predictions,
+    write_predictions,
+)
+from results.explain import explain_slices
 from results.export import export_model
 from results.plots import (
     plot_confusion,
@@ -41,6 +47,8 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     out = runfolder.local_copy_dir(run_dir) / runfolder.RESULTS
     write_json(out / runfolder.METRICS, metrics)
     write_predictions(out / runfolder.TEST_PREDICTIONS, arrays)
+    if arrays["test_patients"] is not None:
+        write_patient_predictions(out / TEST_PATIENTS, arrays)
 
     trials = runfolder.read_json(runfolder.join(run_dir, runfolder.TRIALS)) or []
     scored = [t for t in trials if t["history"]]
@@ -62,7 +70,9 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     export_run(run_dir, export_dir, metrics, arrays["members"])
     # A few test slices of each class, so the report shows where the model looked.
     picks = [i for label in (1, 0) for i in np.flatnonzero(y == label)[: gradcams // 2]]
-    shown = explain_paths(export_dir, [arrays["test_files"][i] for i in picks], out / "gradcam")
+    rows = arrays["test_rows"][picks]
+    shown = explain_slices(export_dir, arrays["images"][rows],
+                           [arrays["test_paths"][i] for i in picks], out / "gradcam")
 
     leaderboard = [{"trial_id": t["trial_id"], "val_auc": t["val_auc"], "epochs": t["epochs"],
                     "status": t["status"], **t["params"]} for t in trials]
@@ -106,8 +116,16 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
         "threshold_method": metrics["threshold"]["method"],
         "data": metrics["data"],
     }
+    patient = metrics.get("patient")
+    rule = None
+    if patient:
+        # How `ctscan predict` calls a whole CT series from its slices, and the card's numbers.
+        rule = {"aggregate": patient["aggregate"], "threshold": patient["threshold"]["value"]}
+        extra["patient_threshold_method"] = patient["threshold"]["method"]
+        extra["patient_test"] = {k: patient["test"][k]
+                                 for k in ("n", "positives", "negatives", "metrics")}
     return export_model(out, [(net, make_config(m["config"]))
                               for (net, _), m in zip(members, chosen, strict=True)],
                         tuple(metrics["class_names"]), metrics["threshold"]["value"], extra,
                         [{"trial_id": m["trial_id"]} for m in chosen],
-                        metrics.get("temperature", 1.0))
+                        metrics.get("temperature", 1.0), rule)

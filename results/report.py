@@ -16,11 +16,13 @@ import yaml
 
 from data_utils.files import atomic_write
 from results.wording import (
+    AGGREGATE_MEANING,
+    AGGREGATE_NAMES,
     BOOTSTRAP_UNITS,
     GROUPING_MEANING,
-    LIMITATIONS,
     METRIC_NAMES,
     interval_limitation,
+    limitations,
 )
 
 THRESHOLD_FREE = ("roc_auc", "pr_auc")  # the same at every threshold
@@ -80,12 +82,17 @@ def _image(alt: str, rel_path: str) -> str:
     return f"![{alt}]({quote(str(rel_path).replace(chr(92), '/'))})"
 
 
-def _threshold_text(threshold: dict, positive: str) -> str:
+# What is called positive, by whose probability, with the threshold chosen on what.
+UNITS = {"slice": ("the model's predicted probability", "the validation split"),
+         "patient": ("its probability", "the validation patients")}
+
+
+def _threshold_text(threshold: dict, positive: str, unit: str = "slice") -> str:
     value, method = threshold["value"], threshold["method"]
-    rule = (f"A slice is called {positive} when the model's predicted probability is at least "
-            f"{value:.3g}")
+    probability, validation = UNITS[unit]
+    rule = f"A {unit} is called {positive} when {probability} is at least {value:.3g}"
     if method == "youden":
-        return (f"{rule}, a threshold chosen on the validation split by Youden's J (the point "
+        return (f"{rule}, a threshold chosen on {validation} by Youden's J (the point "
                 f"that maximises sensitivity + specificity − 1), never on the test split.")
     if method == "fixed":
         return f"{rule}, a fixed threshold set in advance rather than tuned on any data."
@@ -107,8 +114,21 @@ def _summary(metrics: dict) -> list[str]:
         f"model, {model} reached accuracy {_with_ci(m['accuracy'])}, sensitivity "
         f"{_with_ci(m['recall'])} and specificity {_with_ci(m['specificity'])}; its ROC AUC was "
         f"{_with_ci(m['roc_auc'])}. {_threshold_text(metrics['threshold'], positive)} "
-        f"{grouping} These are slice-level results from a single centre, not a validated "
-        f"diagnostic test; see [Limitations](#limitations).")
+        f"{grouping} ")
+    patient = metrics.get("patient")
+    if patient:
+        p, pm = patient["test"], patient["test"]["metrics"]
+        text += (
+            f"Per patient ({p['n']} test patients: {p['positives']} {positive}, "
+            f"{p['negatives']} {negative}), calling each from the "
+            f"{AGGREGATE_NAMES.get(patient['aggregate'], patient['aggregate'])} of its slices' "
+            f"probabilities, it reached accuracy {_with_ci(pm['accuracy'])}, sensitivity "
+            f"{_with_ci(pm['recall'])} and specificity {_with_ci(pm['specificity'])}; see "
+            f"[Patient-level results](#patient-level-results). These results come from a single "
+            f"centre, not a validated diagnostic test; see [Limitations](#limitations).")
+    else:
+        text += ("These are slice-level results from a single centre, not a validated "
+                 "diagnostic test; see [Limitations](#limitations).")
     return ["## Summary", "", text, ""]
 
 
@@ -171,6 +191,14 @@ def _metric_rows(entries: dict, keys: Sequence[str], extra: dict | None = None) 
     return rows
 
 
+def _confusion_text(cm: list[list[int]], threshold: float, negative: str, positive: str,
+                    units: str) -> str:
+    (tn, fp), (fn, tp) = cm
+    return (f"Rows are the true class, columns the model's call at threshold {threshold:.3g}. "
+            f"Of {fn + tp} {positive} {units} the model missed {fn} (false negatives); of "
+            f"{tn + fp} {negative} {units} it called {fp} {positive} (false positives).")
+
+
 def _confusion_table(cm: list[list[int]], negative: str, positive: str) -> list[str]:
     (tn, fp), (fn, tp) = cm
     return _table(["", f"predicted {negative}", f"predicted {positive}"],
@@ -205,12 +233,9 @@ def _results(metrics: dict, plots: dict[str, str]) -> list[str]:
         (tn, fp), (fn, tp) = at_half["confusion_matrix"]
         lines += [f"Confusion matrix at 0.5: TN {tn}, FP {fp}, FN {fn}, TP {tp}.", ""]
 
-    (tn, fp), (fn, tp) = test["confusion_matrix"]
     lines += ["### Confusion matrix", "",
-              f"Rows are the true class, columns the model's call at threshold "
-              f"{threshold['value']:.3g}. Of {fn + tp} {positive} slices the model missed {fn} "
-              f"(false negatives); of {tn + fp} {negative} slices it called {fp} {positive} "
-              f"(false positives).", ""]
+              _confusion_text(test["confusion_matrix"], threshold["value"], negative, positive,
+                              "slices"), ""]
     lines += _confusion_table(test["confusion_matrix"], negative, positive)
     lines += _figure(plots, "confusion", "Confusion matrix on the test split")
     lines += ["### ROC and precision–recall curves", "",
@@ -221,6 +246,41 @@ def _results(metrics: dict, plots: dict[str, str]) -> list[str]:
     lines += _figure(plots, "pr", "Precision-recall curve on the test split")
     lines += _calibration(test.get("calibration"), plots)
     return lines
+
+
+def _patients(metrics: dict) -> list[str]:
+    """Patient-level results, present when the split's groups are patients: each test patient
+    is one observation, called from an aggregate of its slices' probabilities. Patients are
+    only counted here, never named."""
+    patient = metrics.get("patient")
+    if not patient:
+        return []
+    test, val, threshold = patient["test"], patient.get("val"), patient["threshold"]
+    positive, negative = metrics["positive_class"], _negative(metrics)
+    boot = metrics.get("bootstrap", {})
+    tried = ", ".join(f"{AGGREGATE_NAMES.get(m, m)} {_num(auc)}"
+                      for m, auc in patient.get("val_auc_by_aggregate", {}).items())
+    aggregate = patient["aggregate"]
+    how = (f"A patient's probability is {AGGREGATE_MEANING.get(aggregate, aggregate)}. This way "
+           f"of combining slices was chosen on the validation patients, before the test split "
+           f"was scored, as the one with the best ROC AUC there ({tried}; the mean wins a tie). "
+           f"{_threshold_text(threshold, positive, 'patient')}")
+    keys = [k for k in METRIC_NAMES if k in test["metrics"]]
+    header = ["Metric", "Test value", "Test 95% CI"]
+    if val:
+        header.append(f"Validation (n={val['n']} patients)")
+    return [
+        "## Patient-level results", "", how, "",
+        f"The test split holds {test['n']} patients ({test['positives']} {positive}, "
+        f"{test['negatives']} {negative}); each counts once, however many slices it has.", "",
+        *_table(header, _metric_rows(test["metrics"], keys, val["metrics"] if val else None)),
+        f"95% CIs: percentile bootstrap ({boot.get('resamples', '?')} resamples, seed "
+        f"{boot.get('seed', '?')}) over test patients, each patient one observation.", "",
+        "### Confusion matrix in patients", "",
+        _confusion_text(test["confusion_matrix"], threshold["value"], negative, positive,
+                        "patients"), "",
+        *_confusion_table(test["confusion_matrix"], negative, positive),
+    ]
 
 
 def _bootstrap_unit(boot: dict) -> str:
@@ -358,7 +418,7 @@ def _limitations(metrics: dict) -> list[str]:
     return [
         "## Limitations", "",
         *(f"- **{title}.** {text}" for title, text in
-          [*LIMITATIONS, interval_limitation(unit)]),
+          [*limitations("patient" in metrics), interval_limitation(unit)]),
         "- **Threshold.** The threshold was fixed before testing; on a population with a "
         "different prevalence or scanner, sensitivity and specificity at that threshold will "
         "shift, and precision with them.",
@@ -376,6 +436,7 @@ def write_report(path: Path, metrics: dict, leaderboard: list[dict], plots: dict
     lines += _summary(metrics)
     lines += _exported(metrics)
     lines += _results(metrics, plots)
+    lines += _patients(metrics)
     lines += _search(metrics, leaderboard, plots)
     lines += _failures(failures)
     lines += _data(metrics)

@@ -12,6 +12,20 @@ METRIC_NAMES = {
     "pr_auc": "PR AUC (average precision)",
 }
 
+# split.json's group_by values whose groups are patients ("manifest" is the older name of
+# "patient"): data_utils.split.PATIENT_GROUPING, repeated so that the phrases import nothing
+# heavy (the split needs faiss); a test keeps the two equal.
+PATIENT_GROUPINGS = ("patient", "manifest")
+
+# How a patient's slice probabilities were combined (results.metrics.AGGREGATES): a short
+# name, and what the patient's probability then is.
+AGGREGATE_NAMES = {"mean": "mean", "top25": "top-quarter mean", "max": "maximum"}
+AGGREGATE_MEANING = {
+    "mean": "the mean of its slices' probabilities",
+    "top25": "the mean of the highest quarter of its slices' probabilities (at least one slice)",
+    "max": "the highest of its slices' probabilities",
+}
+
 # What each --group-by means for a test estimate.
 GROUPING_MEANING = {
     "duplicates": (
@@ -24,6 +38,9 @@ GROUPING_MEANING = {
         "The train/validation/test split kept all slices of one patient (the manifest's group "
         "column) and byte-identical files on the same side, so no test patient was seen during "
         "training or model selection."),
+    "patient": (
+        "The train/validation/test split kept all slices of one patient and byte-identical files "
+        "on the same side, so no test patient was seen during training or model selection."),
     "none": (
         "The train/validation/test split kept only byte-identical files together: near-identical "
         "slices of one patient can sit in both training and test, so the model may have been "
@@ -34,6 +51,8 @@ GROUPING_MEANING = {
 BOOTSTRAP_UNITS = {
     "manifest": ("patients (the manifest's group column): all slices of a patient are drawn "
                  "together, so the intervals reflect the number of test patients"),
+    "patient": ("patients: all slices of a patient are drawn together, so the intervals "
+                "reflect the number of test patients"),
     "duplicates": ("groups of near-identical slices (the split's groups): near-copies are drawn "
                    "together, but other slices of one patient are still drawn independently, "
                    "so the intervals may be somewhat narrow"),
@@ -41,22 +60,35 @@ BOOTSTRAP_UNITS = {
              "patient are treated as independent, so the intervals are optimistic"),
 }
 
-# (title, text) of what no number in a report or card can tell.
+# (title, text) of what no number in a report or card can tell; `limitations` picks the
+# patient-level one when there are patient-level results.
+SLICE_LEVEL = ("Slice-level, not patient-level", "Every number is about single CT slices, not "
+               "patients or whole scans. A patient-level decision would need the slices of a "
+               "scan combined, which was not evaluated here.")
+PATIENT_LEVEL = ("Patient level from this dataset's slices", "The patient-level numbers combine "
+                 "the slices each patient has in this dataset, which may be a selection rather "
+                 "than a whole scan; on complete CT series, with more slices per patient that "
+                 "look normal, the chosen aggregate and threshold may behave differently.")
 LIMITATIONS = [
     ("Single-centre data", "The SARS-CoV-2 CT-scan dataset comes from hospitals in São Paulo, "
      "Brazil. Scanners, protocols and patients elsewhere differ; expect lower performance on "
      "other data, and validate externally before drawing conclusions."),
-    ("Slice-level, not patient-level", "Every number is about single CT slices, not patients "
-     "or whole scans. A patient-level decision would need the slices of a scan combined, which "
-     "was not evaluated here."),
+    SLICE_LEVEL,
     ("Not a medical device", "This is a research result. It is not cleared or approved for "
      "clinical use and must not guide diagnosis or treatment."),
 ]
 
 
+def limitations(patient_level: bool) -> list[tuple[str, str]]:
+    """LIMITATIONS, with the patient-level caveat in place of the slice-level one when there
+    are patient-level results."""
+    return [PATIENT_LEVEL if patient_level and item is SLICE_LEVEL else item
+            for item in LIMITATIONS]
+
+
 def interval_limitation(unit: str | None) -> tuple[str, str]:
     """(title, text) of what the confidence intervals cover, given the bootstrap's unit."""
-    if unit == "manifest":
+    if unit in PATIENT_GROUPINGS:
         return ("Confidence intervals", "They come from bootstrap resamples of test patients; "
                 "they cover the sampling of patients, not differences between hospitals or "
                 "scanners.")
