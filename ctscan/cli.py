@@ -369,8 +369,13 @@ def print_results(run_dir: str, out: Path) -> None:
            else f"{threshold['method']}, chosen on val")
     print(f"test split: {test['n']} images never used for training or model selection; "
           f"threshold {threshold['value']:.3f} ({how})")
-    for name, m in test["metrics"].items():
-        print(f"  {name:<12} {m['value']:.3f}  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
+    _print_metrics(test["metrics"])
+    if "patient" in metrics:  # the split's groups are patients
+        patient = metrics["patient"]
+        print(f"per patient: {patient['test']['n']} test patients; {patient['aggregate']} of "
+              f"their slices' probabilities, threshold {patient['threshold']['value']:.3f} "
+              f"(both chosen on val patients)")
+        _print_metrics(patient["test"]["metrics"])
     report, export = f"{runfolder.RESULTS}/{runfolder.REPORT}", runfolder.EXPORT
     if runfolder.is_uri(run_dir):  # out is this machine's copy of the bucket's results/
         print(f"report: {runfolder.join(run_dir, report)} (copy: {out / runfolder.REPORT})\n"
@@ -378,6 +383,11 @@ def print_results(run_dir: str, out: Path) -> None:
     else:
         print(f"report: {out / runfolder.REPORT}\nexported model: {out.parent / export}")
     print(f"tensorboard --logdir {run_dir}")
+
+
+def _print_metrics(metrics: dict) -> None:
+    for name, m in metrics.items():
+        print(f"  {name:<12} {m['value']:.3f}  (95% CI {m['ci95'][0]:.3f}-{m['ci95'][1]:.3f})")
 
 
 def cmd_export(args: argparse.Namespace) -> int:

@@ -263,7 +263,8 @@ def _patients(metrics: dict) -> list[str]:
     aggregate = patient["aggregate"]
     how = (f"A patient's probability is {AGGREGATE_MEANING.get(aggregate, aggregate)}. This way "
            f"of combining slices was chosen on the validation patients, before the test split "
-           f"was scored, as the one with the best ROC AUC there ({tried}; the mean wins a tie). "
+           f"was scored, as the one with the best ROC AUC there ({tried}; a tie goes to the "
+           f"first of these). "
            f"{_threshold_text(threshold, positive, 'patient')}")
     keys = [k for k in METRIC_NAMES if k in test["metrics"]]
     header = ["Metric", "Test value", "Test 95% CI"]
