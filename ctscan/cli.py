@@ -133,8 +133,7 @@ def _split_options() -> argparse.ArgumentParser:
                    default=list(DEFAULT_RATIOS), metavar=("TRAIN", "VAL", "TEST"),
                    help=f"split fractions (default: {' '.join(map(str, DEFAULT_RATIOS))})")
     p.add_argument("--split-seed", type=seed, default=0, help="seed of the split (default: 0)")
-    p.add_argument("--group-by", choices=(DEFAULT_GROUP_BY, *GROUP_BY[:3]),
-                   default=DEFAULT_GROUP_BY,
+    p.add_argument("--group-by", choices=GROUP_BY, default=DEFAULT_GROUP_BY,
                    help="keep related slices in one split: by patient (DICOM PatientID, one "
                         "NIfTI file, or a manifest's group column), near-identical images "
                         "(duplicates), or only byte-identical files (none); auto: patient when "

@@ -29,7 +29,7 @@ from tqdm import tqdm
 from data_utils.decode import RESIZE_MODES, Decoded, decode_failure
 from data_utils.files import atomic_write
 from data_utils.sources import DataError, Sample, Skipped, discover
-from data_utils.volumes import DEFAULT_WINDOW, decode_frames, pseudonym
+from data_utils.volumes import DEFAULT_WINDOW, decode_frames, pseudonym, slice_at
 
 CACHE_FORMAT = 4  # bump when decoding changes what pixels a file yields, or the cache's layout
 DECODE_CHUNK = 1024  # slices decoded before their rows are written to the cache file
@@ -131,8 +131,7 @@ def load_dataset(
         if digest is None:
             continue
         entry = entries[digest]
-        row = entry["rows"][sample.frame] if sample.frame < len(entry.get("rows", [])) else \
-            entry.get("error", f"slice {sample.frame} missing from the file")
+        row = entry["error"] if "error" in entry else slice_at(entry["rows"], sample.frame)
         if isinstance(row, str):
             skipped.append(Skipped(sample.rel, row))
             continue

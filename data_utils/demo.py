@@ -37,15 +37,14 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
+import nibabel as nib
 import numpy as np
 from PIL import Image
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
 
 from data_utils.volumes import DEFAULT_WINDOW
-
-if TYPE_CHECKING:
-    from pydicom.dataset import Dataset
 
 CLASSES = ("COVID", "non-COVID")
 _PREFIX = {"COVID": "covid", "non-COVID": "noncovid"}
@@ -152,10 +151,6 @@ def _write_dicom_series(
     Axial slices in the usual patient orientation (row 0 anterior, column 0 the patient's
     right), centred on x = y = 0, InstanceNumber 1 at the lowest z.
     """
-    # Imported here, not at the top: only this format needs pydicom, and importing it costs.
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian
-
     rows, cols = slices[0].image.shape  # one size per patient: _render_patient draws it once
     series = _dicom_series_header(label, group, seed, rows, cols)
     folder = label_dir / series.PatientID / series.SeriesInstanceUID
@@ -182,8 +177,6 @@ def _write_dicom_series(
 
 def _dicom_series_header(label: str, group: str, seed: int, rows: int, cols: int) -> Dataset:
     """The attributes all slices of one patient's series share: patient, study, series, image."""
-    from pydicom.dataset import Dataset
-
     prefix, number = group.split("-p")  # "covid-p007" -> "covid", "007"
     ds = Dataset()
     ds.PatientID = f"DEMO-{prefix.upper()}-{number}"
@@ -227,8 +220,6 @@ def _dicom_series_header(label: str, group: str, seed: int, rows: int, cols: int
 
 def _demo_uid(seed: int, label: str, group: str, *what: object) -> str:
     """A valid DICOM UID derived from the arguments, so the same call gives the same files."""
-    from pydicom.uid import generate_uid
-
     return generate_uid(entropy_srcs=["ctscan demo", str(seed), label, group, *map(str, what)])
 
 
@@ -240,8 +231,6 @@ def _write_nifti_volume(path: Path, slices: list[RenderedSlice]) -> None:
     DICOM. Each slice is stored as the inverse of that. The affine puts every voxel where the
     DICOM output puts the same pixel (centred on x = y = 0, slice k at z = k * thickness).
     """
-    import nibabel as nib  # imported here for the same reason as pydicom above
-
     vol = np.stack([hu_of_pixels(sl.image)[::-1, ::-1].T for sl in slices], axis=-1)
     n_x, n_y = vol.shape[:2]
     affine = np.diag([PIXEL_SPACING_MM, PIXEL_SPACING_MM, SLICE_THICKNESS_MM, 1.0])

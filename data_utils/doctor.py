@@ -41,9 +41,7 @@ def inspect_dataset(ds: CTDataset) -> dict:
                   for name, rows in by_class.items()},
         "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
         "patients": _patients(ds, by_class),
-        "duplicate_groups": _groups_of(ds, np.unique(
-            [f"{sha}#{frame}" for sha, frame in zip(ds.sha256, ds.frames, strict=True)],
-            return_inverse=True)[1]),
+        "duplicate_groups": _groups_of(ds, group_rows(ds, "none", whole_files=False)),
         # With patients known, neighbouring slices of one scan are alike by nature: only a
         # group spanning two patients is news (one patient under two IDs, or a copied slice).
         "near_duplicate_groups": _groups_of(ds, near, across=ds.groups if with_patients else None),

@@ -32,9 +32,9 @@ from data_utils.sources import DataError
 from data_utils.volumes import DEFAULT_WINDOW
 
 SPLITS = ("train", "val", "test")
-GROUP_BY = ("none", "patient", "duplicates", "manifest")
-PATIENT_GROUPING = ("patient", "manifest")  # groups that are patients; "manifest": former name
 DEFAULT_GROUP_BY = "auto"  # patient where every slice names one, else duplicates
+GROUP_BY = (DEFAULT_GROUP_BY, "patient", "duplicates", "none")
+PATIENT_GROUPING = ("patient", "manifest")  # groups that are patients; "manifest": former name
 DEFAULT_RATIOS = (0.7, 0.2, 0.1)  # train, val, test
 NEAR_DUPLICATE_BITS = 40
 SEARCH_BLOCK = 4096  # hashes searched at once: more rows per search, fewer repeated index builds
@@ -93,9 +93,8 @@ def resolve_group_by(ds: CTDataset, group_by: str) -> str:
     """`auto` as the data allow: patients where every slice names one, else near-duplicates."""
     if group_by == DEFAULT_GROUP_BY:
         return "patient" if all(g is not None for g in ds.groups) else "duplicates"
-    if group_by not in GROUP_BY:
-        raise DataError(f"--group-by must be one of {(DEFAULT_GROUP_BY, *GROUP_BY)}, "
-                        f"got {group_by!r}")
+    if group_by not in (*GROUP_BY, *PATIENT_GROUPING):
+        raise DataError(f"--group-by must be one of {GROUP_BY}, got {group_by!r}")
     return group_by
 
 
@@ -186,7 +185,7 @@ def load_data_options(data: Path, image_size: int, resize: str, options: dict,
     the HU window and slice rule of DICOM and NIfTI files, and the run's pseudonym key (runs
     from before these existed read as they did)."""
     key = options.get("identity_key")
-    return load_dataset(data, image_size, resize, cache_dir, options["positive_class"],
+    return load_dataset(data, image_size, resize, cache_dir, options.get("positive_class"),
                         window=tuple(options.get("window", DEFAULT_WINDOW)),
                         slices=options.get("slices", "all"),
                         identity_key=bytes.fromhex(key) if key else None)

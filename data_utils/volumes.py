@@ -64,18 +64,23 @@ class NotASlice(ValueError):
 def volume_kind(path: Path) -> str | None:
     """"dicom", "nifti" or None (a 2-D image file, or not an image) by the file's name, and for
     a file without a suffix by DICOM's "DICM" marker (PACS exports often name files by UID)."""
-    name = path.name.lower()
-    if name.endswith(NIFTI_SUFFIXES):
-        return "nifti"
-    if name.endswith(DICOM_SUFFIXES):
-        return "dicom"
+    name, head = path.name.lower(), b""
     if "." not in name or name.rsplit(".", 1)[1].isdigit():  # "IM0001", "1.2.840.10008.5"
         try:
             with open(path, "rb") as f:
-                f.seek(128)
-                return "dicom" if f.read(4) == b"DICM" else None
+                head = f.read(132)
         except OSError:
-            return None
+            pass
+    return _kind(name, head)
+
+
+def _kind(name: str, head: bytes) -> str | None:
+    """The one rule of what a file is, from its name and (at least) its first 132 bytes."""
+    name = name.lower()
+    if name.endswith(NIFTI_SUFFIXES):
+        return "nifti"
+    if name.endswith(DICOM_SUFFIXES) or head[128:132] == b"DICM":
+        return "dicom"
     return None
 
 
@@ -272,13 +277,18 @@ def _windowed(hu: np.ndarray, window: tuple[float, float], invert: bool, size: i
     return Decoded(fit_square(Image.fromarray(pixels), size, resize), mode, width, height, "HU")
 
 
+def slice_at(slices: list, frame: int) -> object:
+    """Item `frame` of a file's slices (decoded, their cache rows, or why each is unusable), or
+    why it is missing: a header may promise more frames than the pixel data hold."""
+    return slices[frame] if frame < len(slices) else f"slice {frame} missing from the file"
+
+
 def decode_frames(name: str, data: bytes, size: int, resize: str,
                   window: tuple[float, float] = DEFAULT_WINDOW) -> list[Decoded | str]:
     """Every slice a file holds, by its kind (see `volume_kind`): one for a 2-D image, each
     frame of a DICOM file, each axial slice of a NIfTI volume. A slice that cannot be used is
     the reason why, in its place; a file that cannot be read at all raises."""
-    kind = "nifti" if name.lower().endswith(NIFTI_SUFFIXES) else (
-        "dicom" if data[128:132] == b"DICM" or name.lower().endswith(DICOM_SUFFIXES) else None)
+    kind = _kind(name, data)
     if kind == "dicom":
         return decode_dicom(data, size, resize, window)
     if kind == "nifti":

@@ -23,7 +23,8 @@ from data_utils.errors import RunFolderError
 from data_utils.files import write_json
 from data_utils.sources import DataError
 from data_utils.split import PATIENT_GROUPING, load_data_options
-from results.metrics import AGGREGATES, aggregate_by_group, score, youden_threshold
+from results.aggregate import AGGREGATES, aggregate_by_group
+from results.metrics import score, youden_threshold
 from tuning.config import make_config
 from tuning.records import SearchOptions, load_options
 
@@ -226,8 +227,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     best, _ = _read_json(run_dir, runfolder.BEST, BEST_KEYS)
     split_json, split_text = _read_json(run_dir, runfolder.SPLIT, SPLIT_KEYS)
     config = make_config(best["config"])
-    ds = load_data_options(Path(options.data), config.image_size, config.resize,
-                           {"positive_class": None, **options.split}, cache_dir)
+    ds = load_data_options(Path(options.data), config.image_size, config.resize, options.split,
+                           cache_dir)
     val_rows = recorded_rows(ds, split_json, "val")
     test_rows = recorded_rows(ds, split_json, "test")
     candidates = ensemble_candidates(run_dir, options, best, ensemble)

@@ -76,8 +76,8 @@ def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
     failed = len(skipped)
     for s in skipped:
         print(f"warning: skipped {s.path}: {s.reason}", file=sys.stderr)
-    chosen: list[tuple[Sample, np.ndarray, np.ndarray, float]] = []
-    top_of_series: dict[str, int] = {}  # series -> its entry in chosen
+    # Per 2-D image its overlay, per series its slice of highest probability, in input order.
+    chosen: dict[object, tuple[Sample, np.ndarray, np.ndarray, float]] = {}
     for batch in decode_batches(samples, config, batch_size):
         for sample, _, error in batch:
             if error is not None:
@@ -91,14 +91,10 @@ def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
         maps, logits = _gradcam(model, x)
         for (sample, image), cam, prob in zip(ok, maps, torch.sigmoid(logits).tolist(),
                                               strict=True):
-            at = top_of_series.get(sample.series) if sample.series else None
-            if at is None:
-                if sample.series:
-                    top_of_series[sample.series] = len(chosen)
-                chosen.append((sample, image, cam, prob))
-            elif prob > chosen[at][3]:
-                chosen[at] = (sample, image, cam, prob)
-    return _write_overlays([(s.rel, image, cam, prob) for s, image, cam, prob in chosen],
+            key = sample.series or len(chosen)  # a 2-D image: an entry of its own
+            if key not in chosen or prob > chosen[key][3]:
+                chosen[key] = (sample, image, cam, prob)
+    return _write_overlays([(s.rel, image, cam, prob) for s, image, cam, prob in chosen.values()],
                            config, out_dir), failed
 
 

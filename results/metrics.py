@@ -1,13 +1,19 @@
-"""Binary classification metrics with bootstrap confidence intervals (scikit-learn underneath),
-and the aggregation of slice probabilities per patient.
-
-scikit-learn is imported inside the functions that use it: `ctscan predict` imports
-aggregate_by_group from here and must start without scikit-learn, scipy or torch.
-"""
+"""Binary classification metrics with bootstrap confidence intervals (scikit-learn underneath)."""
 
 from __future__ import annotations
 
 import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
 CALIBRATION = ("brier", "ece")
@@ -16,16 +22,6 @@ CALIBRATION_BINS = 10  # equal-width probability bins of the reliability diagram
 
 def binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]:
     """Every metric of METRICS; AUCs are nan when only one class is present."""
-    from sklearn.metrics import (
-        accuracy_score,
-        average_precision_score,
-        confusion_matrix,
-        f1_score,
-        precision_score,
-        recall_score,
-        roc_auc_score,
-    )
-
     pred = (prob >= threshold).astype(int)
     tn, fp, _, _ = confusion_matrix(y, pred, labels=[0, 1]).ravel()
     both = len(np.unique(y)) == 2
@@ -43,8 +39,6 @@ def binary_metrics(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[st
 def calibration(y: np.ndarray, prob: np.ndarray) -> dict:
     """Brier score, expected calibration error, and the reliability diagram's bins (mean
     predicted probability vs fraction positive, for each non-empty bin)."""
-    from sklearn.metrics import brier_score_loss
-
     bins = _bins(prob)
     count = np.bincount(bins, minlength=CALIBRATION_BINS)
     prob_sum = np.bincount(bins, prob, CALIBRATION_BINS)
@@ -74,8 +68,6 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: i
     binary_metrics' on each resample (tested). Resamples drawing a single class leave the AUCs
     undefined and are left out of those two.
     """
-    from sklearn.metrics import average_precision_score, roc_auc_score
-
     slices = groups is None
     groups = np.arange(len(y)) if slices else np.unique(groups, return_inverse=True)[1]
     n_groups = groups.max() + 1
@@ -132,8 +124,6 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 10
           seed: int = 0, groups: np.ndarray | None = None) -> dict:
     """{"metrics": {name: {"value", "ci95"}}, "confusion_matrix": [[tn, fp], [fn, tp]],
     "calibration": {"brier", "ece": {"value", "ci95"}, "bins": [...]}}."""
-    from sklearn.metrics import confusion_matrix
-
     values = binary_metrics(y, prob, threshold)
     intervals = bootstrap_ci(y, prob, threshold, resamples, seed, groups)
     calibrated = calibration(y, prob)
@@ -148,35 +138,6 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 10
 
 def youden_threshold(y: np.ndarray, prob: np.ndarray) -> float:
     """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these labels."""
-    from sklearn.metrics import roc_curve
-
     fpr, tpr, thresholds = roc_curve(y, prob)
     best = int(np.argmax(tpr - fpr))
     return float(min(thresholds[best], 1.0))  # roc_curve's first threshold is +inf
-
-
-# How a patient's slice probabilities become one, in order of preference on a tie: the mean is
-# the least noisy, the maximum the noisiest (one odd slice decides it).
-AGGREGATES = ("mean", "top25", "max")
-
-
-def aggregate_by_group(prob: np.ndarray, groups: np.ndarray, method: str
-                       ) -> tuple[np.ndarray, np.ndarray]:
-    """(group ids, ascending; each group's probability): the mean, the maximum, or ("top25")
-    the mean of the top quarter of its slices, rounded down but at least one slice, so a
-    lesion seen on a few slices of a long series is not averaged away."""
-    if method not in AGGREGATES:
-        raise ValueError(f"aggregate must be one of {AGGREGATES}, got {method!r}")
-    ids, inverse = np.unique(groups, return_inverse=True)
-    sizes = np.bincount(inverse)
-    prob = np.asarray(prob, dtype=np.float64)
-    if method == "mean":
-        return ids, np.bincount(inverse, prob) / sizes
-    # Slices sorted by group, then by probability, highest first: each group's top k slices
-    # are the first k of its run.
-    order = np.lexsort((-prob, inverse))
-    starts = np.cumsum(sizes) - sizes
-    rank = np.arange(len(prob)) - np.repeat(starts, sizes)
-    k = np.ones_like(sizes) if method == "max" else np.maximum(sizes // 4, 1)
-    top = rank < np.repeat(k, sizes)
-    return ids, np.bincount(inverse[order][top], prob[order][top], len(ids)) / k

@@ -18,8 +18,14 @@ from data_utils.cache import default_cache_dir, machine_identity_key
 from data_utils.decode import decode_failure
 from data_utils.files import atomic_write
 from data_utils.sources import IMAGE_SUFFIXES, Sample, image_files, unlabelled_slices
-from data_utils.volumes import DEFAULT_WINDOW, DICOM_SUFFIXES, NIFTI_SUFFIXES, decode_frames
-from results.metrics import aggregate_by_group
+from data_utils.volumes import (
+    DEFAULT_WINDOW,
+    DICOM_SUFFIXES,
+    NIFTI_SUFFIXES,
+    decode_frames,
+    slice_at,
+)
+from results.aggregate import aggregate_by_group
 from results.model_folder import load_predictor, read_config
 
 
@@ -54,14 +60,11 @@ def decode_batches(samples: list[Sample], config: dict, batch_size: int
             except Exception as e:  # noqa: BLE001 - any unreadable file is reported, not fatal
                 decoded = (sample.path, decode_failure(e))
         frames = decoded[1]
-        if isinstance(frames, str):
-            batch.append((sample, None, frames))
-        elif sample.frame >= len(frames):
-            batch.append((sample, None, f"slice {sample.frame} missing from the file"))
-        elif isinstance(frames[sample.frame], str):
-            batch.append((sample, None, frames[sample.frame]))
+        item = frames if isinstance(frames, str) else slice_at(frames, sample.frame)
+        if isinstance(item, str):
+            batch.append((sample, None, item))
         else:
-            batch.append((sample, frames[sample.frame].pixels, None))
+            batch.append((sample, item.pixels, None))
         if len(batch) == batch_size:
             yield batch
             batch = []
@@ -123,21 +126,14 @@ def _by_series(slice_rows: list[tuple[Sample, dict]], patient: dict,
     """A 2-D image's row as it is; the slices of one series become one row where its first
     slice was, named by the folder (DICOM) or file (NIfTI) holding them, then, with per_slice
     (or when none could be read), their own rows."""
-    order: list[dict | str] = []  # a row, or the series whose row goes there
-    members: dict[str, list[dict]] = {}
-    for sample, row in slice_rows:
-        if sample.series is None:
-            order.append(row)
-        else:
-            if sample.series not in members:
-                order.append(sample.series)
-            members.setdefault(sample.series, []).append(row)
+    members: dict[object, list[dict]] = {}  # in order of first appearance
+    for i, (sample, row) in enumerate(slice_rows):
+        members.setdefault(sample.series or i, []).append(row)  # a 2-D image: its own entry
     out = []
-    for entry in order:
-        if isinstance(entry, dict):
-            out.append(entry)
+    for key, slices in members.items():
+        if not isinstance(key, str):
+            out += slices
             continue
-        slices = members[entry]
         paths = [r["path"].rpartition("#")[0] or r["path"] for r in slices]
         name = os.path.commonpath(paths) if len(set(paths)) > 1 else paths[0]
         scored = [r["prob"] for r in slices if r["error"] is None]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from data_utils.split import PATIENT_GROUPING
+
 METRIC_NAMES = {
     "accuracy": "Accuracy",
     "recall": "Sensitivity (recall)",
@@ -12,12 +14,7 @@ METRIC_NAMES = {
     "pr_auc": "PR AUC (average precision)",
 }
 
-# split.json's group_by values whose groups are patients ("manifest" is the older name of
-# "patient"): data_utils.split.PATIENT_GROUPING, repeated so that the phrases import nothing
-# heavy (the split needs faiss); a test keeps the two equal.
-PATIENT_GROUPINGS = ("patient", "manifest")
-
-# How a patient's slice probabilities were combined (results.metrics.AGGREGATES): a short
+# How a patient's slice probabilities were combined (results.aggregate.AGGREGATES): a short
 # name, and what the patient's probability then is.
 AGGREGATE_NAMES = {"mean": "mean", "top25": "top-quarter mean", "max": "maximum"}
 AGGREGATE_MEANING = {
@@ -88,7 +85,7 @@ def limitations(patient_level: bool) -> list[tuple[str, str]]:
 
 def interval_limitation(unit: str | None) -> tuple[str, str]:
     """(title, text) of what the confidence intervals cover, given the bootstrap's unit."""
-    if unit in PATIENT_GROUPINGS:
+    if unit in PATIENT_GROUPING:
         return ("Confidence intervals", "They come from bootstrap resamples of test patients; "
                 "they cover the sampling of patients, not differences between hospitals or "
                 "scanners.")

@@ -16,11 +16,11 @@ from PIL import Image
 from test_plots_report import LEADERBOARD, METRICS, PLOTS
 
 import results.evaluate as evaluate_module
-import results.wording as wording
 from data_utils.cache import load_dataset
 from data_utils.files import write_json
 from data_utils.sources import DataError
-from data_utils.split import PATIENT_GROUPING, split_dataset
+from data_utils.split import split_dataset
+from results.aggregate import aggregate_by_group
 from results.evaluate import (
     choose_patient_level,
     evaluate_run,
@@ -31,7 +31,6 @@ from results.evaluate import (
 )
 from results.export import export_config
 from results.metrics import METRICS as METRIC_KEYS
-from results.metrics import aggregate_by_group
 from results.model_card import model_card
 from results.report import write_report
 from tuning.config import make_config
@@ -63,10 +62,6 @@ def test_a_patients_label_is_its_slices_and_mixed_labels_are_refused():
     with pytest.raises(DataError, match=r"patient group\(s\) \[5\] carry both labels"):
         per_patient(np.array([1, 0, 0, 0]), np.array([.9, .2, .7, .1]), np.array([5, 2, 5, 2]),
                     "mean")
-
-
-def test_the_report_and_evaluation_agree_on_which_groupings_are_patients():
-    assert wording.PATIENT_GROUPINGS == PATIENT_GROUPING
 
 
 def _val_where_top25_wins(patients: int = 6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
