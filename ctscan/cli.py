@@ -649,7 +649,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        except Exception as e:
+            # Ctrl-C inside a library's cleanup (torch.save closing its zip writer) surfaces as
+            # the error that cleanup raised next; the interruption is what happened.
+            if isinstance(e.__context__, KeyboardInterrupt):
+                raise e.__context__ from None
+            raise
     except UserError as e:
         # One line, whatever a quoted library message held: scripts read the last line.
         print(f"ctscan: error: {' '.join(str(e).split())}", file=sys.stderr)

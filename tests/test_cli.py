@@ -193,6 +193,22 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
     assert "Traceback" not in err
 
 
+def test_an_error_raised_while_stopping_for_ctrl_c_still_exits_130(monkeypatch, capsys):
+    """Ctrl-C inside torch.save makes its zip writer's cleanup raise RuntimeError ("unexpected
+    pos ..."), which would otherwise replace the interruption with a traceback and exit 1."""
+    import ctscan.cli as cli
+
+    def interrupted_while_saving(args):
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] unexpected pos") from None
+
+    monkeypatch.setattr(cli, "cmd_inspect", interrupted_while_saving)
+    assert main(["inspect", "anywhere"]) == 130
+    assert capsys.readouterr().err.strip().splitlines()[-1] == "ctscan: interrupted"
+
+
 def test_ctrl_c_ends_a_search_resumable_and_never_scores_it(tmp_path):
     """Ctrl-C reaches the whole process group, as from a terminal: Ray stops the trials and
     saves its state, and ctscan exits 130 instead of scoring the unfinished search."""
