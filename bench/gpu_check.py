@@ -68,7 +68,7 @@ def main() -> None:
     rates = []
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        train_trial(config, data, Path(out), lambda m: rates.append(m["images_per_sec"]))
+        train_trial(config, data, Path(out), lambda m, *_: rates.append(m["images_per_sec"]))
     peak = torch.cuda.max_memory_allocated() / 2**30
     rate = statistics.median(rates[1:])
     print(f"per-epoch training images/s: {', '.join(f'{r:.0f}' for r in rates)}")

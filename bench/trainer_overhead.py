@@ -54,7 +54,7 @@ def ours(config, images: np.ndarray, labels: np.ndarray) -> float:
     rates = []
     with tempfile.TemporaryDirectory() as out:
         data = TrialData(images, labels, images[:32], labels[:32])
-        train_trial(config, data, Path(out), lambda m: rates.append(m["images_per_sec"]))
+        train_trial(config, data, Path(out), lambda m, *_: rates.append(m["images_per_sec"]))
     return len(labels) * (len(rates) - 1) / sum(len(labels) / r for r in rates[1:])
 
 

@@ -14,8 +14,8 @@ old file or the new one, never half of one.
     results/            metrics.json, plots, report.md, test predictions (`ctscan evaluate`)
     export/             the winner, ready to ship (`ctscan export` writes the same elsewhere)
 
-`ctscan train` writes a run folder of its own: split.json, config.yaml, last.pt (the resume
-point, rewritten every epoch), best.pt (the best epoch) and tensorboard/.
+`ctscan train` writes a run folder of its own: split.json, config.yaml, best.pt (the weights of
+the best epoch), last.pt (the resume state, rewritten every epoch) and tensorboard/.
 """
 
 from __future__ import annotations
@@ -44,8 +44,12 @@ REPORT = "report.md"
 TEST_PREDICTIONS = "test_predictions.json"
 EXPORT = "export"
 CONFIG = "config.yaml"
-LAST_CHECKPOINT = "last.pt"  # also what a trial's checkpoints hold: that epoch's resume point
+# A training run's two files, also in a trial's checkpoints: the best epoch's weights (with the
+# description, config, metrics and history: all that evaluate and export read), and the resume
+# state (current weights, optimizer, scheduler, RNG), which only training reads.
 BEST_CHECKPOINT = "best.pt"
+LAST_CHECKPOINT = "last.pt"
+HISTORY = "history.json"  # in a trial's checkpoint: every epoch's metrics up to it
 TENSORBOARD = "tensorboard"
 LOCAL_RUNS = Path("runs")  # where a bucket run's results are also kept, to read on this machine
 

@@ -216,12 +216,17 @@ def test_asha_and_optuna_judge_trials_by_their_best_epoch_so_far(demo_search):
             assert trial.value == max(aucs)
 
 
-def test_only_the_best_checkpoint_per_trial_is_kept(demo_search):
+def test_only_the_best_weights_per_trial_are_kept(demo_search):
     options, *_ = demo_search
-    trial_dirs = sorted(Path(options.run_dir).glob("trial_*"))
-    assert len(trial_dirs) == 6
-    for trial in trial_dirs:
-        assert [p.name for p in trial.glob("checkpoint_*/*")] == ["last.pt"]
+    trials = json.loads((Path(options.run_dir) / "trials.json").read_text())
+    assert len(list(Path(options.run_dir).glob("trial_*"))) == len(trials) == 6
+    for trial in trials:
+        checkpoint = Path(options.run_dir) / trial["checkpoint"]
+        # No resume state (optimizer) left: the weights and the history, one checkpoint.
+        assert sorted(p.name for p in checkpoint.parent.parent.glob("checkpoint_*/*")) == [
+            "best.pt", "history.json"]
+        aucs = [h["val_auc"] for h in trial["history"]]
+        assert torch.load(checkpoint, weights_only=True)["epoch"] == aucs.index(max(aucs))
 
 
 def test_trials_never_saw_the_test_split(demo_search):
@@ -271,8 +276,8 @@ def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray
         real_train_trial = search.train_trial
 
         def train_then_crash(config, data, out_dir, report, **kwargs):
-            def report_then_crash(metrics):
-                report(metrics)
+            def report_then_crash(metrics, *rest):
+                report(metrics, *rest)
                 if not marker.exists():
                     marker.touch()
                     raise RuntimeError("injected crash after epoch 1")
@@ -425,21 +430,27 @@ def test_trials_read_the_dataset_zero_copy_from_the_object_store(tmp_path, local
 def test_best_json_describes_its_checkpoint_on_ties_and_failed_trials_are_listed(tmp_path,
                                                                                  local_ray):
     def tied_then_failing(params, data, options):
-        """No training: trial 0 reports val AUCs 0.8, 0.9, 0.9 (a tie); trial 1 fails at epoch 2."""
+        """No training: trial 0 reports val AUCs 0.8, 0.9, 0.9 (a tie); trial 1 fails at epoch 2.
+        Each epoch's checkpoint holds the best weights so far, as train_trial's do."""
         import tempfile
 
         from ray import tune
 
         number = params[NUMBER]
         aucs = [0.8, 0.9, 0.9] if number == 0 else [0.5, None]
+        history = []
         for epoch, auc in enumerate(aucs, 1):
             if auc is None:
                 raise RuntimeError(f"trial {number} failed at epoch {epoch}")
+            history.append({"epoch": epoch, "train_loss": 1.0, "val_loss": 1 / epoch,
+                            "val_accuracy": 0.5, "val_auc": auc,
+                            "best_val_auc": max(aucs[:epoch]), "val_f1": 0.5, "lr": 0.1})
             with tempfile.TemporaryDirectory() as folder:
-                torch.save({"epoch": epoch}, Path(folder) / "last.pt")
-                tune.report({"epoch": epoch, "train_loss": 1.0, "val_loss": 1 / epoch,
-                             "val_accuracy": 0.5, "val_auc": auc, "best_val_auc": max(aucs[:epoch]),
-                             "val_f1": 0.5, "lr": 0.1, "final_epoch": epoch == len(aucs)},
+                best_epoch = aucs.index(max(aucs[:epoch]))  # the first to reach the best
+                torch.save({"epoch": best_epoch}, Path(folder) / "best.pt")
+                (Path(folder) / "history.json").write_text(json.dumps(history))
+                tune.report({**history[-1], "final_epoch": epoch == len(aucs),
+                             "resume_epoch": 0},
                             checkpoint=tune.Checkpoint.from_directory(folder))
 
     root, data = tiny_trial_data(tmp_path)
@@ -449,10 +460,10 @@ def test_best_json_describes_its_checkpoint_on_ties_and_failed_trials_are_listed
         storage_path=str(tmp_path / "runs"), name="ties",
         search_space=str(tmp_path / "space.yaml"), base_config={"image_size": 32})
     best = run_search(options, data, trainable_fn=tied_then_failing)
-    # Ray keeps the later of two tied epochs; best.json must describe that one.
+    # Of two tied epochs, the weights kept are the first's; best.json describes that one.
     checkpoint = Path(options.run_dir) / best["checkpoint"]
-    assert torch.load(checkpoint, weights_only=True)["epoch"] == best["best_epoch"] == 3
-    assert best["val_metrics"]["val_loss"] == 1 / 3
+    assert torch.load(checkpoint, weights_only=True)["epoch"] + 1 == best["best_epoch"] == 2
+    assert best["val_metrics"]["val_loss"] == 1 / 2
     assert best["errored_trials"] == 1
     failed = next(t for t in json.loads((Path(options.run_dir) / "trials.json").read_text())
                   if t["status"] == "error")

@@ -63,7 +63,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(demo, tmp_path, 
     class Killed(Exception):
         pass
 
-    def kill_after_first_epoch(metrics):
+    def kill_after_first_epoch(metrics, history, saved):
         if metrics["epoch"] == 1:
             raise Killed
 
@@ -71,20 +71,54 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(demo, tmp_path, 
         train_trial(config, trial_data(ds, split), tmp_path / "resumed", kill_after_first_epoch)
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
     seen = []
-    train_trial(config, trial_data(ds, split), tmp_path / "resumed", seen.append)
+    train_trial(config, trial_data(ds, split), tmp_path / "resumed", lambda m, *_: seen.append(m))
     assert [m["epoch"] for m in seen] == [2, 3]  # continued, did not start over
     assert _history(tmp_path / "resumed") == _history(tmp_path / "straight")
 
 
-def test_checkpoint_is_one_dict_loadable_with_weights_only(demo, tmp_path):
+def test_weights_and_resume_state_are_separate_dicts_loadable_with_weights_only(demo, tmp_path):
     ds, split = demo
     best = train_trial(make_config(TINY), trial_data(ds, split), tmp_path)
-    checkpoint = torch.load(tmp_path / "best.pt", weights_only=True)
-    assert {"model", "optimizer", "scheduler", "epoch", "config", "metrics",
-            "best_val_auc"} <= set(checkpoint)
-    assert checkpoint["best_val_auc"] == best["val_auc"] == checkpoint["metrics"]["val_auc"]
-    assert checkpoint["config"]["arch"] == "resnet18"
+    weights = torch.load(tmp_path / "best.pt", weights_only=True)
+    # What evaluate and export read: the weights and what describes them, no optimizer state.
+    assert set(weights) == {"model", "description", "config", "precision", "epoch", "metrics",
+                            "history"}
+    assert weights["metrics"] == best and weights["history"][-1] == best
+    assert weights["config"]["arch"] == "resnet18" and weights["precision"] in ("bf16", "fp32")
+    resume = torch.load(tmp_path / "last.pt", weights_only=True)
+    assert {"model", "optimizer", "scheduler", "rng", "epoch", "history"} <= set(resume)
     assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_resume_state_every_n_epochs_repeats_at_most_n_minus_1_and_changes_nothing(demo,
+                                                                                   tmp_path):
+    ds, split = demo
+    config = make_config({**TINY, "epochs": 5, "patience": 99})
+    saved_at, seen = {}, []
+    train_trial(config, trial_data(ds, split), tmp_path / "straight",
+                lambda m, history, saved: saved_at.update({m["epoch"]: saved}),
+                checkpoint_every=2)
+    assert [e for e, saved in saved_at.items() if "last.pt" in saved] == [2, 4, 5]  # 5: the end
+    assert saved_at[1] == ["best.pt"]  # the first epoch is always the best so far
+
+    class Killed(Exception):
+        pass
+
+    def kill_in_epoch_4(metrics, history, saved):
+        if metrics["epoch"] == 3:
+            raise Killed
+
+    with pytest.raises(Killed):
+        train_trial(config, trial_data(ds, split), tmp_path / "resumed", kill_in_epoch_4,
+                    checkpoint_every=2)
+    train_trial(config, trial_data(ds, split), tmp_path / "resumed",
+                lambda m, *_: seen.append(m["epoch"]), checkpoint_every=2)
+    assert seen == [3, 4, 5]  # from the resume state of epoch 2: epoch 3 again
+    assert _history(tmp_path / "resumed") == _history(tmp_path / "straight")
+    for name in ("best.pt", "last.pt"):
+        straight, resumed = (load_checkpoint(tmp_path / run / name)["model"]
+                             for run in ("straight", "resumed"))
+        assert all(torch.equal(straight[k], resumed[k]) for k in straight), name
 
 
 def test_early_stopping_stops_when_val_auc_stalls(demo, tmp_path):
@@ -92,9 +126,11 @@ def test_early_stopping_stops_when_val_auc_stalls(demo, tmp_path):
     # No epoch can beat the first by a whole AUC point, so every later epoch is stale.
     config = make_config({**TINY, "epochs": 10, "patience": 2, "min_delta": 1.0})
     seen = []
-    train_trial(config, trial_data(ds, split), tmp_path, seen.append)
+    train_trial(config, trial_data(ds, split), tmp_path, lambda m, *_: seen.append(m))
     assert [m["epoch"] for m in seen] == [1, 2, 3]  # best at 1, then 2 epochs without gain
-    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == 0
+    # The kept weights are those of the highest val AUC, min_delta or not: the first to reach it.
+    aucs = [m["val_auc"] for m in seen]
+    assert load_checkpoint(tmp_path / "best.pt")["epoch"] == aucs.index(max(aucs))
 
 
 def test_freeze_backbone_epochs_train_only_the_head_first(demo, tmp_path, monkeypatch):
@@ -108,7 +144,7 @@ def test_freeze_backbone_epochs_train_only_the_head_first(demo, tmp_path, monkey
         real(model, flag)
         trainable.append(model.conv1.weight.requires_grad)
 
-    def keep_weights(metrics):
+    def keep_weights(metrics, history, saved):
         after_epoch[metrics["epoch"]] = load_checkpoint(tmp_path / "run" / "last.pt")["model"]
 
     monkeypatch.setattr(train_module, "set_backbone_trainable", spy)
@@ -142,8 +178,8 @@ def test_the_schedule_starts_when_the_backbone_thaws():
 def test_ema_validates_and_keeps_the_averaged_weights(demo, tmp_path):
     ds, split = demo
     best = train_trial(make_config({**TINY, "ema": True}), trial_data(ds, split), tmp_path)
-    checkpoint = load_checkpoint(tmp_path / "best.pt")
-    averaged, trained = checkpoint["model"], checkpoint["trained_model"]
+    averaged = load_checkpoint(tmp_path / "best.pt")["model"]
+    trained = load_checkpoint(tmp_path / "last.pt")["trained_model"]
     assert averaged.keys() == trained.keys()
     assert not torch.equal(averaged["conv1.weight"], trained["conv1.weight"])
     model = build_model("resnet18")
@@ -181,6 +217,6 @@ def test_resnet18_learns_the_demo_task(tmp_path):
                           "aug_strength": 0.3, "seed": 0, "patience": 99, "num_workers": 2})
     seen = []
     best = train_trial(config, trial_data(ds, split_dataset(ds, seed=0)), tmp_path / "out",
-                       seen.append)
+                       lambda m, *_: seen.append(m))
     assert best["val_auc"] > 0.75
     assert seen[-1]["val_auc"] > seen[0]["val_auc"]  # it learned; it did not start there

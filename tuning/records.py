@@ -23,7 +23,10 @@ if TYPE_CHECKING:  # Ray's result types, only read here
     from data_utils.cache import CTDataset
 
 METRIC, MODE = "best_val_auc", "max"  # what trials are ranked, stopped and modelled by
-CHECKPOINT_METRIC = "val_auc"  # what the kept checkpoint of a trial is chosen by: its best epoch
+# A checkpoint's epoch if it holds a resume state (last.pt), else 0: Ray keeps the checkpoint with
+# the highest, beside the latest one, whose best.pt holds the trial's best weights.
+CHECKPOINT_METRIC = "resume_epoch"
+RESUME_EVERY_LOCAL, RESUME_EVERY_REMOTE = 1, 5  # default epochs between resume states
 HISTORY_KEYS = ["epoch", "train_loss", "val_loss", "val_accuracy", "val_auc", "best_val_auc",
                 "val_f1", "lr"]
 
@@ -44,6 +47,9 @@ class SearchOptions:
     gpus_per_trial: float = 0.0
     max_concurrent: int = 4
     max_failures: int = 2
+    # Epochs between a trial's resume states (optimizer state, 3x the weights with AdamW); None:
+    # every epoch on this machine's disk, every RESUME_EVERY_REMOTE in a bucket.
+    checkpoint_every: int | None = None
     storage_path: str = "runs"  # a local folder (made absolute), a shared path or a URI
     name: str = field(default_factory=lambda: time.strftime("tune-%Y%m%d-%H%M%S"))
     seed: int = 0
@@ -56,6 +62,12 @@ class SearchOptions:
     @property
     def run_dir(self) -> str:
         return runfolder.join(self.storage_path, self.name)
+
+    @property
+    def resume_every(self) -> int:
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return RESUME_EVERY_REMOTE if runfolder.is_uri(self.storage_path) else RESUME_EVERY_LOCAL
 
     def trial_config(self, values: dict) -> TrainConfig:
         """The training config of a trial: the fixed keys, then its searched values (config keys,
@@ -124,24 +136,44 @@ def _error_line(error: BaseException) -> str:
     return lines[-1] if lines else type(error).__name__
 
 
+def best_row(history: list[dict]) -> dict:
+    """The epoch whose weights a trial keeps (train_trial's rule): the first to reach the highest
+    val AUC."""
+    scored = [h for h in history if h["val_auc"] == h["val_auc"]]  # not NaN
+    return max(scored, key=lambda h: h["val_auc"]) if scored else history[0]
+
+
+def _history(result, run_dir: str, trial_dir: str) -> list[dict]:
+    """A trial's epochs: Ray's rows (result.json), completed by the history in its latest
+    checkpoint, which holds every epoch up to it even where a killed driver had not uploaded
+    result.json yet. A resumed trial reports its repeated epochs again: the last report counts."""
+    by_epoch = {}
+    if result.checkpoint is not None:
+        saved = runfolder.read_json(runfolder.join(
+            run_dir, trial_dir, runfolder.name_of(result.checkpoint.path), runfolder.HISTORY))
+        by_epoch = {row["epoch"]: {k: row[k] for k in HISTORY_KEYS} for row in saved or []}
+    frame = result.metrics_dataframe
+    # A trial the budget ended before it started, or one that failed before its first report,
+    # has no frame or an empty one.
+    if frame is not None and not frame.empty and "val_auc" in frame:
+        for row in frame[HISTORY_KEYS].dropna(subset=["epoch"]).to_dict("records"):
+            by_epoch[int(row["epoch"])] = {**row, "epoch": int(row["epoch"])}
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+
+
 def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
     """trials.json: every trial's searched values, status, error and per-epoch history, best
     first; trials that failed before reporting come last."""
     records = []
     for result in results:
-        frame = result.metrics_dataframe
-        # A trial the budget ended before it started, or one that failed before its first
-        # report, has no frame or an empty one.
-        history = ([] if frame is None or frame.empty or CHECKPOINT_METRIC not in frame
-                   else frame[HISTORY_KEYS].to_dict("records"))
+        trial_dir = runfolder.name_of(result.path)
+        history = _history(result, run_dir, trial_dir)
         status = ("error" if result.error else "completed" if history and
                   result.metrics.get("final_epoch") else "stopped early")
         config = result.config or {}
         if not (config or history or result.error):
             continue  # proposed, then the budget ended the search before the trial started
-        trial_dir = runfolder.name_of(result.path)
-        kept = (result.get_best_checkpoint(CHECKPOINT_METRIC, MODE)
-                if result.best_checkpoints else None)
+        kept = result.checkpoint
         records.append({
             # A trial that failed before reporting has no metrics; its folder still names it.
             "trial_id": _trial_id(trial_dir),
@@ -152,7 +184,7 @@ def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
             "val_auc": max((h["val_auc"] for h in history), default=float("nan")),
             # Its best epoch's weights: the ensemble of the top trials is built from these.
             "checkpoint": runfolder.recorded(run_dir, trial_dir, runfolder.name_of(kept.path),
-                                             runfolder.LAST_CHECKPOINT) if kept else None,
+                                             runfolder.BEST_CHECKPOINT) if kept else None,
             **({"error": _error_line(result.error),
                 "error_file": runfolder.join(run_dir, trial_dir, runfolder.TRIAL_ERROR)}
                if result.error else {}),
@@ -178,24 +210,20 @@ def summarize(options: SearchOptions, results: ResultGrid, budget_reached: bool 
     if not any(r["history"] for r in records):
         raise _no_trial_reported(records, options.run_dir)
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
-    checkpoint = best.get_best_checkpoint(CHECKPOINT_METRIC, MODE)
-    # The metrics Ray stored with that very checkpoint: on tied val AUCs, Ray keeps the later
-    # epoch's, and best.json must describe the weights it points to.
-    top = next(m for c, m in best.best_checkpoints if c.path == checkpoint.path)
+    record = next(r for r in records if r["trial_id"] == _trial_id(runfolder.name_of(best.path)))
+    top = best_row(record["history"])  # exactly the epoch whose weights best.pt holds
     params = decode_params(best.config)
     config = asdict(options.trial_config(params))
     searched = load_search_space(options).searched_keys()
     statuses = [r["status"] for r in records]
     summary = {
-        "trial_id": top["trial_id"],
+        "trial_id": record["trial_id"],
         "config": config,
         "searched": {k: config[k] for k in searched if k in params},
         "val_metrics": {k: float(top[k]) for k in
                         ("val_auc", "val_loss", "val_accuracy", "val_f1", "train_loss")},
         "best_epoch": int(top["epoch"]),
-        "checkpoint": runfolder.recorded(options.run_dir, runfolder.name_of(best.path),
-                                         runfolder.name_of(checkpoint.path),
-                                         runfolder.LAST_CHECKPOINT),
+        "checkpoint": record["checkpoint"],
         "trials": len(records),
         "trials_stopped_early": statuses.count("stopped early"),
         "errored_trials": statuses.count("error"),

@@ -7,16 +7,17 @@ is not punished for the epochs after its peak; the checkpoint Ray keeps is still
 epoch's. `time_budget_s` stops the whole search on time (Ray's own budget).
 
 The decoded dataset goes into Ray's object store once (`tune.with_parameters`); every trial reads
-its train/val arrays from there, zero-copy on a node. Each trial reports every epoch with a
-checkpoint; Ray keeps the best one by val AUC (and the latest, to resume). A killed driver
-resumes with `Tuner.restore`, which restores finished trials, unfinished ones from their
-checkpoints, and the Optuna searcher's state.
+its train/val arrays from there, zero-copy on a node. Each trial reports every epoch, with a
+checkpoint when its weights improved or its resume state was due (`SearchOptions.resume_every`);
+Ray keeps two per trial: the latest (with the best weights) and the newest resume state. A
+killed driver resumes with `Tuner.restore`, which restores finished trials, unfinished ones from
+their resume states, and the Optuna searcher's state.
 """
 
 from __future__ import annotations
 
+import json
 import os
-import shutil
 import signal
 import tempfile
 import threading
@@ -83,27 +84,50 @@ def trainable(params: dict, data: TrialData, options: SearchOptions) -> None:
     resources = tune.get_context().get_trial_resources().required_resources
     config.num_workers = max(1, int(resources.get("CPU", 1)))
     node = ray.get_runtime_context().get_node_id()
-    # train_trial works in a private folder; each epoch, Ray copies its last.pt (the full resume
-    # state) into storage as that epoch's checkpoint, so the checkpoint Ray keeps by val AUC holds
-    # the best weights, and no separate best.pt is written.
+    extra = {"node_id": node, "device": config.device}
+    # train_trial works in a private folder. An epoch that saved a file there becomes a Ray
+    # checkpoint: best.pt (the best weights so far) always, last.pt (the resume state) when it
+    # was saved, and history.json. Ray keeps the latest checkpoint, which holds the trial's best
+    # weights, and the newest one with last.pt (CHECKPOINT_METRIC), to resume from.
     with tempfile.TemporaryDirectory(prefix="ctscan-trial-") as work:
         checkpoint = tune.get_checkpoint()
         if checkpoint is not None:
-            with checkpoint.as_directory() as saved:
-                shutil.copy(Path(saved) / runfolder.LAST_CHECKPOINT, work)
+            fetch_resume_state(checkpoint, Path(work))
 
-        def report(metrics: dict) -> None:
+        def report(metrics: dict, history: list[dict], saved: list[str]) -> None:
+            # A trial that ended by itself is never resumed: its last.pt stays here.
+            resumable = runfolder.LAST_CHECKPOINT in saved and not metrics["final_epoch"]
+            if not (resumable or runfolder.BEST_CHECKPOINT in saved):
+                tune.report({**metrics, **extra})
+                return
             with tempfile.TemporaryDirectory(dir=work) as snapshot:
-                name = runfolder.LAST_CHECKPOINT
-                os.link(Path(work) / name, Path(snapshot) / name)
-                tune.report({**metrics, "node_id": node, "device": config.device},
+                names = [runfolder.BEST_CHECKPOINT] + [runfolder.LAST_CHECKPOINT] * resumable
+                for name in names:
+                    os.link(Path(work) / name, Path(snapshot) / name)
+                (Path(snapshot) / runfolder.HISTORY).write_text(json.dumps(history))
+                tune.report({**metrics, **extra,
+                             CHECKPOINT_METRIC: metrics["epoch"] if resumable else 0},
                             checkpoint=tune.Checkpoint.from_directory(snapshot))
 
         with warnings.catch_warnings():
             # Arrays from the object store are read-only; training never writes to them.
             warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            train_trial(config, data, Path(work), report, save_best=False,
-                        gpu_share=resources.get("GPU") or 1.0)
+            train_trial(config, data, Path(work), report, gpu_share=resources.get("GPU") or 1.0,
+                        checkpoint_every=options.resume_every)
+
+
+def fetch_resume_state(checkpoint: tune.Checkpoint, work: Path) -> None:
+    """Copy a trial's newest resume state into `work`. Ray restores a trial from its latest
+    checkpoint, which may hold weights only; the newest one holding last.pt is also kept, beside
+    it. Without one, the trial starts over: the epochs before the first resume state repeat."""
+    fs = checkpoint.filesystem
+    trial_dir = checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    folders = sorted((entry.path for entry in fs.get_file_info(pyarrow.fs.FileSelector(trial_dir))
+                      if entry.base_name.startswith("checkpoint_")), reverse=True)
+    for folder in folders:  # checkpoint_000012: newest first
+        if fs.get_file_info(f"{folder}/{runfolder.LAST_CHECKPOINT}").is_file:
+            tune.Checkpoint(folder, fs).to_directory(work)
+            return
 
 
 def make_sampler(options: SearchOptions) -> optuna.samplers.TPESampler:
@@ -132,7 +156,8 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
     if options.scheduler == "fifo":
         scheduler = FIFOScheduler()
     else:
-        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=options.max_epochs,
+        # By epoch, not Ray's count of reports: a resumed trial reports its repeated epochs again.
+        scheduler = ASHAScheduler(time_attr="epoch", max_t=options.max_epochs,
                                   grace_period=options.grace_period,
                                   reduction_factor=options.reduction_factor)
     tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher,
@@ -143,7 +168,7 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
         # Ray's table looks every column up in every trial: only the unconditional ones.
         parameter_columns=[n for n in space.param_names("arch", "optimizer", "lr", "batch_size")
                            if "[" not in n],
-        metric_columns={"training_iteration": "epoch", METRIC: "best val AUC"},
+        metric_columns={"epoch": "epoch", METRIC: "best val AUC"},
         # Not sort_by_metric: Ray's sort fails on a trial the budget ended before its first report.
         max_report_frequency=30)
     run_config = tune.RunConfig(
@@ -151,7 +176,7 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
         storage_path=runfolder.join(options.storage_path),
         checkpoint_config=tune.CheckpointConfig(
             num_to_keep=1, checkpoint_score_attribute=CHECKPOINT_METRIC,
-            checkpoint_score_order=MODE),
+            checkpoint_score_order="max"),
         failure_config=tune.FailureConfig(max_failures=options.max_failures),
         progress_reporter=reporter,
         # TUNE_DISABLE_AUTO_CALLBACK_LOGGERS (set in run_search) drops Ray's TensorBoard logger
@@ -222,12 +247,16 @@ def _ctrl_c_ends_the_search() -> Iterator[None]:
 
 
 def prune_checkpoints(results: tune.ResultGrid) -> None:
-    """Ray also keeps each trial's latest checkpoint, for resuming; once the search is over only
-    the best one per trial is worth its disk (hundreds of MB each for ResNet-50 with AdamW)."""
+    """Once the search is over, a trial needs only its best weights: the best.pt in its latest
+    checkpoint. Older checkpoints and the resume state (last.pt: optimizer state, twice the
+    weights with AdamW) go."""
     for result in results:
-        if not result.best_checkpoints:
+        if result.checkpoint is None:
             continue
-        best = result.get_best_checkpoint(CHECKPOINT_METRIC, MODE).path
-        for entry in result.filesystem.get_file_info(pyarrow.fs.FileSelector(result.path)):
-            if entry.base_name.startswith("checkpoint_") and entry.path != best:
-                result.filesystem.delete_dir(entry.path)
+        fs, kept = result.filesystem, result.checkpoint.path
+        for entry in fs.get_file_info(pyarrow.fs.FileSelector(result.path)):
+            if entry.base_name.startswith("checkpoint_") and entry.path != kept:
+                fs.delete_dir(entry.path)
+        resume = f"{kept}/{runfolder.LAST_CHECKPOINT}"
+        if fs.get_file_info(resume).is_file:
+            fs.delete_file(resume)

@@ -20,7 +20,7 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from ctmodels.model import ModelDescription, autocast, predict_proba
+from ctmodels.model import ModelDescription, autocast, predict_proba, resolve_precision
 from data_utils import runfolder
 from data_utils.augment import train_batches
 from data_utils.errors import first_line
@@ -31,7 +31,8 @@ if TYPE_CHECKING:  # not imported at run time: a GPU box may lack imagehash, thi
     from data_utils.cache import CTDataset
     from data_utils.split import Split
 
-Reporter = Callable[[dict], None]
+# report(metrics of the epoch, history so far, names of the files saved that epoch)
+Reporter = Callable[[dict, list[dict], list[str]], None]
 
 # The dataset may take at most this fraction of the trial's share of GPU memory; the rest is for
 # the model, optimizer state, activations and cudnn workspaces. Above it the dataset stays on the
@@ -104,17 +105,17 @@ def train_one_epoch(
     batches = train_batches(images, labels, config.batch_size, config.aug_strength,
                             description.mean, description.std, generator, device=device)
     device = images.device if device is None else device  # where the batches are
+    precision = resolve_precision(config.precision, device)
     total, seen = torch.zeros((), device=device), 0
     steps = math.ceil(len(images) / config.batch_size)
     for x, y in tqdm(batches, total=steps, desc=progress, leave=False, disable=progress is None):
         if len(y) < 2:  # BatchNorm cannot train on one image; happens at most once per epoch
             continue
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)  # as the model (train_trial)
         target = y.float()
         if config.label_smoothing:
             target = target * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
-        with autocast(device):
+        with autocast(device, precision):
             loss = criterion(model(x).squeeze(1).float(), target)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -128,9 +129,10 @@ def train_one_epoch(
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             description: ModelDescription) -> dict[str, float]:
-    """Val loss, accuracy at 0.5, ROC AUC and F1 of `model`, fed as `description` says."""
-    prob = predict_proba(model, images, description)
+             description: ModelDescription, precision: str = "fp32") -> dict[str, float]:
+    """Val loss, accuracy at 0.5, ROC AUC and F1 of `model`, fed as `description` says, its
+    forward pass at `precision` (as in resolve_precision; the logits are fp32 either way)."""
+    prob = predict_proba(model, images, description, precision)
     y = labels.float()
     loss = nn.functional.binary_cross_entropy(prob.clamp(1e-7, 1 - 1e-7), y).item()
     prob, y = prob.cpu().numpy(), labels.cpu().numpy()
@@ -206,15 +208,21 @@ def train_trial(
     out_dir: Path,
     report: Reporter | None = None,
     progress: bool = False,
-    save_best: bool = True,
     gpu_share: float = 1.0,
     data_on_device: bool | None = None,
+    checkpoint_every: int = 1,
 ) -> dict:
     """Train one config; resume from out_dir/last.pt if it exists. Returns the best epoch's metrics.
 
-    Every epoch writes out_dir/last.pt (the resume point) and, when val AUC improved and
-    save_best is set, out_dir/best.pt; then calls report(metrics), so a caller (Ray Tune) can
-    snapshot last.pt as a checkpoint and keep the best snapshot itself (save_best=False).
+    Writes two files into out_dir, each whole: best.pt, the weights of the best epoch so far (by
+    strictly higher val AUC) with the description, config, precision, that epoch's metrics and
+    the history up to it: what evaluation and export read; and last.pt, the resume state (the
+    current weights, optimizer, scheduler, RNG, early-stopping state and history), every
+    `checkpoint_every` epochs. A resume repeats the epochs after the last resume state, and
+    gives the same results as an uninterrupted run on a CPU.
+
+    After every epoch, report(metrics, history, saved) with `saved` the names of the files
+    written that epoch, so a caller (Ray Tune) can snapshot them as a checkpoint.
 
     The uint8 train and val images go to a GPU only when they fit in DEVICE_DATA_FRACTION of the
     trial's `gpu_share` of its memory; otherwise they stay on the host (the caller's arrays, not
@@ -230,9 +238,8 @@ def train_trial(
     generator = torch.Generator(device).manual_seed(config.seed)  # batch order, augmentation
 
     description = config.description()
-    model = description.build(config.weights).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
+    # channels_last: faster convolutions on CPU too, in fp32 and bf16 (bench/cpu_precision.py)
+    model = description.build(config.weights).to(device, memory_format=torch.channels_last)
     criterion = nn.BCEWithLogitsLoss(
         pos_weight=None if config.pos_weight is None else torch.tensor(config.pos_weight,
                                                                          device=device))
@@ -270,6 +277,9 @@ def train_trial(
         start_epoch, best = state["epoch"] + 1, state["best_metrics"]
         stale, history = state["stale_epochs"], state["history"]
 
+    precision = "fp32"  # TEMP until the precision setting lands
+    weights = {"description": description.to_dict(), "config": config.to_dict(),
+               "precision": precision}
     for epoch in range(start_epoch, config.epochs):
         if stale >= config.patience:
             break
@@ -290,31 +300,35 @@ def train_trial(
         # What a search ranks trials by: not punished for the epochs after the peak.
         metrics["best_val_auc"] = max(m["val_auc"] for m in [*history, metrics])
         history.append(metrics)
-        if metrics["val_auc"] > best["val_auc"] + config.min_delta:
-            best, stale = metrics, 0
-        else:
-            stale += 1
+        # Early stopping waits for a gain of min_delta; the kept weights are those of the
+        # highest val AUC, the first epoch to reach it.
+        stale = 0 if metrics["val_auc"] > best["val_auc"] + config.min_delta else stale + 1
+        improved = metrics["val_auc"] > best["val_auc"] or "epoch" not in best  # NaN at first
+        if improved:
+            best = metrics
         # Tells a search that the trial ended by itself (not stopped by a scheduler).
         metrics["final_epoch"] = epoch + 1 == config.epochs or stale >= config.patience
-        checkpoint = {
-            "model": validated.state_dict(),
-            **({"trained_model": model.state_dict(), "ema_updates": int(ema.n_averaged)}
-               if ema is not None else {}),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "epoch": epoch,
-            "config": config.to_dict(),
-            "description": description.to_dict(),
-            "metrics": metrics,
-            "best_val_auc": best["val_auc"],
-            "best_metrics": best,
-            "stale_epochs": stale,
-            "history": history,
-            "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
-        }
-        if save_best and best is metrics:
-            save_checkpoint(out_dir / runfolder.BEST_CHECKPOINT, checkpoint)
-        save_checkpoint(last, checkpoint)
+        saved = []
+        if improved:
+            save_checkpoint(out_dir / runfolder.BEST_CHECKPOINT,
+                            {"model": validated.state_dict(), **weights, "epoch": epoch,
+                             "metrics": metrics, "history": history})
+            saved.append(runfolder.BEST_CHECKPOINT)
+        # At the end too: `ctscan train` rerun on its folder then has nothing left to do.
+        if (epoch + 1) % checkpoint_every == 0 or metrics["final_epoch"]:
+            save_checkpoint(last, {
+                "model": validated.state_dict(),
+                **({"trained_model": model.state_dict(), "ema_updates": int(ema.n_averaged)}
+                   if ema is not None else {}),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "epoch": epoch,
+                "best_metrics": best,
+                "stale_epochs": stale,
+                "history": history,
+                "rng": {"generator": generator.get_state(), "torch": torch.get_rng_state()},
+            })
+            saved.append(runfolder.LAST_CHECKPOINT)
         if report is not None:
-            report(metrics)
+            report(metrics, history, saved)
     return best
