@@ -32,6 +32,14 @@ def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_tri
     (tmp_path / "space.yaml").write_text(FAILING_SPACE)
     monkeypatch.chdir(tmp_path)
     run = f"{s3_bucket}/runs/s3run"
+    fetched = []
+    local_path = runfolder.local_path
+
+    def recording_local_path(location):
+        fetched.append(str(location))
+        return local_path(location)
+
+    monkeypatch.setattr(runfolder, "local_path", recording_local_path)
     assert main(["tune", str(root), "--storage-path", f"{s3_bucket}/runs", "--name", "s3run",
                  "--search-space", str(tmp_path / "space.yaml"), *TUNE]) == 0
     keys = set(bucket_keys(s3_bucket, "runs/s3run/"))
@@ -46,6 +54,10 @@ def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_tri
     assert f"-{best['trial_id']}/checkpoint_" in best["checkpoint"]
     assert best["checkpoint"].removeprefix(f"{s3_bucket}/") in keys
     assert best["trials"] == 2 and best["errored_trials"] == 1
+    # Evaluation fetched the weights alone, and no resume state (optimizer) is left in the bucket.
+    checkpoints = [f for f in fetched if "/checkpoint_" in f]
+    assert checkpoints and all(f.endswith("/best.pt") for f in checkpoints), fetched
+    assert not [k for k in keys if k.endswith("/last.pt")]
 
     [failed] = [t for t in json.loads(_read(f"{run}/trials.json")) if t["status"] == "error"]
     assert failed["epochs"] == 0 and failed["params"]["weights"] == "/nonexistent/resnet18.pt"

@@ -73,9 +73,10 @@ def log_epoch(writer: SummaryWriter, metrics: dict) -> None:
 
 def tensorboard_reporter(log_dir: Path, config: TrainConfig, train_images: torch.Tensor,
                          train_labels: torch.Tensor) -> Reporter:
-    """A report callback writing each epoch's SCALARS; logs one grid of augmented inputs now."""
+    """A train_trial report callback writing each epoch's SCALARS; logs one grid of augmented
+    inputs now."""
     writer = open_run(log_dir, config, train_images, train_labels)
-    return lambda metrics: log_epoch(writer, metrics)
+    return lambda metrics, history, saved: log_epoch(writer, metrics)
 
 
 def _hparam_value(key: str, value):

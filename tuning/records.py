@@ -143,10 +143,11 @@ def best_row(history: list[dict]) -> dict:
     return max(scored, key=lambda h: h["val_auc"]) if scored else history[0]
 
 
-def _history(result, run_dir: str, trial_dir: str) -> list[dict]:
-    """A trial's epochs: Ray's rows (result.json), completed by the history in its latest
-    checkpoint, which holds every epoch up to it even where a killed driver had not uploaded
-    result.json yet. A resumed trial reports its repeated epochs again: the last report counts."""
+def _history(result, run_dir: str, trial_dir: str) -> tuple[list[dict], list[int]]:
+    """A trial's epochs, and those of them that Ray's rows (result.json) lack: the history in
+    its latest checkpoint holds every epoch up to it, even where a killed driver had not
+    uploaded result.json yet. A resumed trial reports its repeated epochs again: the last report
+    counts."""
     by_epoch = {}
     if result.checkpoint is not None:
         saved = runfolder.read_json(runfolder.join(
@@ -155,10 +156,12 @@ def _history(result, run_dir: str, trial_dir: str) -> list[dict]:
     frame = result.metrics_dataframe
     # A trial the budget ended before it started, or one that failed before its first report,
     # has no frame or an empty one.
+    recovered = set(by_epoch)
     if frame is not None and not frame.empty and "val_auc" in frame:
         for row in frame[HISTORY_KEYS].dropna(subset=["epoch"]).to_dict("records"):
             by_epoch[int(row["epoch"])] = {**row, "epoch": int(row["epoch"])}
-    return [by_epoch[epoch] for epoch in sorted(by_epoch)]
+            recovered.discard(int(row["epoch"]))
+    return [by_epoch[epoch] for epoch in sorted(by_epoch)], sorted(recovered)
 
 
 def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
@@ -167,7 +170,7 @@ def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
     records = []
     for result in results:
         trial_dir = runfolder.name_of(result.path)
-        history = _history(result, run_dir, trial_dir)
+        history, recovered = _history(result, run_dir, trial_dir)
         status = ("error" if result.error else "completed" if history and
                   result.metrics.get("final_epoch") else "stopped early")
         config = result.config or {}
@@ -189,6 +192,8 @@ def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
                 "error_file": runfolder.join(run_dir, trial_dir, runfolder.TRIAL_ERROR)}
                if result.error else {}),
             "history": history,
+            # Rows a killed driver had not uploaded, taken from the checkpoint's history.
+            **({"recovered_epochs": recovered} if recovered else {}),
         })
     return sorted(records, key=lambda r: -r["val_auc"] if r["history"] else 1)
 

@@ -221,7 +221,12 @@ def run_search(options: SearchOptions, data: TrialData, resume: bool = False,
     budget_reached = (options.time_budget_s is not None
                       and time.monotonic() - started >= options.time_budget_s)
     prune_checkpoints(results)
-    return summarize(options, results, budget_reached)
+    best = summarize(options, results, budget_reached)
+    from tuning.trial_tensorboard import log_recovered_epochs  # on the driver, as above
+
+    log_recovered_epochs(options.run_dir,
+                         runfolder.read_json(runfolder.join(options.run_dir, runfolder.TRIALS)))
+    return best
 
 
 @contextmanager

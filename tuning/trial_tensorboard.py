@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import torch
 from ray import tune
+from torch.utils.tensorboard import SummaryWriter
 
+from data_utils import runfolder
 from tuning import monitor
 from tuning.records import SearchOptions
 from tuning.space import SearchSpace, decode_params
@@ -60,3 +63,22 @@ class TrialTensorBoard(tune.Callback):
         writer = self.writers.pop(trial.trial_id, None)
         if writer is not None:
             monitor.end_session(writer, status)
+
+
+def log_recovered_epochs(run_dir: str, records: list[dict]) -> None:
+    """A driver killed before it uploaded a trial's result.json had not uploaded the TensorBoard
+    events it logged beside it either: the epochs trials.json took from a checkpoint's history
+    (`recovered_epochs`) are logged again, into an events file of their own in the trial's run."""
+    for record in records:
+        epochs = set(record.get("recovered_epochs", ()))
+        if not epochs:
+            continue
+        checkpoint = runfolder.in_run(run_dir, record["checkpoint"])
+        trial_dir = runfolder.parent_of(runfolder.parent_of(checkpoint))
+        with tempfile.TemporaryDirectory() as folder:
+            with SummaryWriter(folder) as writer:
+                for row in record["history"]:
+                    if row["epoch"] in epochs:
+                        monitor.log_epoch(writer, row)
+            for events in Path(folder).iterdir():
+                runfolder.write_bytes(runfolder.join(trial_dir, events.name), events.read_bytes())
