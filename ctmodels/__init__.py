@@ -4,6 +4,7 @@ described, fed and loaded."""
 from ctmodels.model import (
     NORM_MEAN,
     NORM_STD,
+    PRECISIONS,
     Ensemble,
     ModelDescription,
     UInt8Classifier,
@@ -11,9 +12,10 @@ from ctmodels.model import (
     load_model,
     normalize,
     predict_proba,
+    resolve_precision,
 )
 from ctmodels.resnet import ARCHS, WeightsError, build_model, load_weights_file
 
-__all__ = ["ARCHS", "NORM_MEAN", "NORM_STD", "Ensemble", "ModelDescription", "UInt8Classifier",
-           "WeightsError", "build_model", "check_weights", "load_model", "load_weights_file",
-           "normalize", "predict_proba"]
+__all__ = ["ARCHS", "NORM_MEAN", "NORM_STD", "PRECISIONS", "Ensemble", "ModelDescription",
+           "UInt8Classifier", "WeightsError", "build_model", "check_weights", "load_model",
+           "load_weights_file", "normalize", "predict_proba", "resolve_precision"]

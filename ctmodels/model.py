@@ -8,6 +8,7 @@ with the weights, so every place that rebuilds a network rebuilds the same one.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,8 @@ from ctmodels.resnet import WeightsError, build_model
 # inputs never depend on which split computed them.
 NORM_MEAN = 0.47
 NORM_STD = 0.36
+# The precision setting of a run; resolve_precision turns it into "bf16" or "fp32".
+PRECISIONS = ("auto", "fp32", "bf16")
 
 
 @dataclass(frozen=True)
@@ -92,26 +95,67 @@ class UInt8Classifier(nn.Module):
         return self.model(normalize(images, self.mean, self.std)).squeeze(1)
 
 
-def autocast(device: torch.device):
-    # bf16 needs no loss scaling; on CPU autocast would only slow the convolutions down.
-    return torch.autocast("cuda", torch.bfloat16) if device.type == "cuda" else nullcontext()
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU has bf16 instructions (x86 AVX512-BF16 or AMX), through torch's own
+    CPU check when this torch has it, else the flags in /proc/cpuinfo."""
+    checks = [getattr(torch.cpu, name, None)
+              for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if all(callable(check) for check in checks):
+        return any(check() for check in checks)
+    try:
+        text = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return False
+    flags = {flag for line in text.splitlines() if line.startswith("flags")
+             for flag in line.partition(":")[2].split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16"})
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """What the setting `precision` (auto | fp32 | bf16) runs as on `device`: "bf16" (autocast;
+    weights, optimizer and loss stay fp32) or "fp32". auto is bf16 on CUDA and on CPUs with bf16
+    instructions (AVX512-BF16 or AMX), where it trains faster (bench/cpu_precision.py), and fp32
+    on other CPUs and devices. An explicit bf16 is honoured everywhere: on a CPU without those
+    instructions it is emulated, slower but correct."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    native = device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+    return "bf16" if native else "fp32"
+
+
+def autocast(device: torch.device, precision: str):
+    """The context a forward pass runs in at a resolved precision ("bf16" or "fp32"). bf16 needs
+    no loss scaling (fp16 would); the classifier head runs in fp32 inside it (resnet.Fp32Head)."""
+    if precision == "bf16":
+        return torch.autocast(device.type, torch.bfloat16)
+    if precision == "fp32":
+        return nullcontext()
+    raise ValueError(f"autocast takes a resolved precision, bf16 or fp32, got {precision!r}")
 
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: torch.Tensor, description: ModelDescription,
-                  batch_size: int = 256) -> torch.Tensor:
+                  precision: str = "fp32", batch_size: int = 256) -> torch.Tensor:
     """Probability of the positive class for a uint8 [N, S, S] tensor, normalised as
     `description` says, on the model's device; no augmentation. The images may be elsewhere (the
-    host): each chunk is copied over as uint8."""
+    host): each chunk is copied over as uint8.
+
+    `precision` as in resolve_precision; fp32 by default, as the exported TorchScript and ONNX
+    files run. The logits are fp32 either way (the head runs in fp32). The model is switched to
+    channels_last in place (the same weights; faster convolutions on CPU and GPU alike)."""
     model.eval()
     device = next(model.parameters()).device
+    precision = resolve_precision(precision, device)
+    model.to(memory_format=torch.channels_last)
     out = []
     for chunk in images.split(batch_size):
         x = normalize(chunk.to(device), description.mean, description.std)
-        if device.type == "cuda":
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device):
-            out.append(model(x).squeeze(1).float())
+        with autocast(device, precision):
+            out.append(model(x.contiguous(memory_format=torch.channels_last)).squeeze(1).float())
     return torch.sigmoid(torch.cat(out))
 
 

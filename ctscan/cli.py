@@ -30,8 +30,8 @@ from data_utils.split import (
     write_split,
 )
 from data_utils.volumes import DEFAULT_WINDOW, parse_slices, parse_window
-from tuning.config import RANGES, Interval, TrainConfig, load_config, save_config
-from tuning.records import SearchOptions
+from tuning.config import PRECISIONS, RANGES, Interval, TrainConfig, load_config, save_config
+from tuning.records import RESUME_EVERY_LOCAL, RESUME_EVERY_REMOTE, SearchOptions
 from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE, load_space
 
 # Ray, TensorBoard and the training loop take seconds to import: each command imports what it
@@ -44,6 +44,8 @@ DEMO_CONFIG = ["image_size=64", "epochs=8", "batch_size=32", "lr=2e-3", "aug_str
 DEMO_SEARCH = {"num_samples": 8, "max_epochs": 6, "image_size": 64, "search_space": DEMO_SPACE}
 DEFAULT_TRIALS, DEFAULT_TRIALS_IN_BUDGET = SearchOptions.num_samples, 32
 DURATION_UNITS = {"s": 1, "m": 60, "h": 3600}
+PRECISION_HELP = ("bf16 autocast or fp32; auto is bf16 on CUDA and on CPUs with bf16 instructions "
+                  "(AVX512-BF16, AMX), else fp32; the head and loss, so every metric, stay fp32")
 
 
 def duration(text: str) -> float:
@@ -249,12 +251,13 @@ def _search_options(args: argparse.Namespace) -> SearchOptions:
         reduction_factor=args.reduction_factor,
         cpus_per_trial=args.cpus_per_trial, gpus_per_trial=args.gpus_per_trial,
         max_concurrent=args.max_concurrent, max_failures=args.max_failures,
+        checkpoint_every=args.checkpoint_every,
         storage_path=runfolder.join(args.storage_path), seed=args.seed,
         search_space=str(args.search_space or _default_space(args)),
         base_config={"image_size": args.image_size or demo.get("image_size",
                                                                 TrainConfig.image_size),
                      "weights": args.weights, "resize": args.resize, "epochs": max_epochs,
-                     "seed": args.seed},
+                     "seed": args.seed, "precision": args.precision},
         # The run's own pseudonym key: its split.json names DICOM files the same on every
         # machine that evaluates it, and no other run shares it.
         split={**_split_options_of(args), "identity_key": secrets.token_hex(32)},
@@ -440,7 +443,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     from tuning.train import check_device, train_trial, trial_data
 
     _demo_data(args, "train")
-    config = load_config(args.config, [*(DEMO_CONFIG if args.demo else []), *args.overrides])
+    precision = [f"precision={args.precision}"] if args.precision else []
+    config = load_config(args.config,
+                         [*(DEMO_CONFIG if args.demo else []), *args.overrides, *precision])
     check_device(config.device)
     check_weights(config.description(), config.weights)
     out = args.out or Path("runs") / time.strftime("train-%Y%m%d-%H%M%S")
@@ -465,8 +470,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {config.arch} on {len(data.train_labels)} images, validating on "
           f"{len(data.val_labels)}; watch with: tensorboard --logdir {out}")
 
-    def report_and_print(metrics: dict) -> None:
-        report(metrics)
+    def report_and_print(metrics: dict, history: list[dict], saved: list[str]) -> None:
+        report(metrics, history, saved)
         print(f"epoch {metrics['epoch']:>3}  train loss {metrics['train_loss']:.4f}  "
               f"val loss {metrics['val_loss']:.4f}  val AUC {metrics['val_auc']:.4f}  "
               f"val acc {metrics['val_accuracy']:.3f}  {metrics['images_per_sec']:.0f} img/s")
@@ -522,6 +527,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(repeatable; applied after --config)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/train-TIMESTAMP); "
                    "rerunning with the same --out resumes from its last checkpoint")
+    p.add_argument("--precision", choices=PRECISIONS,
+                   help=f"as --set precision=..., applied last: {PRECISION_HELP} (default: "
+                        "the config's, auto unless set)")
     p.add_argument("--demo", action="store_true",
                    help=f"train on generated demo data ({DEMO_DATA}, made if absent) with a "
                         "small CPU-friendly config")
@@ -567,6 +575,11 @@ def build_parser() -> argparse.ArgumentParser:
                    default=SearchOptions.max_failures,
                    help="retries of a crashed trial, from its last checkpoint (default: "
                         "%(default)s)")
+    p.add_argument("--checkpoint-every", type=positive_int, metavar="N",
+                   help="save a trial's resume state (weights and optimizer) every N epochs; a "
+                        "crash repeats at most N-1 epochs. The best weights are saved whenever "
+                        f"val AUC improves (default: {RESUME_EVERY_LOCAL} on this machine's disk, "
+                        f"{RESUME_EVERY_REMOTE} in a bucket)")
     p.add_argument("--storage-path", default=SearchOptions.storage_path,
                    help="where runs live: a folder (default: runs/), or on a cluster of "
                         "several machines an s3:// or gs:// URI or a folder every node mounts "
@@ -588,6 +601,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weights", default=TrainConfig.weights,
                    help="initial weights of every trial: none, imagenet, or a path (default: "
                         "%(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default=TrainConfig.precision,
+                   help=f"precision of every trial: {PRECISION_HELP} (default: %(default)s)")
     p.add_argument("--tensorboard", action="store_true",
                    help="also start TensorBoard on the run folder, on a free port, and print "
                         "its URL (it keeps running after the search)")

@@ -202,10 +202,11 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
 def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: int
                         ) -> list[dict]:
     """The best trial, then the next best by val AUC whose checkpoint is there: up to `size`
-    {"trial_id", "checkpoint", "config"}. (A trial that failed on resuming may name a checkpoint
-    Ray had already replaced.)"""
+    {"trial_id", "checkpoint", "config", "precision"} (precision: None in runs that did not record
+    it). (A trial that failed on resuming may name a checkpoint Ray had already replaced.)"""
     trials = runfolder.read_json(runfolder.join(run_dir, runfolder.TRIALS)) or []
-    winner = {k: best[k] for k in ("trial_id", "checkpoint", "config")}
+    winner = {**{k: best[k] for k in ("trial_id", "checkpoint", "config")},
+              "precision": best.get("precision")}
     candidates = [winner]
     for t in trials:
         if len(candidates) == size:
@@ -213,7 +214,8 @@ def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: 
         if (t.get("checkpoint") and t["trial_id"] != best["trial_id"]
                 and runfolder.exists(runfolder.in_run(run_dir, t["checkpoint"]))):
             candidates.append({"trial_id": t["trial_id"], "checkpoint": t["checkpoint"],
-                               "config": asdict(options.trial_config(t["params"]))})
+                               "config": asdict(options.trial_config(t["params"])),
+                               "precision": t.get("precision")})
     return candidates
 
 

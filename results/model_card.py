@@ -38,8 +38,10 @@ def model_card(meta: dict) -> str:
                      "of the search's top trials (how many was chosen on the validation split)")
     for m in members:
         trial = f" (trial {m['trial_id']})" if "trial_id" in m else ""
+        trained = f", trained in {m['precision']}" if m.get("precision") else ""
         lines.append(f"- Architecture{trial}: {m['arch']} (torchvision), 1-channel input, head "
-                     f"{m['head']}, dropout {_fmt(m['dropout'])}, activation {m['activation']}")
+                     f"{m['head']}, dropout {_fmt(m['dropout'])}, activation "
+                     f"{m['activation']}{trained}")
     norm = meta["normalization"]
     lines += [
         f"- Input: one grayscale slice, {size} x {size} px ({meta['resize']} resize), uint8; "

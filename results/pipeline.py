@@ -127,5 +127,6 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
     return export_model(out, [(net, make_config(m["config"]))
                               for (net, _), m in zip(members, chosen, strict=True)],
                         tuple(metrics["class_names"]), metrics["threshold"]["value"], extra,
-                        [{"trial_id": m["trial_id"]} for m in chosen],
+                        [{"trial_id": m["trial_id"], "precision": m.get("precision")}
+                         for m in chosen],
                         metrics.get("temperature", 1.0), rule)

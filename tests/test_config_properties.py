@@ -23,7 +23,8 @@ QUICK = settings(max_examples=150, deadline=None, derandomize=True,
 
 CHOICES = {"arch": sorted(ARCHS), "activation": sorted(ACTIVATIONS), "optimizer": ["adamw", "sgd"],
            "lr_schedule": ["cosine", "constant"], "resize": ["pad", "stretch"],
-           "device": ["auto", "cpu", "cuda", "cuda:1"], "weights": ["none"]}
+           "device": ["auto", "cpu", "cuda", "cuda:1"], "weights": ["none"],
+           "precision": ["auto", "fp32", "bf16"]}
 wild = st.one_of(st.none(), st.booleans(), st.floats(), st.integers(), st.text(max_size=8),
                  st.sampled_from(["1e-4", ".nan", "-.inf", "[1", "{a: 1}", "cuda:x", "resnet"]),
                  st.lists(st.integers(-3, 3), max_size=2))

@@ -22,6 +22,11 @@ if TYPE_CHECKING:  # ctmodels imports torch: seconds, which --help should not pa
     from ctmodels.model import ModelDescription
 
 
+# The precision setting (ctmodels.model.PRECISIONS, here without importing torch): auto is bf16
+# on CUDA and on CPUs with bf16 instructions, fp32 elsewhere (ctmodels.model.resolve_precision).
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
 class ConfigError(UserError, ValueError):
     """A config key or value the user has to fix; the message names the key."""
 
@@ -103,6 +108,7 @@ class TrainConfig:
     # run
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
+    precision: str = "auto"  # auto | fp32 | bf16 (autocast; the head and loss stay fp32)
 
     def __post_init__(self) -> None:
         # Here, not at the top: ctmodels imports torch and torchvision (seconds), and the CLI
@@ -114,6 +120,7 @@ class TrainConfig:
         _check_choice("optimizer", self.optimizer, ("adamw", "sgd"))
         _check_choice("lr_schedule", self.lr_schedule, ("cosine", "constant"))
         _check_choice("resize", self.resize, RESIZE_MODES)
+        _check_choice("precision", self.precision, PRECISIONS)
         if not self.weights.strip():
             raise ConfigError("weights must be none, imagenet or a path to a state_dict, got ''")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):

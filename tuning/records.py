@@ -185,6 +185,7 @@ def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
             "status": status,
             "epochs": len(history),
             "val_auc": max((h["val_auc"] for h in history), default=float("nan")),
+            "precision": result.metrics.get("precision"),  # bf16 | fp32, as the node resolved it
             # Its best epoch's weights: the ensemble of the top trials is built from these.
             "checkpoint": runfolder.recorded(run_dir, trial_dir, runfolder.name_of(kept.path),
                                              runfolder.BEST_CHECKPOINT) if kept else None,
@@ -229,6 +230,7 @@ def summarize(options: SearchOptions, results: ResultGrid, budget_reached: bool 
                         ("val_auc", "val_loss", "val_accuracy", "val_f1", "train_loss")},
         "best_epoch": int(top["epoch"]),
         "checkpoint": record["checkpoint"],
+        "precision": record["precision"],
         "trials": len(records),
         "trials_stopped_early": statuses.count("stopped early"),
         "errored_trials": statuses.count("error"),

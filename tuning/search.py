@@ -37,6 +37,7 @@ from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 from ray.tune.search import ConcurrencyLimiter
 from ray.tune.search.optuna import OptunaSearch
 
+from ctmodels.model import resolve_precision
 from data_utils import runfolder
 from data_utils.errors import RunFolderError
 from tuning.records import (
@@ -84,7 +85,9 @@ def trainable(params: dict, data: TrialData, options: SearchOptions) -> None:
     resources = tune.get_context().get_trial_resources().required_resources
     config.num_workers = max(1, int(resources.get("CPU", 1)))
     node = ray.get_runtime_context().get_node_id()
-    extra = {"node_id": node, "device": config.device}
+    # Recorded per trial: a cluster's nodes may differ (bf16 on one CPU, fp32 on another).
+    extra = {"node_id": node, "device": config.device,
+             "precision": resolve_precision(config.precision, torch.device(config.device))}
     # train_trial works in a private folder. An epoch that saved a file there becomes a Ray
     # checkpoint: best.pt (the best weights so far) always, last.pt (the resume state) when it
     # was saved, and history.json. Ray keeps the latest checkpoint, which holds the trial's best

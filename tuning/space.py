@@ -32,9 +32,11 @@ DEMO_SPACE = DEFAULT_SPACE.with_name("search_space_demo.yaml")
 DISTRIBUTIONS = ("choice", "uniform", "loguniform", "randint")
 START_KEY = "start_with"
 # Settings of the data or the run, not of a model: a trial cannot change them (the dataset is
-# decoded once for all trials), so a space must not pretend to search them.
+# decoded once for all trials; precision is the hardware's, how fast a trial learns, not what), so
+# a space must not pretend to search them.
 RUN_KEYS = {"image_size": "--image-size", "resize": "--resize", "epochs": "--max-epochs",
-            "seed": "--seed", "device": "--gpus-per-trial", "num_workers": "--cpus-per-trial"}
+            "seed": "--seed", "device": "--gpus-per-trial", "num_workers": "--cpus-per-trial",
+            "precision": "--precision"}
 NUMBER = "trial_number"  # Optuna's count of the trial (0 = first proposed), carried in its config
 
 

@@ -277,7 +277,7 @@ def train_trial(
         start_epoch, best = state["epoch"] + 1, state["best_metrics"]
         stale, history = state["stale_epochs"], state["history"]
 
-    precision = "fp32"  # TEMP until the precision setting lands
+    precision = resolve_precision(config.precision, device)
     weights = {"description": description.to_dict(), "config": config.to_dict(),
                "precision": precision}
     for epoch in range(start_epoch, config.epochs):
@@ -292,7 +292,7 @@ def train_trial(
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
-            **evaluate(validated, val_x, val_y, description),
+            **evaluate(validated, val_x, val_y, description, precision),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time": time.perf_counter() - started,
             "images_per_sec": seen / train_time,
