@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import torch
 from search_vs_baseline import SAMPLE, score_checkpoint
+from trainer_overhead import ours as trial_rate  # train_trial's images/s after epoch 1
 
 from ctmodels import ModelDescription, build_model, predict_proba, resolve_precision
 from ctmodels.model import cpu_has_native_bf16
 from data_utils.cache import load_dataset
 from data_utils.split import split_dataset
 from tuning.config import make_config
-from tuning.train import TrialData, train_trial, trial_data
+from tuning.train import train_trial, trial_data
 
 PRECISIONS = ("fp32", "auto")
 ARCHS = ("resnet18", "resnet34")
@@ -81,15 +82,6 @@ def recipe(args: argparse.Namespace, tmp: Path) -> None:
               f"the seed spread (the larger sd, {spread:.4f})")
     print("auto and fp32 " + ("agree within the seed spread on both." if all(verdicts) else
                               "do NOT agree within the seed spread."), flush=True)
-
-
-def trial_rate(config, images: np.ndarray, labels: np.ndarray) -> float:
-    """train_trial's own training images/s over the epochs after the first."""
-    rates = []
-    with tempfile.TemporaryDirectory() as out:
-        data = TrialData(images, labels, images[:64], labels[:64])
-        train_trial(config, data, Path(out), lambda m, *_: rates.append(m["images_per_sec"]))
-    return len(labels) * (len(rates) - 1) / sum(len(labels) / r for r in rates[1:])
 
 
 def validation_rate(arch: str, precision: str, images: np.ndarray) -> float:
