@@ -378,6 +378,9 @@ def print_results(run_dir: str, out: Path) -> None:
               f"their slices' probabilities, threshold {patient['threshold']['value']:.3f} "
               f"(both chosen on val patients)")
         _print_metrics(patient["test"]["metrics"])
+    if metrics.get("calibration_not_applied"):
+        print(f"--calibrate: no temperature applied, since {metrics['calibration_not_applied']}")
+    _print_earlier_evaluations(metrics.get("evaluations"))
     report, export = f"{runfolder.RESULTS}/{runfolder.REPORT}", runfolder.EXPORT
     if runfolder.is_uri(run_dir):  # out is this machine's copy of the bucket's results/
         print(f"report: {runfolder.join(run_dir, report)} (copy: {out / runfolder.REPORT})\n"
@@ -385,6 +388,24 @@ def print_results(run_dir: str, out: Path) -> None:
     else:
         print(f"report: {out / runfolder.REPORT}\nexported model: {out.parent / export}")
     print(f"tensorboard --logdir {run_dir}")
+
+
+def _print_earlier_evaluations(evaluations: dict | None) -> None:
+    """One line when the test split was scored before; a warning when with other choices."""
+    from results.ledger import describe_options, with_other_choices
+
+    if not evaluations or evaluations["count"] == 1:
+        return
+    earlier = evaluations["earlier"]
+    other = with_other_choices(earlier, evaluations.get("options", {}))
+    if not other:
+        print(f"evaluation {evaluations['count']} of this test split, with the same choices as "
+              "before (results/evaluations.jsonl)")
+        return
+    looks = "; ".join(f"{e['time']} {describe_options(e['options'])}" for e in other)
+    print(f"ctscan: warning: this test split was scored before with other choices ({looks}); "
+          "report the first evaluation: a later one may keep what the test split favoured",
+          file=sys.stderr)
 
 
 def _print_metrics(metrics: dict) -> None:

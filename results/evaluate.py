@@ -93,15 +93,29 @@ def choose_ensemble(y_val: np.ndarray, member_probs: list[np.ndarray]) -> tuple[
     return aucs.index(max(aucs)) + 1, aucs
 
 
-def fit_temperature(y_val: np.ndarray, prob_val: np.ndarray) -> float:
-    """The temperature T minimising the val log-loss of sigmoid(logit(p) / T) (Guo et al. 2017,
-    for one logit): T > 1 softens overconfident probabilities, T < 1 sharpens them."""
+LOG_T_BOUND = 3.0  # the temperature is searched in [e^-3, e^3], about [0.05, 20]
+
+
+def fit_temperature(y_val: np.ndarray, prob_val: np.ndarray) -> tuple[float, str | None]:
+    """(T, None) with T the temperature minimising the val log-loss of sigmoid(logit(p) / T)
+    (Guo et al. 2017, for one logit): T > 1 softens overconfident probabilities, T < 1 sharpens
+    them. Or (1.0, why) when no temperature should be applied: on a perfectly separated val
+    split the log-loss falls without end as T goes to 0, which would make the exported model
+    certain of everything, and a T at the bound of its search is no minimum either."""
     logits = _logit(prob_val)
+    positive, negative = logits[y_val == 1], logits[y_val == 0]
+    if len(positive) and len(negative) and positive.min() > negative.max():
+        return 1.0, ("the validation split is perfectly separated, so its log-loss keeps "
+                     "falling as the temperature goes to 0")
 
     def loss(log_t: float) -> float:
         return log_loss(y_val, expit(logits / np.exp(log_t)), labels=[0, 1])
 
-    return float(np.exp(minimize_scalar(loss, bounds=(-3, 3), method="bounded").x))
+    log_t = minimize_scalar(loss, bounds=(-LOG_T_BOUND, LOG_T_BOUND), method="bounded").x
+    if abs(log_t) > LOG_T_BOUND - 0.01:
+        return 1.0, (f"the fitted temperature ran to the bound of its search "
+                     f"({np.exp(log_t):.3g}), not to a minimum of the validation log-loss")
+    return float(np.exp(log_t)), None
 
 
 def combine(member_probs: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
@@ -166,6 +180,13 @@ def score_patients(choice: dict, y: np.ndarray, prob: np.ndarray, groups: np.nda
     return entry, patients
 
 
+def calibration(y_val: np.ndarray, member_val: list[np.ndarray], calibrate: bool
+                ) -> tuple[float, str | None]:
+    """The temperature of the members' mean probability, and why none is applied when asked
+    for (None when it is, or when calibration was not asked for)."""
+    return fit_temperature(y_val, combine(member_val)) if calibrate else (1.0, None)
+
+
 def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
                   test_rows: np.ndarray, threshold: float | None = None,
                   calibrate: bool = False, val_patients: np.ndarray | None = None) -> dict:
@@ -177,14 +198,16 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
     y_val = ds.labels[val_rows]
     member_val = [_proba(m, ds, val_rows) for m in members]
     k, aucs = choose_ensemble(y_val, member_val)
-    temperature = fit_temperature(y_val, combine(member_val[:k])) if calibrate else 1.0
+    temperature, not_calibrated = calibration(y_val, member_val[:k], calibrate)
     prob_val = combine(member_val[:k], temperature)
     chosen = choose_threshold(y_val, prob_val, threshold)
     compared = None
-    if len(members) > 1:
+    if len(members) > 1:  # calibrated as the chosen model is, so the comparison is fair
         other_k = 1 if k > 1 else aucs.index(max(aucs[1:]), 1) + 1
-        other_val = combine(member_val[:other_k])
-        compared = {"k": other_k, "prob_val": other_val,
+        other_t, other_not_calibrated = calibration(y_val, member_val[:other_k], calibrate)
+        other_val = combine(member_val[:other_k], other_t)
+        compared = {"k": other_k, "prob_val": other_val, "temperature": other_t,
+                    "not_calibrated": other_not_calibrated,
                     "threshold": choose_threshold(y_val, other_val, threshold)}
     patient = (None if val_patients is None
                else choose_patient_level(y_val, prob_val, val_patients, threshold))
@@ -192,8 +215,9 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
     needed = max(k, compared["k"]) if compared else k
     member_test = [_proba(m, ds, test_rows) for m in members[:needed]]
     if compared:
-        compared["prob_test"] = combine(member_test[:compared["k"]])
-    return {"k": k, "val_auc_by_k": aucs, "temperature": temperature, "threshold": chosen,
+        compared["prob_test"] = combine(member_test[:compared["k"]], compared["temperature"])
+    return {"k": k, "val_auc_by_k": aucs, "temperature": temperature,
+            "not_calibrated": not_calibrated, "threshold": chosen,
             "y_val": y_val, "prob_val": prob_val, "y_test": y_test,
             "prob_test": combine(member_test[:k], temperature), "compared": compared,
             "patient": patient}
@@ -272,6 +296,9 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         "ensemble": {"k": k, "candidates": len(candidates), "val_auc_by_k": scored["val_auc_by_k"],
                      "members": candidates[:k]},
         "temperature": temperature,
+        # Asked for with --calibrate, then not applied: why (the report says it).
+        **({"calibration_not_applied": scored["not_calibrated"]}
+           if scored["not_calibrated"] else {}),
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": split_json["group_by"],
                       "test_groups": len(np.unique(test_groups))},
         "data": {
@@ -293,6 +320,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         value = compared["threshold"]["value"]
         metrics["compared"] = {
             "k": compared["k"], "threshold": compared["threshold"],
+            "temperature": compared["temperature"],
             "members": [c["trial_id"] for c in candidates[:compared["k"]]],
             "test": at(y_test, compared["prob_test"], value, test_groups),
             "val": at(y_val, compared["prob_val"], value, val_groups),

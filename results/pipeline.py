@@ -18,6 +18,7 @@ from results.evaluate import (
 )
 from results.explain import explain_slices
 from results.export import export_model
+from results.ledger import EVALUATIONS, ledger_entry, read_ledger, write_ledger
 from results.plots import (
     plot_confusion,
     plot_hparam_scatter,
@@ -44,7 +45,14 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     the local results folder (the run's own, or a copy of a bucket's under ./runs/NAME)."""
     metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
                                    calibrate)
+    options = {"ensemble": ensemble, "calibrate": calibrate, "threshold": threshold,
+               "bootstrap": resamples, "seed": seed}
+    earlier = read_ledger(run_dir)
+    metrics["evaluations"] = {"count": len(earlier) + 1, "options": options,
+                              "earlier": [{k: e[k] for k in ("time", "options")}
+                                          for e in earlier]}
     out = runfolder.local_copy_dir(run_dir) / runfolder.RESULTS
+    write_ledger(out / EVALUATIONS, [*earlier, ledger_entry(metrics, options)])
     write_json(out / runfolder.METRICS, metrics)
     write_predictions(out / runfolder.TEST_PREDICTIONS, arrays)
     if arrays["test_patients"] is not None:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import yaml
 
 from data_utils.files import atomic_write
+from results.ledger import describe_options
 from results.wording import (
     AGGREGATE_MEANING,
     AGGREGATE_NAMES,
@@ -159,7 +160,11 @@ def _exported(metrics: dict) -> list[str]:
            f"the higher is exported, the single trial on a tie. ")
     if metrics.get("temperature", 1.0) != 1.0:
         why += (f"The exported model's probabilities are calibrated by a temperature of "
-                f"{metrics['temperature']:.3g} fitted on the validation split. ")
+                f"{metrics['temperature']:.3g} fitted on the validation split, and the compared "
+                f"model's by one of its own ({compared.get('temperature', 1.0):.3g}). ")
+    if metrics.get("calibration_not_applied"):
+        why += (f"Calibration was asked for but not applied: "
+                f"{metrics['calibration_not_applied']}. ")
     rows = []
     for entry in (single, averaged):
         m, c = entry["test"]["metrics"], entry["test"].get("calibration", {})
@@ -311,11 +316,28 @@ def _figure(plots: dict[str, str], name: str, alt: str) -> list[str]:
     return [_image(alt, plots[name]), ""] if name in plots else []
 
 
+def _evaluations(evaluations: dict | None) -> list[str]:
+    """How many times the test split has been scored, from results/evaluations.jsonl."""
+    if not evaluations:  # evaluated before the ledger existed
+        return []
+    count, earlier = evaluations["count"], evaluations["earlier"]
+    if count == 1:
+        return ["This is the first evaluation of this run's test split "
+                "(`results/evaluations.jsonl` records every one).", ""]
+    looks = "; ".join(f"{e['time']} with `{describe_options(e['options'])}`" for e in earlier)
+    return [f"**The test split of this run has been scored {count} times**; this report is "
+            f"evaluation {count}. Earlier: {looks} (`results/evaluations.jsonl`). The first "
+            "evaluation is the one to report: a later one run with other options could keep "
+            "whatever the test split favoured.", ""]
+
+
 def _search(metrics: dict, leaderboard: list[dict], plots: dict[str, str]) -> list[str]:
     lines = ["## How the model was chosen", "",
              "A Ray Tune search trained many configurations on the training split and ranked "
-             "them by their best validation ROC AUC; the test split was scored once, for the "
-             "winner only, after the search had ended.", ""]
+             "them by their best validation ROC AUC. The exported model (and the one it is "
+             "compared with, when there is one) was fixed on the validation split; only then, "
+             "after the search had ended, was the test split scored.", ""]
+    lines += _evaluations(metrics.get("evaluations"))
     lines += _search_extent(metrics.get("search", {}))
     if "training_curves" in plots:
         lines += ["### Training curves of the top trials", "",

@@ -26,10 +26,21 @@ def test_temperature_softens_overconfident_probabilities_and_lowers_the_log_loss
     y = rng.integers(0, 2, 400)
     honest = np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25, 400), 0.01, 0.99)
     overconfident = combine([honest], 1 / 3)  # logits tripled
-    temperature = fit_temperature(y, overconfident)
-    assert temperature > 1.5
+    temperature, why = fit_temperature(y, overconfident)
+    assert temperature > 1.5 and why is None
     assert log_loss(y, combine([overconfident], temperature)) < log_loss(y, overconfident)
-    assert fit_temperature(y, honest) == pytest.approx(1.0, abs=0.35)
+    assert fit_temperature(y, honest)[0] == pytest.approx(1.0, abs=0.35)
+
+
+def test_no_temperature_on_a_perfectly_separated_val_split_or_at_the_bound_of_its_search():
+    y = np.array([0, 0, 1, 1])
+    # Separated: the log-loss falls towards T = 0; the fit would stop at the bound, 0.05.
+    assert fit_temperature(y, np.array([0.1, 0.45, 0.55, 0.9])) == (
+        1.0, "the validation split is perfectly separated, so its log-loss keeps falling as the "
+             "temperature goes to 0")
+    # Confidently wrong: the log-loss falls as T grows without end (probabilities towards 0.5).
+    temperature, why = fit_temperature(y, np.array([0.99, 0.9, 0.1, 0.01]))
+    assert temperature == 1.0 and why.startswith("the fitted temperature ran to the bound")
 
 
 def test_combine_computes_what_the_exported_ensemble_outputs():
@@ -67,3 +78,28 @@ def test_candidates_are_the_best_trial_then_the_next_best_whose_checkpoint_is_th
     assert got[1]["config"]["image_size"] == 32
     assert [c["trial_id"] for c in ensemble_candidates(str(tmp_path), search, best, 2)] == [
         "a", "b"]
+
+
+def test_the_compared_model_is_calibrated_as_the_chosen_one(monkeypatch):
+    """With --calibrate both models get a temperature fitted on val, so the Brier scores set
+    side by side in the report compare like with like."""
+    import types
+
+    import results.evaluate as evaluate_module
+
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 2, 400)
+    honest = np.clip(0.5 + (y - 0.5) * 0.3 + rng.normal(0, 0.3, 400), 0.01, 0.99)
+    members = {"a": combine([honest], 1 / 3), "b": combine([honest[::-1]], 1 / 2)}
+    monkeypatch.setattr(evaluate_module, "_proba", lambda member, ds, rows: members[member][rows])
+    rows = np.arange(400)
+    val, test = rows[:200], rows[200:]
+    scored = evaluate_module.val_then_test(["a", "b"], types.SimpleNamespace(labels=y), val,
+                                           test, calibrate=True)
+    assert scored["k"] == 1 and scored["temperature"] > 1.5  # "a" alone, overconfident
+    compared = scored["compared"]
+    assert compared["k"] == 2 and compared["temperature"] != 1.0
+    expected, _ = fit_temperature(y[val], combine([members["a"][val], members["b"][val]]))
+    assert compared["temperature"] == expected
+    np.testing.assert_allclose(compared["prob_test"], combine(
+        [members["a"][test], members["b"][test]], expected))

@@ -318,6 +318,29 @@ def test_a_copied_run_folder_evaluates_and_exports_on_its_own(demo_search, tmp_p
     assert (tmp_path / "exported" / "model.pt").is_file()
 
 
+def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns(
+        demo_search, tmp_path, capsys):
+    options, *_ = demo_search
+    run = tmp_path / "run"
+    shutil.copytree(options.run_dir, run, ignore=shutil.ignore_patterns("results", "export"))
+    report_run(str(run), resamples=100, gradcams=0, ensemble=2)
+    assert "first evaluation of this run's test split" in (run / "results/report.md").read_text()
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--ensemble", "1", "--bootstrap", "200",
+                 "--cache-dir", str(tmp_path / "cache")]) == 0
+    err = capsys.readouterr().err
+    assert "warning: this test split was scored before with other choices" in err
+    assert "--ensemble 2" in err and "report the first evaluation" in err
+    ledger = [json.loads(line) for line in
+              (run / "results/evaluations.jsonl").read_text().splitlines()]
+    assert [e["options"]["ensemble"] for e in ledger] == [2, 1]
+    assert ledger[1]["members"] == [json.loads((run / "best.json").read_text())["trial_id"]]
+    metrics = json.loads((run / "results/metrics.json").read_text())
+    assert ledger[1]["test"]["roc_auc"] == metrics["test"]["metrics"]["roc_auc"]["value"]
+    assert metrics["evaluations"]["count"] == 2
+    assert "has been scored 2 times" in (run / "results/report.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def evaluated(demo_search):
     options, *_ = demo_search
