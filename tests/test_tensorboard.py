@@ -82,7 +82,7 @@ def test_train_logs_only_the_scalars_a_trial_logs(tmp_path):
     images = torch.randint(0, 256, (8, 32, 32), dtype=torch.uint8)
     report = tensorboard_reporter(tmp_path, make_config({"image_size": 32}), images,
                                   torch.arange(8) % 2)
-    report({"epoch": 1, **dict.fromkeys(SCALARS, 0.5), "final_epoch": False})
+    report({"epoch": 1, **dict.fromkeys(SCALARS, 0.5), "final_epoch": False}, [], [])
     tags = read_events(tmp_path).Tags()
     assert sorted(tags["scalars"]) == sorted(SCALARS) and len(SCALARS) <= 12
     assert tags["images"] == ["training_inputs_augmented"]
