@@ -66,7 +66,7 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: i
     not slices, were tested. Everything but the AUCs is counted from per-group sums for all
     resamples at once (calling scikit-learn 5000 times costs minutes); the counts equal
     binary_metrics' on each resample (tested). Resamples drawing a single class leave the AUCs
-    undefined and are left out of those two.
+    undefined and are left out of those two; "resamples_dropped" says how many.
     """
     slices = groups is None
     groups = np.arange(len(y)) if slices else np.unique(groups, return_inverse=True)[1]
@@ -101,8 +101,8 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: i
     values["roc_auc"] = np.array([roc_auc_score(y[i], prob[i]) for i in both] or [np.nan])
     values["pr_auc"] = np.array([average_precision_score(y[i], prob[i]) for i in both]
                                 or [np.nan])
-    return {m: [float(v) for v in np.nanpercentile(values[m], [2.5, 97.5])]
-            for m in METRICS + CALIBRATION}
+    return {**{m: [float(v) for v in np.nanpercentile(values[m], [2.5, 97.5])]
+               for m in METRICS + CALIBRATION}, "resamples_dropped": resamples - len(both)}
 
 
 def _rows_of_groups(groups: np.ndarray, draws: np.ndarray) -> list[np.ndarray]:
@@ -123,9 +123,11 @@ def _rows_of_groups(groups: np.ndarray, draws: np.ndarray) -> list[np.ndarray]:
 def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 1000,
           seed: int = 0, groups: np.ndarray | None = None) -> dict:
     """{"metrics": {name: {"value", "ci95"}}, "confusion_matrix": [[tn, fp], [fn, tp]],
-    "calibration": {"brier", "ece": {"value", "ci95"}, "bins": [...]}}."""
+    "calibration": {"brier", "ece": {"value", "ci95"}, "bins": [...]}, "resamples_dropped": how
+    many resamples drew one class only and were left out of the AUCs' intervals}."""
     values = binary_metrics(y, prob, threshold)
     intervals = bootstrap_ci(y, prob, threshold, resamples, seed, groups)
+    dropped = intervals.pop("resamples_dropped")
     calibrated = calibration(y, prob)
     cm = confusion_matrix(y, (prob >= threshold).astype(int), labels=[0, 1])
     return {
@@ -133,6 +135,7 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 10
         "confusion_matrix": cm.tolist(),
         "calibration": {**{m: {"value": calibrated[m], "ci95": intervals[m]}
                            for m in CALIBRATION}, "bins": calibrated["bins"]},
+        "resamples_dropped": dropped,
     }
 
 

@@ -224,7 +224,8 @@ def _results(metrics: dict, plots: dict[str, str]) -> list[str]:
     lines = [f"## Test results at threshold {threshold['value']:.3g} ({how})", ""]
     lines += _table(header, _metric_rows(test["metrics"], keys, val["metrics"] if val else None))
     lines += [f"95% CIs: percentile bootstrap ({boot.get('resamples', '?')} resamples, seed "
-              f"{boot.get('seed', '?')}) over {_bootstrap_unit(boot)}. ROC AUC and PR AUC do not "
+              f"{boot.get('seed', '?')}) over {_bootstrap_unit(boot)}{_dropped(test)}. ROC AUC "
+              f"and PR AUC do not "
               f"depend on the threshold. The validation column is the split the model (and a "
               f"tuned threshold) was chosen on; a large gap to the test value is a warning "
               f"sign.", ""]
@@ -281,12 +282,20 @@ def _patients(metrics: dict) -> list[str]:
         f"{test['negatives']} {negative}); each counts once, however many slices it has.", "",
         *_table(header, _metric_rows(test["metrics"], keys, val["metrics"] if val else None)),
         f"95% CIs: percentile bootstrap ({boot.get('resamples', '?')} resamples, seed "
-        f"{boot.get('seed', '?')}) over test patients, each patient one observation.", "",
+        f"{boot.get('seed', '?')}) over test patients, each patient one observation"
+        f"{_dropped(test)}.", "",
         "### Confusion matrix in patients", "",
         _confusion_text(test["confusion_matrix"], threshold["value"], negative, positive,
                         "patients"), "",
         *_confusion_table(test["confusion_matrix"], negative, positive),
     ]
+
+
+def _dropped(entry: dict) -> str:
+    """What the AUCs' intervals left out: resamples that drew one class only."""
+    dropped = entry.get("resamples_dropped", 0)
+    return (f" ({dropped} resamples drew one class only and are left out of the AUCs' "
+            "intervals)" if dropped else "")
 
 
 def _bootstrap_unit(boot: dict) -> str:

@@ -104,3 +104,13 @@ def test_group_bootstrap_counts_agree_with_scikit_learn():
     got = bootstrap_ci(y, prob, 0.5, resamples=1, seed=2, groups=groups)
     for name in METRICS + CALIBRATION:
         assert got[name][0] == pytest.approx(expected[name]) == got[name][1], name
+
+
+def test_resamples_that_draw_one_class_are_counted():
+    y = np.array([0] * 9 + [1])
+    prob = np.linspace(0, 1, 10)
+    got = score(y, prob, 0.5, resamples=200, seed=0)
+    # The same draws: a resample misses the one positive with probability 0.9^10, about 0.35.
+    draws = np.random.default_rng(0).integers(0, 10, size=(200, 10))
+    expected = sum(1 for d in draws if y[d].sum() in (0, len(d)))
+    assert got["resamples_dropped"] == expected and 40 < expected < 100

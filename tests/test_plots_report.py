@@ -214,6 +214,12 @@ def test_report_shows_calibration_and_which_unit_the_intervals_resampled(tmp_pat
     assert "](reliability.png)" in text
     assert "over patients (the manifest's group column)" in text and "(31 groups" in text
     assert "resamples of test patients" in text[text.index("## Limitations"):]
+    assert "drew one class only" not in text  # none dropped here
+
+    metrics["test"]["resamples_dropped"] = 7
+    write_report(tmp_path / "report.md", metrics, LEADERBOARD, PLOTS)
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "(7 resamples drew one class only and are left out of the AUCs' intervals)" in text
 
 
 def test_report_puts_single_best_and_ensemble_side_by_side_and_says_which_is_exported(tmp_path):

@@ -493,3 +493,18 @@ def test_best_json_describes_its_checkpoint_on_ties_and_failed_trials_are_listed
     assert failed["number"] == 1 and failed["epochs"] == 1
     assert failed["error"] == "RuntimeError: trial 1 failed at epoch 2"
     assert "trial 1 failed at epoch 2" in Path(failed["error_file"]).read_text()
+
+
+def test_a_trial_that_errored_after_reporting_is_pruned_for_tpe_not_failed():
+    def space(trial):
+        trial.suggest_float("lr", 1e-4, 1e-2, log=True)
+
+    searcher = PrunedAwareOptunaSearch(space=space, metric="best_val_auc", mode="max", seed=0)
+    for trial_id in ("reported", "silent"):
+        assert searcher.suggest(trial_id) is not None
+    searcher.on_trial_result("reported", {"best_val_auc": 0.8, "training_iteration": 1})
+    searcher.on_trial_complete("reported", error=True)
+    searcher.on_trial_complete("silent", error=True)
+    states = [t.state for t in searcher._ot_study.trials]
+    assert states == [optuna.trial.TrialState.PRUNED, optuna.trial.TrialState.FAIL]
+    assert searcher._ot_study.trials[0].intermediate_values == {1: 0.8}

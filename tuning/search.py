@@ -61,11 +61,16 @@ class PrunedAwareOptunaSearch(OptunaSearch):
     the trial was pruned, and TPE weighs it by its last intermediate value, as Optuna does.
     Ray hands a trial's last result only to on_trial_complete, so it is recorded as an
     intermediate value first: a trial stopped at its first epoch would otherwise have none,
-    and TPE would rank it below every other.
+    and TPE would rank it below every other. A trial that errored after reporting is pruned too.
     """
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None,
                           error: bool = False) -> None:
+        if error and trial_id not in self._completed_trials and self._reported(trial_id):
+            # A trial that failed after some epochs (out of memory at a later rung, say) tells
+            # TPE as much as one ASHA stopped there: pruned, weighed by its last value, where
+            # FAIL would drop it.
+            error = False
         if result is not None and not error and trial_id not in self._completed_trials:
             with warnings.catch_warnings():  # a step reported already is ignored: fine
                 warnings.filterwarnings("ignore", message="The reported value is ignored")
@@ -73,6 +78,11 @@ class PrunedAwareOptunaSearch(OptunaSearch):
             if not result.get("final_epoch", False):
                 result = None
         super().on_trial_complete(trial_id, result, error)
+
+    def _reported(self, trial_id: str) -> bool:
+        number = self._ot_trials[trial_id].number
+        trial = next(t for t in self._ot_study.get_trials(deepcopy=False) if t.number == number)
+        return bool(trial.intermediate_values)
 
 
 def trainable(params: dict, data: TrialData, options: SearchOptions) -> None:
