@@ -303,7 +303,8 @@ def train_trial(
         # Early stopping waits for a gain of min_delta; the kept weights are those of the
         # highest val AUC, the first epoch to reach it.
         stale = 0 if metrics["val_auc"] > best["val_auc"] + config.min_delta else stale + 1
-        improved = metrics["val_auc"] > best["val_auc"] or "epoch" not in best  # NaN at first
+        improved = (metrics["val_auc"] > best["val_auc"] or "epoch" not in best
+                    or math.isnan(best["val_auc"]))  # a one-class val split gives NaN
         if improved:
             best = metrics
         # Tells a search that the trial ended by itself (not stopped by a scheduler).
