@@ -108,23 +108,26 @@ def train_one_epoch(
     precision = resolve_precision(config.precision, device)
     total, seen = torch.zeros((), device=device), 0
     steps = math.ceil(len(images) / config.batch_size)
-    for x, y in tqdm(batches, total=steps, desc=progress, leave=False, disable=progress is None):
-        if len(y) < 2:  # BatchNorm cannot train on one image; happens at most once per epoch
-            continue
-        x = x.contiguous(memory_format=torch.channels_last)  # as the model (train_trial)
-        target = y.float()
-        if config.label_smoothing:
-            target = target * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
-        with autocast(device, precision):
-            loss = criterion(model(x).squeeze(1).float(), target)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        scheduler.step()
-        if ema is not None:
-            ema.update_parameters(model)
-        total += loss.detach() * len(y)  # stays on device: no sync per step
-        seen += len(y)
+    # Closed on Ctrl-C too: the bar's line is cleared before the CLI says it was interrupted.
+    with tqdm(batches, total=steps, desc=progress, leave=False,
+              disable=progress is None) as bar:
+        for x, y in bar:
+            if len(y) < 2:  # BatchNorm cannot train on one image; happens at most once per epoch
+                continue
+            x = x.contiguous(memory_format=torch.channels_last)  # as the model (train_trial)
+            target = y.float()
+            if config.label_smoothing:
+                target = target * (1 - config.label_smoothing) + 0.5 * config.label_smoothing
+            with autocast(device, precision):
+                loss = criterion(model(x).squeeze(1).float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                ema.update_parameters(model)
+            total += loss.detach() * len(y)  # stays on device: no sync per step
+            seen += len(y)
     return total.item() / max(seen, 1), seen
 
 
