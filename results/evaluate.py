@@ -204,10 +204,9 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
     compared = None
     if len(members) > 1:  # calibrated as the chosen model is, so the comparison is fair
         other_k = 1 if k > 1 else aucs.index(max(aucs[1:]), 1) + 1
-        other_t, other_not_calibrated = calibration(y_val, member_val[:other_k], calibrate)
+        other_t, _ = calibration(y_val, member_val[:other_k], calibrate)
         other_val = combine(member_val[:other_k], other_t)
         compared = {"k": other_k, "prob_val": other_val, "temperature": other_t,
-                    "not_calibrated": other_not_calibrated,
                     "threshold": choose_threshold(y_val, other_val, threshold)}
     patient = (None if val_patients is None
                else choose_patient_level(y_val, prob_val, val_patients, threshold))

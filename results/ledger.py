@@ -8,13 +8,13 @@ that the report, and anyone reading the run folder, can tell.
 
 from __future__ import annotations
 
-import importlib.metadata
 import json
 from datetime import datetime, timezone
 from pathlib import Path
 
 from data_utils import runfolder
 from data_utils.files import atomic_write
+from results.export import package_versions
 
 EVALUATIONS = "evaluations.jsonl"  # in results/
 CHOICE_OPTIONS = ("ensemble", "calibrate", "threshold")  # options that change what is scored
@@ -30,13 +30,9 @@ def read_ledger(run_dir: str) -> list[dict]:
 def ledger_entry(metrics: dict, options: dict) -> dict:
     """This evaluation's line: when, with which options and ctscan, the members scored and the
     headline test metrics."""
-    try:
-        version = importlib.metadata.version("ctscan")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        version = None
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "ctscan": version,
+        "ctscan": package_versions()["ctscan"],
         "options": options,
         "members": [m["trial_id"] for m in metrics["ensemble"]["members"]],
         "test": {name: m["value"] for name, m in metrics["test"]["metrics"].items()},

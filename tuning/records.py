@@ -208,10 +208,10 @@ def _no_trial_reported(records: list[dict], run_dir: str) -> SearchFailed:
                         f"{first['error']} (see {first['error_file']})")
 
 
-def summarize(options: SearchOptions, results: ResultGrid, budget_reached: bool = False) -> dict:
-    """Write trials.json, and best.json: the best trial, its best checkpoint and exactly that
-    epoch's metrics (returned)."""
-    records = trial_records(results, options.run_dir)
+def summarize(options: SearchOptions, results: ResultGrid, records: list[dict],
+              budget_reached: bool = False) -> dict:
+    """Write trials.json (`records`, from trial_records), and best.json: the best trial, its
+    best checkpoint and exactly that epoch's metrics (returned)."""
     runfolder.write_json(runfolder.join(options.run_dir, runfolder.TRIALS), records)
     if not any(r["history"] for r in records):
         raise _no_trial_reported(records, options.run_dir)

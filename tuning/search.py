@@ -48,6 +48,7 @@ from tuning.records import (
     load_search_space,
     summarize,
     trial_dirname,
+    trial_records,
 )
 from tuning.space import decode_params, startup_trials
 from tuning.train import TrialData, train_trial
@@ -234,11 +235,11 @@ def run_search(options: SearchOptions, data: TrialData, resume: bool = False,
     budget_reached = (options.time_budget_s is not None
                       and time.monotonic() - started >= options.time_budget_s)
     prune_checkpoints(results)
-    best = summarize(options, results, budget_reached)
+    records = trial_records(results, options.run_dir)
+    best = summarize(options, results, records, budget_reached)
     from tuning.trial_tensorboard import log_recovered_epochs  # on the driver, as above
 
-    log_recovered_epochs(options.run_dir,
-                         runfolder.read_json(runfolder.join(options.run_dir, runfolder.TRIALS)))
+    log_recovered_epochs(options.run_dir, records)
     return best
 
 
