@@ -88,6 +88,7 @@ def main() -> None:
           f"{baseline['accuracy']:.4f}")
     print(f"search (budget {budget:.0f} s, took {search_s:.0f} s with scoring): "
           f"{found['trials']} trials, {found['trials_stopped_early']} stopped early, "
+          f"{found['trials_ended_by_budget']} ended by the budget, "
           f"budget reached: {found['budget_reached']}; best val AUC "
           f"{found['val_metrics']['val_auc']:.4f} ({json.dumps(found['searched'])})")
     print(f"search's first trial (the recipe, 1 thread): best val AUC {first['val_auc']:.4f}, "

@@ -62,19 +62,29 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 
 class Ensemble(nn.Module):
-    """Several networks as one: the logit of their mean probability (one member: its logit),
-    divided by a temperature fitted on validation data (1: uncalibrated)."""
+    """Several networks as one: the logit of their weighted mean probability (one member: its
+    logit), divided by a temperature fitted on validation data (1: uncalibrated). The weights
+    (equal when not given) are those ensemble selection chose on validation data; they are
+    normalised to sum to 1."""
 
-    def __init__(self, members: list[nn.Module], temperature: float = 1.0):
+    def __init__(self, members: list[nn.Module], temperature: float = 1.0,
+                 weights: list[float] | None = None):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.temperature = float(temperature)
+        weights = [1.0] * len(members) if weights is None else [float(w) for w in weights]
+        if len(weights) != len(members) or min(weights) <= 0:
+            raise ValueError(f"{len(members)} members need as many positive weights, got "
+                             f"{weights}")
+        self.weights = [w / sum(weights) for w in weights]  # a list: TorchScript keeps floats
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.members) == 1:
             logits = self.members[0](x)
         else:
-            prob = torch.stack([torch.sigmoid(m(x).float()) for m in self.members]).mean(0)
+            prob = torch.zeros(())
+            for i, member in enumerate(self.members):  # TorchScript can't zip a ModuleList
+                prob = prob + self.weights[i] * torch.sigmoid(member(x).float())
             logits = torch.logit(prob, eps=1e-7)
         return logits / self.temperature
 
@@ -161,9 +171,9 @@ def predict_proba(model: nn.Module, images: torch.Tensor, description: ModelDesc
 
 def load_model(path: Path) -> tuple[nn.Module, ModelDescription]:
     """The network in a training checkpoint ({"model": state_dict, "description": ...}) or an
-    exported model.pt ({"members": [such entries], "temperature": T}, an Ensemble when several
-    or calibrated), in eval mode on the CPU, with the description of its input. Loaded with
-    weights_only=True: a file cannot run code."""
+    exported model.pt ({"members": [such entries, each with its "weight"], "temperature": T}, an
+    Ensemble when several or calibrated), in eval mode on the CPU, with the description of its
+    input. Loaded with weights_only=True: a file cannot run code."""
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - corrupt file, pickle with code, not torch at all
@@ -189,7 +199,7 @@ def load_model(path: Path) -> tuple[nn.Module, ModelDescription]:
         raise WeightsError(f"{path}: its members expect different inputs {sorted(inputs)}")
     temperature = float(saved.get("temperature", 1.0))
     model = (members[0] if len(members) == 1 and temperature == 1.0
-             else Ensemble(members, temperature))
+             else Ensemble(members, temperature, [e.get("weight", 1.0) for e in entries]))
     return model.eval(), ModelDescription.from_dict(entries[0]["description"], str(path))
 
 

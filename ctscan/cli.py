@@ -339,7 +339,8 @@ def _tune(args: argparse.Namespace) -> int:
     print(f"best trial {best['trial_id']} (epoch {best['best_epoch']}): "
           f"val AUC {best['val_metrics']['val_auc']:.4f}, val accuracy "
           f"{best['val_metrics']['val_accuracy']:.3f}; {best['trials']} trials, "
-          f"{best['trials_stopped_early']} stopped early, {best['errored_trials']} failed"
+          f"{best['trials_stopped_early']} stopped early, {best['errored_trials']} failed, "
+          f"{best['trials_ended_by_budget']} still running when the time budget ended"
           f"{'; the time budget ended the search' if best['budget_reached'] else ''}\n"
           f"  config: {json.dumps(best['searched'])}\n"
           f"  checkpoint: {runfolder.in_run(options.run_dir, best['checkpoint'])}\n"
@@ -371,7 +372,9 @@ def print_results(run_dir: str, out: Path) -> None:
            else f"{threshold['method']}, chosen on val")
     print(f"test split: {test['n']} images never used for training or model selection; "
           f"threshold {threshold['value']:.3f} ({how})")
+    _print_choice(metrics)
     _print_metrics(test["metrics"])
+    _print_paired(metrics.get("compared"))
     if "patient" in metrics:  # the split's groups are patients
         patient = metrics["patient"]
         print(f"per patient: {patient['test']['n']} test patients; {patient['aggregate']} of "
@@ -382,12 +385,42 @@ def print_results(run_dir: str, out: Path) -> None:
         print(f"--calibrate: no temperature applied, since {metrics['calibration_not_applied']}")
     _print_earlier_evaluations(metrics.get("evaluations"))
     report, export = f"{runfolder.RESULTS}/{runfolder.REPORT}", runfolder.EXPORT
+    page = f"{runfolder.RESULTS}/{runfolder.REPORT_HTML}"
     if runfolder.is_uri(run_dir):  # out is this machine's copy of the bucket's results/
         print(f"report: {runfolder.join(run_dir, report)} (copy: {out / runfolder.REPORT})\n"
+              f"report.html: {runfolder.join(run_dir, page)} "
+              f"(copy: {out / runfolder.REPORT_HTML})\n"
               f"exported model: {runfolder.join(run_dir, export)} (copy: {out.parent / export})")
     else:
-        print(f"report: {out / runfolder.REPORT}\nexported model: {out.parent / export}")
+        print(f"report: {out / runfolder.REPORT}\nreport.html: {out / runfolder.REPORT_HTML}\n"
+              f"exported model: {out.parent / export}")
     print(f"tensorboard --logdir {run_dir}")
+
+
+def _print_choice(metrics: dict) -> None:
+    """Which model was exported, with its weights, and why (chosen on val)."""
+    ensemble = metrics.get("ensemble", {})
+    members = ensemble.get("members", [])
+    if len(members) > 1:
+        weights = ", ".join(f"{m['trial_id']} {m['weight']:.2f}" for m in members)
+        print(f"exported: the weighted ensemble of {len(members)} trials ({weights})")
+    else:
+        print(f"exported: the best trial alone ({metrics['trial_id']})")
+    if "why" in ensemble and ensemble["candidates"] > 1:
+        print(f"  chosen on val: {ensemble['why']}")
+
+
+def _print_paired(compared: dict | None) -> None:
+    """The exported model minus the one it is compared with, on the same test resamples."""
+    if not compared or "paired" not in compared:
+        return
+    name = ("the best trial alone" if compared["k"] == 1
+            else f"the ensemble of {compared['k']} trials")
+    paired = compared["paired"]
+    differences = ", ".join(
+        f"{key} {paired[key]['value']:+.3f} ({paired[key]['ci95'][0]:+.3f} to "
+        f"{paired[key]['ci95'][1]:+.3f})" for key in ("roc_auc", "accuracy", "brier"))
+    print(f"exported minus {name}, paired 95% CIs: {differences}")
 
 
 def _print_earlier_evaluations(evaluations: dict | None) -> None:

@@ -197,7 +197,8 @@ def train_batches(
     normalised to (x - mean) / std: the model description's input normalisation, as
     `ctmodels.normalize` applies it. The last batch is kept even when partial, so every image is
     seen exactly once per epoch: on a small CT set dropping it would discard a noticeable share
-    of the slices.
+    of the slices. A last batch of one image joins the one before it (batch_sizes), as
+    BatchNorm cannot train on a batch of one.
 
     Batches are built on `device`, where `generator` lives and drives both the order and the
     transforms. With `device` None the dataset lives there too (`images.device`). Given a device,
@@ -229,7 +230,8 @@ def train_batches(
     grid = torch.empty(chunk, h, w, 2, device=device)
     # The host path fetches the order once per epoch (one sync), not once per batch.
     host_order = order.to(images.device)
-    for idx, rows in zip(order.split(batch_size), host_order.split(batch_size), strict=True):
+    sizes = batch_sizes(n, batch_size)
+    for idx, rows in zip(order.split(sizes), host_order.split(sizes), strict=True):
         theta = random_matrices(len(idx), h, w, strength, generator, ranges, device)
         source = images
         if on_host:
@@ -244,6 +246,16 @@ def train_batches(
                 x = warp(x, theta[s : s + k], grid[:k])
             torch.add(x, offset, out=out[s : s + k])
         yield out, labels[idx]
+
+
+def batch_sizes(n: int, batch_size: int) -> list[int]:
+    """The sizes of an epoch's batches over n images: full batches, then the rest, which when it
+    is a single image joins the last full batch instead."""
+    sizes = [batch_size] * (n // batch_size) + ([n % batch_size] if n % batch_size else [])
+    if len(sizes) > 1 and sizes[-1] == 1:
+        last = sizes.pop()
+        sizes[-1] += last
+    return sizes
 
 
 def _copy_rows(images: torch.Tensor, rows: torch.Tensor, device: torch.device) -> torch.Tensor:

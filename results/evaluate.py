@@ -7,6 +7,7 @@ first and then applied unchanged to the test split.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -24,7 +25,7 @@ from data_utils.files import write_json
 from data_utils.sources import DataError
 from data_utils.split import PATIENT_GROUPING, load_data_options
 from results.aggregate import AGGREGATES, aggregate_by_group
-from results.metrics import score, youden_threshold
+from results.metrics import paired_bootstrap, score, youden_threshold
 from tuning.config import make_config
 from tuning.records import SearchOptions, load_options
 
@@ -85,12 +86,100 @@ def choose_threshold(y_val: np.ndarray, prob_val: np.ndarray, fixed: float | Non
     return {"method": "youden", "value": youden_threshold(y_val, prob_val)}
 
 
-def choose_ensemble(y_val: np.ndarray, member_probs: list[np.ndarray]) -> tuple[int, list[float]]:
-    """How many of the members (best first) to average: the k whose mean probability has the
-    best val AUC, the smaller k on a tie; and the val AUC of every k."""
-    aucs = [float(roc_auc_score(y_val, np.mean(member_probs[:k], axis=0)))
-            for k in range(1, len(member_probs) + 1)]
-    return aucs.index(max(aucs)) + 1, aucs
+ENSEMBLE_ROUNDS = 20  # Caruana's bag size: a member's weight is a multiple of 1/20 at least
+
+
+def _log_loss(y: np.ndarray, prob: np.ndarray) -> float:
+    # Clipped as the logits are (_logit): one confident mistake must not make it infinite.
+    return float(log_loss(y, np.clip(prob, 1e-7, 1 - 1e-7), labels=[0, 1]))
+
+
+def caruana_weights(y: np.ndarray, member_probs: Sequence[np.ndarray],
+                    rounds: int = ENSEMBLE_ROUNDS) -> tuple[np.ndarray, float]:
+    """Ensemble selection (Caruana et al., ICML 2004) as auto-sklearn and AutoGluon run it:
+    greedy forward selection with replacement. Each round adds to a bag the member whose
+    addition gives the bag's mean probability the lowest log-loss (the better-ranked member on
+    a tie); the bag kept is that of the round with the lowest log-loss, the earliest on a tie.
+    Returns (each member's share of that bag, summing to 1; its log-loss).
+
+    Log-loss, not AUC: a proper score rewards probabilities that are right, so it still tells
+    models apart where every AUC is near 1, and it is what the mean of probabilities, unlike a
+    ranking, can improve."""
+    probs = np.asarray(member_probs, dtype=np.float64)
+    counts, total = np.zeros(len(probs)), np.zeros(probs.shape[1])
+    best_loss, best_counts = np.inf, counts
+    for size in range(1, rounds + 1):
+        losses = [_log_loss(y, (total + p) / size) for p in probs]
+        pick = int(np.argmin(losses))  # the first of equals: the better-ranked trial
+        counts[pick] += 1
+        total += probs[pick]
+        if losses[pick] < best_loss:
+            best_loss, best_counts = losses[pick], counts.copy()
+    return best_counts / best_counts.sum(), best_loss
+
+
+def val_halves(y: np.ndarray, groups: np.ndarray, seed: int = 0
+               ) -> tuple[np.ndarray, np.ndarray] | None:
+    """Two halves of the val rows for cross-fitting, each group (slices the split keeps
+    together) wholly in one, with the positive groups dealt out alternately after a seeded
+    shuffle and then the negative ones; None when a half would lack a class."""
+    ids, inverse = np.unique(groups, return_inverse=True)
+    positive = np.bincount(inverse, y, len(ids)) > 0
+    order = np.random.default_rng(seed).permutation(len(ids))
+    order = order[np.argsort(~positive[order], kind="stable")]
+    half = np.empty(len(ids), dtype=int)
+    half[order] = np.arange(len(ids)) % 2
+    halves = np.flatnonzero(half[inverse] == 0), np.flatnonzero(half[inverse] == 1)
+    return None if any(len(np.unique(y[h])) < 2 for h in halves) else halves
+
+
+def cross_fitted(y: np.ndarray, member_probs: Sequence[np.ndarray],
+                 halves: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
+    """Each val row's probability under the ensemble selected on the other half: what
+    selection on val would give on data it did not select on."""
+    probs = np.asarray(member_probs, dtype=np.float64)
+    out = np.empty(len(y))
+    for fit, held in (halves, halves[::-1]):
+        weights, _ = caruana_weights(y[fit], probs[:, fit])
+        out[held] = weights @ probs[:, held]
+    return out
+
+
+def choose_ensemble(y_val: np.ndarray, member_probs: Sequence[np.ndarray],
+                    val_groups: np.ndarray | None = None) -> dict:
+    """Which weights of the candidates (best trial first) to export, chosen on val:
+    {"weights": one per candidate, "chosen": "ensemble" or "single", "why", and the evidence:
+    "ensemble_weights" (Caruana selection on all of val), "val_log_loss" and
+    "cross_fitted_log_loss" ({"ensemble", "single"}; None when not measured)}.
+
+    The guard against fitting val: selection is run on each half of val (whole groups, see
+    val_halves) and scored on the other, and the ensemble is taken only when that held-out
+    log-loss beats the single best trial's on the same rows. The single best trial is the
+    default, and is kept whenever the check cannot be made."""
+    groups = np.arange(len(y_val)) if val_groups is None else val_groups
+    single = np.eye(len(member_probs))[0]
+    weights, loss = caruana_weights(y_val, member_probs)
+    single_loss = _log_loss(y_val, member_probs[0])
+    choice = {"method": "caruana", "metric": "log_loss", "rounds": ENSEMBLE_ROUNDS,
+              "ensemble_weights": weights.tolist(),
+              "val_log_loss": {"ensemble": loss, "single": single_loss},
+              "cross_fitted_log_loss": None}
+    halves = val_halves(y_val, groups) if weights[0] < 1 else None
+    if weights[0] == 1:
+        why = "ensemble selection on the validation split kept the best trial alone"
+    elif halves is None:
+        why = ("the validation split is too small to check the ensemble on held-out halves "
+               "(a half would lack a class), so the best trial alone is kept")
+    else:
+        held_out = _log_loss(y_val, cross_fitted(y_val, member_probs, halves))
+        choice["cross_fitted_log_loss"] = {"ensemble": held_out, "single": single_loss}
+        better = held_out < single_loss
+        why = (f"selected on one half of the validation split and scored on the other, the "
+               f"ensemble's log-loss was {held_out:.4f} against {single_loss:.4f} for the best "
+               f"trial alone, so {'the ensemble' if better else 'the best trial alone'} is kept")
+        if better:
+            return {**choice, "weights": weights.tolist(), "chosen": "ensemble", "why": why}
+    return {**choice, "weights": single.tolist(), "chosen": "single", "why": why}
 
 
 LOG_T_BOUND = 3.0  # the temperature is searched in [e^-3, e^3], about [0.05, 20]
@@ -118,12 +207,16 @@ def fit_temperature(y_val: np.ndarray, prob_val: np.ndarray) -> tuple[float, str
     return float(np.exp(log_t)), None
 
 
-def combine(member_probs: list[np.ndarray], temperature: float = 1.0) -> np.ndarray:
-    """The members' mean probability, its logit divided by the temperature: what
-    `ctmodels.Ensemble` outputs, from probabilities already computed."""
-    if len(member_probs) == 1 and temperature == 1.0:
-        return member_probs[0]
-    return expit(_logit(np.mean(member_probs, axis=0)) / temperature)
+def combine(member_probs: Sequence[np.ndarray | None], weights: Sequence[float],
+            temperature: float = 1.0) -> np.ndarray:
+    """The members' weighted mean probability, its logit divided by the temperature: what
+    `ctmodels.Ensemble` outputs, from probabilities already computed. Members of weight 0 are
+    left out (their probabilities may be None)."""
+    used = [i for i, w in enumerate(weights) if w > 0]
+    if len(used) == 1 and temperature == 1.0:
+        return member_probs[used[0]]
+    mean = np.average([member_probs[i] for i in used], axis=0, weights=[weights[i] for i in used])
+    return expit(_logit(mean) / temperature)
 
 
 def _logit(prob: np.ndarray) -> np.ndarray:
@@ -180,46 +273,62 @@ def score_patients(choice: dict, y: np.ndarray, prob: np.ndarray, groups: np.nda
     return entry, patients
 
 
-def calibration(y_val: np.ndarray, member_val: list[np.ndarray], calibrate: bool
+def calibration(y_val: np.ndarray, prob_val: np.ndarray, calibrate: bool
                 ) -> tuple[float, str | None]:
-    """The temperature of the members' mean probability, and why none is applied when asked
-    for (None when it is, or when calibration was not asked for)."""
-    return fit_temperature(y_val, combine(member_val)) if calibrate else (1.0, None)
+    """The temperature of these val probabilities, and why none is applied when asked for
+    (None when it is, or when calibration was not asked for)."""
+    return fit_temperature(y_val, prob_val) if calibrate else (1.0, None)
+
+
+def _compared_weights(choice: dict) -> list[float]:
+    """The model the chosen one is compared with: the best trial alone beside an ensemble;
+    beside the best trial, the ensemble selection built (or, when it kept the best trial
+    alone, the equal mean of every candidate)."""
+    count = len(choice["weights"])
+    if choice["chosen"] == "ensemble":
+        return np.eye(count)[0].tolist()
+    if choice["ensemble_weights"][0] < 1:
+        return choice["ensemble_weights"]
+    return [1 / count] * count
+
+
+def _fixed_on_val(y_val: np.ndarray, member_val: list[np.ndarray], weights: Sequence[float],
+                  calibrate: bool, threshold: float | None) -> dict:
+    """One model fixed on val: its weights, temperature (and why none), val probabilities and
+    threshold."""
+    temperature, not_calibrated = calibration(y_val, combine(member_val, weights), calibrate)
+    prob_val = combine(member_val, weights, temperature)
+    return {"weights": list(weights), "k": sum(w > 0 for w in weights),
+            "temperature": temperature, "not_calibrated": not_calibrated, "prob_val": prob_val,
+            "threshold": choose_threshold(y_val, prob_val, threshold)}
 
 
 def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
                   test_rows: np.ndarray, threshold: float | None = None,
-                  calibrate: bool = False, val_patients: np.ndarray | None = None) -> dict:
-    """Everything is chosen on val first: how many of `members` (best first) to average, the
-    temperature, and the thresholds of that model and of the one it is compared with (the single
-    best trial, or when that is chosen the best ensemble of two or more); with `val_patients`
-    (the patient of each val row) also the patient-level aggregate and threshold. Only then are
-    the test probabilities computed, of both."""
+                  calibrate: bool = False, val_patients: np.ndarray | None = None,
+                  val_groups: np.ndarray | None = None) -> dict:
+    """Everything is chosen on val first: the weights of `members` (best trial first; see
+    choose_ensemble, which keeps `val_groups` whole), the temperature, and the thresholds of
+    that model and of the one it is compared with, each calibrated the same way; with
+    `val_patients` (the patient of each val row) also the patient-level aggregate and threshold.
+    Only then are the test probabilities computed, of the members either model uses."""
     y_val = ds.labels[val_rows]
     member_val = [_proba(m, ds, val_rows) for m in members]
-    k, aucs = choose_ensemble(y_val, member_val)
-    temperature, not_calibrated = calibration(y_val, member_val[:k], calibrate)
-    prob_val = combine(member_val[:k], temperature)
-    chosen = choose_threshold(y_val, prob_val, threshold)
-    compared = None
-    if len(members) > 1:  # calibrated as the chosen model is, so the comparison is fair
-        other_k = 1 if k > 1 else aucs.index(max(aucs[1:]), 1) + 1
-        other_t, _ = calibration(y_val, member_val[:other_k], calibrate)
-        other_val = combine(member_val[:other_k], other_t)
-        compared = {"k": other_k, "prob_val": other_val, "temperature": other_t,
-                    "threshold": choose_threshold(y_val, other_val, threshold)}
+    choice = choose_ensemble(y_val, member_val, val_groups)
+    chosen = _fixed_on_val(y_val, member_val, choice["weights"], calibrate, threshold)
+    compared = (_fixed_on_val(y_val, member_val, _compared_weights(choice), calibrate, threshold)
+                if len(members) > 1 else None)
     patient = (None if val_patients is None
-               else choose_patient_level(y_val, prob_val, val_patients, threshold))
-    y_test = ds.labels[test_rows]
-    needed = max(k, compared["k"]) if compared else k
-    member_test = [_proba(m, ds, test_rows) for m in members[:needed]]
-    if compared:
-        compared["prob_test"] = combine(member_test[:compared["k"]], compared["temperature"])
-    return {"k": k, "val_auc_by_k": aucs, "temperature": temperature,
-            "not_calibrated": not_calibrated, "threshold": chosen,
-            "y_val": y_val, "prob_val": prob_val, "y_test": y_test,
-            "prob_test": combine(member_test[:k], temperature), "compared": compared,
-            "patient": patient}
+               else choose_patient_level(y_val, chosen["prob_val"], val_patients, threshold))
+    used = {i for model in (chosen, compared) if model
+            for i, w in enumerate(model["weights"]) if w > 0}
+    member_test = [_proba(m, ds, test_rows) if i in used else None
+                   for i, m in enumerate(members)]
+    for model in (chosen, compared):
+        if model:
+            model["prob_test"] = combine(member_test, model["weights"], model["temperature"])
+    return {**chosen, "selection": choice, "y_val": y_val, "y_test": ds.labels[test_rows],
+            "compared": compared, "patient": patient}
 
 
 def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: int
@@ -263,8 +372,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     val_groups = recorded_groups(split_json, "val")
     by_patient = split_json["group_by"] in PATIENT_GROUPING  # then also scored per patient
     scored = val_then_test(members, ds, val_rows, test_rows, threshold, calibrate,
-                           val_groups if by_patient else None)
-    k, temperature = scored["k"], scored["temperature"]
+                           val_groups if by_patient else None, val_groups)
+    temperature, weights = scored["temperature"], scored["weights"]
     chosen, y_val, prob_val = scored["threshold"], scored["y_val"], scored["prob_val"]
     y_test, prob_test = scored["y_test"], scored["prob_test"]
     patient, test_patients = {}, None
@@ -292,8 +401,11 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         },
         "val": {"n": len(y_val), **at(y_val, prob_val, chosen["value"], val_groups)},
         **patient,  # only when the split's groups are patients
-        "ensemble": {"k": k, "candidates": len(candidates), "val_auc_by_k": scored["val_auc_by_k"],
-                     "members": candidates[:k]},
+        "ensemble": {"k": scored["k"], "candidates": len(candidates),
+                     "members": _weighted(candidates, weights),
+                     **{key: value for key, value in scored["selection"].items()
+                        if key != "weights"},
+                     "candidate_trials": [c["trial_id"] for c in candidates]},
         "temperature": temperature,
         # Asked for with --calibrate, then not applied: why (the report says it).
         **({"calibration_not_applied": scored["not_calibrated"]}
@@ -312,23 +424,35 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         "config": best["config"],
         "searched": best["searched"],
         "search": {key: best[key] for key in ("trials", "trials_stopped_early", "errored_trials",
-                                        "time_budget_s", "budget_reached")},
+                                              "trials_ended_by_budget", "time_budget_s",
+                                              "budget_reached")
+                   if key in best},  # runs before 0.3 count no trials ended by the budget
     }
     compared = scored["compared"]
-    if compared:  # the single best trial beside the ensemble, whichever is exported
+    if compared:  # the model set beside the exported one (see _compared_weights)
         value = compared["threshold"]["value"]
         metrics["compared"] = {
             "k": compared["k"], "threshold": compared["threshold"],
             "temperature": compared["temperature"],
-            "members": [c["trial_id"] for c in candidates[:compared["k"]]],
+            "members": [m["trial_id"] for m in _weighted(candidates, compared["weights"])],
+            "weights": [w for w in compared["weights"] if w > 0],
             "test": at(y_test, compared["prob_test"], value, test_groups),
             "val": at(y_val, compared["prob_val"], value, val_groups),
+            # Chosen minus compared on the same test resamples (the same as the intervals').
+            "paired": paired_bootstrap(y_test, prob_test, chosen["value"], compared["prob_test"],
+                                       value, resamples, seed, test_groups),
         }
-    arrays = {"members": members[:k], "y_test": y_test, "prob_test": prob_test,
+    arrays = {"members": [m for m, w in zip(members, weights, strict=True) if w > 0],
+              "y_test": y_test, "prob_test": prob_test,
               "test_paths": [ds.paths[i] for i in test_rows], "class_names": ds.class_names,
               "images": ds.images, "test_rows": test_rows,
               "test_patients": test_patients}
     return metrics, arrays
+
+
+def _weighted(candidates: list[dict], weights: Sequence[float]) -> list[dict]:
+    """The candidates a model uses, each with its weight."""
+    return [{**c, "weight": w} for c, w in zip(candidates, weights, strict=True) if w > 0]
 
 
 def write_predictions(path: Path, arrays: dict) -> None:

@@ -3,8 +3,8 @@ its config; the model card is written from that config (results.model_card).
 
 Everything a user needs to rebuild the model or just run it lives in one folder:
 
-    model.pt               {"members": [{"description", "model": state_dict}]}: one network, or
-                           the ensemble of several (loaded by `ctmodels.load_model`)
+    model.pt               {"members": [{"description", "model": state_dict, "weight"}]}: one
+                           network, or the weighted ensemble of several (`ctmodels.load_model`)
     model.torchscript.pt   uint8 [B, S, S] -> positive-class logits [B]; needs only torch
     model.onnx             the same for onnxruntime; needs no torch
     config.json/.yaml      members, preprocessing, threshold, classes, training configs
@@ -48,10 +48,12 @@ def export_model(
     member_extra: Sequence[dict] = (),
     temperature: float = 1.0,
     patient: dict | None = None,
+    weights: Sequence[float] | None = None,
 ) -> Path:
     """Write the model folder (each file atomically) and return its path. `members` is one
-    (network, its training config) pair, or several for an ensemble (mean probability); the
-    output logit is divided by `temperature` (calibration fitted on val). `patient`
+    (network, its training config) pair, or several for an ensemble (the mean probability,
+    weighted by `weights` when given, as ensemble selection chose them); the output logit is
+    divided by `temperature` (calibration fitted on val). `patient`
     ({"aggregate", "threshold"}, chosen on val patients) is how to call a whole patient or CT
     series from its slices' probabilities, when the evaluation had patients.
 
@@ -67,15 +69,17 @@ def export_model(
     networks = [copy.deepcopy(m).to("cpu", memory_format=torch.contiguous_format).eval()
                 for m, _ in members]
     descriptions = [config.description() for _, config in members]
+    model = (networks[0] if len(networks) == 1 and temperature == 1.0
+             else Ensemble(networks, temperature, weights))
+    weights = getattr(model, "weights", [1.0])  # normalised by Ensemble
     meta = _plain(export_config([c for _, c in members], class_names, threshold, extra,
-                                member_extra, temperature, patient))
+                                member_extra, temperature, patient, weights))
 
     with atomic_write(out_dir / FILES["state_dict"]) as f:
-        torch.save({"members": [{"description": d.to_dict(), "model": n.state_dict()}
-                                for d, n in zip(descriptions, networks, strict=True)],
+        torch.save({"members": [{"description": d.to_dict(), "model": n.state_dict(),
+                                 "weight": w}
+                                for d, n, w in zip(descriptions, networks, weights, strict=True)],
                     "temperature": float(temperature)}, f)
-    model = (networks[0] if len(networks) == 1 and temperature == 1.0
-             else Ensemble(networks, temperature))
     uint8_model = UInt8Classifier(model, descriptions[0]).eval()
     with atomic_write(out_dir / FILES["torchscript"]) as f:
         _save_torchscript(uint8_model, f)
@@ -91,13 +95,17 @@ def export_model(
 
 def export_config(configs: Sequence[TrainConfig], class_names: tuple[str, str],
                   threshold: float, extra: dict, member_extra: Sequence[dict] = (),
-                  temperature: float = 1.0, patient: dict | None = None) -> dict[str, Any]:
+                  temperature: float = 1.0, patient: dict | None = None,
+                  weights: Sequence[float] | None = None) -> dict[str, Any]:
     """The content of config.json: everything needed to rebuild, feed and judge the model;
-    "patient" ({"aggregate", "threshold"}) only when `patient` is given."""
+    "patient" ({"aggregate", "threshold"}) only when `patient` is given. Each member's
+    "weight" is its share of the mean probability (equal when `weights` is None)."""
     negative, positive = class_names
     first = configs[0].description()
+    weights = weights or [1.0] * len(configs)
     members = [{**config.description().to_dict(), **(member_extra[i] if member_extra else {}),
-                "train_config": dataclasses.asdict(config)} for i, config in enumerate(configs)]
+                "weight": weights[i] / sum(weights), "train_config": dataclasses.asdict(config)}
+               for i, config in enumerate(configs)]
     meta: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -117,7 +125,8 @@ def export_config(configs: Sequence[TrainConfig], class_names: tuple[str, str],
             "formula": "x = (pixels / 255 - mean) / std, as float [B, 1, S, S]",
         },
         "output": "one logit per image for the positive class (of the members' mean "
-                  "probability, divided by the temperature); probability = sigmoid(logit)",
+                  "probability, weighted by their weights, divided by the temperature); "
+                  "probability = sigmoid(logit)",
         "temperature": float(temperature),
         "threshold": float(threshold),
         "class_names": [negative, positive],

@@ -28,13 +28,13 @@ def read_ledger(run_dir: str) -> list[dict]:
 
 
 def ledger_entry(metrics: dict, options: dict) -> dict:
-    """This evaluation's line: when, with which options and ctscan, the members scored and the
-    headline test metrics."""
+    """This evaluation's line: when, with which options and ctscan, the members scored (trial id:
+    weight) and the headline test metrics."""
     return {
         "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "ctscan": package_versions()["ctscan"],
         "options": options,
-        "members": [m["trial_id"] for m in metrics["ensemble"]["members"]],
+        "members": {m["trial_id"]: m.get("weight", 1.0) for m in metrics["ensemble"]["members"]},
         "test": {name: m["value"] for name, m in metrics["test"]["metrics"].items()},
     }
 

@@ -68,18 +68,8 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: i
     binary_metrics' on each resample (tested). Resamples drawing a single class leave the AUCs
     undefined and are left out of those two; "resamples_dropped" says how many.
     """
-    slices = groups is None
-    groups = np.arange(len(y)) if slices else np.unique(groups, return_inverse=True)[1]
-    n_groups = groups.max() + 1
-    rng = np.random.default_rng(seed)
-    draws = rng.integers(0, n_groups, size=(resamples, n_groups))
-    # times[r, g]: how often resample r drew group g; a resample's sums are times @ group sums.
-    times = np.zeros((resamples, n_groups))
-    np.add.at(times, (np.arange(resamples)[:, None], draws), 1)
-
-    def total(values: np.ndarray) -> np.ndarray:
-        return times @ np.bincount(groups, values.astype(float), n_groups)
-
+    resampled = _Resamples(len(y), resamples, seed, groups)
+    total = resampled.total
     positive, predicted = y == 1, prob >= threshold
     tp, fp = total(predicted & positive), total(predicted & ~positive)
     fn, n = total(~predicted & positive), total(np.ones(len(y)))
@@ -96,13 +86,72 @@ def bootstrap_ci(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: i
             "brier": total((prob - y) ** 2) / n,
             "ece": gap / n,
         }
-    rows = draws if slices else _rows_of_groups(groups, draws)
-    both = [i for i in rows if 0 < y[i].sum() < len(i)]
+    both = resampled.both_classes(y)
     values["roc_auc"] = np.array([roc_auc_score(y[i], prob[i]) for i in both] or [np.nan])
     values["pr_auc"] = np.array([average_precision_score(y[i], prob[i]) for i in both]
                                 or [np.nan])
-    return {**{m: [float(v) for v in np.nanpercentile(values[m], [2.5, 97.5])]
-               for m in METRICS + CALIBRATION}, "resamples_dropped": resamples - len(both)}
+    return {**{m: _interval(values[m]) for m in METRICS + CALIBRATION},
+            "resamples_dropped": resamples - len(both)}
+
+
+# The differences a paired comparison reports: chosen minus compared.
+PAIRED = ("roc_auc", "accuracy", "brier")
+
+
+def paired_bootstrap(y: np.ndarray, prob_a: np.ndarray, threshold_a: float, prob_b: np.ndarray,
+                     threshold_b: float, resamples: int = 1000, seed: int = 0,
+                     groups: np.ndarray | None = None) -> dict:
+    """Model a minus model b on the same slices: {metric: {"value", "ci95"}} for PAIRED, and
+    "resamples_dropped". Both are scored on the same resamples (drawn as bootstrap_ci draws them
+    with this seed and groups), so the interval is that of the difference itself: narrower than
+    two separate intervals would suggest whenever the models err on the same slices."""
+    resampled = _Resamples(len(y), resamples, seed, groups)
+    n = resampled.total(np.ones(len(y)))
+
+    def correct(prob: np.ndarray, threshold: float) -> np.ndarray:
+        return (prob >= threshold) == (y == 1)
+
+    both = resampled.both_classes(y)
+    a_minus_b = {
+        "roc_auc": (roc_auc_score(y, prob_a) - roc_auc_score(y, prob_b),
+                    [roc_auc_score(y[i], prob_a[i]) - roc_auc_score(y[i], prob_b[i])
+                     for i in both] or [np.nan]),
+        "accuracy": (np.mean(correct(prob_a, threshold_a)) - np.mean(correct(prob_b, threshold_b)),
+                     resampled.total(correct(prob_a, threshold_a).astype(float)
+                                     - correct(prob_b, threshold_b)) / n),
+        "brier": (np.mean((prob_a - y) ** 2) - np.mean((prob_b - y) ** 2),
+                  resampled.total((prob_a - y) ** 2 - (prob_b - y) ** 2) / n),
+    }
+    return {**{m: {"value": float(value), "ci95": _interval(np.asarray(draws))}
+               for m, (value, draws) in a_minus_b.items()},
+            "resamples_dropped": resamples - len(both)}
+
+
+def _interval(values: np.ndarray) -> list[float]:
+    return [float(v) for v in np.nanpercentile(values, [2.5, 97.5])]
+
+
+class _Resamples:
+    """`resamples` seeded bootstrap draws of n rows, or of whole groups when `groups` is given;
+    the same seed and groups draw the same resamples, so two models can be scored on them."""
+
+    def __init__(self, n: int, resamples: int, seed: int, groups: np.ndarray | None):
+        self.slices = groups is None
+        self.groups = np.arange(n) if self.slices else np.unique(groups, return_inverse=True)[1]
+        n_groups = self.groups.max() + 1
+        self.draws = np.random.default_rng(seed).integers(0, n_groups, size=(resamples, n_groups))
+        # times[r, g]: how often resample r drew group g; a resample's sums are times @ sums.
+        self.times = np.zeros((resamples, n_groups))
+        np.add.at(self.times, (np.arange(resamples)[:, None], self.draws), 1)
+
+    def total(self, values: np.ndarray) -> np.ndarray:
+        """Each resample's sum of `values` (one per row)."""
+        return self.times @ np.bincount(self.groups, values.astype(float), self.times.shape[1])
+
+    def both_classes(self, y: np.ndarray) -> list[np.ndarray]:
+        """The rows of each resample that drew both classes (the AUCs need both)."""
+        rows = self.draws if self.slices else _rows_of_groups(self.groups, self.draws)
+        return [i for i in rows if 0 < y[i].sum() < len(i)]
 
 
 def _rows_of_groups(groups: np.ndarray, draws: np.ndarray) -> list[np.ndarray]:

@@ -34,10 +34,14 @@ def model_card(meta: dict) -> str:
         "## Model", "",
     ]
     if len(members) > 1:
-        lines.append(f"- The mean probability of {len(members)} networks, the best checkpoints "
-                     "of the search's top trials (how many was chosen on the validation split)")
+        lines.append(f"- The weighted mean probability of {len(members)} networks, the best "
+                     "checkpoints of the search's top trials, weighted by ensemble selection on "
+                     "the validation split")
     for m in members:
-        trial = f" (trial {m['trial_id']})" if "trial_id" in m else ""
+        trial = f" (trial {m['trial_id']}" if "trial_id" in m else ""
+        if len(members) > 1 and "weight" in m:
+            trial = f"{trial or ' ('}{', ' if trial else ''}weight {m['weight']:.2f}"
+        trial += ")" if trial else ""
         trained = f", trained in {m['precision']}" if m.get("precision") else ""
         lines.append(f"- Architecture{trial}: {m['arch']} (torchvision), 1-channel input, head "
                      f"{m['head']}, dropout {_fmt(m['dropout'])}, activation "

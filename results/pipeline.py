@@ -28,6 +28,7 @@ from results.plots import (
     plot_training_curves,
 )
 from results.report import write_report
+from results.report_html import write_report_html
 from tuning.config import make_config
 from tuning.monitor import log_report
 
@@ -88,6 +89,7 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
                 for t in trials if "error" in t]
     write_report(out / runfolder.REPORT, metrics, leaderboard, {k: f"{k}.png" for k in figures},
                  [str(p.relative_to(out)) for p in shown], failures)
+    write_report_html(out / runfolder.REPORT, out / runfolder.REPORT_HTML)
     # A run of the winner's report next to the trials' runs, named after the winning trial.
     log_report(out / f"winner_trial_{metrics['trial_id']}", figures, shown,
                (out / runfolder.REPORT).read_text(encoding="utf-8"))
@@ -137,4 +139,5 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
                         tuple(metrics["class_names"]), metrics["threshold"]["value"], extra,
                         [{"trial_id": m["trial_id"], "precision": m.get("precision")}
                          for m in chosen],
-                        metrics.get("temperature", 1.0), rule)
+                        metrics.get("temperature", 1.0), rule,
+                        [m.get("weight", 1.0) for m in chosen])

@@ -137,47 +137,115 @@ def _model_name(metrics: dict) -> str:
     members = metrics.get("ensemble", {}).get("members", [])
     calibrated = " with temperature scaling" if metrics.get("temperature", 1.0) != 1.0 else ""
     if len(members) > 1:
-        trials = ", ".join(m["trial_id"] for m in members)
-        return f"the ensemble of the top {len(members)} trials ({trials}){calibrated}"
+        return f"the weighted ensemble of {_members(members)}{calibrated}"
     arch = metrics.get("config", {}).get("arch")
     return (f"the model (trial {metrics['trial_id']}" + (f", {arch})" if arch else ")")
             + calibrated)
 
 
+def _members(members: list[dict]) -> str:
+    """"3 trials (a 0.60, b 0.25, c 0.15)": trial ids with their weights."""
+    weights = ", ".join(f"{m['trial_id']} {m.get('weight', 1 / len(members)):.2f}"
+                        for m in members)
+    return f"{len(members)} trials ({weights})"
+
+
+PAIRED_NAMES = {"roc_auc": "ROC AUC", "accuracy": "Accuracy", "brier": "Brier score"}
+
+
 def _exported(metrics: dict) -> list[str]:
-    """The single best trial and the best ensemble of the top trials side by side, both fixed on
-    val before the test split was read, and which of the two is exported."""
+    """How ensemble selection weighed the top trials, the exported model beside the one it is
+    compared with, and their paired test differences; all but the test columns fixed on val."""
     compared, ensemble = metrics.get("compared"), metrics.get("ensemble", {})
     if not compared:
         return []
-    k, aucs = ensemble["k"], ensemble["val_auc_by_k"]
-    chosen = {"k": k, "members": [m["trial_id"] for m in ensemble["members"]],
+    members = ensemble["members"]
+    chosen = {"k": len(members), "members": [m["trial_id"] for m in members],
+              "weights": [m.get("weight", 1.0) for m in members],
               "threshold": metrics["threshold"], "test": metrics["test"], "val": metrics["val"]}
-    single, averaged = (compared, chosen) if k > 1 else (chosen, compared)
-    why = (f"Averaging the probabilities of the best {averaged['k']} of the top "
-           f"{ensemble['candidates']} trials gave a validation AUC of "
-           f"{aucs[averaged['k'] - 1]:.3f}, against {aucs[0]:.3f} for the best trial alone; "
-           f"the higher is exported, the single trial on a tie. ")
-    if metrics.get("temperature", 1.0) != 1.0:
-        why += (f"The exported model's probabilities are calibrated by a temperature of "
-                f"{metrics['temperature']:.3g} fitted on the validation split, and the compared "
-                f"model's by one of its own ({compared.get('temperature', 1.0):.3g}). ")
+    losses, held_out = ensemble.get("val_log_loss", {}), ensemble.get("cross_fitted_log_loss")
+    selected = ", ".join(f"{t} {w:.2f}" for t, w in zip(ensemble["candidate_trials"],
+                                                      ensemble["ensemble_weights"], strict=True)
+                         if w > 0)
+    text = (f"Ensemble selection (Caruana et al. 2004: greedy forward selection with "
+            f"replacement over {ensemble.get('rounds', '?')} rounds, as auto-sklearn and "
+            f"AutoGluon use it) weighed the best checkpoints of the top {ensemble['candidates']} "
+            f"trials to minimise the log-loss of their mean probability on the validation "
+            f"split, a proper score that rewards probabilities that are right rather than only "
+            f"well ranked. It gave {selected} (log-loss {_num(losses.get('ensemble'), 4)}, "
+            f"against {_num(losses.get('single'), 4)} for the best trial alone). Weights chosen "
+            f"and judged on the same split flatter themselves, so they were also chosen on each "
+            f"half of the validation split and scored on the other")
+    if held_out:
+        text += (f": held-out log-loss {_num(held_out['ensemble'], 4)} against "
+                 f"{_num(held_out['single'], 4)}")
+    text += f". Outcome: {ensemble.get('why', 'n/a')}. "
+    if metrics.get("temperature", 1.0) != 1.0 or compared.get("temperature", 1.0) != 1.0:
+        text += (f"Probabilities are calibrated by a temperature fitted on the validation split: "
+                 f"{metrics.get('temperature', 1.0):.3g} for the exported model, "
+                 f"{compared.get('temperature', 1.0):.3g} for the compared one. ")
     if metrics.get("calibration_not_applied"):
-        why += (f"Calibration was asked for but not applied: "
-                f"{metrics['calibration_not_applied']}. ")
+        text += (f"Calibration was asked for but not applied: "
+                 f"{metrics['calibration_not_applied']}. ")
+    text += ("Both models, their weights, temperatures and thresholds were fixed on the "
+             "validation split before the test split was read; then both were scored on it, in "
+             "this one evaluation, and the choice between them was not revisited.")
     rows = []
-    for entry in (single, averaged):
+    for entry in (chosen, compared):
         m, c = entry["test"]["metrics"], entry["test"].get("calibration", {})
-        name = (f"best trial {entry['members'][0]}" if entry["k"] == 1
-                else f"ensemble of {entry['k']} ({', '.join(entry['members'])})")
+        weights = entry.get("weights") or [1.0] * entry["k"]
+        name = (f"best trial {entry['members'][0]}" if entry["k"] == 1 else
+                "ensemble of " + ", ".join(f"{t} ({w:.2f})"
+                                            for t, w in zip(entry["members"], weights,
+                                                            strict=True)))
         rows.append([f"**{name}** (exported)" if entry is chosen else name,
                      f"{entry['threshold']['value']:.3g}",
                      _num(entry["val"]["metrics"]["roc_auc"]["value"]), _with_ci(m["roc_auc"]),
                      _with_ci(m["accuracy"]), _num(c.get("brier", {}).get("value"))])
-    return ["## Single best trial and ensemble", "",
-            why + "Both were fixed on the validation split before either saw the test split.",
-            "", *_table(["Model", "Threshold", "Val AUC", "Test ROC AUC", "Test accuracy",
-                         "Test Brier"], rows)]
+    lines = ["## Exported model and the one it is compared with", "", text, "",
+             *_table(["Model (weights)", "Threshold", "Val AUC", "Test ROC AUC",
+                      "Test accuracy", "Test Brier"], rows)]
+    return lines + _paired(compared.get("paired"), metrics.get("bootstrap", {}))
+
+
+def _paired(paired: dict | None, boot: dict) -> list[str]:
+    """Exported minus compared, each difference with its paired bootstrap interval."""
+    if not paired:
+        return []
+    rows = [[PAIRED_NAMES[key], f"{paired[key]['value']:+.3f}", _ci(paired[key])]
+            for key in PAIRED_NAMES if key in paired]
+    return ["### Paired differences on the test split (exported − compared)", "",
+            f"Both models scored on the same {boot.get('resamples', '?')} bootstrap resamples of "
+            f"{_bootstrap_unit(boot)}, so each interval is that of the difference itself"
+            f"{_dropped(paired)}. An interval that contains 0 means this test split cannot tell "
+            f"the two apart; a lower Brier score is better.", "",
+            *_table(["Metric", "Difference", "95% CI"], rows)]
+
+
+def _exported_members(metrics: dict) -> list[str]:
+    """What was exported: each member's trial, weight and the settings that tell the members
+    apart, then the settings they share."""
+    members = metrics.get("ensemble", {}).get("members") or [
+        {"trial_id": metrics["trial_id"], "config": metrics.get("config", {}),
+         "checkpoint": metrics.get("checkpoint")}]
+    configs = [m.get("config") or {} for m in members]
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    differ = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1
+              or k in metrics.get("searched", {})]
+    shared = {k: configs[0][k] for k in keys if k not in differ and k in configs[0]}
+    rows = [[m["trial_id"], f"{m.get('weight', 1 / len(members)):.2f}",
+             m.get("precision") or "—", *(_cell(c.get(k)) for k in differ)]
+            for m, c in zip(members, configs, strict=True)]
+    lines = ["### Exported members", "",
+             "Each member's searched settings (and any other that differs between members); "
+             "the full config of each is in the export's `config.json`.", "",
+             *_table(["trial", "weight", "precision", *differ], rows)]
+    if shared:
+        lines += ["Settings every member shares:", "", "```yaml",
+                  yaml.safe_dump(shared, sort_keys=False, default_flow_style=None).rstrip(),
+                  "```", ""]
+    lines += ["Checkpoints: " + ", ".join(f"`{m.get('checkpoint', 'n/a')}`" for m in members), ""]
+    return lines
 
 
 def _negative(metrics: dict) -> str:
@@ -331,8 +399,9 @@ def _evaluations(evaluations: dict | None) -> list[str]:
         return []
     count, earlier = evaluations["count"], evaluations["earlier"]
     if count == 1:
-        return ["This is the first evaluation of this run's test split "
-                "(`results/evaluations.jsonl` records every one).", ""]
+        return ["**The test split of this run has been scored 1 time**, by this evaluation: the "
+                "first, and the one to report (`results/evaluations.jsonl` records every one).",
+                ""]
     looks = "; ".join(f"{e['time']} with `{describe_options(e['options'])}`" for e in earlier)
     return [f"**The test split of this run has been scored {count} times**; this report is "
             f"evaluation {count}. Earlier: {looks} (`results/evaluations.jsonl`). The first "
@@ -360,19 +429,20 @@ def _search(metrics: dict, leaderboard: list[dict], plots: dict[str, str]) -> li
                   ""]
         lines += _figure(plots, "hparams", "Searched hyperparameters vs best validation AUC")
     lines += _leaderboard(leaderboard, metrics["trial_id"])
-    config = metrics.get("config")
-    if config:
-        lines += ["### Winning configuration", "", "```yaml",
-                  yaml.safe_dump(config, sort_keys=False, default_flow_style=None).rstrip(),
-                  "```", "", f"Checkpoint: `{metrics.get('checkpoint', 'n/a')}`", ""]
-    return lines
+    return lines + _exported_members(metrics)
 
 
 def _search_extent(search: dict) -> list[str]:
     if not search:
         return []
     text = (f"The search ran {search['trials']} trials; {search['trials_stopped_early']} were "
-            f"stopped early and {search['errored_trials']} failed.")
+            "stopped early by ASHA")
+    # Absent from the best.json of searches run before ctscan told these trials apart.
+    ended = search.get("trials_ended_by_budget")
+    if ended:
+        text += (f", {ended} {'was' if ended == 1 else 'were'} still running when the time "
+                 "budget ended the search,")
+    text += f" and {search['errored_trials']} failed."
     if search.get("budget_reached"):
         text += (f" **Its time budget ({search['time_budget_s']:.0f} s) was reached:** the "
                  "search ended on time, not because every planned trial had run.")
@@ -392,8 +462,15 @@ def _leaderboard(leaderboard: list[dict], winner: str) -> list[str]:
         rows.append([rank, trial, _num(row.get("val_auc"), 4), _cell(row.get("epochs")),
                      _cell(row.get("status"))] + [_cell(row.get(k)) for k in searched])
     shown = min(len(leaderboard), LEADERBOARD_ROWS)
+    # The statuses that say who ended a trial, explained for those in the table.
+    meanings = {"stopped early": "were cut by ASHA for trailing the others",
+                "budget": "were still running when the time budget ended the search: cut by "
+                          "the clock, never judged worse"}
+    statuses = {row.get("status") for row in leaderboard[:LEADERBOARD_ROWS]}
+    legend = "; ".join(f"\"{status}\" trials {meaning}" for status, meaning in meanings.items()
+                       if status in statuses)
     return ([f"### Leaderboard (top {shown} of {len(leaderboard)} trials, by validation AUC)", "",
-             "\"stopped early\" trials were cut by ASHA for trailing the others.", ""]
+             *([f"{legend}.", ""] if legend else [])]
             + _table(["#", "trial", "val AUC", "epochs", "status", *searched], rows))
 
 

@@ -9,6 +9,7 @@ from data_utils.augment import (
     AugmentRanges,
     affine_matrices,
     augment_batch,
+    batch_sizes,
     random_matrices,
     train_batches,
     warp,
@@ -235,6 +236,17 @@ def test_train_batches_cover_each_index_once(device, strength):
         seen += index.tolist()
     assert sorted(seen) == list(range(45))
     assert seen != list(range(45))  # shuffled
+
+
+def test_a_last_batch_of_one_joins_the_batch_before_so_no_image_is_left_out():
+    assert batch_sizes(41, 20) == [20, 21] and batch_sizes(40, 20) == [20, 20]
+    assert batch_sizes(3, 2) == [3] and batch_sizes(2, 4) == [2]
+    images, labels = numbered_dataset(41)
+    gen = torch.Generator().manual_seed(0)
+    batches = list(train_batches(images, labels, 20, 0.0, NORM_MEAN, NORM_STD, gen))
+    assert [len(x) for x, _ in batches] == [20, 21]
+    seen = torch.cat([pixel_value(x).round().long() for x, _ in batches])
+    assert sorted(seen.tolist()) == list(range(41))
 
 
 def test_train_batches_normalisation_and_air():

@@ -154,6 +154,11 @@ def test_a_time_budget_ends_the_search_which_is_still_scored(tmp_path, capsys):
     assert 1 <= best["trials"] < 200
     assert json.loads((runs / "b" / "search.json").read_text())["search_space"] == str(CPU_SPACE)
     trials = json.loads((runs / "b" / "trials.json").read_text())
+    # Ray's own record of which trials the clock cut: 30 epochs do not fit in 20 s.
+    budget = [t for t in trials if t["status"] == "budget"]
+    assert 1 <= best["trials_ended_by_budget"] == len(budget)
+    assert f"{len(budget)} still running when the time budget ended" in out
+    assert "report.html: " in out and "exported: the " in out
     first = min(trials, key=lambda t: t["number"])["params"]
     assert (first["arch"], first["optimizer"], first["lr"], first["batch_size"]) == (
         "resnet18", "adamw", 1e-3, 32)

@@ -1,12 +1,15 @@
 import numpy as np
 import pytest
+from sklearn.metrics import roc_auc_score
 
 from results.metrics import (
     CALIBRATION,
     METRICS,
+    PAIRED,
     binary_metrics,
     bootstrap_ci,
     calibration,
+    paired_bootstrap,
     score,
     youden_threshold,
 )
@@ -114,3 +117,27 @@ def test_resamples_that_draw_one_class_are_counted():
     draws = np.random.default_rng(0).integers(0, 10, size=(200, 10))
     expected = sum(1 for d in draws if y[d].sum() in (0, len(d)))
     assert got["resamples_dropped"] == expected and 40 < expected < 100
+
+
+def test_paired_bootstrap_scores_both_models_on_the_same_resamples():
+    """A toy case checked resample by resample: the interval of the difference is that of the
+    per-resample differences, both models scored on each resample that bootstrap_ci draws."""
+    y = np.array([0, 0, 0, 0, 1, 1, 1, 1, 0, 1])
+    a = np.array([0.1, 0.2, 0.3, 0.6, 0.7, 0.8, 0.9, 0.4, 0.2, 0.9])
+    b = np.array([0.4, 0.5, 0.6, 0.5, 0.5, 0.6, 0.7, 0.3, 0.6, 0.5])
+    paired = paired_bootstrap(y, a, 0.5, b, 0.55, resamples=200, seed=3)
+    draws = np.random.default_rng(3).integers(0, len(y), size=(200, len(y)))
+    accuracy, brier, auc = [], [], []
+    for i in draws:
+        accuracy.append(np.mean((a[i] >= 0.5) == y[i]) - np.mean((b[i] >= 0.55) == y[i]))
+        brier.append(np.mean((a[i] - y[i]) ** 2) - np.mean((b[i] - y[i]) ** 2))
+        if 0 < y[i].sum() < len(i):
+            auc.append(roc_auc_score(y[i], a[i]) - roc_auc_score(y[i], b[i]))
+    for name, values in (("accuracy", accuracy), ("brier", brier), ("roc_auc", auc)):
+        assert paired[name]["ci95"] == pytest.approx(np.percentile(values, [2.5, 97.5])), name
+    assert paired["accuracy"]["value"] == pytest.approx(0.8 - 0.5)  # 2 and 5 wrong
+    assert paired["roc_auc"]["value"] == pytest.approx(roc_auc_score(y, a) - roc_auc_score(y, b))
+    assert paired["resamples_dropped"] == 200 - len(auc)
+    # A model against itself differs by exactly 0 on every resample, groups or not.
+    same = paired_bootstrap(y, a, 0.5, a, 0.5, 100, 0, groups=np.arange(10) // 2)
+    assert all(same[m]["value"] == 0 and same[m]["ci95"] == [0, 0] for m in PAIRED)

@@ -1,34 +1,87 @@
-"""What evaluation chooses on val: how many trials to average, and the temperature."""
+"""What evaluation chooses on val: the ensemble weights (and whether to take them), and the
+temperature."""
 
 import numpy as np
 import pytest
 import torch
+from scipy.special import expit
 from sklearn.metrics import log_loss
 
 from ctmodels import Ensemble
-from results.evaluate import choose_ensemble, combine, fit_temperature
+from results.evaluate import (
+    caruana_weights,
+    choose_ensemble,
+    combine,
+    fit_temperature,
+    val_halves,
+)
 from tuning.records import SearchOptions
 
 
-def test_the_ensemble_size_with_the_best_val_auc_is_chosen_and_ties_go_to_fewer():
-    y = np.array([0, 0, 0, 1, 1, 1])
-    best = np.array([0.1, 0.2, 0.6, 0.5, 0.7, 0.9])  # one pair out of order: AUC 8/9
-    fixer = np.array([0.1, 0.1, 0.1, 0.9, 0.9, 0.9])  # averaged in, all pairs in order
-    worse = np.array([0.9, 0.9, 0.9, 0.1, 0.1, 0.1])
-    k, aucs = choose_ensemble(y, [best, fixer, worse])
-    assert k == 2 and aucs[0] == pytest.approx(8 / 9) and aucs[1] == 1.0
-    k, aucs = choose_ensemble(y, [fixer, best])  # 1.0 alone and 1.0 averaged: a tie
-    assert k == 1 and aucs == [1.0, 1.0]
+def test_caruana_selection_on_a_hand_made_case():
+    """y = (1, 0). a is sure of the positive and unsure of the negative, b the other way round,
+    c is wrong on both. Round 1 ties a and b (log-loss (ln 1/0.99 + ln 2) / 2 each) and takes
+    a, the better-ranked; round 2 adds b, whose half share gives (0.745, 0.255), log-loss
+    -ln 0.745; no later bag beats it, so the kept weights are 1/2, 1/2, 0."""
+    y = np.array([1, 0])
+    a, b, c = np.array([0.99, 0.5]), np.array([0.5, 0.01]), np.array([0.3, 0.7])
+    weights, loss = caruana_weights(y, [a, b, c])
+    assert weights.tolist() == [0.5, 0.5, 0.0]
+    assert loss == pytest.approx(-np.log(0.745))
+    assert caruana_weights(y, [c, a])[0].tolist() == [0.0, 1.0]  # never a worse member
+
+
+def _members(n: int, noise: list[float], seed: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Labels drawn from a true logit, and members that see it through their own noise (None:
+    a member that sees only noise)."""
+    rng = np.random.default_rng(seed)
+    truth = rng.normal(0, 2, n)
+    y = (rng.random(n) < expit(truth)).astype(int)
+    return y, [expit(truth + rng.normal(0, sd, n)) if sd is not None
+               else expit(rng.normal(0, 1, n)) for sd in noise]
+
+
+def test_an_ensemble_of_independent_members_is_taken_and_one_of_noise_is_not():
+    y, members = _members(400, [1.5, 1.5, 1.5], seed=0)
+    choice = choose_ensemble(y, members)
+    assert choice["chosen"] == "ensemble" and min(choice["weights"]) > 0
+    held_out = choice["cross_fitted_log_loss"]
+    assert held_out["ensemble"] < held_out["single"] == choice["val_log_loss"]["single"]
+    assert choice["weights"] == choice["ensemble_weights"]
+
+    # On a small val split, selection adds members that only fit its noise; on held-out halves
+    # they do not help, and the best trial alone is kept.
+    y, members = _members(40, [1.0, None, None, None, None], seed=3)
+    choice = choose_ensemble(y, members)
+    assert choice["ensemble_weights"][0] < 1  # in-sample, the noise looked useful
+    assert choice["val_log_loss"]["ensemble"] < choice["val_log_loss"]["single"]
+    assert choice["chosen"] == "single" and choice["weights"] == [1.0, 0, 0, 0, 0]
+    assert choice["cross_fitted_log_loss"]["ensemble"] >= choice["val_log_loss"]["single"]
+
+
+def test_val_halves_keep_groups_whole_and_both_classes_in_each():
+    groups = np.repeat(np.arange(20), 3)
+    y = (groups % 2).astype(int)
+    first, second = val_halves(y, groups)
+    assert len(first) + len(second) == 60
+    assert not set(groups[first]) & set(groups[second])
+    assert set(y[first]) == set(y[second]) == {0, 1}
+    assert val_halves(np.array([0, 1, 1]), np.array([0, 1, 2])) is None  # one negative only
+    # Cannot be checked: the single best trial is kept.
+    choice = choose_ensemble(np.array([0, 1, 1]), [np.array([0.6, 0.4, 0.9]),
+                                                    np.array([0.1, 0.9, 0.5])])
+    assert choice["chosen"] == "single" and "too small" in choice["why"]
 
 
 def test_temperature_softens_overconfident_probabilities_and_lowers_the_log_loss():
     rng = np.random.default_rng(0)
     y = rng.integers(0, 2, 400)
     honest = np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25, 400), 0.01, 0.99)
-    overconfident = combine([honest], 1 / 3)  # logits tripled
+    overconfident = combine([honest], [1], 1 / 3)  # logits tripled
     temperature, why = fit_temperature(y, overconfident)
     assert temperature > 1.5 and why is None
-    assert log_loss(y, combine([overconfident], temperature)) < log_loss(y, overconfident)
+    assert log_loss(y, combine([overconfident], [1], temperature)) < log_loss(
+        y, overconfident)
     assert fit_temperature(y, honest)[0] == pytest.approx(1.0, abs=0.35)
 
 
@@ -49,9 +102,10 @@ def test_combine_computes_what_the_exported_ensemble_outputs():
     x = torch.randn(5, 4)
     with torch.no_grad():
         probs = [torch.sigmoid(m(x)).squeeze(1).numpy() for m in members]
-        exported = torch.sigmoid(Ensemble(members, 1.7)(x)).squeeze(1).numpy()
-    np.testing.assert_allclose(combine(probs, 1.7), exported, atol=1e-6)
-    assert combine(probs[:1]) is probs[0]  # one member, uncalibrated: its own probabilities
+        exported = torch.sigmoid(Ensemble(members, 1.7, [0.7, 0.3])(x)).squeeze(1).numpy()
+    np.testing.assert_allclose(combine(probs, [0.7, 0.3], 1.7), exported, atol=1e-6)
+    assert combine(probs[:1], [1.0]) is probs[0]  # one member, uncalibrated: its own
+    assert combine([probs[0], None], [1.0, 0.0]) is probs[0]  # weight 0: never computed
 
 
 def test_candidates_are_the_best_trial_then_the_next_best_whose_checkpoint_is_there(tmp_path):
@@ -90,16 +144,18 @@ def test_the_compared_model_is_calibrated_as_the_chosen_one(monkeypatch):
     rng = np.random.default_rng(1)
     y = rng.integers(0, 2, 400)
     honest = np.clip(0.5 + (y - 0.5) * 0.3 + rng.normal(0, 0.3, 400), 0.01, 0.99)
-    members = {"a": combine([honest], 1 / 3), "b": combine([honest[::-1]], 1 / 2)}
+    members = {"a": combine([honest], [1], 1 / 3), "b": combine([honest[::-1]], [1], 1 / 2)}
     monkeypatch.setattr(evaluate_module, "_proba", lambda member, ds, rows: members[member][rows])
     rows = np.arange(400)
     val, test = rows[:200], rows[200:]
     scored = evaluate_module.val_then_test(["a", "b"], types.SimpleNamespace(labels=y), val,
                                            test, calibrate=True)
-    assert scored["k"] == 1 and scored["temperature"] > 1.5  # "a" alone, overconfident
     compared = scored["compared"]
-    assert compared["k"] == 2 and compared["temperature"] != 1.0
-    expected, _ = fit_temperature(y[val], combine([members["a"][val], members["b"][val]]))
+    assert scored["temperature"] != 1.0 and compared["temperature"] != 1.0
+    assert {scored["k"], compared["k"]} == {1, 2}  # the ensemble beside the best trial
+    weights = compared["weights"]
+    expected, _ = fit_temperature(y[val], combine([members["a"][val], members["b"][val]],
+                                                  weights))
     assert compared["temperature"] == expected
     np.testing.assert_allclose(compared["prob_test"], combine(
-        [members["a"][test], members["b"][test]], expected))
+        [members["a"][test], members["b"][test]], weights, expected))

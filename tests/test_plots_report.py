@@ -222,19 +222,48 @@ def test_report_shows_calibration_and_which_unit_the_intervals_resampled(tmp_pat
     assert "(7 resamples drew one class only and are left out of the AUCs' intervals)" in text
 
 
-def test_report_puts_single_best_and_ensemble_side_by_side_and_says_which_is_exported(tmp_path):
+def test_report_sets_the_exported_ensemble_beside_the_best_trial_with_paired_differences(
+        tmp_path):
     metrics = copy.deepcopy(METRICS)
-    metrics["ensemble"] = {"k": 1, "candidates": 3, "val_auc_by_k": [0.92, 0.92, 0.9],
-                           "members": [{"trial_id": "a1b2c3"}]}
-    metrics["compared"] = {"k": 2, "members": ["a1b2c3", "t01"],
+    config = {"arch": "resnet50", "lr": 0.0003, "epochs": 30}
+    metrics["searched"] = {"arch": {"choice": ["resnet18", "resnet50"]}}
+    metrics["ensemble"] = {
+        "k": 2, "candidates": 3, "rounds": 20, "candidate_trials": ["a1b2c3", "t01", "t02"],
+        "ensemble_weights": [0.65, 0.35, 0.0], "chosen": "ensemble",
+        "val_log_loss": {"ensemble": 0.2012, "single": 0.2345},
+        "cross_fitted_log_loss": {"ensemble": 0.2101, "single": 0.2345},
+        "why": "selected on one half ... so the ensemble is kept",
+        "members": [{"trial_id": "a1b2c3", "weight": 0.65, "precision": "bf16",
+                     "checkpoint": "trial_a/checkpoint_000004/best.pt", "config": config},
+                    {"trial_id": "t01", "weight": 0.35, "precision": "bf16",
+                     "checkpoint": "trial_b/checkpoint_000002/best.pt",
+                     "config": {**config, "arch": "resnet18", "lr": 0.001}}]}
+    metrics["bootstrap"] = {"resamples": 1000, "seed": 0, "unit": "duplicates", "test_groups": 90}
+    metrics["compared"] = {"k": 1, "members": ["a1b2c3"], "weights": [1.0],
                            "threshold": {"method": "youden", "value": 0.37},
-                           "test": {"metrics": {"roc_auc": _metric(0.93, 0.9, 0.96),
-                                                "accuracy": _metric(0.85, 0.8, 0.9)}},
-                           "val": {"metrics": {"roc_auc": _metric(0.92, 0.9, 0.94)}}}
+                           "test": {"metrics": {"roc_auc": _metric(0.88, 0.84, 0.92),
+                                                "accuracy": _metric(0.79, 0.74, 0.84)},
+                                    "calibration": {"brier": {"value": 0.15}}},
+                           "val": {"metrics": {"roc_auc": _metric(0.91, 0.9, 0.94)}},
+                           "paired": {"roc_auc": _metric(0.02, -0.004, 0.041),
+                                      "accuracy": _metric(0.03, 0.0, 0.06),
+                                      "brier": _metric(-0.011, -0.02, -0.003),
+                                      "resamples_dropped": 0}}
     write_report(tmp_path / "report.md", metrics, LEADERBOARD, PLOTS)
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
-    section = text[text.index("## Single best trial and ensemble"):text.index("## Test results")]
-    assert "best 2 of the top 3 trials gave a validation AUC of 0.920, against 0.920" in section
-    assert "| **best trial a1b2c3** (exported) | 0.42 | 0.920 | 0.900 (95% CI 0.860–0.940) |" \
-        in section
-    assert "| ensemble of 2 (a1b2c3, t01) | 0.37 | 0.920 | 0.930 (95% CI 0.900–0.960) |" in section
+    section = text[text.index("## Exported model and the one it is compared"):
+                   text.index("## Test results")]
+    assert "It gave a1b2c3 0.65, t01 0.35 (log-loss 0.2012, against 0.2345" in section
+    assert "held-out log-loss 0.2101 against 0.2345" in section
+    assert ("| **ensemble of a1b2c3 (0.65), t01 (0.35)** (exported) | 0.42 | 0.920 | "
+            "0.900 (95% CI 0.860–0.940) |") in section
+    assert "| best trial a1b2c3 | 0.37 | 0.910 | 0.880 (95% CI 0.840–0.920) |" in section
+    assert "| ROC AUC | +0.020 | -0.004–0.041 |" in section
+    assert "| Brier score | -0.011 | -0.020–-0.003 |" in section
+    assert "same 1000 bootstrap resamples" in section
+    assert "the weighted ensemble of 2 trials (a1b2c3 0.65, t01 0.35)" in text  # the summary
+    members = text[text.index("### Exported members"):]
+    assert "| trial | weight | precision | arch | lr |" in members  # searched or differing
+    assert "| t01 | 0.35 | bf16 | resnet18 | 1.0e-03 |" in members
+    assert "epochs: 30" in members  # shared, once
+    assert "Winning configuration" not in text

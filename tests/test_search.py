@@ -35,6 +35,7 @@ from tuning.space import (
     startup_trials,
 )
 from tuning.train import trial_data
+from tuning.trial_tensorboard import EXPERIMENT_EVENTS
 
 TINY_SPACE = """
 arch: resnet18
@@ -175,6 +176,7 @@ def test_search_finds_a_best_trial_and_writes_best_json(demo_search):
     on_disk = json.loads((Path(options.run_dir) / "best.json").read_text())
     assert on_disk == best
     assert best["trials"] == 6 and best["errored_trials"] == 0
+    assert best["trials_ended_by_budget"] == 0  # no time budget
     assert 0.5 < best["val_metrics"]["val_auc"] <= 1
     assert best["config"]["image_size"] == 32 and best["config"]["head"] in ([], [16])
     assert not Path(best["checkpoint"]).is_absolute()  # the run folder can be moved
@@ -240,13 +242,16 @@ def test_trials_never_saw_the_test_split(demo_search):
 def test_tensorboard_shows_what_matters_per_trial_and_how_each_ended(demo_search):
     options, best, *_ = demo_search
     run = Path(options.run_dir)
+    # Declared once, before the first trial, under a name a resumed search finds.
+    assert [p.name for p in run.glob("*tfevents*")] == [EXPERIMENT_EVENTS]
     experiment = hparams_data(read_events(run), metadata.EXPERIMENT_TAG).experiment
     assert [h.name for h in experiment.hparam_infos] == ["head", "lr", "aug_strength"]
     assert experiment.metric_infos[0].name.tag == "best_val_auc"
     trials = json.loads((run / "trials.json").read_text())
     folders = [run / f"trial_{t['number']:03d}-resnet18-{t['trial_id']}" for t in trials]
     assert sorted(folders) == sorted(run.glob("trial_*"))
-    ended = {"completed": api_pb2.STATUS_SUCCESS, "stopped early": api_pb2.STATUS_UNKNOWN}
+    ended = {"completed": api_pb2.STATUS_SUCCESS, "stopped early": api_pb2.STATUS_UNKNOWN,
+             "budget": api_pb2.STATUS_RUNNING, "error": api_pb2.STATUS_FAILURE}
     for trial, folder in zip(trials, folders, strict=True):
         events = read_events(folder)
         assert sorted(events.Tags()["scalars"]) == sorted(SCALARS)  # no Ray bookkeeping
@@ -259,6 +264,10 @@ def test_tensorboard_shows_what_matters_per_trial_and_how_each_ended(demo_search
         assert set(start.hparams) == {"head", "lr", "aug_strength"}
         end = hparams_data(events, metadata.SESSION_END_INFO_TAG).session_end_info
         assert end.status == ended[trial["status"]]
+        [config] = events.Tensors("config/text_summary")
+        config = config.tensor_proto.string_val[0].decode()
+        assert "momentum" not in config  # AdamW's trials
+        assert f"    lr: {trial['params']['lr']:.4g}" in config.splitlines()
     winner = read_events(next(run.glob(f"trial_*-{best['trial_id']}")))
     assert winner.Scalars("best_val_auc")[-1].value == pytest.approx(
         best["val_metrics"]["val_auc"])
@@ -324,7 +333,8 @@ def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns
     run = tmp_path / "run"
     shutil.copytree(options.run_dir, run, ignore=shutil.ignore_patterns("results", "export"))
     report_run(str(run), resamples=100, gradcams=0, ensemble=2)
-    assert "first evaluation of this run's test split" in (run / "results/report.md").read_text()
+    assert "has been scored 1 time**, by this evaluation: the first" in (
+        run / "results/report.md").read_text()
     capsys.readouterr()
     print_results(str(run), report_run(str(run), resamples=100, gradcams=0, ensemble=1))
     err = capsys.readouterr().err
@@ -333,7 +343,7 @@ def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns
     ledger = [json.loads(line) for line in
               (run / "results/evaluations.jsonl").read_text().splitlines()]
     assert [e["options"]["ensemble"] for e in ledger] == [2, 1]
-    assert ledger[1]["members"] == [json.loads((run / "best.json").read_text())["trial_id"]]
+    assert ledger[1]["members"] == {json.loads((run / "best.json").read_text())["trial_id"]: 1.0}
     metrics = json.loads((run / "results/metrics.json").read_text())
     assert ledger[1]["test"]["roc_auc"] == metrics["test"]["metrics"]["roc_auc"]["value"]
     assert metrics["evaluations"]["count"] == 2
@@ -366,6 +376,11 @@ def test_evaluation_writes_metrics_plots_report_and_export(demo_search, evaluate
                                            "hparams")} < set(winner.Tags()["images"])
     assert any(tag.startswith("gradcam/") for tag in winner.Tags()["images"])
     assert winner.Tags()["tensors"] == ["report/text_summary"]
+    [text] = winner.Tensors("report/text_summary")
+    text = text.tensor_proto.string_val[0].decode()
+    # Relative image links 404 in TensorBoard, headings have no anchors: neither is left.
+    assert "![" not in text and "](#" not in text
+    assert "Images tab, tag `results/roc`" in text
 
 
 def test_predict_on_the_test_files_reproduces_evaluate(demo_search, evaluated):
@@ -381,10 +396,29 @@ def test_predict_on_the_test_files_reproduces_evaluate(demo_search, evaluated):
         assert row["prob"] == pytest.approx(evaluated_probs[rel], abs=1e-6)
 
 
+def test_an_exported_weighted_ensemble_reproduces_the_evaluated_probabilities(
+        demo_search, tmp_path, monkeypatch):
+    """Whatever weights evaluation settles on, predict with the exported files gives the
+    probabilities it scored: here two trials weighted 0.7 and 0.3."""
+    from results.pipeline import export_run
+
+    options, *_ = demo_search
+    real = evaluate_module.choose_ensemble
+    monkeypatch.setattr(evaluate_module, "choose_ensemble", lambda *a: {
+        **real(*a), "weights": [0.7, 0.3], "chosen": "ensemble"})
+    metrics, arrays = evaluate_module.evaluate_run(options.run_dir, resamples=10, ensemble=2)
+    assert [m["weight"] for m in metrics["ensemble"]["members"]] == [0.7, 0.3]
+    export_run(options.run_dir, tmp_path / "export", metrics, arrays["members"])
+    root = Path(options.data)
+    rows = predict_paths(tmp_path / "export", [root / p for p in arrays["test_paths"]],
+                         progress=False)
+    np.testing.assert_allclose([r["prob"] for r in rows], arrays["prob_test"], atol=1e-6)
+
+
 def test_ensemble_and_threshold_are_chosen_on_val_before_test_is_touched(demo_search,
                                                                           monkeypatch):
-    """Every choice (how many trials to average, the thresholds) sees val only, and the test
-    images are predicted only after all of them, for the chosen model and the single best."""
+    """Every choice (the ensemble weights, the thresholds) sees val only, and the test images are
+    predicted only after all of them, for the chosen model and the one it is compared with."""
     options, _, ds, split, _ = demo_search
     events = []
     real_predict = evaluate_module.predict_proba
@@ -410,8 +444,10 @@ def test_ensemble_and_threshold_are_chosen_on_val_before_test_is_touched(demo_se
     candidates = metrics["ensemble"]["candidates"]
     assert candidates >= 2  # the search kept several trials' checkpoints: a real choice
     assert kinds[:first_test] == ["val"] * candidates + ["choose"] * 3
-    # The chosen model's members and those of the one it is compared with, once each.
-    assert kinds[first_test:] == ["test"] * max(metrics["ensemble"]["k"], metrics["compared"]["k"])
+    # The members of the chosen model and of the one it is compared with, once each.
+    used = {m["trial_id"] for m in metrics["ensemble"]["members"]} | set(
+        metrics["compared"]["members"])
+    assert kinds[first_test:] == ["test"] * len(used)
 
 
 def test_a_changed_test_file_stops_evaluation_naming_it(demo_search):

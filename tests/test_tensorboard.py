@@ -1,18 +1,21 @@
 """What TensorBoard shows, read back with TensorBoard's own loading code.
 
 A search's runs are checked on tests/test_search.py's search (`test_tensorboard_*` there), which
-runs anyway; these tests need no search.
+runs anyway; these tests need no search: the search's callback is driven here as Ray drives it.
 """
 
 import os
+import re
 import signal
 import urllib.request
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 from helpers import hparams_data, read_events
 from matplotlib.figure import Figure
 from PIL import Image
+from tensorboard import plugin_util
 from tensorboard.plugins.hparams import api_pb2, metadata
 from torch.utils.tensorboard import SummaryWriter
 
@@ -22,11 +25,14 @@ from tuning.monitor import (
     declare_search,
     end_session,
     log_report,
+    open_run,
     start_session,
     start_tensorboard,
     tensorboard_reporter,
 )
+from tuning.records import SearchOptions
 from tuning.space import load_space
+from tuning.trial_tensorboard import EXPERIMENT_EVENTS, TrialTensorBoard, declare_search_once
 
 # Integers (batch_size), lists (head), ranges that differ by branch (lr), a key only one branch
 # searches (momentum).
@@ -88,16 +94,127 @@ def test_train_logs_only_the_scalars_a_trial_logs(tmp_path):
     assert tags["images"] == ["training_inputs_augmented"]
 
 
-def test_the_report_run_has_figures_gradcams_and_the_report_text(tmp_path):
-    overlay = tmp_path / "slice_gradcam.png"
+def _text(events, tag: str) -> str:
+    """A text summary as the Text tab gets it: the markdown, and the HTML it renders it to."""
+    [event] = events.Tensors(f"{tag}/text_summary")
+    text = event.tensor_proto.string_val[0].decode()
+    return text, plugin_util.markdown_to_safe_html(text)
+
+
+def test_the_report_run_has_figures_gradcams_and_a_report_text_without_broken_links(tmp_path):
+    overlay = tmp_path / "Covid (1)_gradcam.png"
     Image.fromarray(np.zeros((20, 30, 3), np.uint8)).save(overlay)
     fig = Figure()
     fig.add_subplot().plot([0, 1])
-    log_report(tmp_path / "run", {"roc": fig}, [overlay], "# Report\n")
+    report = ("# Report\n\nSee [Limitations](#limitations).\n\n![ROC curve](roc.png)\n\n"
+              "![Grad-CAM of Covid (1)](gradcam/Covid%20%281%29_gradcam.png)\n\n"
+              "![Some plot](other.png)\n\n## Limitations\n")
+    log_report(tmp_path / "run", {"roc": fig}, [overlay], report)
     events = read_events(tmp_path / "run")
-    assert sorted(events.Tags()["images"]) == ["gradcam/slice_gradcam", "results/roc"]
-    assert events.Images("gradcam/slice_gradcam")[0].width == 30
+    assert sorted(events.Tags()["images"]) == ["gradcam/Covid (1)_gradcam", "results/roc"]
+    assert events.Images("gradcam/Covid (1)_gradcam")[0].width == 30
     assert events.Tags()["tensors"] == ["report/text_summary"]
+    text, html = _text(events, "report")
+    # Relative links 404 in TensorBoard and headings have no ids there: no <img>, no #anchor.
+    assert "<img" not in html and 'href="#' not in html and "<a" not in html
+    assert "See Limitations." in text
+    assert "*ROC curve: Images tab, tag `results/roc`.*" in text
+    assert "*Grad-CAM of Covid (1): Images tab, tag `gradcam/Covid (1)_gradcam`.*" in text
+    assert "*Some plot: `other.png`, beside report.md.*" in text
+
+
+def test_the_config_text_is_short_and_holds_only_the_keys_that_apply(tmp_path):
+    images = torch.randint(0, 256, (8, 32, 32), dtype=torch.uint8)
+    adamw = make_config({"image_size": 32, "lr": 0.0012345678901234567, "lr_schedule": "constant"})
+    sgd = make_config({"image_size": 32, "optimizer": "sgd", "momentum": 0.876543210987654})
+    for name, config in (("adamw", adamw), ("sgd", sgd)):
+        open_run(tmp_path / name, config, images, torch.arange(8) % 2).close()
+    adamw_text, adamw_html = _text(read_events(tmp_path / "adamw"), "config")
+    sgd_text, _ = _text(read_events(tmp_path / "sgd"), "config")
+    assert "<pre><code>" in adamw_html  # one code block
+    assert "    lr: 0.001235" in adamw_text.splitlines()
+    assert "momentum" not in adamw_text and "warmup_epochs" not in adamw_text
+    assert "    momentum: 0.8765" in sgd_text.splitlines() and "warmup_epochs: 1" in sgd_text
+    assert "freeze_backbone_epochs" not in sgd_text  # random weights: always 0
+    numbers = re.findall(r"\d[\d.]*", adamw_text + sgd_text)
+    assert max(len(n.replace(".", "").lstrip("0")) for n in numbers) == 4  # 0.001235
+
+
+class FakeTrial(SimpleNamespace):
+    """What TrialTensorBoard reads of a Ray Trial."""
+
+    def __init__(self, root, trial_id: str, lr: float):
+        super().__init__(trial_id=trial_id, local_path=str(root / f"trial_{trial_id}"),
+                         config={"lr": lr, "batch_size": 64}, status="RUNNING", last_result={})
+
+
+def test_every_session_of_a_search_ends_with_how_its_trial_ended(tmp_path):
+    """The callback driven as Ray's TuneController drives it: the trials ASHA stops and those
+    that end by themselves go through on_trial_complete, a failed one through on_trial_error;
+    the time budget marks the running ones TERMINATED and calls nothing but on_step_end."""
+    (tmp_path / "space.yaml").write_text(SPACE)
+    space = load_space(tmp_path / "space.yaml")
+    options = SearchOptions(data="unused", base_config={"image_size": 32})
+    data = SimpleNamespace(train_images=np.zeros((8, 32, 32), np.uint8),
+                           train_labels=np.arange(8) % 2)
+    callback = TrialTensorBoard(space, options, data)
+    trials = [FakeTrial(tmp_path, name, lr) for name, lr in
+              [("completed", 1e-3), ("stopped", 2e-3), ("failed", 3e-3), ("cut", 4e-3)]]
+    completed, stopped, failed, cut = trials
+    for trial in trials:
+        callback.on_trial_start(0, trials, trial)
+        callback.on_trial_result(0, trials, trial, {"epoch": 1, "best_val_auc": 0.75})
+    completed.last_result = {"final_epoch": True}
+    stopped.last_result = {"final_epoch": False}
+    callback.on_trial_complete(1, trials, completed)
+    callback.on_trial_complete(1, trials, stopped)
+    callback.on_trial_error(1, trials, failed)
+    for trial in trials:
+        trial.status = "TERMINATED"
+    callback.on_step_end(2, trials)
+    callback.on_experiment_end(trials)
+    ended = {}
+    for trial in trials:
+        events = read_events(trial.local_path)
+        assert events.Scalars("best_val_auc")[-1].value == 0.75
+        ended[trial.trial_id] = hparams_data(
+            events, metadata.SESSION_END_INFO_TAG).session_end_info.status
+    assert ended == {"completed": api_pb2.STATUS_SUCCESS, "stopped": api_pb2.STATUS_UNKNOWN,
+                     "failed": api_pb2.STATUS_FAILURE, "cut": api_pb2.STATUS_RUNNING}
+
+
+def test_a_resumed_search_continues_its_sessions_and_declares_nothing_twice(tmp_path):
+    """Ctrl-C leaves the running trials' sessions open for `--resume`, which logs on into the
+    same runs and ends them, and finds the search's declaration."""
+    (tmp_path / "space.yaml").write_text(SPACE)
+    space = load_space(tmp_path / "space.yaml")
+    run = tmp_path / "run"
+    declare_search_once(str(run), space.spec)
+    options = SearchOptions(data="unused", base_config={"image_size": 32})
+    data = SimpleNamespace(train_images=np.zeros((8, 32, 32), np.uint8),
+                           train_labels=np.arange(8) % 2)
+    first = TrialTensorBoard(space, options, data)
+    trial = FakeTrial(run, "t", 1e-3)
+    first.on_trial_start(0, [trial], trial)
+    first.on_trial_result(0, [trial], trial, {"epoch": 1, "best_val_auc": 0.6})
+    first.on_experiment_end([trial])  # interrupted: the session stays open
+    assert metadata.SESSION_END_INFO_TAG not in read_events(trial.local_path).Tags()["tensors"]
+
+    declare_search_once(str(run), space.spec)  # the resumed search's start
+    resumed = TrialTensorBoard(space, options, data)
+    resumed.on_trial_start(0, [trial], trial)
+    resumed.on_trial_result(0, [trial], trial, {"epoch": 2, "best_val_auc": 0.8})
+    trial.last_result = {"final_epoch": True}
+    resumed.on_trial_complete(1, [trial], trial)
+    assert [p.name for p in run.glob("*tfevents*")] == [EXPERIMENT_EVENTS]
+    assert hparams_data(read_events(run), metadata.EXPERIMENT_TAG).experiment.hparam_infos
+    events = read_events(trial.local_path)
+    assert [e.step for e in events.Scalars("best_val_auc")] == [1, 2]
+    # The resumed trial opens its session again; TensorBoard reads a tag's first metadata only.
+    start = hparams_data(events, metadata.SESSION_START_INFO_TAG).session_start_info
+    assert start.hparams["lr"].number_value == 1e-3
+    end = hparams_data(events, metadata.SESSION_END_INFO_TAG).session_end_info
+    assert end.status == api_pb2.STATUS_SUCCESS
 
 
 def test_tensorboard_is_started_on_a_free_port(tmp_path):

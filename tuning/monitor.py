@@ -10,10 +10,12 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import unquote
 
 import torch
 from tensorboard import manager
@@ -39,10 +41,18 @@ SCALARS = ("train_loss", "val_loss", "val_auc", "best_val_auc", "val_accuracy", 
 HPARAMS_METRICS = {"best_val_auc": "best val AUC", "val_auc": "val AUC (last epoch)",
                    "val_loss": "val loss (last epoch)", "val_f1": "val F1 (last epoch)",
                    "val_accuracy": "val accuracy (last epoch)", "epoch_time": "epoch time (s)"}
+# How a trial's HParams session ends, by trials.json's status. TensorBoard has four statuses
+# and none for a session someone stopped, so the two kinds of stopping take the two left.
 COMPLETED = api_pb2.STATUS_SUCCESS
 FAILED = api_pb2.STATUS_FAILURE
-# TensorBoard has no status for a session someone stopped; "Unknown" at least is not "Success".
+# ASHA judged it worse and stopped it: not "Success", since it did not run its epochs.
 STOPPED_EARLY = api_pb2.STATUS_UNKNOWN
+# Still running when the time budget ended the search: "Running" is what it was doing then; it
+# was never judged worse, and may be the winner. The session is closed, with its end time.
+ENDED_BY_BUDGET = api_pb2.STATUS_RUNNING
+# A figure's link in report.md, ![alt](relative path), and a link to one of its own headings.
+IMAGE_LINK = re.compile(r"!\[([^\]]*)\]\(([^)\s]+)\)")
+ANCHOR_LINK = re.compile(r"\[([^\]]+)\]\(#[^)\s]*\)")
 
 
 def open_run(log_dir: Path, config: TrainConfig, train_images: torch.Tensor,
@@ -58,9 +68,30 @@ def open_run(log_dir: Path, config: TrainConfig, train_images: torch.Tensor,
     # Named to sort between the scalars: TensorBoard lists tags by name, and a grid first would
     # push every curve below the fold.
     writer.add_image("training_inputs_augmented", grid, 0)
-    writer.add_text("config", "\n".join(f"    {k}: {v}" for k, v in config.to_dict().items()))
+    writer.add_text("config", config_text(config))
     writer.flush()
     return writer
+
+
+def _short(value):
+    """A float with 4 significant digits (a sampled lr has 16); anything else as it is."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return value
+
+
+def _applies(key: str, config: TrainConfig) -> bool:
+    """Whether a key acts on this run: momentum only with SGD, the warmup only before a cosine
+    schedule, freezing only with pretrained weights (with random ones it must be 0)."""
+    return {"momentum": config.optimizer == "sgd",
+            "warmup_epochs": config.lr_schedule == "cosine",
+            "freeze_backbone_epochs": config.weights != "none"}.get(key, True)
+
+
+def config_text(config: TrainConfig) -> str:
+    """The config as a markdown code block, without the keys that do not act on this run."""
+    return "\n".join(f"    {k}: {_short(v)}" for k, v in config.to_dict().items()
+                      if _applies(k, config))
 
 
 def log_epoch(writer: SummaryWriter, metrics: dict) -> None:
@@ -192,11 +223,28 @@ def end_session(writer: SummaryWriter, status: int) -> None:
     writer.close()
 
 
+def report_text(report_md: str, figures: dict[str, Figure], gradcams: list[Path]) -> str:
+    """report.md as TensorBoard's Text tab can show it. Its figure links are relative to
+    report.md, which TensorBoard does not serve (404s), and its text sanitizer drops data: URIs:
+    each link becomes a line naming the figure's tag in the Images tab. Headings get no anchors
+    there, so a link to one is left as its text."""
+    tags = {name: f"results/{name}" for name in figures}
+    tags.update({path.stem: f"gradcam/{path.stem}" for path in gradcams})
+
+    def where(link: re.Match) -> str:
+        alt, target = link[1], unquote(link[2])
+        tag = tags.get(Path(target).stem)
+        place = f"Images tab, tag `{tag}`" if tag else f"`{target}`, beside report.md"
+        return f"*{alt}: {place}.*"
+
+    return ANCHOR_LINK.sub(r"\1", IMAGE_LINK.sub(where, report_md))
+
+
 def log_report(log_dir: Path, figures: dict[str, Figure], gradcams: list[Path],
                report_md: str) -> None:
     """The winner's report as a run of its own: the figures, the Grad-CAM overlays and
-    report.md (the text dashboard renders its markdown). An earlier evaluation's events are
-    removed: TensorBoard would show both reports in one run."""
+    report.md (the text dashboard renders its markdown; `report_text`). An earlier evaluation's
+    events are removed: TensorBoard would show both reports in one run."""
     for stale in Path(log_dir).glob("events.out.tfevents.*"):
         stale.unlink()
     with SummaryWriter(str(log_dir)) as writer:
@@ -205,7 +253,7 @@ def log_report(log_dir: Path, figures: dict[str, Figure], gradcams: list[Path],
             writer.add_figure(f"results/{name}", fig, close=False)
         for path in gradcams:
             writer.add_image(f"gradcam/{path.stem}", read_image(str(path))[:3])
-        writer.add_text("report", report_md)
+        writer.add_text("report", report_text(report_md, figures, gradcams))
 
 
 def start_tensorboard(logdir: str) -> str:

@@ -164,15 +164,30 @@ def _history(result, run_dir: str, trial_dir: str) -> tuple[list[dict], list[int
     return [by_epoch[epoch] for epoch in sorted(by_epoch)], sorted(recovered)
 
 
+def _status(result, history: list[dict]) -> str:
+    """completed (ended by itself: its last epoch, or no gain for `patience` epochs), stopped
+    early (by the scheduler: ASHA), budget (still running when the time budget ended the
+    search) or error.
+
+    Ray marks done the last result of a trial its scheduler stopped; the time budget stops the
+    unfinished trials without touching their last result (TuneController's
+    _stop_experiment_if_needed), and Ray keeps that result in the search's state, so a resumed
+    search still tells the two apart."""
+    if result.error:
+        return "error"
+    if history and result.metrics.get("final_epoch"):
+        return "completed"
+    return "stopped early" if result.metrics.get("done") else "budget"
+
+
 def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
-    """trials.json: every trial's searched values, status, error and per-epoch history, best
-    first; trials that failed before reporting come last."""
+    """trials.json: every trial's searched values, status (`_status`), error and per-epoch
+    history, best first; trials that failed before reporting come last."""
     records = []
     for result in results:
         trial_dir = runfolder.name_of(result.path)
         history, recovered = _history(result, run_dir, trial_dir)
-        status = ("error" if result.error else "completed" if history and
-                  result.metrics.get("final_epoch") else "stopped early")
+        status = _status(result, history)
         config = result.config or {}
         if not (config or history or result.error):
             continue  # proposed, then the budget ended the search before the trial started
@@ -233,6 +248,7 @@ def summarize(options: SearchOptions, results: ResultGrid, records: list[dict],
         "precision": record["precision"],
         "trials": len(records),
         "trials_stopped_early": statuses.count("stopped early"),
+        "trials_ended_by_budget": statuses.count("budget"),
         "errored_trials": statuses.count("error"),
         "time_budget_s": options.time_budget_s,
         "budget_reached": budget_reached,

@@ -227,6 +227,11 @@ def run_search(options: SearchOptions, data: TrialData, resume: bool = False,
                                    resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(trainable_with_data, tune_config=tune_config, run_config=run_config)
+    # On the driver only, as in _tuner_parts.
+    from tuning.trial_tensorboard import declare_search_once, log_recovered_epochs
+
+    # Once per search, before the first trial: a resumed search finds it in the run.
+    declare_search_once(options.run_dir, load_search_space(options).spec)
     started = time.monotonic()
     with _ctrl_c_ends_the_search():
         results = tuner.fit()
@@ -237,8 +242,6 @@ def run_search(options: SearchOptions, data: TrialData, resume: bool = False,
     prune_checkpoints(results)
     records = trial_records(results, options.run_dir)
     best = summarize(options, results, records, budget_reached)
-    from tuning.trial_tensorboard import log_recovered_epochs  # on the driver, as above
-
     log_recovered_epochs(options.run_dir, records)
     return best
 

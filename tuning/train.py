@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from ctmodels.model import ModelDescription, autocast, predict_proba, resolve_precision
 from data_utils import runfolder
-from data_utils.augment import train_batches
+from data_utils.augment import batch_sizes, train_batches
 from data_utils.errors import first_line
 from data_utils.files import atomic_write
 from tuning.config import ConfigError, TrainConfig
@@ -107,13 +107,11 @@ def train_one_epoch(
     device = images.device if device is None else device  # where the batches are
     precision = resolve_precision(config.precision, device)
     total, seen = torch.zeros((), device=device), 0
-    steps = math.ceil(len(images) / config.batch_size)
+    steps = len(batch_sizes(len(images), config.batch_size))
     # Closed on Ctrl-C too: the bar's line is cleared before the CLI says it was interrupted.
     with tqdm(batches, total=steps, desc=progress, leave=False,
               disable=progress is None) as bar:
         for x, y in bar:
-            if len(y) < 2:  # BatchNorm cannot train on one image; happens at most once per epoch
-                continue
             x = x.contiguous(memory_format=torch.channels_last)  # as the model (train_trial)
             target = y.float()
             if config.label_smoothing:
@@ -247,7 +245,7 @@ def train_trial(
         pos_weight=None if config.pos_weight is None else torch.tensor(config.pos_weight,
                                                                          device=device))
     optimizer = make_optimizer(model, config)
-    steps_per_epoch = math.ceil(len(data.train_labels) / config.batch_size)
+    steps_per_epoch = len(batch_sizes(len(data.train_labels), config.batch_size))
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     ema = make_ema(model, steps_per_epoch) if config.ema else None
     validated = model if ema is None else ema.module  # the weights scored, kept and exported

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 from ray import tune
+from ray.tune.experiment import Trial
 from torch.utils.tensorboard import SummaryWriter
 
 from data_utils import runfolder
@@ -15,12 +16,29 @@ from tuning.records import SearchOptions
 from tuning.space import SearchSpace, decode_params
 from tuning.train import TrialData
 
+# The search's HParams experiment, in the run's root under a name of its own, so that a resumed
+# search finds it there (also in a bucket); TensorBoard reads any file with "tfevents" in its name.
+EXPERIMENT_EVENTS = "events.out.tfevents.hparams-experiment"
+
+
+def declare_search_once(run_dir: str, spec: dict) -> None:
+    """Declare the search's HParams experiment (`monitor.declare_search`) in the run's root,
+    unless an earlier session of the same search did."""
+    target = runfolder.join(run_dir, EXPERIMENT_EVENTS)
+    if runfolder.exists(target):
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        monitor.declare_search(Path(folder), spec)
+        [events] = Path(folder).iterdir()
+        runfolder.write_bytes(target, events.read_bytes())
+
 
 class TrialTensorBoard(tune.Callback):
     """Logs each trial on the driver into the trial's folder (Ray syncs it to storage with the
     trial's other files, also to a bucket): the same scalars and input grid as `ctscan train`,
-    and an HParams session from its start to its end, with how it ended. Ray's own TensorBoard
-    logger is off: it logs every result key and marks every session a success.
+    and an HParams session from its start to its end, with how it ended (the status of
+    trials.json: monitor.COMPLETED, STOPPED_EARLY, ENDED_BY_BUDGET or FAILED). Ray's own
+    TensorBoard logger is off: it logs every result key and marks every session a success.
 
     Pickled with the tuner (so a resumed search logs the same way): only a sample of the training
     images for the grid is kept, not the dataset.
@@ -38,8 +56,6 @@ class TrialTensorBoard(tune.Callback):
     def on_trial_start(self, iteration: int, trials: list, trial, **info) -> None:
         if trial.trial_id in self.writers:  # restarted after a failure: same run, same session
             return
-        if not self.writers:  # the search's first trial, or the first one after a resume
-            monitor.declare_search(Path(trial.local_path).parent, self.space.spec)
         params = decode_params(trial.config)
         writer = monitor.open_run(Path(trial.local_path), self.options.trial_config(params),
                                   self.grid_images, self.grid_labels)
@@ -58,6 +74,22 @@ class TrialTensorBoard(tune.Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
         self._end(trial, monitor.FAILED)
+
+    def on_step_end(self, iteration: int, trials: list, **info) -> None:
+        # When the time budget is spent, Ray marks every unfinished trial TERMINATED without
+        # calling on_trial_complete (which ASHA's stops and a trial's own end go through, and
+        # which closes the session first). Closed here, in the step that stopped them, the
+        # events reach storage with Ray's last sync of the search.
+        for trial in trials:
+            if trial.status == Trial.TERMINATED and trial.trial_id in self.writers:
+                self._end(trial, monitor.ENDED_BY_BUDGET)
+
+    def on_experiment_end(self, trials: list, **info) -> None:
+        # Sessions still open here belong to an interrupted search (Ctrl-C): `--resume`
+        # continues them, so their files are closed and the sessions left open.
+        for writer in self.writers.values():
+            writer.close()
+        self.writers.clear()
 
     def _end(self, trial, status: int) -> None:
         writer = self.writers.pop(trial.trial_id, None)
