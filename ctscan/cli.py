@@ -399,13 +399,15 @@ def print_results(run_dir: str, out: Path) -> None:
 
 def _print_choice(metrics: dict) -> None:
     """Which model was exported, with its weights, and why (chosen on val)."""
-    ensemble = metrics.get("ensemble", {})
-    members = ensemble.get("members", [])
+    ensemble = metrics.get("ensemble")
+    if not ensemble:  # evaluated by ctscan 0.1
+        return
+    members = ensemble["members"]
     if len(members) > 1:
         weights = ", ".join(f"{m['trial_id']} {m['weight']:.2f}" for m in members)
         print(f"exported: the weighted ensemble of {len(members)} trials ({weights})")
     else:
-        print(f"exported: the best trial alone ({metrics['trial_id']})")
+        print(f"exported: trial {members[0]['trial_id']} alone")
     if "why" in ensemble and ensemble["candidates"] > 1:
         print(f"  chosen on val: {ensemble['why']}")
 

@@ -134,12 +134,13 @@ def _summary(metrics: dict) -> list[str]:
 
 
 def _model_name(metrics: dict) -> str:
-    members = metrics.get("ensemble", {}).get("members", [])
+    members = metrics.get("ensemble", {}).get("members") or [
+        {"trial_id": metrics["trial_id"], "config": metrics.get("config", {})}]
     calibrated = " with temperature scaling" if metrics.get("temperature", 1.0) != 1.0 else ""
     if len(members) > 1:
         return f"the weighted ensemble of {_members(members)}{calibrated}"
-    arch = metrics.get("config", {}).get("arch")
-    return (f"the model (trial {metrics['trial_id']}" + (f", {arch})" if arch else ")")
+    arch = (members[0].get("config") or {}).get("arch")
+    return (f"the model (trial {members[0]['trial_id']}" + (f", {arch})" if arch else ")")
             + calibrated)
 
 
@@ -164,22 +165,20 @@ def _exported(metrics: dict) -> list[str]:
               "weights": [m.get("weight", 1.0) for m in members],
               "threshold": metrics["threshold"], "test": metrics["test"], "val": metrics["val"]}
     losses, held_out = ensemble.get("val_log_loss", {}), ensemble.get("cross_fitted_log_loss")
-    selected = ", ".join(f"{t} {w:.2f}" for t, w in zip(ensemble["candidate_trials"],
-                                                      ensemble["ensemble_weights"], strict=True)
-                         if w > 0)
+    gave = ("gave every weight to the best trial" if len(members) == 1 else
+            "gave " + ", ".join(f"{m['trial_id']} {m['weight']:.2f}" for m in members))
     text = (f"Ensemble selection (Caruana et al. 2004: greedy forward selection with "
             f"replacement over {ensemble.get('rounds', '?')} rounds, as auto-sklearn and "
             f"AutoGluon use it) weighed the best checkpoints of the top {ensemble['candidates']} "
             f"trials to minimise the log-loss of their mean probability on the validation "
             f"split, a proper score that rewards probabilities that are right rather than only "
-            f"well ranked. It gave {selected} (log-loss {_num(losses.get('ensemble'), 4)}, "
-            f"against {_num(losses.get('single'), 4)} for the best trial alone). Weights chosen "
-            f"and judged on the same split flatter themselves, so they were also chosen on each "
-            f"half of the validation split and scored on the other")
-    if held_out:
-        text += (f": held-out log-loss {_num(held_out['ensemble'], 4)} against "
-                 f"{_num(held_out['single'], 4)}")
-    text += f". Outcome: {ensemble.get('why', 'n/a')}. "
+            f"well ranked. It {gave} (log-loss {_num(losses.get('ensemble'), 4)}, against "
+            f"{_num(losses.get('single'), 4)} for the best trial alone). ")
+    if held_out is not None:
+        text += (f"Weights chosen and judged on the same slices flatter themselves: run on each "
+                 f"half of the validation split and scored on the other, selection gave a "
+                 f"log-loss of {_num(held_out, 4)}, what its gain is worth on slices it did not "
+                 f"choose on. ")
     if metrics.get("temperature", 1.0) != 1.0 or compared.get("temperature", 1.0) != 1.0:
         text += (f"Probabilities are calibrated by a temperature fitted on the validation split: "
                  f"{metrics.get('temperature', 1.0):.3g} for the exported model, "
@@ -194,7 +193,7 @@ def _exported(metrics: dict) -> list[str]:
     for entry in (chosen, compared):
         m, c = entry["test"]["metrics"], entry["test"].get("calibration", {})
         weights = entry.get("weights") or [1.0] * entry["k"]
-        name = (f"best trial {entry['members'][0]}" if entry["k"] == 1 else
+        name = (f"trial {entry['members'][0]} alone" if entry["k"] == 1 else
                 "ensemble of " + ", ".join(f"{t} ({w:.2f})"
                                             for t, w in zip(entry["members"], weights,
                                                             strict=True)))
@@ -541,7 +540,8 @@ def write_report(path: Path, metrics: dict, leaderboard: list[dict], plots: dict
     `failures` are trials.json's errored trials (trial_id, epochs, error, error_file)."""
     positive = metrics["positive_class"]
     lines = [f"# {positive} CT classifier: test report", "",
-             f"Positive class: **{positive}**. Trial `{metrics['trial_id']}`.", ""]
+             f"Positive class: **{positive}**. Exported: {_model_name(metrics)}; the search's "
+             f"best trial by validation AUC was `{metrics['trial_id']}`.", ""]
     lines += _summary(metrics)
     lines += _exported(metrics)
     lines += _results(metrics, plots)

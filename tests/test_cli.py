@@ -182,9 +182,12 @@ def test_only_tune_imports_ray():
 
 
 def test_ctrl_c_is_one_line_and_exit_130(tmp_path):
+    # patience=500: a val AUC of 1 from the first epoch would otherwise end training by itself
+    # within a second, before the interrupt arrives.
     root = make_class_folders(tmp_path / "data", 12)
     train = subprocess.Popen([sys.executable, "-m", "ctscan", "train", str(root), "--set",
-                              "image_size=32", "--set", "epochs=500", "--out",
+                              "image_size=32", "--set", "epochs=500", "--set", "patience=500",
+                              "--out",
                               str(tmp_path / "run")], stdout=subprocess.PIPE,
                              stderr=subprocess.PIPE, text=True)
     assert train.stdout.readline().strip()  # decoded and split: training starts

@@ -228,11 +228,9 @@ def test_report_sets_the_exported_ensemble_beside_the_best_trial_with_paired_dif
     config = {"arch": "resnet50", "lr": 0.0003, "epochs": 30}
     metrics["searched"] = {"arch": {"choice": ["resnet18", "resnet50"]}}
     metrics["ensemble"] = {
-        "k": 2, "candidates": 3, "rounds": 20, "candidate_trials": ["a1b2c3", "t01", "t02"],
-        "ensemble_weights": [0.65, 0.35, 0.0], "chosen": "ensemble",
+        "k": 2, "candidates": 3, "rounds": 20, "chosen": "ensemble",
         "val_log_loss": {"ensemble": 0.2012, "single": 0.2345},
-        "cross_fitted_log_loss": {"ensemble": 0.2101, "single": 0.2345},
-        "why": "selected on one half ... so the ensemble is kept",
+        "cross_fitted_log_loss": 0.2101, "why": "ensemble selection gave weight to 2 of the 3",
         "members": [{"trial_id": "a1b2c3", "weight": 0.65, "precision": "bf16",
                      "checkpoint": "trial_a/checkpoint_000004/best.pt", "config": config},
                     {"trial_id": "t01", "weight": 0.35, "precision": "bf16",
@@ -254,10 +252,10 @@ def test_report_sets_the_exported_ensemble_beside_the_best_trial_with_paired_dif
     section = text[text.index("## Exported model and the one it is compared"):
                    text.index("## Test results")]
     assert "It gave a1b2c3 0.65, t01 0.35 (log-loss 0.2012, against 0.2345" in section
-    assert "held-out log-loss 0.2101 against 0.2345" in section
+    assert "scored on the other, selection gave a log-loss of 0.2101" in section
     assert ("| **ensemble of a1b2c3 (0.65), t01 (0.35)** (exported) | 0.42 | 0.920 | "
             "0.900 (95% CI 0.860–0.940) |") in section
-    assert "| best trial a1b2c3 | 0.37 | 0.910 | 0.880 (95% CI 0.840–0.920) |" in section
+    assert "| trial a1b2c3 alone | 0.37 | 0.910 | 0.880 (95% CI 0.840–0.920) |" in section
     assert "| ROC AUC | +0.020 | -0.004–0.041 |" in section
     assert "| Brier score | -0.011 | -0.020–-0.003 |" in section
     assert "same 1000 bootstrap resamples" in section
