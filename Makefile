@@ -33,6 +33,7 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/asha_vs_fifo.py
 	$(BIN)/python bench/search_vs_baseline.py
 	$(BIN)/python bench/ema_gap.py
+	$(BIN)/python bench/ensemble_selection.py
 	$(BIN)/python bench/onnx_latency.py
 	$(BIN)/python bench/scale.py
 

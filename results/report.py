@@ -25,6 +25,7 @@ from results.wording import (
     interval_limitation,
     limitations,
 )
+from tuning.config import make_config
 
 THRESHOLD_FREE = ("roc_auc", "pr_auc")  # the same at every threshold
 THRESHOLD_METHODS = {"youden": "Youden's J on the validation split", "fixed": "fixed"}
@@ -214,11 +215,19 @@ def _paired(paired: dict | None, boot: dict) -> list[str]:
     rows = [[PAIRED_NAMES[key], f"{paired[key]['value']:+.3f}", _ci(paired[key])]
             for key in PAIRED_NAMES if key in paired]
     return ["### Paired differences on the test split (exported − compared)", "",
-            f"Both models scored on the same {boot.get('resamples', '?')} bootstrap resamples of "
-            f"{_bootstrap_unit(boot)}, so each interval is that of the difference itself"
-            f"{_dropped(paired)}. An interval that contains 0 means this test split cannot tell "
-            f"the two apart; a lower Brier score is better.", "",
+            f"Both models were scored on the same {boot.get('resamples', '?')} bootstrap "
+            f"resamples of the test split (those of the intervals below), so each interval is "
+            f"that of the difference itself{_dropped(paired)}. An interval that contains 0 means "
+            f"this test split cannot tell the two apart; a lower Brier score is better.", "",
             *_table(["Metric", "Difference", "95% CI"], rows)]
+
+
+class _OneLineLists(yaml.SafeDumper):
+    """Block style, one setting a line, but a list on its line: `head: [512, 128]`."""
+
+
+_OneLineLists.add_representer(list, lambda dumper, value: dumper.represent_sequence(
+    "tag:yaml.org,2002:seq", value, flow_style=True))
 
 
 def _exported_members(metrics: dict) -> list[str]:
@@ -227,7 +236,7 @@ def _exported_members(metrics: dict) -> list[str]:
     members = metrics.get("ensemble", {}).get("members") or [
         {"trial_id": metrics["trial_id"], "config": metrics.get("config", {}),
          "checkpoint": metrics.get("checkpoint")}]
-    configs = [m.get("config") or {} for m in members]
+    configs = [make_config(m.get("config") or {}).acting() for m in members]
     keys = list(dict.fromkeys(k for c in configs for k in c))
     differ = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1
               or k in metrics.get("searched", {})]
@@ -240,8 +249,8 @@ def _exported_members(metrics: dict) -> list[str]:
              "the full config of each is in the export's `config.json`.", "",
              *_table(["trial", "weight", "precision", *differ], rows)]
     if shared:
-        lines += ["Settings every member shares:", "", "```yaml",
-                  yaml.safe_dump(shared, sort_keys=False, default_flow_style=None).rstrip(),
+        lines += ["Settings every member shares (those that act on it):", "", "```yaml",
+                  yaml.dump(shared, Dumper=_OneLineLists, sort_keys=False).rstrip(),
                   "```", ""]
     lines += ["Checkpoints: " + ", ".join(f"`{m.get('checkpoint', 'n/a')}`" for m in members), ""]
     return lines

@@ -164,7 +164,7 @@ def test_report_states_the_numbers_and_the_caveats(tmp_path):
     assert "**Covid (1)**" in text and "](gradcam/Covid%20%281%29_gradcam.png)" in text
     assert "| **total** | 1230 | 1251 | 2481 |" in text
     assert "`COVID/broken (7).png`: truncated PNG" in text
-    assert "```yaml\narch: resnet50\nlr: 0.0003\nhead: [512, 128]" in text
+    assert "```yaml\narch: resnet50\nhead: [512, 128]\ndropout: 0.2\n" in text
     limitations = text[text.index("## Limitations"):]
     for phrase in ("São Paulo", "Slice-level", "Not a medical device", "not independent"):
         assert phrase in limitations

@@ -137,6 +137,14 @@ class TrainConfig:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def acting(self) -> dict:
+        """to_dict() without the keys that do not act on this run: momentum only with SGD, the
+        warmup only before a cosine schedule, freezing only with pretrained weights (with
+        random ones it must be 0)."""
+        idle = {"momentum": self.optimizer != "sgd", "warmup_epochs": self.lr_schedule != "cosine",
+                "freeze_backbone_epochs": self.weights == "none"}
+        return {k: v for k, v in self.to_dict().items() if not idle.get(k, False)}
+
     def description(self) -> ModelDescription:
         """The network this config trains, as every checkpoint and export records it."""
         from ctmodels.model import ModelDescription

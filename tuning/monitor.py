@@ -80,18 +80,9 @@ def _short(value):
     return value
 
 
-def _applies(key: str, config: TrainConfig) -> bool:
-    """Whether a key acts on this run: momentum only with SGD, the warmup only before a cosine
-    schedule, freezing only with pretrained weights (with random ones it must be 0)."""
-    return {"momentum": config.optimizer == "sgd",
-            "warmup_epochs": config.lr_schedule == "cosine",
-            "freeze_backbone_epochs": config.weights != "none"}.get(key, True)
-
-
 def config_text(config: TrainConfig) -> str:
     """The config as a markdown code block, without the keys that do not act on this run."""
-    return "\n".join(f"    {k}: {_short(v)}" for k, v in config.to_dict().items()
-                      if _applies(k, config))
+    return "\n".join(f"    {k}: {_short(v)}" for k, v in config.acting().items())
 
 
 def log_epoch(writer: SummaryWriter, metrics: dict) -> None:
