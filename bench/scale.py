@@ -1,22 +1,46 @@
-"""How the data path grows with the dataset: inspect -> split -> cache load at 10k, 20k, 40k slices.
+"""How the data path grows on 512-px slices: inspect -> split -> cache load, and what a file costs.
 
-    python bench/scale.py [--sizes 10000 20000 40000] [--data DIR]
+    python bench/scale.py [--sizes 2500 5000 10000 20000] [--variants 8 16] [--data DIR]
+                          [--wait-quiet 0.6] [--generate-only]
 
-The slices are the demo generator's CT-like slices at 64 px. They are generated once, for the
-largest size, into DIR (default: ~/.cache/ctscan-bench/demo-64px-N, outside the repository) and
-reused by later runs; generation is not timed. A smaller size N is the first N/2 slices of each
-class, named by a manifest in DIR, so every size reads the same kind of files.
+The sources look like the data users grow into: COVIDx CT's slices are 512 x 512 PNGs, so this
+bench draws the demo generator's CT-like patients (data_utils.demo) at 512 px, pads each slice
+with air (0) to exactly 512 x 512, and writes two variants of the same pixels:
+- "8": 8-bit grayscale PNGs, as COVIDx CT ships them;
+- "16": 16-bit grayscale PNGs holding 12 significant bits, as CT scanners store them, with an
+  sBIT chunk of 12 and the samples scaled to 16 bits the way the PNG spec says (left bit
+  replication), so ctscan's decoder takes its sBIT path (shift right by 4, 0..4095 -> 0..255).
+  The lowest 4 of the 12 bits are random, as CT noise is, so the files compress like real ones.
+Both are saved at zlib level 1 (OpenCV's imwrite default): inflating barely depends on the
+level, and drawing 10k slices takes minutes rather than most of an hour. Slices are generated
+once, untimed, into DIR (default ~/.cache/ctscan-bench/ct512, outside the repository), patient by
+patient from one fixed plan, so a larger size only draws the patients it adds and every size
+reads the same files: size N is the first N/2 slices of each class.
 
-Each size starts with a fresh, empty cache, and each stage runs in its own process, as a
-user's commands and a search's trials do:
-- inspect: load_dataset (sha256 every file, decode, write the cache) + the doctor;
+Each size starts with a fresh, empty cache at the default training size (224 px, TrainConfig's
+image_size), and each stage runs in its own process, as a user's commands and a search's trials
+do. Every file is read once, untimed, before the stages, so all of them read through the page
+cache: the bench measures CPU work, not the disk.
+- inspect: load_dataset (sha256 every file, decode, perceptual hash, write the cache) + doctor;
 - split: load_dataset (the cache and remembered digests exist now) + split_dataset + split.json;
 - cache load: load_dataset + reading every pixel once, as a trial on the node would.
 The near-duplicate search inside inspect is N^2 work (on a small constant), so it is timed on
-its own and extrapolated with its own exponent; the 431k figure adds the parts up. Split reads
-the pairs inspect kept in the cache folder, as `ctscan split` after `ctscan inspect` does.
+its own and extrapolated with its own exponent; the 431k figure adds the top-level parts up.
+Indented a second level are parts of a part, shown to see where time goes, not added again.
+
+Per file, the question is how much of inspect is the decoder and how much is ctscan's own work.
+ctscan hashes in one thread, then decodes in a pool of os.cpu_count() threads, so its cost is
+given as core time: each phase's wall time x the threads it keeps busy, per file. Beside it,
+in the same run and on the same files (spread over the largest size), the decoder alone in a
+tight loop: Pillow's open + load + resize to 224 (bare), and ctscan's own decode_frames (read
+the bytes, decode, bit-depth rules, pad to 224) in one thread and in a pool of as many threads
+as inspect uses (wall x threads / files, so both cores' contention is priced in as inspect's).
+"Everything else" is inspect's core time minus the pooled decode_frames.
+
 Peak RSS is each stage process's high-water mark (VmHWM) above what its imports already held,
-compared with the size of the cached array.
+compared with the size of the cached array. The load average is printed at start and end; with
+--wait-quiet L the run first waits (up to 40 minutes) for the 1-minute load average to fall
+below L, since a shared machine's other work inflates every figure.
 """
 
 from __future__ import annotations
@@ -29,46 +53,148 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 
 TARGET_SLICES = 431_000  # COVIDx CT-3
-IMAGE_SIZE = 64
+SOURCE_SIZE = 512  # COVIDx CT's slices
+IMAGE_SIZE = 224  # tuning.config.TrainConfig.image_size: what ctscan caches for training
+SIGNIFICANT_BITS = 12  # a CT scanner's samples, in the 16-bit variant
+SEED = 0
+COMPRESS_LEVEL = 1  # zlib level of the PNGs, as OpenCV's imwrite writes them by default
+PLAN_SLICES_PER_CLASS = TARGET_SLICES // 2  # the patient plan every size takes a prefix of
+VARIANTS = {"8": "8-bit PNG", "16": f"16-bit PNG, sBIT {SIGNIFICANT_BITS}"}
+DECODER_FILES = 1000  # files the decoder alone is timed on
 STAGES = ("inspect", "split", "cache load")
 GOAL_EXPONENT, GOAL_MINUTES, GOAL_RSS_RATIO = 1.15, 10.0, 1.3
+QUIET_POLL_S, QUIET_MAX_S = 30, 40 * 60
 
 
-def default_data_dir(largest: int) -> Path:
-    cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
-    return cache / "ctscan-bench" / f"demo-{IMAGE_SIZE}px-{largest}"
+# --- the slices -----------------------------------------------------------------------------
 
 
-def ensure_data(data: Path, largest: int) -> float:
-    """Generate the slices unless an earlier run did; returns the seconds generation took."""
-    if (data / "manifest.csv").exists():
-        return 0.0
-    from data_utils.demo import make_demo_data
+def default_data_dir() -> Path:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return cache / "ctscan-bench" / f"ct{SOURCE_SIZE}"
 
+
+def patient_plan() -> list[tuple[str, int, str, int]]:
+    """(label, patient index, group, slices) of every patient, class by class, as the demo
+    generator plans them: each size's slices are the first N/2 of each class in this order."""
+    from data_utils import demo
+
+    plan = []
+    for class_idx, label in enumerate(demo.CLASSES):
+        runs = demo._plan_runs(np.random.default_rng([SEED, class_idx]), PLAN_SLICES_PER_CLASS)
+        digits = len(str(len(runs) - 1))
+        plan += [(label, p, f"{demo._PREFIX[label]}-p{p:0{digits}d}", n)
+                 for p, n in enumerate(runs)]
+    return plan
+
+
+def manifest_rows(plan: list[tuple[str, int, str, int]], n: int) -> list[tuple[str, str, str]]:
+    """(path, label, group) of the first n/2 slices of each class."""
+    rows: list[tuple[str, str, str]] = []
+    taken: dict[str, int] = {}
+    for label, _, group, n_slices in plan:
+        for s in range(n_slices):
+            if taken.get(label, 0) < n // 2:
+                rows.append((f"{label}/{group}-s{s:02d}.png", label, group))
+                taken[label] = taken.get(label, 0) + 1
+    return rows
+
+
+def to_16_bit(pixels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """8-bit pixels as 12-bit samples (random lowest 4 bits), scaled to 16 bits as the PNG spec
+    says for sBIT 12: left bit replication, so shifting right by 4 gives the 12-bit value back."""
+    spare = SIGNIFICANT_BITS - 8
+    samples = (pixels.astype(np.uint16) << spare) | rng.integers(
+        0, 1 << spare, pixels.shape, dtype=np.uint16)
+    shift = 16 - SIGNIFICANT_BITS
+    return (samples << shift) | (samples >> (SIGNIFICANT_BITS - shift))
+
+
+def render_patient(job: tuple[Path, tuple[str, ...], int, tuple[str, int, str, int]]) -> int:
+    """Draws one patient at 512 px and writes its slices in each variant; returns how many."""
+    from PIL import Image, PngImagePlugin
+
+    from data_utils import demo
+
+    data, variants, class_idx, (label, p, group, n_slices) = job
+    rng = np.random.default_rng([SEED, class_idx, p + 1])
+    slices = demo._render_patient(rng, label == "COVID", n_slices, SOURCE_SIZE)
+    noise = np.random.default_rng([SEED, class_idx, p + 1, SIGNIFICANT_BITS])
+    sbit = PngImagePlugin.PngInfo()
+    sbit.add(b"sBIT", bytes([SIGNIFICANT_BITS]))
+    for s, sl in enumerate(slices):
+        h, w = sl.image.shape  # each side in [0.8, 1] x 512: pad with air to 512 x 512
+        pixels = np.zeros((SOURCE_SIZE, SOURCE_SIZE), np.uint8)
+        top, left = (SOURCE_SIZE - h) // 2, (SOURCE_SIZE - w) // 2
+        pixels[top : top + h, left : left + w] = sl.image
+        wide = to_16_bit(pixels, noise)
+        for variant in variants:
+            path = data / variant / label / f"{group}-s{s:02d}.png"
+            tmp = path.with_suffix(".tmp")
+            if variant == "8":
+                Image.fromarray(pixels).save(tmp, format="PNG", compress_level=COMPRESS_LEVEL)
+            else:
+                Image.fromarray(wide).save(tmp, format="PNG", compress_level=COMPRESS_LEVEL,
+                                           pnginfo=sbit)
+            os.replace(tmp, path)  # a file that exists is whole: an interrupted run resumes
+    return n_slices
+
+
+def ensure_data(data: Path, largest: int, variants: list[str]) -> tuple[float, int]:
+    """Draws the patients the largest size needs that an earlier run has not; returns the
+    seconds it took and how many slices it drew."""
+    from data_utils import demo
+
+    plan = patient_plan()
+    wanted = {rel for rel, _, _ in manifest_rows(plan, largest)}
+    jobs = []
+    for patient in plan:
+        label, _, group, n_slices = patient
+        names = [f"{label}/{group}-s{s:02d}.png" for s in range(n_slices)]
+        if not wanted.intersection(names):
+            continue
+        missing = tuple(v for v in variants if not all((data / v / n).exists() for n in names))
+        if missing:
+            jobs.append((data, missing, demo.CLASSES.index(label), patient))
+    for variant in variants:
+        for label in demo.CLASSES:
+            (data / variant / label).mkdir(parents=True, exist_ok=True)
+    if not jobs:
+        return 0.0, 0
     start = time.perf_counter()
-    make_demo_data(data, n_per_class=largest // 2, size=IMAGE_SIZE)
-    return time.perf_counter() - start
+    with Pool(os.cpu_count()) as pool:
+        drawn = sum(pool.imap_unordered(render_patient, jobs))
+    return time.perf_counter() - start, drawn
 
 
-def subset_manifest(data: Path, n: int) -> Path:
-    """A manifest of the first n/2 slices of each class (written next to the slices)."""
-    with open(data / "manifest.csv", newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    by_label: dict[str, list[dict]] = {}
-    for row in rows:
-        by_label.setdefault(row["label"], []).append(row)
-    path = data / f"subset-{n}.csv"
+def write_manifest(root: Path, rows: list[tuple[str, str, str]]) -> Path:
+    path = root / f"subset-{len(rows)}.csv"
     with open(path, "w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, ["path", "label", "group"], lineterminator="\n")
-        writer.writeheader()
-        for label_rows in by_label.values():
-            writer.writerows(label_rows[: n // 2])
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(("path", "label", "group"))
+        writer.writerows(rows)
     return path
+
+
+def read_manifest(manifest: Path) -> list[Path]:
+    with open(manifest, newline="", encoding="utf-8") as f:
+        return [manifest.parent / row["path"] for row in csv.DictReader(f)]
+
+
+def warm_page_cache(files: list[Path]) -> None:
+    for path in files:
+        path.read_bytes()
+
+
+# --- one stage, in its own process --------------------------------------------------------
 
 
 def rss_bytes(field: str) -> int:
@@ -79,27 +205,36 @@ def rss_bytes(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def timed(module: object, name: str, seconds: list[float]) -> None:
+    """Replaces module.name by a wrapper that appends each call's wall time to `seconds`."""
+    inner: Callable = getattr(module, name)
+
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            seconds.append(time.perf_counter() - start)
+
+    setattr(module, name, wrapper)
+
+
 def measure_stage(stage: str, manifest: Path, cache: Path) -> dict:
     """Runs one stage in this process; returns its seconds (and its parts') and memory."""
+    import data_utils.cache as cache_module
     import data_utils.split as split_module
     from data_utils.cache import load_dataset
     from data_utils.doctor import inspect_dataset
     from data_utils.split import split_dataset, write_split
 
-    search_seconds = []
-    cached_near_duplicate_pairs = split_module.cached_near_duplicate_pairs
-
-    def timed_search(ds):
-        start = time.perf_counter()
-        pairs = cached_near_duplicate_pairs(ds)
-        search_seconds.append(time.perf_counter() - start)
-        return pairs
-
-    split_module.cached_near_duplicate_pairs = timed_search
+    search, hashing, build = [], [], []
+    timed(split_module, "cached_near_duplicate_pairs", search)
+    timed(cache_module, "_hash_files", hashing)
+    timed(cache_module, "_load_or_build", build)
     baseline_rss = rss_bytes("VmRSS")
     start = time.perf_counter()
     ds = load_dataset(manifest, IMAGE_SIZE, cache_dir=cache, progress=False)
-    load_seconds = time.perf_counter() - start
+    load = time.perf_counter() - start
     if stage == "inspect":
         inspect_dataset(ds)
     elif stage == "split":
@@ -107,31 +242,82 @@ def measure_stage(stage: str, manifest: Path, cache: Path) -> dict:
     else:
         int(ds.images.max())  # every page of the cache, read through the page cache
     total = time.perf_counter() - start
+    load_parts = {"    sha256 + stat every file": hashing[0],
+                  "    decode + phash + write cache" if stage == "inspect"
+                  else "    open the cache": build[0],
+                  "    discover, rows, the rest": load - hashing[0] - build[0]}
+    # Split groups by patient where the manifest names them, and searches no near-duplicates.
+    searched = {"  near-duplicate search" if stage == "inspect"
+                else "  near-duplicate pairs (cached)": sum(search)} if search else {}
     if stage == "inspect":
-        parts = {"  hash + decode + write cache": load_seconds,
-                 "  near-duplicate search": search_seconds[0],
-                 "  doctor, the rest": total - load_seconds - search_seconds[0]}
+        parts = {"  hash + decode + write cache": load, **load_parts, **searched,
+                 "  doctor, the rest": total - load - sum(search)}
     elif stage == "split":
-        parts = {"  load (cached)": load_seconds,
-                 "  near-duplicate pairs (cached)": search_seconds[0],
-                 "  deal, write split.json": total - load_seconds - search_seconds[0]}
+        parts = {"  load (cached)": load, **load_parts, **searched,
+                 "  deal, write split.json": total - load - sum(search)}
     else:
         parts = {}
     return {"n": len(ds), "seconds": {stage: total, **parts}, "array_bytes": ds.images.nbytes,
+            "hash_seconds": hashing[0], "build_seconds": build[0], "load_seconds": load,
+            "threads": os.cpu_count(),
             "rss_growth": rss_bytes("VmHWM") - baseline_rss, "baseline_rss": baseline_rss}
+
+
+def measure_decoder(manifest: Path) -> dict:
+    """The decoder alone on up to DECODER_FILES files spread over the manifest, in tight loops:
+    ms per file of bare Pillow, of ctscan's decode_frames in one thread, and of decode_frames in
+    a pool of os.cpu_count() threads (wall x threads / files, as inspect's decode pass)."""
+    from PIL import Image
+
+    from data_utils.volumes import decode_frames
+
+    files = read_manifest(manifest)
+    files = files[:: max(1, len(files) // DECODER_FILES)][:DECODER_FILES]
+    warm_page_cache(files)
+
+    def pillow(path: Path) -> None:
+        with Image.open(path) as img:
+            img.load()
+            scale = IMAGE_SIZE / max(img.size)
+            img.resize((round(img.width * scale), round(img.height * scale)),
+                       Image.Resampling.BILINEAR)
+
+    def ctscan(path: Path) -> None:
+        decode_frames(path.name, path.read_bytes(), IMAGE_SIZE, "pad")
+
+    def per_file_ms(work: Callable[[Path], None], threads: int) -> float:
+        for path in files[:20]:  # warm up: imports, first-call setup
+            work(path)
+        start = time.perf_counter()
+        if threads == 1:
+            for path in files:
+                work(path)
+        else:
+            with ThreadPoolExecutor(max_workers=threads) as pool:
+                list(pool.map(work, files))
+        return (time.perf_counter() - start) * threads / len(files) * 1e3
+
+    threads = os.cpu_count() or 1
+    return {"files": len(files), "threads": threads,
+            "pillow": per_file_ms(pillow, 1), "ctscan": per_file_ms(ctscan, 1),
+            "ctscan_pooled": per_file_ms(ctscan, threads)}
+
+
+# --- the driver -----------------------------------------------------------------------------
+
+
+def run_child(*args: str) -> dict:
+    child = subprocess.run(
+        [sys.executable, __file__, *args], check=True, capture_output=True, text=True,
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    return json.loads(child.stdout.splitlines()[-1])
 
 
 def measure_size(manifest: Path) -> list[dict]:
     """The three stages on one dataset, each in a fresh process, on one fresh cache."""
+    warm_page_cache(read_manifest(manifest))
     with tempfile.TemporaryDirectory() as cache:
-        results = []
-        for stage in STAGES:
-            child = subprocess.run(
-                [sys.executable, __file__, "--stage", stage, str(manifest), cache],
-                check=True, capture_output=True, text=True,
-                env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
-            results.append(json.loads(child.stdout.splitlines()[-1]))
-        return results
+        return [run_child("--stage", stage, str(manifest), cache) for stage in STAGES]
 
 
 def fit(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -140,37 +326,65 @@ def fit(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
     return float(b), float(np.exp(log_a) * TARGET_SLICES**b)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs=3, default=[10_000, 20_000, 40_000])
-    parser.add_argument("--data", type=Path, help="where the generated slices live")
-    # A child process: --stage STAGE MANIFEST CACHE_DIR
-    parser.add_argument("--stage", nargs=3, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.stage:
-        stage, manifest, cache = args.stage
-        print(json.dumps(measure_stage(stage, Path(manifest), Path(cache))))
-        return
+def load_average() -> str:
+    return ", ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min)"
 
-    data = args.data or default_data_dir(max(args.sizes))
-    generated = ensure_data(data, max(args.sizes))
-    print(f"data: {data}, demo slices at {IMAGE_SIZE} px, "
-          + (f"generated in {generated:.0f} s (not timed below)" if generated
-             else "generated by an earlier run"))
-    print(f"{os.cpu_count()} CPU cores; load average at start: "
-          + ", ".join(f"{x:.2f}" for x in os.getloadavg()) + " (1, 5, 15 min)")
-    by_size = [measure_size(subset_manifest(data, n)) for n in args.sizes]
+
+def wait_until_quiet(threshold: float) -> None:
+    start = time.monotonic()
+    while os.getloadavg()[0] >= threshold and time.monotonic() - start < QUIET_MAX_S:
+        time.sleep(QUIET_POLL_S)
+    waited = time.monotonic() - start
+    if os.getloadavg()[0] < threshold:
+        print(f"waited {waited:.0f} s for the 1-min load average to fall below {threshold}")
+    else:
+        print(f"the 1-min load average never fell below {threshold} in {waited / 60:.0f} min; "
+              "measuring anyway (figures inflated by other work)")
+
+
+def report_variant(variant: str, by_size: list[list[dict]], decoder: dict) -> float:
+    """Prints one variant's tables; returns its extrapolated inspect + split seconds at 431k."""
     sizes = [stages[0]["n"] for stages in by_size]
-    print(f"{'stage (seconds)':32}" + "".join(f"{n:>10}" for n in sizes)
-          + f"{'exponent':>10}{'at 431k':>10}")
+    print(f"\n== {VARIANTS[variant]}, {SOURCE_SIZE} x {SOURCE_SIZE}, cached at {IMAGE_SIZE} px ==")
+    print(f"{'stage (seconds)':36}" + "".join(f"{n:>9}" for n in sizes)
+          + f"{'exponent':>9}{'at 431k':>9}")
     extrapolated = {}
     for k, stage in enumerate(STAGES):
         for part in by_size[0][k]["seconds"]:
             seconds = [stages[k]["seconds"][part] for stages in by_size]
             exponent, at_target = fit(sizes, seconds)
             extrapolated[stage, part] = at_target
-            print(f"{part:32}" + "".join(f"{s:10.2f}" for s in seconds)
-                  + f"{exponent:10.2f}{at_target:10.0f}")
+            print(f"{part:36}" + "".join(f"{s:9.2f}" for s in seconds)
+                  + f"{exponent:9.2f}{at_target:9.0f}")
+
+    threads = decoder["threads"]
+    print(f"per file, ms of core time (1 thread while hashing, {threads} while decoding):")
+    print(f"{'':36}" + "".join(f"{n:>9}" for n in sizes))
+    inspect = [stages[0] for stages in by_size]
+    rows = {
+        "  inspect's load, wall": [r["load_seconds"] / r["n"] for r in inspect],
+        "  inspect's load, core time": [
+            (r["load_seconds"] + (threads - 1) * r["build_seconds"]) / r["n"] for r in inspect],
+        "    sha256 + stat pass (1 thread)": [r["hash_seconds"] / r["n"] for r in inspect],
+        f"    decode pass ({threads} threads)": [
+            r["build_seconds"] * threads / r["n"] for r in inspect],
+        "    the rest of load (1 thread)": [
+            (r["load_seconds"] - r["hash_seconds"] - r["build_seconds"]) / r["n"]
+            for r in inspect],
+    }
+    for name, values in rows.items():
+        print(f"{name:36}" + "".join(f"{v * 1e3:9.2f}" for v in values))
+    core = rows["  inspect's load, core time"]
+    pooled = decoder["ctscan_pooled"] / 1e3
+    print(f"{'  of which the decoder (pooled)':36}" + f"{pooled * 1e3:9.2f}" * len(sizes))
+    print(f"{'  everything else (ours)':36}" + "".join(f"{(c - pooled) * 1e3:9.2f}" for c in core))
+    print(f"the decoder alone, tight loop over {decoder['files']} of the same files "
+          "(page cache), ms per file:")
+    print(f"  Pillow open + load + resize to {IMAGE_SIZE}, 1 thread   {decoder['pillow']:6.2f}")
+    print(f"  ctscan decode_frames (read, decode, pad), 1 thread  {decoder['ctscan']:6.2f}")
+    print(f"  ctscan decode_frames, {threads} threads (wall x {threads} / n)  "
+          f"{decoder['ctscan_pooled']:6.2f}")
+
     imports = by_size[0][0]["baseline_rss"] / 2**20
     print(f"peak RSS of each stage's process above what its imports held ({imports:.0f} MiB), "
           f"as a multiple of the cached array (goal <= {GOAL_RSS_RATIO}x):")
@@ -179,13 +393,65 @@ def main() -> None:
         growth = [f"{stage} {r['rss_growth'] / 2**20:.0f} MiB = {r['rss_growth'] / array:.2f}x"
                   for stage, r in zip(STAGES, stages, strict=True)]
         print(f"  n={n}: array {array / 2**20:.0f} MiB; " + ", ".join(growth))
-    print("load average at end: " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
+    # Each top-level part with its own exponent: the N^2 search is small at 10k but not at 431k.
+    return sum(seconds for (stage, part), seconds in extrapolated.items()
+               if stage in ("inspect", "split") and part.startswith("  ")
+               and not part.startswith("    "))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2_500, 5_000, 10_000, 20_000],
+                        help="dataset sizes in slices (at least two, for the exponent)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["16", "8"],
+                        help="which sources to measure; the last one gives the last line")
+    parser.add_argument("--data", type=Path, help="where the generated slices live")
+    parser.add_argument("--wait-quiet", type=float, metavar="LOAD",
+                        help="first wait (up to 40 min) for the 1-min load average < LOAD")
+    parser.add_argument("--generate-only", action="store_true")
+    # A child process: --stage STAGE MANIFEST CACHE_DIR, or --decoder MANIFEST
+    parser.add_argument("--stage", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--decoder", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.stage:
+        stage, manifest, cache = args.stage
+        print(json.dumps(measure_stage(stage, Path(manifest), Path(cache))))
+        return
+    if args.decoder:
+        print(json.dumps(measure_decoder(args.decoder)))
+        return
+    if len(args.sizes) < 2:
+        parser.error("--sizes needs at least two sizes to fit an exponent")
+
+    sizes = sorted(args.sizes)
+    data = args.data or default_data_dir()
+    seconds, drawn = ensure_data(data, sizes[-1], args.variants)
+    print(f"data: {data}, CT-like slices at {SOURCE_SIZE} x {SOURCE_SIZE} px, "
+          + (f"{drawn} drawn in {seconds:.0f} s (not timed below)" if drawn
+             else "drawn by an earlier run"))
+    if args.generate_only:
+        return
+    if args.wait_quiet is not None:
+        wait_until_quiet(args.wait_quiet)
+    print(f"{os.cpu_count()} CPU cores; load average at start: {load_average()}")
+    plan = patient_plan()
+    totals = {}
+    for variant in args.variants:
+        manifests = [write_manifest(data / variant, manifest_rows(plan, n)) for n in sizes]
+        by_size = [measure_size(manifest) for manifest in manifests]
+        decoder = run_child("--decoder", str(manifests[-1]))
+        totals[variant] = report_variant(variant, by_size, decoder)
+        sys.stdout.flush()
+    print(f"\nload average at end: {load_average()}")
     print(f"goals: exponent <= {GOAL_EXPONENT} per stage; inspect + split for 431k < "
-          f"{GOAL_MINUTES:.0f} min")
-    # Each part with its own exponent: the N^2 search is small at 40k but not at 431k.
-    total = sum(seconds for (stage, part), seconds in extrapolated.items()
-                if stage in ("inspect", "split") and part.startswith("  "))
-    print(f"extrapolated inspect + split for 431k slices: {total / 60:.1f} min")
+          f"{GOAL_MINUTES:.0f} min; cache load peak RSS <= {GOAL_RSS_RATIO}x the array")
+    for variant in args.variants[:-1]:
+        print(f"extrapolated inspect + split for 431k slices ({VARIANTS[variant]}): "
+              f"{totals[variant] / 60:.1f} min")
+    last = args.variants[-1]
+    print(f"({VARIANTS[last]}, as COVIDx CT ships its slices)" if last == "8"
+          else f"({VARIANTS[last]})")
+    print(f"extrapolated inspect + split for 431k slices: {totals[last] / 60:.1f} min")
 
 
 if __name__ == "__main__":

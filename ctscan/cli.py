@@ -164,8 +164,9 @@ def _evaluation_options() -> argparse.ArgumentParser:
     how it states its uncertainty."""
     p = argparse.ArgumentParser(add_help=False)
     p.add_argument("--ensemble", type=positive_int, default=5, metavar="K",
-                   help="average the best 1..K trials' probabilities and keep the k with the best "
-                        "val AUC, fewest on a tie (default: 5; 1 = the best trial alone)")
+                   help="weigh the best K trials' probabilities by ensemble selection "
+                        "(Caruana's, minimising val log-loss) (default: 5; 1 = the best trial "
+                        "alone)")
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on val so the probabilities match observed "
                         "frequencies; applied in the export (default: off)")
