@@ -11,11 +11,12 @@ with air (0) to exactly 512 x 512, and writes two variants of the same pixels:
   sBIT chunk of 12 and the samples scaled to 16 bits the way the PNG spec says (left bit
   replication), so ctscan's decoder takes its sBIT path (shift right by 4, 0..4095 -> 0..255).
   The lowest 4 of the 12 bits are random, as CT noise is, so the files compress like real ones.
-Both are saved at zlib level 1 (OpenCV's imwrite default): inflating barely depends on the
-level, and drawing 10k slices takes minutes rather than most of an hour. Slices are generated
-once, untimed, into DIR (default ~/.cache/ctscan-bench/ct512, outside the repository), patient by
-patient from one fixed plan, so a larger size only draws the patients it adds and every size
-reads the same files: size N is the first N/2 slices of each class.
+Both are saved at zlib level 1 (OpenCV's imwrite default), which draws 10k slices in minutes
+rather than most of an hour; Pillow inflates these files about 25% slower than the same pixels
+at level 6, so the decoder's share errs high, never low. Slices are generated once, untimed,
+into DIR (default ~/.cache/ctscan-bench/ct512, outside the repository), patient by patient from
+one fixed plan, so a larger size only draws the patients it adds and every size reads the same
+files: size N is the first N/2 slices of each class.
 
 Each size starts with a fresh, empty cache at the default training size (224 px, TrainConfig's
 image_size), and each stage runs in its own process, as a user's commands and a search's trials
@@ -31,10 +32,11 @@ Indented a second level are parts of a part, shown to see where time goes, not a
 Per file, the question is how much of inspect is the decoder and how much is ctscan's own work.
 ctscan hashes in one thread, then decodes in a pool of os.cpu_count() threads, so its cost is
 given as core time: each phase's wall time x the threads it keeps busy, per file. Beside it,
-in the same run and on the same files (spread over the largest size), the decoder alone in a
-tight loop: Pillow's open + load + resize to 224 (bare), and ctscan's own decode_frames (read
-the bytes, decode, bit-depth rules, pad to 224) in one thread and in a pool of as many threads
-as inspect uses (wall x threads / files, so both cores' contention is priced in as inspect's).
+right after each size's inspect and on its files (up to 1000, spread over them), the decoder
+alone in a tight loop: Pillow's open + load + resize to 224 (bare), and ctscan's own
+decode_frames (read the bytes, decode, bit-depth rules, pad to 224) in one thread and in a pool
+of as many threads as inspect uses (wall x threads / files, so both cores' contention is priced
+in as in inspect's decode pass).
 "Everything else" is inspect's core time minus the pooled decode_frames.
 
 Peak RSS is each stage process's high-water mark (VmHWM) above what its imports already held,
@@ -313,11 +315,15 @@ def run_child(*args: str) -> dict:
     return json.loads(child.stdout.splitlines()[-1])
 
 
-def measure_size(manifest: Path) -> list[dict]:
-    """The three stages on one dataset, each in a fresh process, on one fresh cache."""
+def measure_size(manifest: Path) -> tuple[list[dict], dict]:
+    """The three stages on one dataset, each in a fresh process, on one fresh cache, and the
+    decoder alone on its files right after inspect (a shared machine's load drifts)."""
     warm_page_cache(read_manifest(manifest))
     with tempfile.TemporaryDirectory() as cache:
-        return [run_child("--stage", stage, str(manifest), cache) for stage in STAGES]
+        stages = [run_child("--stage", STAGES[0], str(manifest), cache)]
+        decoder = run_child("--decoder", str(manifest))
+        stages += [run_child("--stage", stage, str(manifest), cache) for stage in STAGES[1:]]
+        return stages, decoder
 
 
 def fit(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
@@ -342,7 +348,7 @@ def wait_until_quiet(threshold: float) -> None:
               "measuring anyway (figures inflated by other work)")
 
 
-def report_variant(variant: str, by_size: list[list[dict]], decoder: dict) -> float:
+def report_variant(variant: str, by_size: list[list[dict]], decoders: list[dict]) -> float:
     """Prints one variant's tables; returns its extrapolated inspect + split seconds at 431k."""
     sizes = [stages[0]["n"] for stages in by_size]
     print(f"\n== {VARIANTS[variant]}, {SOURCE_SIZE} x {SOURCE_SIZE}, cached at {IMAGE_SIZE} px ==")
@@ -357,7 +363,7 @@ def report_variant(variant: str, by_size: list[list[dict]], decoder: dict) -> fl
             print(f"{part:36}" + "".join(f"{s:9.2f}" for s in seconds)
                   + f"{exponent:9.2f}{at_target:9.0f}")
 
-    threads = decoder["threads"]
+    threads = decoders[0]["threads"]
     print(f"per file, ms of core time (1 thread while hashing, {threads} while decoding):")
     print(f"{'':36}" + "".join(f"{n:>9}" for n in sizes))
     inspect = [stages[0] for stages in by_size]
@@ -375,15 +381,17 @@ def report_variant(variant: str, by_size: list[list[dict]], decoder: dict) -> fl
     for name, values in rows.items():
         print(f"{name:36}" + "".join(f"{v * 1e3:9.2f}" for v in values))
     core = rows["  inspect's load, core time"]
-    pooled = decoder["ctscan_pooled"] / 1e3
-    print(f"{'  of which the decoder (pooled)':36}" + f"{pooled * 1e3:9.2f}" * len(sizes))
-    print(f"{'  everything else (ours)':36}" + "".join(f"{(c - pooled) * 1e3:9.2f}" for c in core))
-    print(f"the decoder alone, tight loop over {decoder['files']} of the same files "
+    pooled = [d["ctscan_pooled"] / 1e3 for d in decoders]
+    print(f"{'  of which the decoder (pooled)':36}" + "".join(f"{p * 1e3:9.2f}" for p in pooled))
+    print(f"{'  everything else (ours)':36}"
+          + "".join(f"{(c - p) * 1e3:9.2f}" for c, p in zip(core, pooled, strict=True)))
+    print(f"the decoder alone, tight loop over up to {DECODER_FILES} of the same files "
           "(page cache), ms per file:")
-    print(f"  Pillow open + load + resize to {IMAGE_SIZE}, 1 thread   {decoder['pillow']:6.2f}")
-    print(f"  ctscan decode_frames (read, decode, pad), 1 thread  {decoder['ctscan']:6.2f}")
-    print(f"  ctscan decode_frames, {threads} threads (wall x {threads} / n)  "
-          f"{decoder['ctscan_pooled']:6.2f}")
+    print(f"{'':36}" + "".join(f"{n:>9}" for n in sizes))
+    for key, name in (("pillow", "  Pillow open+load+resize, 1 thread"),
+                      ("ctscan", "  ctscan decode_frames, 1 thread"),
+                      ("ctscan_pooled", f"  decode_frames, {threads} threads (x{threads}/n)")):
+        print(f"{name:36}" + "".join(f"{d[key]:9.2f}" for d in decoders))
 
     imports = by_size[0][0]["baseline_rss"] / 2**20
     print(f"peak RSS of each stage's process above what its imports held ({imports:.0f} MiB), "
@@ -438,9 +446,9 @@ def main() -> None:
     totals = {}
     for variant in args.variants:
         manifests = [write_manifest(data / variant, manifest_rows(plan, n)) for n in sizes]
-        by_size = [measure_size(manifest) for manifest in manifests]
-        decoder = run_child("--decoder", str(manifests[-1]))
-        totals[variant] = report_variant(variant, by_size, decoder)
+        measured = [measure_size(manifest) for manifest in manifests]
+        totals[variant] = report_variant(variant, [stages for stages, _ in measured],
+                                         [decoder for _, decoder in measured])
         sys.stdout.flush()
     print(f"\nload average at end: {load_average()}")
     print(f"goals: exponent <= {GOAL_EXPONENT} per stage; inspect + split for 431k < "
