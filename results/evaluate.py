@@ -267,13 +267,6 @@ def score_patients(choice: dict, y: np.ndarray, prob: np.ndarray, groups: np.nda
     return entry, patients
 
 
-def calibration(y_val: np.ndarray, prob_val: np.ndarray, calibrate: bool
-                ) -> tuple[float, str | None]:
-    """The temperature of these val probabilities, and why none is applied when asked for
-    (None when it is, or when calibration was not asked for)."""
-    return fit_temperature(y_val, prob_val) if calibrate else (1.0, None)
-
-
 def _compared_weights(choice: dict) -> list[float]:
     """The model the chosen one is compared with: the search's best trial alone, or when that is
     the chosen model, the equal mean of every candidate."""
@@ -286,7 +279,8 @@ def _fixed_on_val(y_val: np.ndarray, member_val: list[np.ndarray], weights: Sequ
                   calibrate: bool, threshold: float | None) -> dict:
     """One model fixed on val: its weights, temperature (and why none), val probabilities and
     threshold."""
-    temperature, not_calibrated = calibration(y_val, combine(member_val, weights), calibrate)
+    temperature, not_calibrated = (fit_temperature(y_val, combine(member_val, weights))
+                                   if calibrate else (1.0, None))
     prob_val = combine(member_val, weights, temperature)
     return {"weights": list(weights), "k": sum(w > 0 for w in weights),
             "temperature": temperature, "not_calibrated": not_calibrated, "prob_val": prob_val,
