@@ -12,16 +12,23 @@ hold, so every slice of a scan gets the same scale:
 - signed integers are read as Hounsfield units in the window -1024..3071 (see HU_WINDOW);
 - floats must be finite and within 0..1 (0 black, 1 white); others are refused, not stretched.
 An image whose every pixel holds the same value carries no picture and is refused too.
+
+The common case, a grayscale 8- or 16-bit PNG (COVIDx CT's slices, most CT exports), is read with
+libpng through imagecodecs, which returns the same samples as Pillow in about 20% less time;
+everything else, and any PNG libpng refuses, goes through Pillow.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import struct
 import warnings
+import zlib
 from dataclasses import dataclass
 
+import imagecodecs
 import numpy as np
 from PIL import Image, ImageOps
 
@@ -35,6 +42,15 @@ _WIDE_MODES = {"I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
 # decode exactly like the same slice exported as unsigned 12-bit, whatever either one holds.
 HU_WINDOW = (-1024, 3071)
 _TIFF_BITS_PER_SAMPLE, _TIFF_SAMPLE_FORMAT, _TIFF_UNSIGNED = 258, 339, 1
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+_PNG_GRAY = 0  # IHDR colour type
+# The chunks of a PNG that libpng and Pillow read to the same samples: no palette, no
+# transparency, no animation, and no orientation, which Pillow takes from eXIf and from the
+# text chunks below (ImageOps.exif_transpose); a file with any other chunk goes through Pillow.
+_PLAIN_PNG_CHUNKS = {b"IHDR", b"IDAT", b"IEND", b"sBIT", b"gAMA", b"cHRM", b"sRGB", b"iCCP",
+                     b"pHYs", b"tIME", b"tEXt", b"zTXt", b"iTXt"}
+_PNG_TEXT_CHUNKS = {b"tEXt", b"zTXt", b"iTXt"}
+_ORIENTATION_KEYWORDS = {b"Raw profile type exif", b"XML:com.adobe.xmp"}
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,10 @@ def decode_image(data: bytes, size: int, resize: str = "pad") -> Decoded:
         raise ValueError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if not data:
         raise ValueError("empty file (0 bytes)")
+    return _decode_gray_png(data, size, resize) or _decode_with_pillow(data, size, resize)
+
+
+def _decode_with_pillow(data: bytes, size: int, resize: str) -> Decoded:
     with warnings.catch_warnings():
         # Pillow only warns between 1x and 2x MAX_IMAGE_PIXELS; a CT slice that large is an attack
         # or a mistake either way.
@@ -69,6 +89,61 @@ def decode_image(data: bytes, size: int, resize: str = "pad") -> Decoded:
             gray = _to_gray(ImageOps.exif_transpose(img), bits, shift)
     return Decoded(fit_square(gray, size, resize), mode, width, height, bits,
                    peak if bits == 16 else None)
+
+
+def _decode_gray_png(data: bytes, size: int, resize: str) -> Decoded | None:
+    """A plain grayscale 8- or 16-bit PNG (see _plain_gray_png) read by libpng, as Pillow would
+    read it: same samples, bit-depth rules, refusals and Decoded fields. None for any other file,
+    and for one libpng refuses, so that Pillow decodes it or says why not, in its own words."""
+    header = _plain_gray_png(data)
+    if header is None:
+        return None
+    width, height, depth = header
+    try:
+        samples = imagecodecs.png_decode(data)
+    except Exception:  # noqa: BLE001 - whatever libpng refuses, Pillow is asked next
+        return None
+    if samples.shape != (height, width):
+        return None
+    low, high = int(samples.min()), int(samples.max())
+    if low == high:
+        raise ValueError(f"constant image: every pixel is {low}")
+    if depth == 8:
+        return Decoded(fit_square(Image.fromarray(samples), size, resize), "L", width, height, 8)
+    significant = _png_significant_bits(data)
+    bits = significant or 16
+    gray = _unsigned_to_uint8(samples, bits, 16 - bits)
+    return Decoded(fit_square(Image.fromarray(gray), size, resize), "I;16", width, height, bits,
+                   high if bits == 16 else None)
+
+
+def _plain_gray_png(data: bytes) -> tuple[int, int, int] | None:
+    """(width, height, bit depth) of a grayscale, non-interlaced 8- or 16-bit PNG that holds only
+    _PLAIN_PNG_CHUNKS, whose chunks other than IDAT pass their CRC (Pillow refuses a file where
+    they do not) and whose size Pillow would not take for a decompression bomb; else None."""
+    if not data.startswith(_PNG_SIGNATURE + b"\x00\x00\x00\x0dIHDR") or len(data) < 33:
+        return None
+    width, height, depth, colour, _, _, interlace = struct.unpack(">IIBBBBB", data[16:29])
+    if colour != _PNG_GRAY or depth not in (8, 16) or interlace:
+        return None
+    if Image.MAX_IMAGE_PIXELS is not None and width * height > Image.MAX_IMAGE_PIXELS:
+        return None
+    pos = len(_PNG_SIGNATURE)
+    while pos + 12 <= len(data):
+        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
+        end = pos + 12 + length
+        if kind not in _PLAIN_PNG_CHUNKS or end > len(data):
+            return None
+        if kind != b"IDAT":
+            body = data[pos + 4 : end - 4]
+            if zlib.crc32(body) != struct.unpack(">I", data[end - 4 : end])[0]:
+                return None
+            if kind in _PNG_TEXT_CHUNKS and body[4:].split(b"\0", 1)[0] in _ORIENTATION_KEYWORDS:
+                return None
+        if kind == b"IEND":
+            return width, height, depth
+        pos = end
+    return None
 
 
 def _depth_of(img: Image.Image, data: bytes) -> tuple[int | str, int]:
@@ -123,11 +198,24 @@ def _to_gray(img: Image.Image, bits: int | str, shift: int) -> Image.Image:
     if bits == "HU":
         return Image.fromarray(linear_to_uint8(np.asarray(img), *HU_WINDOW))
     if img.mode in _WIDE_MODES:
-        # int64 holds unsigned 32-bit samples, which Pillow's signed "I" shows as negative.
-        samples = np.asarray(img).astype(np.int64) % (1 << 32) >> shift
-        return Image.fromarray(linear_to_uint8(samples, 0, 2**int(bits) - 1))
+        return Image.fromarray(_unsigned_to_uint8(np.asarray(img), int(bits), shift))
     # Pillow's RGB->L weights sum to exactly 1 in fixed point, so gray RGB maps to the same L.
     return img.convert("RGB").convert("L")
+
+
+def _unsigned_to_uint8(samples: np.ndarray, bits: int, shift: int) -> np.ndarray:
+    """Unsigned samples shifted right by `shift`, their full `bits` range onto 0..255."""
+    if samples.dtype.kind == "u" and samples.dtype.itemsize == 2:
+        return _sixteen_bit_table(bits, shift)[samples]
+    # int64 holds unsigned 32-bit samples, which Pillow's signed "I" shows as negative.
+    return linear_to_uint8(samples.astype(np.int64) % (1 << 32) >> shift, 0, 2**bits - 1)
+
+
+@functools.cache
+def _sixteen_bit_table(bits: int, shift: int) -> np.ndarray:
+    """What _unsigned_to_uint8 makes of each of the 65,536 16-bit samples: looking a slice up in
+    it takes half the time of the arithmetic, with the same result by construction."""
+    return _unsigned_to_uint8(np.arange(1 << 16, dtype=np.int64), bits, shift)
 
 
 def _refuse_non_finite(a: np.ndarray) -> None:

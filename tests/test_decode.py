@@ -1,12 +1,20 @@
+import re
 import struct
 import zlib
 
+import imagecodecs
 import numpy as np
 import pytest
 from helpers import png_bytes, png_chunk, png_with_sbit, smooth_image, tiff_bytes
 from PIL import Image
 
-from data_utils.decode import decode_failure, decode_image
+from data_utils.decode import (
+    Decoded,
+    _decode_with_pillow,
+    _plain_gray_png,
+    decode_failure,
+    decode_image,
+)
 
 
 @pytest.fixture
@@ -201,3 +209,103 @@ def test_a_decode_failure_reads_the_same_on_every_run():
             reasons.add(decode_failure(e))
     [reason] = reasons
     assert reason == "UnidentifiedImageError: cannot identify image file"
+
+
+def _same_as_pillow(data: bytes) -> Decoded:
+    """decode_image's result, checked field by field against Pillow's reading of the file."""
+    decoded, pillows = decode_image(data, 32), _decode_with_pillow(data, 32, "pad")
+    np.testing.assert_array_equal(decoded.pixels, pillows.pixels)
+    assert (decoded.mode, decoded.width, decoded.height, decoded.bits, decoded.peak) == (
+        pillows.mode, pillows.width, pillows.height, pillows.bits, pillows.peak)
+    return decoded
+
+
+def _with_chunks(png: bytes, *chunks: bytes) -> bytes:
+    return png[:33] + b"".join(chunks) + png[33:]  # after the signature and IHDR
+
+
+def _split_idat(png: bytes, size: int) -> bytes:
+    """The same PNG with its image data in IDAT chunks of `size` bytes, as libpng writes them."""
+    start = png.index(b"IDAT") - 4
+    end = png.index(b"IEND") - 4
+    stream = b"".join(png[i + 8 : i + 8 + struct.unpack(">I", png[i : i + 4])[0]]
+                      for i in _chunk_offsets(png[start:end], start))
+    return png[:start] + b"".join(png_chunk(b"IDAT", stream[i : i + size])
+                                  for i in range(0, len(stream), size)) + png[end:]
+
+
+def _chunk_offsets(chunks: bytes, base: int) -> list[int]:
+    offsets, pos = [], 0
+    while pos < len(chunks):
+        offsets.append(base + pos)
+        pos += 12 + struct.unpack(">I", chunks[pos : pos + 4])[0]
+    return offsets
+
+
+@pytest.mark.parametrize("variant", ["8-bit", "16-bit", "16-bit sBIT 12", "ancillary chunks",
+                                     "many IDATs", "libpng's own 8-bit", "libpng's own 16-bit"])
+def test_plain_gray_pngs_are_read_by_libpng_exactly_as_by_pillow(gray, variant):
+    wide = gray.astype(np.uint16) * 257 ^ np.arange(gray.size, dtype=np.uint16).reshape(
+        gray.shape) % 16  # the low bits vary, as a scanner's noise does
+    data = {
+        "8-bit": lambda: png_bytes(Image.fromarray(gray)),
+        "16-bit": lambda: png_bytes(Image.fromarray(wide)),
+        "16-bit sBIT 12": lambda: png_with_sbit(wide >> 4 << 4, 12),
+        "ancillary chunks": lambda: _with_chunks(
+            png_bytes(Image.fromarray(gray)), png_chunk(b"gAMA", struct.pack(">I", 45455)),
+            png_chunk(b"pHYs", struct.pack(">IIB", 2835, 2835, 1)),
+            png_chunk(b"tEXt", b"Software\0a CT exporter")),
+        "many IDATs": lambda: _split_idat(png_bytes(Image.fromarray(gray)), 97),
+        "libpng's own 8-bit": lambda: imagecodecs.png_encode(gray),
+        "libpng's own 16-bit": lambda: imagecodecs.png_encode(wide),
+    }[variant]()
+    assert _plain_gray_png(data) is not None, "the file should take the libpng path"
+    decoded = _same_as_pillow(data)
+    assert decoded.bits == (12 if "sBIT" in variant else 16 if "16" in variant else 8)
+
+
+def _xmp_orientation(orientation: int) -> bytes:
+    xmp = (f'<x:xmpmeta xmlns:x="adobe:ns:meta/"><rdf:RDF xmlns:rdf="http://www.w3.org/1999/'
+           f'02/22-rdf-syntax-ns#"><rdf:Description xmlns:tiff="http://ns.adobe.com/tiff/1.0/" '
+           f'tiff:Orientation="{orientation}"/></rdf:RDF></x:xmpmeta>')
+    return png_chunk(b"iTXt", b"XML:com.adobe.xmp\0\0\0\0\0" + xmp.encode())
+
+
+def _exif_orientation(orientation: int) -> bytes:
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return png_chunk(b"eXIf", exif.tobytes())
+
+
+@pytest.mark.parametrize("variant, why", [
+    ("eXIf orientation", "Pillow turns the slice upright"),
+    ("XMP orientation", "Pillow turns the slice upright"),
+    ("tRNS", "transparency"),
+    ("RGB", "colour"),
+    ("bad sBIT CRC", "Pillow refuses a damaged header chunk"),
+    ("bad IDAT CRC", "libpng refuses it; Pillow reads it"),
+])
+def test_other_pngs_go_through_pillow(gray, variant, why):
+    plain = png_bytes(Image.fromarray(gray))
+    data = {
+        "eXIf orientation": lambda: _with_chunks(plain, _exif_orientation(6)),
+        "XMP orientation": lambda: _with_chunks(plain, _xmp_orientation(6)),
+        "tRNS": lambda: _with_chunks(plain, png_chunk(b"tRNS", struct.pack(">H", 0))),
+        "RGB": lambda: png_bytes(Image.fromarray(gray).convert("RGB")),
+        "bad sBIT CRC": lambda: _with_chunks(png_bytes(Image.fromarray(gray.astype(np.uint16))),
+                                             png_chunk(b"sBIT", b"\x0c")[:-1] + b"\0"),
+        "bad IDAT CRC": lambda: plain[: plain.index(b"IEND") - 8] + b"\0\0\0\0"
+                                + plain[plain.index(b"IEND") - 4 :],
+    }[variant]()
+    if variant != "bad IDAT CRC":  # its header is plain; libpng refuses it while decoding
+        assert _plain_gray_png(data) is None, why
+    try:
+        expected = _decode_with_pillow(data, 32, "pad")
+    except Exception as e:  # noqa: BLE001 - then decode_image must fail with Pillow's words
+        with pytest.raises(type(e), match=re.escape(decode_failure(e).split(": ", 1)[1])):
+            decode_image(data, 32)
+        return
+    decoded = _same_as_pillow(data)
+    np.testing.assert_array_equal(decoded.pixels, expected.pixels)
+    if "orientation" in variant:  # turned a quarter, which libpng alone would not do
+        np.testing.assert_array_equal(decode_image(data, len(gray)).pixels, np.rot90(gray, -1))

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from data_utils.cache import transient_failure
-from data_utils.decode import decode_image
+from data_utils.decode import _decode_with_pillow, _plain_gray_png, decode_failure, decode_image
 
 # Small and few: the whole file runs in a few seconds; the full suite is near its time budget.
 FAST = settings(max_examples=60, deadline=None, derandomize=True,
@@ -107,6 +107,32 @@ def damaged_files(draw) -> bytes:
 @given(damaged_files())
 def test_damaged_files_never_crash_differently(data):
     _assert_decoded(data, 8, "stretch")
+
+
+def _outcome(decode, data: bytes) -> tuple:
+    """What a decoder made of the bytes: every field of Decoded, or the error it raised."""
+    try:
+        d = decode(data, 13, "pad")
+    except Exception as e:  # noqa: BLE001 - the property compares whatever happens
+        return decode_failure(e)
+    return d.pixels.tobytes(), d.mode, d.width, d.height, d.bits, d.peak
+
+
+@pytest.mark.filterwarnings("ignore:(Corrupt EXIF|Tag data|Possibly corrupt):UserWarning")
+@FAST
+@given(encoded_images() | damaged_files().map(lambda data: (data, None)))
+def test_libpng_and_pillow_decode_every_file_alike(encoded):
+    """decode_image reads plain gray PNGs with libpng and all else with Pillow: either way, a
+    file yields what Pillow alone made of it before, down to the error it raises."""
+    data, _ = encoded
+    assert _outcome(decode_image, data) == _outcome(_decode_with_pillow, data)
+
+
+def test_the_generated_files_reach_libpng():
+    """Guards the property above: the 8- and 16-bit gray files it draws take the libpng path."""
+    pixels = np.arange(6, dtype=np.uint8).reshape(2, 3)
+    assert _plain_gray_png(png_bytes(Image.fromarray(pixels))) == (3, 2, 8)
+    assert _plain_gray_png(png_with_sbit(pixels.astype(np.uint16) * 257, 12)) == (3, 2, 16)
 
 
 def _as(pixels: np.ndarray, layout: str) -> bytes:
