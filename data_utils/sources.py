@@ -212,6 +212,7 @@ def _read_manifest(manifest: Path, key: bytes) -> list[Sample]:
         if "path" not in columns or "label" not in columns:
             raise DataError(f"{manifest}: header must be path,label[,group]; found {columns}")
         samples, line_of, folders = [], {}, {}
+        inside = os.path.join(root, "")  # the root with one trailing separator
         for line_no, row in enumerate(reader, start=2):
             row = {k.strip(): (v or "").strip() for k, v in row.items() if k is not None}
             if not row["path"] or not row["label"]:
@@ -220,9 +221,9 @@ def _read_manifest(manifest: Path, key: bytes) -> list[Sample]:
                 path = _resolve(root, row["path"], folders)
             except RuntimeError as e:  # Python < 3.13 raises this for a symlink loop
                 raise DataError(f"{manifest}:{line_no}: path {row['path']!r}: {e}") from e
-            if not path.is_relative_to(root):
+            rel = _relative(path, inside)
+            if rel is None:
                 raise DataError(f"{manifest}:{line_no}: path {row['path']!r} escapes {root}")
-            rel = path.relative_to(root).as_posix()
             if path in line_of:
                 raise DataError(f"{manifest}:{line_of[path]} and :{line_no} both list {rel}")
             line_of[path] = line_no
@@ -243,6 +244,16 @@ def _resolve(root: Path, listed: str, folders: dict[str, Path]) -> Path:
         folders[folder] = (root / folder).resolve()
     path = folders[folder] / name
     return path.resolve() if path.is_symlink() else path
+
+
+def _relative(path: Path, inside: str) -> str | None:
+    """path below the folder `inside` (which ends in a separator) as a POSIX relative path, "."
+    for the folder itself; None outside it. Path.relative_to does the same in ten times the
+    time, which on a manifest of 400k rows is seconds."""
+    text = str(path)
+    if text == inside.rstrip(os.sep) or text == inside:
+        return "."
+    return text.removeprefix(inside).replace(os.sep, "/") if text.startswith(inside) else None
 
 
 def _order_classes(names: list[str], positive_class: str | None, where: str) -> tuple[str, str]:

@@ -112,3 +112,22 @@ def test_manifest_listing_a_file_twice_is_refused(tmp_path):
             "./img/../img/1.png,covid,d"]
     with pytest.raises(DataError, match=r"manifest.csv:3 and :5 both list img/1.png$"):
         discover(_write_manifest(tmp_path, rows))
+
+
+def test_manifest_symlinks_are_followed_and_refused_when_they_lead_out(tmp_path):
+    """Folders are resolved once per manifest, files only when they are links: either way a path
+    is judged by where it really lies."""
+    inner, outside = tmp_path / "data", tmp_path / "elsewhere"
+    (inner / "img").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret.png").write_bytes(b"")
+    (inner / "img" / "real.png").write_bytes(b"")
+    (inner / "img" / "link.png").symlink_to(outside / "secret.png")
+    (inner / "linked").symlink_to(outside)
+    (inner / "img" / "alias.png").symlink_to(inner / "img" / "real.png")
+    for listed in ("img/link.png", "linked/secret.png"):
+        manifest = _write_manifest(inner, [f"{listed},covid,a", "img/real.png,normal,b"])
+        with pytest.raises(DataError, match=f"manifest.csv:2: path '{listed}' escapes"):
+            discover(manifest)
+    manifest = _write_manifest(inner, ["img/alias.png,covid,a", "img/../img/x.png,normal,b"])
+    assert [s.rel for s in discover(manifest).samples] == ["img/real.png", "img/x.png"]
