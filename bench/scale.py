@@ -33,7 +33,8 @@ Per file, the question is how much of inspect is the decoder and how much is cts
 ctscan hashes in one thread, then decodes in a pool of os.cpu_count() threads, so its cost is
 given as core time: each phase's wall time x the threads it keeps busy, per file. Beside it,
 right after each size's inspect and on its files (up to 1000, spread over them), the decoder
-alone in a tight loop: Pillow's open + load + resize to 224 (bare), and ctscan's own
+alone in a tight loop: Pillow's open + load + resize to 224 and libpng's decode (imagecodecs,
+which ctscan uses for gray PNGs) + the same resize (both bare), and ctscan's own
 decode_frames (read the bytes, decode, bit-depth rules, pad to 224) in one thread and in a pool
 of as many threads as inspect uses (wall x threads / files, so both cores' contention is priced
 in as in inspect's decode pass).
@@ -267,8 +268,10 @@ def measure_stage(stage: str, manifest: Path, cache: Path) -> dict:
 
 def measure_decoder(manifest: Path) -> dict:
     """The decoder alone on up to DECODER_FILES files spread over the manifest, in tight loops:
-    ms per file of bare Pillow, of ctscan's decode_frames in one thread, and of decode_frames in
-    a pool of os.cpu_count() threads (wall x threads / files, as inspect's decode pass)."""
+    ms per file of bare Pillow, of bare libpng (imagecodecs) with Pillow's resize, of ctscan's
+    decode_frames in one thread, and of decode_frames in a pool of os.cpu_count() threads
+    (wall x threads / files, as inspect's decode pass)."""
+    import imagecodecs
     from PIL import Image
 
     from data_utils.volumes import decode_frames
@@ -277,12 +280,18 @@ def measure_decoder(manifest: Path) -> dict:
     files = files[:: max(1, len(files) // DECODER_FILES)][:DECODER_FILES]
     warm_page_cache(files)
 
+    def resize(img: Image.Image) -> None:
+        scale = IMAGE_SIZE / max(img.size)
+        img.resize((round(img.width * scale), round(img.height * scale)),
+                   Image.Resampling.BILINEAR)
+
     def pillow(path: Path) -> None:
         with Image.open(path) as img:
             img.load()
-            scale = IMAGE_SIZE / max(img.size)
-            img.resize((round(img.width * scale), round(img.height * scale)),
-                       Image.Resampling.BILINEAR)
+            resize(img)
+
+    def libpng(path: Path) -> None:
+        resize(Image.fromarray(imagecodecs.png_decode(path.read_bytes())))
 
     def ctscan(path: Path) -> None:
         decode_frames(path.name, path.read_bytes(), IMAGE_SIZE, "pad")
@@ -301,7 +310,8 @@ def measure_decoder(manifest: Path) -> dict:
 
     threads = os.cpu_count() or 1
     return {"files": len(files), "threads": threads,
-            "pillow": per_file_ms(pillow, 1), "ctscan": per_file_ms(ctscan, 1),
+            "pillow": per_file_ms(pillow, 1), "libpng": per_file_ms(libpng, 1),
+            "ctscan": per_file_ms(ctscan, 1),
             "ctscan_pooled": per_file_ms(ctscan, threads)}
 
 
@@ -389,6 +399,7 @@ def report_variant(variant: str, by_size: list[list[dict]], decoders: list[dict]
           "(page cache), ms per file:")
     print(f"{'':36}" + "".join(f"{n:>9}" for n in sizes))
     for key, name in (("pillow", "  Pillow open+load+resize, 1 thread"),
+                      ("libpng", "  libpng decode+Pillow resize, 1 th."),
                       ("ctscan", "  ctscan decode_frames, 1 thread"),
                       ("ctscan_pooled", f"  decode_frames, {threads} threads (x{threads}/n)")):
         print(f"{name:36}" + "".join(f"{d[key]:9.2f}" for d in decoders))
