@@ -271,16 +271,21 @@ def cmd_tune(args: argparse.Namespace) -> int:
 
     from tuning.records import SearchFailed
 
+    # A Ray the caller started (a notebook, a test session) is left running; one this command
+    # started is shut down, also after an error, so a caller in the same process can start Ray
+    # afresh.
+    joined = ray.is_initialized()
     try:
-        return _tune(args)
+        return _tune(args, joined)
     except SearchFailed as e:  # the input was fine; the search itself produced nothing
         print(f"ctscan: search failed: {e}", file=sys.stderr)
         return 1
-    finally:  # also after an error, so a caller in the same process can start Ray afresh
-        ray.shutdown()
+    finally:
+        if not joined:
+            ray.shutdown()
 
 
-def _tune(args: argparse.Namespace) -> int:
+def _tune(args: argparse.Namespace, joined: bool) -> int:
     import ray
 
     from ctmodels import check_weights
@@ -336,7 +341,8 @@ def _tune(args: argparse.Namespace) -> int:
         print(start_tensorboard(options.run_dir))
     start_ray(args.address)
     best = run_search(options, data, resume=restore)
-    ray.shutdown()
+    if not joined:  # its memory and cores go to the evaluation
+        ray.shutdown()
     print(f"best trial {best['trial_id']} (epoch {best['best_epoch']}): "
           f"val AUC {best['val_metrics']['val_auc']:.4f}, val accuracy "
           f"{best['val_metrics']['val_accuracy']:.3f}; {best['trials']} trials, "

@@ -1,12 +1,18 @@
-"""Shared fixtures: the real sample when present, an S3 server and bucket, an isolated cache."""
+"""Shared fixtures: the real sample when present, an S3 server and bucket, one Ray for the
+session, an isolated cache."""
 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
-from helpers import SAMPLE
+from helpers import SAMPLE, s3_environment, start_ray_cluster
+
+if TYPE_CHECKING:  # Ray takes a second to import: only the tests that use it pay for it
+    from ray.cluster_utils import Cluster
 
 
 @pytest.fixture(autouse=True)
@@ -36,15 +42,37 @@ def s3_endpoint():
     server.stop()
 
 
+@pytest.fixture(scope="session")
+def ray_cluster(s3_endpoint) -> Iterator[Cluster]:
+    """One 2-CPU, no-GPU Ray for the whole session (as on CI, whatever this machine has): every
+    in-process search joins it instead of starting its own."""
+    import ray
+
+    cluster = start_ray_cluster(s3_endpoint, {"num_cpus": 2, "num_gpus": 0})
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def local_ray(ray_cluster) -> Cluster:
+    """This process joined to the session's Ray. It stays joined after the module, for the next
+    one; a module that joins another cluster (test_search_cluster) leaves it first, and the next
+    module to ask joins again."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=ray_cluster.address, include_dashboard=False, log_to_driver=False)
+    return ray_cluster
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint, monkeypatch, request) -> str:
     """s3://BUCKET of a fresh bucket; the endpoint and test credentials are in the environment,
     where pyarrow, Ray (started after this fixture) and subprocesses find them."""
     import boto3
 
-    for key, value in {"AWS_ENDPOINT_URL": s3_endpoint, "AWS_ACCESS_KEY_ID": "testing",
-                       "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-                       "AWS_EC2_METADATA_DISABLED": "true"}.items():
+    for key, value in s3_environment(s3_endpoint).items():
         monkeypatch.setenv(key, value)
     name = re.sub(r"[^a-z0-9]+", "-", request.node.name.lower())[:50].strip("-")
     boto3.client("s3").create_bucket(Bucket=name)

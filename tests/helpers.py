@@ -8,11 +8,16 @@ import os
 import struct
 import zlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
+import pytest
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from tensorboard.plugins.hparams import plugin_data_pb2
+
+if TYPE_CHECKING:  # Ray takes a second to import: only the tests that use it pay for it
+    from ray.cluster_utils import Cluster
 
 REPO = Path(__file__).resolve().parents[1]
 SAMPLE = Path(os.environ.get("CTSCAN_SAMPLE_DIR", REPO.parent / "shared/data/sarscov2-ct-sample"))
@@ -52,6 +57,28 @@ def tree_snapshot(root: Path) -> dict[str, tuple[int, str]]:
     return {str(p.relative_to(root)): (p.lstat().st_mtime_ns, hashlib.sha256(
                 p.read_bytes() if p.is_file() else b"").hexdigest())
             for p in [root, *sorted(root.rglob("*"))]}
+
+
+def s3_environment(endpoint: str) -> dict[str, str]:
+    """The variables that point boto3, pyarrow and Ray's workers at the test server."""
+    return {"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "testing",
+            "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true"}
+
+
+def start_ray_cluster(s3_endpoint: str, head: dict, *workers: dict) -> Cluster:
+    """A local Ray cluster of a head and worker nodes (each given as ray.init's resources) whose
+    workers reach the S3 test server: they inherit the environment of their node's raylet, set
+    here, not the one of the test that later joins the cluster."""
+    from ray.cluster_utils import Cluster
+
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in s3_environment(s3_endpoint).items():
+            patch.setenv(key, value)
+        cluster = Cluster(initialize_head=True, head_node_args=head)
+        for node in workers:
+            cluster.add_node(**node)
+    return cluster
 
 
 def bucket_keys(bucket: str, prefix: str = "") -> list[str]:

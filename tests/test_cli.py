@@ -135,7 +135,7 @@ def test_train_refuses_config_values_out_of_range_before_writing(tmp_path, overr
     assert not (tmp_path / "run").exists()
 
 
-def test_a_time_budget_ends_the_search_which_is_still_scored(tmp_path, capsys):
+def test_a_time_budget_ends_the_search_which_is_still_scored(tmp_path, local_ray, capsys):
     """No --search-space and no GPU: the CPU space, which starts with the recipe; the budget
     stops the search long before 200 trials, and the winner is scored and exported as usual."""
     from tuning.space import CPU_SPACE
@@ -256,9 +256,8 @@ def test_ctrl_c_ends_a_search_resumable_and_never_scores_it(tmp_path):
     assert list(run.glob("experiment_state-*.json"))  # what --resume restores from
 
 
-def test_a_search_interrupted_before_its_first_trial_is_resumed_or_its_name_reused(tmp_path,
-                                                                                    monkeypatch,
-                                                                                    capsys):
+def test_a_search_interrupted_before_its_first_trial_is_resumed_or_its_name_reused(
+        tmp_path, local_ray, monkeypatch, capsys):
     """Ctrl-C during Ray's start-up leaves search.json and split.json but no Ray Tune state."""
     import tuning.search
 

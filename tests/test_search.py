@@ -3,12 +3,12 @@
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
-import ray
 import torch
 from helpers import hparams_data, read_events, tiny_trial_data
 from tensorboard.plugins.hparams import api_pb2, metadata
@@ -141,17 +141,26 @@ def test_lists_travel_as_json_and_start_up_trials_scale_with_the_budget():
     assert [startup_trials(n) for n in (4, 8, 12, 20, 32, 100)] == [2, 2, 3, 4, 7, 10]
 
 
-@pytest.fixture(scope="module")
-def local_ray():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def recording_trainable(seen: Path) -> Callable:
+    """The real trainable, which first notes in `seen` its process and whether the arrays it was
+    given are read-only views of Ray's shared memory (not private copies)."""
+
+    def record_then_train(params, data, options):
+        arrays = (data.train_images, data.val_images)
+        zero_copy = [not a.flags.writeable and not a.flags.owndata for a in arrays]
+        (seen / str(params[NUMBER])).write_text(json.dumps({"pid": os.getpid(),
+                                                            "zero_copy": zero_copy}))
+        trainable(params, data, options)
+
+    return record_then_train
 
 
 @pytest.fixture(scope="module")
 def demo_search(tmp_path_factory, local_ray):
-    """A finished 6-trial search; the data folder is hidden while it runs."""
+    """A finished 6-trial search; the data folder is hidden while it runs. What each trial saw is
+    noted in the folder `seen` beside the storage path."""
     tmp = tmp_path_factory.mktemp("search")
+    (tmp / "seen").mkdir()
     root = make_demo_data(tmp / "data", n_per_class=40, size=64)
     ds = load_dataset(root, 32, cache_dir=tmp / "cache", progress=False)
     split = split_dataset(ds, seed=0)
@@ -166,7 +175,7 @@ def demo_search(tmp_path_factory, local_ray):
                "positive_class": None})
     prepare_run(options, ds, split)
     data = trial_data(ds, split)
-    best = run_search(options, data)
+    best = run_search(options, data, trainable_fn=recording_trainable(tmp / "seen"))
     hidden.rename(root)  # evaluation, later, reads the test files
     return options, best, ds, split, data
 
@@ -229,6 +238,17 @@ def test_only_the_best_weights_per_trial_are_kept(demo_search):
             "best.pt", "history.json"]
         aucs = [h["val_auc"] for h in trial["history"]]
         assert torch.load(checkpoint, weights_only=True)["epoch"] == aucs.index(max(aucs))
+
+
+def test_trials_read_the_dataset_zero_copy_and_share_worker_processes(demo_search):
+    """Every trial's arrays are read-only views of Ray's shared memory, not private copies; and
+    a worker process runs one trial after another, so 6 trials start fewer than 6 (each import
+    of torch costs seconds)."""
+    options, *_ = demo_search
+    seen = [json.loads(p.read_text())
+            for p in (Path(options.storage_path).parent / "seen").iterdir()]
+    assert len(seen) == 6 and all(s["zero_copy"] == [True, True] for s in seen)
+    assert len({s["pid"] for s in seen}) < 6
 
 
 def test_trials_never_saw_the_test_split(demo_search):
@@ -308,35 +328,41 @@ def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray
     assert epochs == [1, 2, 3]  # resumed after epoch 1, did not start over
 
 
-def test_a_copied_run_folder_evaluates_and_exports_on_its_own(demo_search, tmp_path):
-    """best.json and trials.json name checkpoints relative to the run folder: a copy reads its
-    own, and needs the original no more."""
+@pytest.fixture(scope="module")
+def copied_run(demo_search, tmp_path_factory) -> tuple[Path, dict, Path]:
+    """A copy of the search's run folder (without its results), evaluated once and exported while
+    the original is gone: (the copy, its first metrics.json, the export folder)."""
     options, *_ = demo_search
-    copy = tmp_path / "copied"
-    shutil.copytree(options.run_dir, copy)
-    gone = Path(options.run_dir).rename(tmp_path / "original-gone")
+    tmp = tmp_path_factory.mktemp("copied")
+    copy = tmp / "copied"
+    shutil.copytree(options.run_dir, copy, ignore=shutil.ignore_patterns("results", "export"))
+    gone = Path(options.run_dir).rename(tmp / "original-gone")
     try:
         out = report_run(str(copy), resamples=200, gradcams=0, ensemble=2)
-        assert main(["export", str(copy), "--out", str(tmp_path / "exported")]) == 0
+        assert main(["export", str(copy), "--out", str(tmp / "exported")]) == 0
     finally:
         gone.rename(options.run_dir)  # the module's other tests read the original
     assert out == copy / "results"
-    metrics = json.loads((out / "metrics.json").read_text())
+    return copy, json.loads((out / "metrics.json").read_text()), tmp / "exported"
+
+
+def test_a_copied_run_folder_evaluates_and_exports_on_its_own(copied_run):
+    """best.json and trials.json name checkpoints relative to the run folder: a copy reads its
+    own, and needs the original no more."""
+    _, metrics, exported = copied_run
     assert metrics["ensemble"]["candidates"] == 2  # the runner-up's checkpoint was found too
     assert all(not Path(m["checkpoint"]).is_absolute() for m in metrics["ensemble"]["members"])
-    assert (tmp_path / "exported" / "model.pt").is_file()
+    assert (exported / "model.pt").is_file()
 
 
-def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns(
-        demo_search, tmp_path, capsys):
-    options, *_ = demo_search
-    run = tmp_path / "run"
-    shutil.copytree(options.run_dir, run, ignore=shutil.ignore_patterns("results", "export"))
-    report_run(str(run), resamples=100, gradcams=0, ensemble=2)
+def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns(copied_run,
+                                                                                 capsys):
+    run, first, _ = copied_run
+    assert first["evaluations"]["count"] == 1
     assert "has been scored 1 time**, by this evaluation: the first" in (
         run / "results/report.md").read_text()
     capsys.readouterr()
-    print_results(str(run), report_run(str(run), resamples=100, gradcams=0, ensemble=1))
+    print_results(str(run), report_run(str(run), resamples=200, gradcams=0, ensemble=1))
     err = capsys.readouterr().err
     assert "warning: this test split was scored before with other choices" in err
     assert "--ensemble 2" in err and "report the first evaluation" in err
@@ -461,28 +487,6 @@ def test_a_changed_test_file_stops_evaluation_naming_it(demo_search):
             evaluate_module.evaluate_run(options.run_dir, resamples=10)
     finally:
         victim.write_bytes(original)
-
-
-def test_trials_read_the_dataset_zero_copy_from_the_object_store(tmp_path, local_ray):
-    """Every trial's arrays are read-only views of Ray's shared memory, not private copies."""
-    root, data = tiny_trial_data(tmp_path)
-    (tmp_path / "space.yaml").write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
-    seen = tmp_path / "seen"
-    seen.mkdir()
-
-    def record_then_train(params, data, options):
-        arrays = (data.train_images, data.val_images)
-        flags = [not a.flags.writeable and not a.flags.owndata for a in arrays]
-        (seen / f"{os.getpid()}-{id(data)}").write_text(json.dumps(flags))
-        trainable(params, data, options)
-
-    options = SearchOptions(
-        data=str(root), num_samples=2, max_epochs=1, storage_path=str(tmp_path / "runs"),
-        name="zero-copy", search_space=str(tmp_path / "space.yaml"),
-        base_config={"image_size": 32, "epochs": 1, "num_workers": 1})
-    run_search(options, data, trainable_fn=record_then_train)
-    records = [json.loads(p.read_text()) for p in seen.iterdir()]
-    assert len(records) == 2 and all(flags == [True, True] for flags in records)
 
 
 def test_best_json_describes_its_checkpoint_on_ties_and_failed_trials_are_listed(tmp_path,

@@ -6,8 +6,7 @@ import json
 import boto3
 import pytest
 import ray
-from helpers import bucket_keys, tiny_trial_data
-from ray.cluster_utils import Cluster
+from helpers import bucket_keys, start_ray_cluster, tiny_trial_data
 
 from ctscan.cli import main
 from tuning.cluster import unshared_nodes
@@ -15,10 +14,11 @@ from tuning.records import SearchOptions
 from tuning.search import run_search
 
 
-@pytest.fixture
-def two_gpu_nodes(s3_bucket):  # the bucket first: its endpoint must be set before Ray starts
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "num_gpus": 1})
-    cluster.add_node(num_cpus=1, num_gpus=1)
+@pytest.fixture(scope="module")
+def two_gpu_nodes(s3_endpoint):
+    ray.shutdown()  # this process leaves the session's Ray, if it joined it, for this cluster
+    node = {"num_cpus": 1, "num_gpus": 1}
+    cluster = start_ray_cluster(s3_endpoint, node, node)
     ray.init(address=cluster.address, include_dashboard=False)
     yield cluster
     ray.shutdown()

@@ -27,7 +27,7 @@ def _read(uri: str) -> bytes:
 
 
 def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_trial(
-        tmp_path, s3_bucket, monkeypatch, capsys):
+        tmp_path, s3_bucket, local_ray, monkeypatch, capsys):
     root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
     (tmp_path / "space.yaml").write_text(FAILING_SPACE)
     monkeypatch.chdir(tmp_path)
@@ -82,7 +82,7 @@ def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_tri
     assert float(prob) == round(predictions[0]["prob"], 4)
 
 
-def test_a_search_in_which_no_trial_reports_fails_in_one_line(tmp_path, capsys):
+def test_a_search_in_which_no_trial_reports_fails_in_one_line(tmp_path, local_ray, capsys):
     root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
     # A one-option choice: a space that fixes every key searches nothing and is refused.
     (tmp_path / "space.yaml").write_text("weights: {choice: [/nonexistent/resnet18.pt]}\n")

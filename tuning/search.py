@@ -177,7 +177,12 @@ def _tuner_parts(options: SearchOptions, data: TrialData, trainable_fn: Callable
     tune_config = tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=searcher,
                                   scheduler=scheduler, num_samples=options.num_samples,
                                   time_budget_s=options.time_budget_s,
-                                  trial_dirname_creator=trial_dirname)
+                                  trial_dirname_creator=trial_dirname,
+                                  # A trial's worker process runs the next trial too: importing
+                                  # torch and ctscan (4-5 s on 2 cores) or starting CUDA is paid
+                                  # once per worker, not once per trial. train_trial seeds and
+                                  # sets all it depends on, so results do not change.
+                                  reuse_actors=True)
     reporter = tune.CLIReporter(
         # Ray's table looks every column up in every trial: only the unconditional ones.
         parameter_columns=[n for n in space.param_names("arch", "optimizer", "lr", "batch_size")
