@@ -1,6 +1,6 @@
 import numpy as np
 import pytest
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import average_precision_score, roc_auc_score
 
 from results.metrics import (
     CALIBRATION,
@@ -66,6 +66,31 @@ def test_vectorised_bootstrap_counts_agree_with_scikit_learn():
     for name in METRICS:
         assert got[name][0] == pytest.approx(resampled[name]) == got[name][1]
     assert expected != resampled  # the resample really differs from the data
+
+
+@pytest.mark.parametrize("grouped", [False, True])
+def test_bootstrap_aucs_equal_scikit_learns_on_each_resample(grouped):
+    """bootstrap_ci scores the AUCs of all resamples at once. Drawn one resample at a time
+    (tied scores, repeated rows and whole groups included), both ends of each AUC's interval are
+    that resample's, as scikit-learn computes it on the resample's rows."""
+    rng = np.random.default_rng(4)
+    y, prob = rng.integers(0, 2, 40), np.round(rng.random(40), 1)  # scores tie often
+    groups = rng.integers(0, 12, 40) if grouped else None
+    group_of = np.unique(groups, return_inverse=True)[1] if grouped else np.arange(40)
+    checked = 0
+    for seed in range(80):
+        draw = np.random.default_rng(seed).integers(0, group_of.max() + 1, (1, group_of.max() + 1))
+        rows = np.concatenate([np.flatnonzero(group_of == g) for g in draw[0]])
+        got = bootstrap_ci(y, prob, 0.5, resamples=1, seed=seed, groups=groups)
+        if 0 < y[rows].sum() < len(rows):
+            checked += 1
+            for name, sklearn_score in (("roc_auc", roc_auc_score),
+                                        ("pr_auc", average_precision_score)):
+                expected = sklearn_score(y[rows], prob[rows])
+                assert got[name] == pytest.approx([expected, expected], abs=1e-12), (seed, name)
+        else:
+            assert got["resamples_dropped"] == 1 and np.isnan(got["roc_auc"]).all()
+    assert checked >= 60
 
 
 def test_calibration_of_a_hand_checked_case():
