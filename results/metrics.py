@@ -112,10 +112,12 @@ def paired_bootstrap(y: np.ndarray, prob_a: np.ndarray, threshold_a: float, prob
 
     auc_a_minus_b = (resampled.ranking_scores(y, prob_a)["roc_auc"]
                      - resampled.ranking_scores(y, prob_b)["roc_auc"])
+    everyone = np.ones((1, len(y)))  # the data's own difference, computed as the resamples'
+    auc_value = (ranking_scores(y, prob_a, everyone)["roc_auc"]
+                 - ranking_scores(y, prob_b, everyone)["roc_auc"])[0]
     both = ~np.isnan(auc_a_minus_b)
     a_minus_b = {
-        "roc_auc": (roc_auc_score(y, prob_a) - roc_auc_score(y, prob_b),
-                    auc_a_minus_b[both] if both.any() else [np.nan]),
+        "roc_auc": (auc_value, auc_a_minus_b[both] if both.any() else [np.nan]),
         "accuracy": (np.mean(correct(prob_a, threshold_a)) - np.mean(correct(prob_b, threshold_b)),
                      resampled.total(correct(prob_a, threshold_a).astype(float)
                                      - correct(prob_b, threshold_b)) / n),
@@ -149,39 +151,45 @@ class _Resamples:
         return self.times @ np.bincount(self.groups, values.astype(float), self.times.shape[1])
 
     def ranking_scores(self, y: np.ndarray, prob: np.ndarray) -> dict[str, np.ndarray]:
-        """Each resample's ROC AUC and average precision, NaN where it drew one class. They equal
-        scikit-learn's roc_auc_score and average_precision_score on the resample's rows (tested),
-        but come from how often each distinct score was drawn among positives and negatives, for
-        all resamples at once: calling scikit-learn per resample took 2 ms a pair, seconds for
-        each interval at the default 1000 resamples. Chunks of resamples bound the memory."""
-        _, at = np.unique(prob, return_inverse=True)  # each row's distinct score, ascending
+        """Each resample's ROC AUC and average precision (ranking_scores), in chunks of
+        resamples that bound the memory."""
         chunks = max(1, len(self.times) * len(self.groups) // 2**22)
-        scores = [self._ranking_scores(y == 1, at, times)
+        scores = [ranking_scores(y, prob, times[:, self.groups])
                   for times in np.array_split(self.times, chunks)]
-        return {m: np.concatenate([s[m] for s in scores]) for m in ("roc_auc", "pr_auc")}
+        return {m: np.concatenate([s[m] for s in scores]) for m in RANKING}
 
-    def _ranking_scores(self, positive: np.ndarray, at: np.ndarray,
-                        times: np.ndarray) -> dict[str, np.ndarray]:
-        counts = times[:, self.groups]  # [resample, row]: how often the row was drawn
-        offsets = np.arange(len(times))[:, None] * (at.max() + 1)
 
-        def drawn(rows: np.ndarray) -> np.ndarray:  # [resample, distinct score]: their draws
-            return np.bincount((offsets + at[rows]).ravel(), counts[:, rows].ravel(),
-                               offsets.size * (at.max() + 1)).reshape(len(times), -1)
+RANKING = ("roc_auc", "pr_auc")
 
-        pos, neg = drawn(positive), drawn(~positive)
-        n_pos, n_neg = pos.sum(1), neg.sum(1)
-        # Mann-Whitney: a positive outranks the negatives below it and ties half of those level.
-        below = np.cumsum(neg, 1) - neg
-        # Thresholds from the top score down: the precision at each, by the recall it adds.
-        tp, fp = np.cumsum(pos[:, ::-1], 1), np.cumsum(neg[:, ::-1], 1)
-        precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            auc = (pos * (below + neg / 2)).sum(1) / (n_pos * n_neg)
-            ap = (pos[:, ::-1] * precision).sum(1) / n_pos
-        one_class = (n_pos == 0) | (n_neg == 0)
-        auc[one_class] = ap[one_class] = np.nan
-        return {"roc_auc": auc, "pr_auc": ap}
+
+def ranking_scores(y: np.ndarray, prob: np.ndarray, counts: np.ndarray) -> dict[str, np.ndarray]:
+    """ROC AUC and average precision of each draw of the rows, counts[draw, row] being how often
+    the draw holds the row; NaN for a draw of one class. They equal scikit-learn's roc_auc_score
+    and average_precision_score on each draw's rows (tested), but come from how often each
+    distinct score was drawn among positives and negatives, for all draws at once: calling
+    scikit-learn per resample took 2 ms a pair, seconds for each interval at the default 1000
+    resamples. The data's own scores (every row once) are computed here too, so that an interval
+    reaching the estimate holds it to the last bit."""
+    _, at = np.unique(prob, return_inverse=True)  # each row's distinct score, ascending
+    offsets = np.arange(len(counts))[:, None] * (at.max() + 1)
+
+    def drawn(rows: np.ndarray) -> np.ndarray:  # [draw, distinct score]: how often drawn
+        return np.bincount((offsets + at[rows]).ravel(), counts[:, rows].ravel(),
+                           offsets.size * (at.max() + 1)).reshape(len(counts), -1)
+
+    pos, neg = drawn(y == 1), drawn(y != 1)
+    n_pos, n_neg = pos.sum(1), neg.sum(1)
+    # Mann-Whitney: a positive outranks the negatives below it and ties half of those level.
+    below = np.cumsum(neg, 1) - neg
+    # Thresholds from the top score down: the precision at each, by the recall it adds.
+    tp, fp = np.cumsum(pos[:, ::-1], 1), np.cumsum(neg[:, ::-1], 1)
+    precision = np.divide(tp, tp + fp, out=np.zeros_like(tp), where=tp + fp > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (pos * (below + neg / 2)).sum(1) / (n_pos * n_neg)
+        ap = (pos[:, ::-1] * precision).sum(1) / n_pos
+    one_class = (n_pos == 0) | (n_neg == 0)
+    auc[one_class] = ap[one_class] = np.nan
+    return {"roc_auc": auc, "pr_auc": ap}
 
 
 def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 1000,
@@ -189,7 +197,8 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 10
     """{"metrics": {name: {"value", "ci95"}}, "confusion_matrix": [[tn, fp], [fn, tp]],
     "calibration": {"brier", "ece": {"value", "ci95"}, "bins": [...]}, "resamples_dropped": how
     many resamples drew one class only and were left out of the AUCs' intervals}."""
-    values = binary_metrics(y, prob, threshold)
+    values = {**binary_metrics(y, prob, threshold),
+              **{m: v[0] for m, v in ranking_scores(y, prob, np.ones((1, len(y)))).items()}}
     intervals = bootstrap_ci(y, prob, threshold, resamples, seed, groups)
     dropped = intervals.pop("resamples_dropped")
     calibrated = calibration(y, prob)

@@ -93,6 +93,21 @@ def test_bootstrap_aucs_equal_scikit_learns_on_each_resample(grouped):
     assert checked >= 60
 
 
+def test_auc_estimates_are_scikit_learns_and_inside_their_intervals():
+    """The data's own AUCs come from the computation that scores the resamples, so an interval
+    that reaches the estimate (a separable test split: every resample scores 1) holds it."""
+    rng = np.random.default_rng(8)
+    for case in range(30):
+        y = rng.integers(0, 2, 25)
+        prob = np.round(rng.random(25), 2) if case % 3 else y * 0.5 + rng.random(25) * 0.4
+        scored = score(y, prob, 0.5, resamples=200, seed=case)["metrics"]
+        for name, sklearn_score in (("roc_auc", roc_auc_score),
+                                    ("pr_auc", average_precision_score)):
+            value, (low, high) = scored[name]["value"], scored[name]["ci95"]
+            assert value == pytest.approx(sklearn_score(y, prob), abs=1e-12)
+            assert low <= value <= high, (case, name)
+
+
 def test_calibration_of_a_hand_checked_case():
     y = np.array([0, 0, 1, 1, 1])
     prob = np.array([0.05, 0.15, 0.15, 0.85, 0.95])
