@@ -15,6 +15,17 @@ if TYPE_CHECKING:  # Ray takes a second to import: only the tests that use it pa
     from ray.cluster_utils import Cluster
 
 
+RAY_FIXTURES = {"local_ray", "two_gpu_nodes"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that joins a Ray cluster is marked `ray` by the fixture it asks for (`make check`
+    leaves those out); one that starts Ray in a child process carries the mark itself."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.ray)
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
     """No test reads or writes the user's ~/.cache/ctscan."""

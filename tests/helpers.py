@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import struct
+import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +52,23 @@ def tiny_trial_data(tmp_path: Path):
     root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
     ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
     return root, trial_data(ds, split_dataset(ds, (0.6, 0.2, 0.2), seed=0, group_by="none"))
+
+
+def recording_trainable(folder: Path) -> Callable:
+    """The real trainable, noting first in `folder`, for each trial (a file named by its number),
+    its process, when it started, and whether the arrays it was given are read-only views of
+    Ray's shared memory (not private copies)."""
+    from tuning.search import trainable
+    from tuning.space import NUMBER
+
+    def record_then_train(params, data, options):
+        arrays = (data.train_images, data.val_images)
+        (folder / str(params[NUMBER])).write_text(json.dumps({
+            "pid": os.getpid(), "start": time.time(),
+            "zero_copy": [not a.flags.writeable and not a.flags.owndata for a in arrays]}))
+        trainable(params, data, options)
+
+    return record_then_train
 
 
 def tree_snapshot(root: Path) -> dict[str, tuple[int, str]]:

@@ -1,16 +1,14 @@
 """`ctscan tune` on a local 2-CPU Ray: search space checks, end to end, retries."""
 
 import json
-import os
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import optuna
 import pytest
 import torch
-from helpers import hparams_data, read_events, tiny_trial_data
+from helpers import hparams_data, read_events, recording_trainable, tiny_trial_data
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 import results.evaluate as evaluate_module
@@ -139,20 +137,6 @@ def test_lists_travel_as_json_and_start_up_trials_scale_with_the_budget():
     assert decode_params({"head": "[512, 128]", "lr[sgd]": 0.1}) == {"head": [512, 128],
                                                                      "lr": 0.1}
     assert [startup_trials(n) for n in (4, 8, 12, 20, 32, 100)] == [2, 2, 3, 4, 7, 10]
-
-
-def recording_trainable(seen: Path) -> Callable:
-    """The real trainable, which first notes in `seen` its process and whether the arrays it was
-    given are read-only views of Ray's shared memory (not private copies)."""
-
-    def record_then_train(params, data, options):
-        arrays = (data.train_images, data.val_images)
-        zero_copy = [not a.flags.writeable and not a.flags.owndata for a in arrays]
-        (seen / str(params[NUMBER])).write_text(json.dumps({"pid": os.getpid(),
-                                                            "zero_copy": zero_copy}))
-        trainable(params, data, options)
-
-    return record_then_train
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ import sys
 import time
 
 import boto3
+import pytest
 from helpers import bucket_keys
 
 from data_utils.demo import make_demo_data
@@ -24,6 +25,7 @@ def _rows(bucket: str, key: str) -> list[dict]:
     return [json.loads(line) for line in body.splitlines()]
 
 
+@pytest.mark.ray  # in the children
 def test_killed_search_resumes_from_anywhere_and_finishes_exactly_num_samples(tmp_path,
                                                                              s3_bucket):
     root = make_demo_data(tmp_path / "data", n_per_class=24, size=64)
