@@ -300,29 +300,30 @@ def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray
         trainable(params, data, options)
 
     options = SearchOptions(
-        data=str(root), num_samples=1, max_epochs=3, max_failures=1,
+        data=str(root), num_samples=1, max_epochs=2, max_failures=1,
         storage_path=str(tmp_path / "runs"), name="retry",
         search_space=str(tmp_path / "space.yaml"),
-        base_config={"image_size": 32, "epochs": 3, "num_workers": 1, "patience": 99})
+        base_config={"image_size": 32, "epochs": 2, "num_workers": 1, "patience": 99})
     best = run_search(options, data, trainable_fn=crash_once)
     assert marker.exists() and best["errored_trials"] == 0
     [trial] = Path(options.run_dir).glob("trial_*")
     results = (trial / "result.json").read_text().splitlines()
     epochs = [json.loads(line)["epoch"] for line in results]
-    assert epochs == [1, 2, 3]  # resumed after epoch 1, did not start over
+    assert epochs == [1, 2]  # resumed after epoch 1, did not start over ([1, 1, 2])
 
 
 @pytest.fixture(scope="module")
 def copied_run(demo_search, tmp_path_factory) -> tuple[Path, dict, Path]:
     """A copy of the search's run folder (without its results), evaluated once and exported while
-    the original is gone: (the copy, its first metrics.json, the export folder)."""
+    the original is gone: (the copy, its metrics.json, the export folder). The module's tests of
+    what an evaluation writes read this one evaluation."""
     options, *_ = demo_search
     tmp = tmp_path_factory.mktemp("copied")
     copy = tmp / "copied"
     shutil.copytree(options.run_dir, copy, ignore=shutil.ignore_patterns("results", "export"))
     gone = Path(options.run_dir).rename(tmp / "original-gone")
     try:
-        out = report_run(str(copy), resamples=200, gradcams=0, ensemble=2)
+        out = report_run(str(copy), resamples=200, gradcams=2, ensemble=2)
         assert main(["export", str(copy), "--out", str(tmp / "exported")]) == 0
     finally:
         gone.rename(options.run_dir)  # the module's other tests read the original
@@ -340,8 +341,9 @@ def test_a_copied_run_folder_evaluates_and_exports_on_its_own(copied_run):
 
 
 def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns(copied_run,
-                                                                                 capsys):
-    run, first, _ = copied_run
+                                                                                 tmp_path, capsys):
+    evaluated_once, first, _ = copied_run
+    run = shutil.copytree(evaluated_once, tmp_path / "run")  # the module's copy stays as it is
     assert first["evaluations"]["count"] == 1
     assert "has been scored 1 time**, by this evaluation: the first" in (
         run / "results/report.md").read_text()
@@ -361,13 +363,13 @@ def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns
 
 
 @pytest.fixture(scope="module")
-def evaluated(demo_search):
-    options, *_ = demo_search
-    return report_run(options.run_dir, resamples=200, gradcams=2)
+def evaluated(copied_run) -> Path:
+    """The results folder of the module's one evaluation; its export is beside it."""
+    return copied_run[0] / "results"
 
 
 def test_evaluation_writes_metrics_plots_report_and_export(demo_search, evaluated):
-    options, best, ds, split, _ = demo_search
+    _, best, ds, split, _ = demo_search
     metrics = json.loads((evaluated / "metrics.json").read_text())
     assert metrics["trial_id"] == best["trial_id"]
     assert metrics["test"]["n"] == len(split.indices("test"))
@@ -378,7 +380,7 @@ def test_evaluation_writes_metrics_plots_report_and_export(demo_search, evaluate
         assert (evaluated / f"{name}.png").stat().st_size > 1000
     report = (evaluated / "report.md").read_text()
     assert "95% CI" in report and best["trial_id"] in report and "gradcam/" in report
-    export = Path(options.run_dir) / "export"
+    export = evaluated.parent / "export"
     assert {"model.pt", "model.torchscript.pt", "config.json", "config.yaml",
             "model_card.md"} <= {p.name for p in export.iterdir()}
     winner = read_events(evaluated / f"winner_trial_{best['trial_id']}")
@@ -398,7 +400,7 @@ def test_predict_on_the_test_files_reproduces_evaluate(demo_search, evaluated):
     evaluated_probs = {r["path"]: r["prob"]
                        for r in json.loads((evaluated / "test_predictions.json").read_text())}
     root = Path(options.data)
-    rows = predict_paths(Path(options.run_dir) / "export", [root / p for p in evaluated_probs],
+    rows = predict_paths(evaluated.parent / "export", [root / p for p in evaluated_probs],
                          progress=False)
     assert [r["error"] for r in rows] == [None] * len(rows)
     for row in rows:

@@ -35,29 +35,29 @@ def test_fractional_gpu_trials_spread_over_nodes_and_fall_back_to_cpu(tmp_path, 
     (tmp_path / "space.yaml").write_text("lr: {loguniform: [1.0e-4, 1.0e-2]}\n")
     (tmp_path / "seen").mkdir()
     options = SearchOptions(
-        data=str(root), num_samples=6, max_epochs=1, grace_period=1, cpus_per_trial=0.5,
-        gpus_per_trial=0.5, max_concurrent=6, storage_path=f"{s3_bucket}/runs",
+        data=str(root), num_samples=5, max_epochs=1, grace_period=1, cpus_per_trial=0.5,
+        gpus_per_trial=0.5, max_concurrent=5, storage_path=f"{s3_bucket}/runs",
         name="cluster", search_space=str(tmp_path / "space.yaml"),
         base_config={"image_size": 32, "epochs": 1, "num_workers": 1})
     best = run_search(options, data, trainable_fn=recording_trainable(tmp_path / "seen"))
-    assert best["trials"] == 6 and best["errored_trials"] == 0
+    assert best["trials"] == 5 and best["errored_trials"] == 0
     assert best["checkpoint"].startswith(f"{s3_bucket}/runs/cluster/trial_")
 
     s3 = boto3.client("s3")
     rows = [[json.loads(line) for line in s3.get_object(
         Bucket=s3_bucket.removeprefix("s3://"), Key=key)["Body"].read().decode().splitlines()]
         for key in bucket_keys(s3_bucket, "runs/cluster/") if key.endswith("/result.json")]
-    assert len(rows) == 6
+    assert len(rows) == 5
     assert len({r[0]["node_id"] for r in rows}) == 2  # trials ran on both nodes
     assert {r["device"] for trial in rows for r in trial} == {"cpu"}  # no CUDA: CPU fallback
-    # 2 GPUs / 0.5 per trial: never more than 4 trials at once.
+    # 2 GPUs / 0.5 per trial: never more than 4 of the 5 trials at once.
     # Each trial from its start, noted by the trainable (Ray's timestamps are whole seconds),
     # until its last result: the scheduler stops it there, before the trainable returns.
     started = {int(p.name): json.loads(p.read_text())["start"]
                for p in (tmp_path / "seen").iterdir()}
     spans = [(started[n], started[n] + t[-1]["time_total_s"])
              for n, t in ((t[0]["config"][NUMBER], t) for t in rows)]
-    assert len(spans) == 6 and max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 4
+    assert len(spans) == 5 and max(sum(a <= t < b for a, b in spans) for t, _ in spans) <= 4
     assert "CUDA is not available; training on the CPU" in capfd.readouterr().err
 
 
