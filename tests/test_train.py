@@ -220,3 +220,16 @@ def test_resnet18_learns_the_demo_task(tmp_path):
                        lambda m, *_: seen.append(m))
     assert best["val_auc"] > 0.75
     assert seen[-1]["val_auc"] > seen[0]["val_auc"]  # it learned; it did not start there
+
+
+@pytest.mark.parametrize("momentum, nesterov", [(0.0, False), (0.9, True)])
+def test_sgd_takes_every_momentum_in_its_range(momentum, nesterov):
+    """momentum 0 is in the documented range: plain SGD, no state kept (torch refuses Nesterov
+    without momentum, which once failed every such trial at its first epoch)."""
+    model = torch.nn.Linear(3, 1)
+    optimizer = train_module.make_optimizer(model, make_config({"optimizer": "sgd",
+                                                                "momentum": momentum}))
+    model(torch.ones(2, 3)).sum().backward()
+    optimizer.step()
+    assert optimizer.param_groups[0]["nesterov"] is nesterov
+    assert bool(optimizer.state_dict()["state"]) is nesterov  # a momentum buffer, or none
