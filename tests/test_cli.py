@@ -145,7 +145,7 @@ def test_a_time_budget_ends_the_search_which_is_still_scored(tmp_path, local_ray
     assert main(["tune", str(root), "--time-budget", "15s", "--num-samples", "200",
                  "--max-epochs", "30", "--image-size", "32", "--storage-path", str(runs),
                  "--name", "b", "--group-by", "none", "--max-concurrent", "2",
-                 "--bootstrap", "200"]) == 0
+                 "--bootstrap", "200", "--ensemble", "1"]) == 0  # ensembles: test_search
     out = capsys.readouterr().out
     assert f"no GPU in the Ray cluster: searching the CPU space {CPU_SPACE}" in out
     assert "the time budget ended the search" in out
