@@ -55,7 +55,7 @@ def dicom_run(tmp_path_factory, local_ray) -> tuple[Path, Path, Path]:
     data = make_demo_data(tmp / "data", n_per_class=90, size=64, format="dicom")
     cache = tmp / "cache"
     assert main(["tune", str(data), "--storage-path", str(tmp / "runs"), "--name", "d",
-                 "--image-size", "32", "--num-samples", "2", "--max-epochs", "2",
+                 "--image-size", "32", "--num-samples", "2", "--max-epochs", "1",
                  "--bootstrap", "200", "--ensemble", "2", "--cache-dir", str(cache)]) == 0
     return data, tmp / "runs" / "d", cache
 

@@ -57,7 +57,7 @@ def test_same_seed_same_metrics(demo, tmp_path):
 @pytest.mark.parametrize("ema", [False, True])
 def test_resume_after_interruption_matches_an_uninterrupted_run(demo, tmp_path, ema):
     ds, split = demo
-    config = make_config({**TINY, "epochs": 3, "ema": ema})
+    config = make_config({**TINY, "epochs": 2, "ema": ema})
     train_trial(config, trial_data(ds, split), tmp_path / "straight")
 
     class Killed(Exception):
@@ -72,7 +72,7 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(demo, tmp_path, 
     assert load_checkpoint(tmp_path / "resumed" / "last.pt")["epoch"] == 0
     seen = []
     train_trial(config, trial_data(ds, split), tmp_path / "resumed", lambda m, *_: seen.append(m))
-    assert [m["epoch"] for m in seen] == [2, 3]  # continued, did not start over
+    assert [m["epoch"] for m in seen] == [2]  # continued, did not start over
     assert _history(tmp_path / "resumed") == _history(tmp_path / "straight")
 
 
@@ -210,10 +210,10 @@ def test_training_never_sees_the_test_split(demo, tmp_path, monkeypatch):
 
 
 def test_resnet18_learns_the_demo_task(tmp_path):
-    """On patient-grouped demo data, val AUC climbs well above chance within 6 epochs."""
+    """On patient-grouped demo data, val AUC climbs well above chance within 4 epochs."""
     root = make_demo_data(tmp_path / "data", n_per_class=150, size=128)
-    ds = load_dataset(root, 48, cache_dir=tmp_path / "cache", progress=False)
-    config = make_config({"image_size": 48, "epochs": 6, "batch_size": 32, "lr": 2e-3,
+    ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
+    config = make_config({"image_size": 32, "epochs": 4, "batch_size": 32, "lr": 2e-3,
                           "aug_strength": 0.3, "seed": 0, "patience": 99, "num_workers": 2})
     seen = []
     best = train_trial(config, trial_data(ds, split_dataset(ds, seed=0)), tmp_path / "out",
