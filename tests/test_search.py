@@ -12,7 +12,7 @@ from helpers import hparams_data, read_events, recording_trainable, tiny_trial_d
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 import results.evaluate as evaluate_module
-from ctscan.cli import main, print_results
+from ctscan.cli import print_results
 from data_utils.cache import load_dataset
 from data_utils.demo import make_demo_data
 from data_utils.sources import DataError
@@ -313,10 +313,10 @@ def test_a_trial_that_crashes_is_retried_from_its_checkpoint(tmp_path, local_ray
 
 
 @pytest.fixture(scope="module")
-def copied_run(demo_search, tmp_path_factory) -> tuple[Path, dict, Path]:
-    """A copy of the search's run folder (without its results), evaluated once and exported while
-    the original is gone: (the copy, its metrics.json, the export folder). The module's tests of
-    what an evaluation writes read this one evaluation."""
+def copied_run(demo_search, tmp_path_factory) -> tuple[Path, dict]:
+    """A copy of the search's run folder (without its results), evaluated and exported once
+    while the original is gone: (the copy, its metrics.json). The module's tests of what an
+    evaluation writes read this one evaluation. (`ctscan export` on a run: test_storage.)"""
     options, *_ = demo_search
     tmp = tmp_path_factory.mktemp("copied")
     copy = tmp / "copied"
@@ -324,25 +324,24 @@ def copied_run(demo_search, tmp_path_factory) -> tuple[Path, dict, Path]:
     gone = Path(options.run_dir).rename(tmp / "original-gone")
     try:
         out = report_run(str(copy), resamples=200, gradcams=2, ensemble=2)
-        assert main(["export", str(copy), "--out", str(tmp / "exported")]) == 0
     finally:
         gone.rename(options.run_dir)  # the module's other tests read the original
     assert out == copy / "results"
-    return copy, json.loads((out / "metrics.json").read_text()), tmp / "exported"
+    return copy, json.loads((out / "metrics.json").read_text())
 
 
 def test_a_copied_run_folder_evaluates_and_exports_on_its_own(copied_run):
     """best.json and trials.json name checkpoints relative to the run folder: a copy reads its
     own, and needs the original no more."""
-    _, metrics, exported = copied_run
+    copy, metrics = copied_run
     assert metrics["ensemble"]["candidates"] == 2  # the runner-up's checkpoint was found too
     assert all(not Path(m["checkpoint"]).is_absolute() for m in metrics["ensemble"]["members"])
-    assert (exported / "model.pt").is_file()
+    assert (copy / "export" / "model.pt").is_file()
 
 
 def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns(copied_run,
                                                                                  tmp_path, capsys):
-    evaluated_once, first, _ = copied_run
+    evaluated_once, first = copied_run
     run = shutil.copytree(evaluated_once, tmp_path / "run")  # the module's copy stays as it is
     assert first["evaluations"]["count"] == 1
     assert "has been scored 1 time**, by this evaluation: the first" in (
