@@ -138,13 +138,12 @@ class _Resamples:
     the same seed and groups draw the same resamples, so two models can be scored on them."""
 
     def __init__(self, n: int, resamples: int, seed: int, groups: np.ndarray | None):
-        self.slices = groups is None
-        self.groups = np.arange(n) if self.slices else np.unique(groups, return_inverse=True)[1]
+        self.groups = np.arange(n) if groups is None else np.unique(groups, return_inverse=True)[1]
         n_groups = self.groups.max() + 1
-        self.draws = np.random.default_rng(seed).integers(0, n_groups, size=(resamples, n_groups))
+        draws = np.random.default_rng(seed).integers(0, n_groups, size=(resamples, n_groups))
         # times[r, g]: how often resample r drew group g; a resample's sums are times @ sums.
         self.times = np.zeros((resamples, n_groups))
-        np.add.at(self.times, (np.arange(resamples)[:, None], self.draws), 1)
+        np.add.at(self.times, (np.arange(resamples)[:, None], draws), 1)
 
     def total(self, values: np.ndarray) -> np.ndarray:
         """Each resample's sum of `values` (one per row)."""
