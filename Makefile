@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 DEMO_DATA := runs/demo-data
 
-.PHONY: demo test check bench clean
+.PHONY: demo lint test check bench clean
 
 # One stamp per install flavour, so editing pyproject.toml reinstalls.
 $(VENV)/.installed: pyproject.toml
@@ -22,16 +22,16 @@ demo: $(VENV)/.installed
 	$(BIN)/ctscan inspect $(DEMO_DATA)
 	$(BIN)/ctscan tune --demo --time-budget 3m
 
-# The whole suite: what CI runs.
-test: $(VENV)/.installed-dev
+lint: $(VENV)/.installed-dev
 	$(BIN)/ruff check .
 	$(BIN)/lint-imports
+
+# The whole suite: what CI runs.
+test: lint
 	$(BIN)/python -m pytest
 
 # The inner loop: the same checks and every test that needs no Ray.
-check: $(VENV)/.installed-dev
-	$(BIN)/ruff check .
-	$(BIN)/lint-imports
+check: lint
 	$(BIN)/python -m pytest -m "not ray"
 
 bench: $(VENV)/.installed
