@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import os
-import secrets
 import sys
 import time
 from collections.abc import Callable
@@ -17,11 +16,13 @@ from data_utils import runfolder
 from data_utils.cache import CTDataset, default_cache_dir, load_dataset
 from data_utils.decode import RESIZE_MODES
 from data_utils.errors import RunFolderError, UsageError, UserError
+from data_utils.identity import KEY_FILE_ENV, default_key_file, use_key_file
 from data_utils.runfolder import refuse_writes_inside
 from data_utils.split import (
     DEFAULT_GROUP_BY,
     DEFAULT_RATIOS,
     GROUP_BY,
+    UNIT_CAVEATS,
     Split,
     describe_split,
     load_and_split,
@@ -108,6 +109,17 @@ def _source_options(data_required: bool = True) -> argparse.ArgumentParser:
     return p
 
 
+def _key_options() -> argparse.ArgumentParser:
+    """Which pseudonym key names DICOM and NIfTI files (data_utils.identity)."""
+    p = argparse.ArgumentParser(add_help=False)
+    p.add_argument("--key-file", type=Path, metavar="FILE",
+                   help="the pseudonym key that names patients, series and slices in what "
+                        f"ctscan writes (default: ${KEY_FILE_ENV}, else {default_key_file()}, "
+                        "made on first use); a run can only be resumed or evaluated with the "
+                        "key it was made with")
+    return p
+
+
 def _argument(parse: Callable[[str], object]) -> Callable[[str], object]:
     """An argparse type from a parser that raises ValueError with its own message."""
     def checked(text: str) -> object:
@@ -136,16 +148,19 @@ def _split_options() -> argparse.ArgumentParser:
                    help=f"split fractions (default: {' '.join(map(str, DEFAULT_RATIOS))})")
     p.add_argument("--split-seed", type=seed, default=0, help="seed of the split (default: 0)")
     p.add_argument("--group-by", choices=GROUP_BY, default=DEFAULT_GROUP_BY,
-                   help="keep related slices in one split: by patient (DICOM PatientID, one "
-                        "NIfTI file, or a manifest's group column), near-identical images "
-                        "(duplicates), or only byte-identical files (none); auto: patient when "
-                        "every slice names one, else duplicates (default: %(default)s)")
+                   help="keep related slices in one split: by every ID the data carry "
+                        "(patient: DICOM PatientID, study and series, a NIfTI file, a "
+                        "manifest's group column), by near-identity (duplicates), or only "
+                        "byte-identical files (none); auto: IDs, and near-identity for slices "
+                        "without one (default: %(default)s)")
     return p
 
 
 def load_and_print_split(data: Path, image_size: int, resize: str, split_options: dict,
-                         cache_dir: Path | None = None) -> tuple[CTDataset, Split]:
-    ds, split = load_and_split(data, image_size, resize, split_options, cache_dir)
+                         cache_dir: Path | None = None, recorded: dict | None = None,
+                         where: str = "the run") -> tuple[CTDataset, Split]:
+    ds, split = load_and_split(data, image_size, resize, split_options, cache_dir, recorded,
+                               where)
     print(describe_split(split, ds))
     return ds, split
 
@@ -259,9 +274,7 @@ def _search_options(args: argparse.Namespace) -> SearchOptions:
                                                                 TrainConfig.image_size),
                      "weights": args.weights, "resize": args.resize, "epochs": max_epochs,
                      "seed": args.seed, "precision": args.precision},
-        # The run's own pseudonym key: its split.json names DICOM files the same on every
-        # machine that evaluates it, and no other run shares it.
-        split={**_split_options_of(args), "identity_key": secrets.token_hex(32)},
+        split=_split_options_of(args),
         **({"name": _run_name(args.name)} if args.name is not None else {}),
     )
 
@@ -325,8 +338,11 @@ def _tune(args: argparse.Namespace, joined: bool) -> int:
     config = options.trial_config({})
     refuse_writes_inside([Path(options.data)], {**_cache_dir(args),
                                                 "--storage-path": options.storage_path})
+    # A resumed search goes on with the split it recorded (also one an older rule made).
+    recorded = (runfolder.read_json(runfolder.join(options.run_dir, runfolder.SPLIT))
+                if args.resume else None)
     ds, split = load_and_print_split(Path(options.data), config.image_size, config.resize,
-                                     options.split, args.cache_dir)
+                                     options.split, args.cache_dir, recorded, options.run_dir)
     prepare_run(options, ds, split, resume=bool(args.resume))
     data = trial_data(ds, split)
     del ds  # the test split stays out of the object store
@@ -382,11 +398,16 @@ def print_results(run_dir: str, out: Path) -> None:
     _print_choice(metrics)
     _print_metrics(test["metrics"])
     _print_paired(metrics.get("compared"))
-    if "patient" in metrics:  # the split's groups are patients
+    if "patient" in metrics:  # the split's groups are patients (or volumes, studies...)
+        from results.wording import SINGULAR
+
         patient = metrics["patient"]
-        print(f"per patient: {patient['test']['n']} test patients; {patient['aggregate']} of "
-              f"their slices' probabilities, threshold {patient['threshold']['value']:.3f} "
-              f"(both chosen on val patients)")
+        units = patient.get("unit", "patients")
+        print(f"per {SINGULAR[units]}: {patient['test']['n']} test {units}; "
+              f"{patient['aggregate']} of their slices' probabilities, threshold "
+              f"{patient['threshold']['value']:.3f} (both chosen on val {units})")
+        if units != "patients":
+            print(f"  note: {UNIT_CAVEATS[units]}")
         _print_metrics(patient["test"]["metrics"])
     if metrics.get("calibration_not_applied"):
         print(f"--calibrate: no temperature applied, since {metrics['calibration_not_applied']}")
@@ -474,7 +495,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
                          f"{args.csv / 'predictions.csv'}")
     refuse_writes_inside(args.paths, {"--csv": args.csv})
     with runfolder.local_path(args.model_dir) as model_dir:
-        rows = predict_paths(model_dir, args.paths, per_slice=args.per_slice)
+        rows = predict_paths(model_dir, args.paths, per_slice=args.per_slice,
+                             show_paths=args.show_paths)
         positive = read_config(model_dir)["class_names"][1]
     for r in rows:
         if r["error"] is None:
@@ -493,9 +515,31 @@ def cmd_explain(args: argparse.Namespace) -> int:
     from results.explain import explain_paths
 
     with runfolder.local_path(args.model_dir) as model_dir:
-        written, failed = explain_paths(model_dir, args.paths, args.out)
+        written, failed = explain_paths(model_dir, args.paths, args.out,
+                                        show_paths=args.show_paths)
     print(f"wrote {len(written)} Grad-CAM overlays to {args.out}")
     return 0 if written and not failed else 1
+
+
+def cmd_locate(args: argparse.Namespace) -> int:
+    """Exit code 1 if a name asked for is not among the files."""
+    from data_utils.identity import file_pseudonym, load_key, pseudonym_of_name
+    from data_utils.volumes import volume_kind
+    from results.predict import expand_paths
+
+    key = load_key()
+    files = {file_pseudonym(p, key): p for p in expand_paths(args.paths)
+             if volume_kind(p) is not None}
+    if not args.names:
+        for name, path in files.items():
+            print(f"{name}\t{path}")
+        return 0
+    missing = 0
+    for name in args.names:
+        path = files.get(pseudonym_of_name(name) or "")
+        missing += path is None
+        print(f"{name}\t{path or 'not found under the paths given, or made with another key'}")
+    return 1 if missing else 0
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -516,8 +560,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     saved_config = out / runfolder.CONFIG
     if saved_config.exists() and load_config(saved_config) != config:
         raise RunFolderError(f"{out} holds a run with a different config; pick another --out")
+    recorded = runfolder.read_json(str(out / runfolder.SPLIT))
     ds, split = load_and_print_split(args.data, config.image_size, config.resize,
-                                     _split_options_of(args), args.cache_dir)
+                                     _split_options_of(args), args.cache_dir, recorded, str(out))
     # A run resumed on another split would validate and test on former training images.
     changed = recorded_split_changes(str(out / runfolder.SPLIT), split_record(split, ds))
     if changed:
@@ -570,19 +615,26 @@ def build_parser() -> argparse.ArgumentParser:
         prog="ctscan", description="Find, prove and ship a CT-scan COVID-19 classifier.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     source, decode, splitting = _source_options(), _decode_options(), _split_options()
+    keying = _key_options()
     evaluating = _evaluation_options()
+    showing = argparse.ArgumentParser(add_help=False)
+    showing.add_argument("--show-paths", action="store_true",
+                         help="name DICOM and NIfTI files by their paths, which may hold "
+                              "patient names or IDs (default: by stand-ins, as everywhere else)")
 
-    p = commands.add_parser("inspect", parents=[source, decode], help="dataset doctor: counts, "
-                            "modes, sizes, unreadable files, duplicates and label shortcuts")
+    p = commands.add_parser("inspect", parents=[source, decode, keying],
+                            help="dataset doctor: counts, modes, sizes, unreadable files, "
+                                 "duplicates and label shortcuts")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of text")
     p.set_defaults(func=cmd_inspect)
 
-    p = commands.add_parser("split", parents=[source, decode, splitting],
+    p = commands.add_parser("split", parents=[source, decode, splitting, keying],
                             help="decode (cached) and write a leakage-free RUN/split.json")
     p.add_argument("--out", type=Path, required=True, help="run folder to write split.json into")
     p.set_defaults(func=cmd_split)
 
-    p = commands.add_parser("train", parents=[_source_options(data_required=False), splitting],
+    p = commands.add_parser("train", parents=[_source_options(data_required=False), splitting,
+                                              keying],
                             help="train one config without Ray: checkpoints, TensorBoard, metrics")
     p.add_argument("--config", type=Path, help="YAML file of training config keys")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
@@ -599,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = commands.add_parser(
-        "tune", parents=[_source_options(data_required=False), splitting, evaluating],
+        "tune", parents=[_source_options(data_required=False), splitting, evaluating, keying],
         help="search configs with Ray Tune (Optuna TPE + ASHA) on this machine or a Ray cluster")
     p.add_argument("--demo", action="store_true",
                    help=f"small CPU search on generated demo data ({DEMO_DATA}, made if absent): "
@@ -671,7 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "its URL (it keeps running after the search)")
     p.set_defaults(func=cmd_tune)
 
-    p = commands.add_parser("evaluate", parents=[evaluating],
+    p = commands.add_parser("evaluate", parents=[evaluating, keying],
                             help="score a search's best trial (or top-k ensemble) once on the "
                                  "test split: metrics with 95%% CIs, plots, report, export")
     p.add_argument("run_dir", help="the search's run folder (STORAGE_PATH/NAME), a local path or "
@@ -688,8 +740,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, required=True, help="folder to export into")
     p.set_defaults(func=cmd_export)
 
-    p = commands.add_parser("predict", help="probability of the positive class per image, and "
-                            "per DICOM series or NIfTI volume")
+    p = commands.add_parser("predict", parents=[keying, showing], help="probability of the "
+                            "positive class per image, and per DICOM series or NIfTI volume")
     p.add_argument("model_dir", help="an exported model folder (RUN_DIR/export), local or in a "
                    "bucket (s3://..., gs://...)")
     p.add_argument("paths", type=Path, nargs="+",
@@ -700,13 +752,24 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: the series' aggregate only)")
     p.set_defaults(func=cmd_predict)
 
-    p = commands.add_parser("explain", help="Grad-CAM heatmaps over the slices (where the model "
-                            "looked)")
+    p = commands.add_parser("explain", parents=[keying, showing], help="Grad-CAM heatmaps over "
+                            "the slices (where the model looked)")
     p.add_argument("model_dir", help="an exported model folder (RUN_DIR/export), local or in a "
                    "bucket (s3://..., gs://...)")
     p.add_argument("paths", type=Path, nargs="+", help="images or folders of images")
     p.add_argument("--out", type=Path, required=True, help="folder for the overlay PNGs")
     p.set_defaults(func=cmd_explain)
+
+    p = commands.add_parser("locate", parents=[keying], help="which file a stand-in name "
+                            "(slice-..., volume-..., file-...) that ctscan wrote stands for; "
+                            "only on a machine holding the pseudonym key")
+    p.add_argument("paths", type=Path, nargs="+",
+                   help="the data folder(s) or files the names were written for")
+    p.add_argument("--name", dest="names", action="append", metavar="NAME",
+                   help="a name to look up: a path from split.json, a report or predict's "
+                        "output, or its last part; repeatable (default: list every DICOM and "
+                        "NIfTI file with its name)")
+    p.set_defaults(func=cmd_locate)
 
     p = commands.add_parser("make-demo-data", help="generate CT-like demo patients (Kaggle "
                             "layout: PNG, DICOM or NIfTI)")
@@ -724,10 +787,25 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _window_values_joined(argv: list[str]) -> list[str]:
+    """`--window -600,1500` as `--window=-600,1500`: argparse takes a value that starts with
+    "-" and is not a plain number for an option."""
+    out: list[str] = []
+    for arg in argv:
+        if out and out[-1] == "--window" and arg.startswith("-"):
+            out[-1] = f"--window={arg}"
+        else:
+            out.append(arg)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(_window_values_joined(sys.argv[1:] if argv is None
+                                                           else argv))
     try:
         try:
+            if getattr(args, "key_file", None):
+                use_key_file(args.key_file)
             return args.func(args)
         except Exception as e:
             # Ctrl-C inside a library's cleanup (torch.save closing its zip writer) surfaces as

@@ -29,12 +29,12 @@ from tqdm import tqdm
 
 from data_utils.decode import RESIZE_MODES, Decoded, decode_failure
 from data_utils.files import atomic_write
+from data_utils.identity import fingerprint, load_key, pseudonym
 from data_utils.sources import DataError, Sample, Skipped, discover
-from data_utils.volumes import DEFAULT_WINDOW, decode_frames, pseudonym, slice_at
+from data_utils.volumes import DEFAULT_WINDOW, decode_frames, slice_at
 
-CACHE_FORMAT = 4  # bump when decoding changes what pixels a file yields, or the cache's layout
+CACHE_FORMAT = 5  # bump when decoding changes what pixels a file yields, or the cache's layout
 DECODE_CHUNK = 1024  # slices decoded before their rows are written to the cache file
-KEY_FILE = "identity.key"
 # How long after its last write a file's (size, mtime_ns) is trusted to stand for its content:
 # within the filesystem's timestamp granularity (2 s on FAT) a write may leave mtime unchanged.
 UNSETTLED_MTIME_NS = 2_000_000_000
@@ -50,10 +50,11 @@ class CTDataset:
     images: np.ndarray  # uint8 [N, S, S]
     phash: np.ndarray  # uint8 [N, 32]: packed perceptual hash, for near-duplicate grouping
     labels: np.ndarray  # int64 [N]
-    paths: list[str]  # Sample.rel: relative to root, IDs scrubbed, "#K" for slice K of a file
+    paths: list[str]  # Sample.rel: a 2-D image's path below root, a DICOM/NIfTI slice's stand-in
     sha256: list[str]  # of the file holding the slice
     frames: list[int]  # which slice of that file: (sha256, frame) names a slice's content
     groups: list[str | None]  # the patient's pseudonym; None where the data do not say
+    id_kinds: list[str | None]  # Sample.id_kind: the strongest ID of each row
     series: list[str | None]  # pseudonyms of the DICOM series / NIfTI file; None for 2-D files
     studies: list[str | None]
     modes: list[str]  # image mode as stored, e.g. "RGB"; the pixels never depend on it
@@ -67,6 +68,8 @@ class CTDataset:
     window: tuple[float, float] = DEFAULT_WINDOW  # HU window of DICOM and NIfTI slices
     slices: str = "all"  # which slices of each series were kept (volumes.select_slices)
     series_slices: dict[str, int] = field(default_factory=dict)  # each series' slices, all
+    # Of the key that made the pseudonyms, where the data have any (identity.fingerprint).
+    key_fingerprint: str | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -84,21 +87,6 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ctscan"
 
 
-def machine_identity_key(cache_dir: Path) -> bytes:
-    """The key of the pseudonyms ctscan writes outside a run (a run keeps its own in
-    search.json), made once per cache folder: the same patient gets the same pseudonym in every
-    command on this machine, and nothing ctscan writes elsewhere holds the key."""
-    path = Path(cache_dir) / KEY_FILE
-    try:
-        return bytes.fromhex(path.read_text(encoding="ascii").strip())
-    except (FileNotFoundError, ValueError):
-        pass
-    with atomic_write(path, "w") as f:
-        os.chmod(f.name, 0o600)
-        f.write(secrets.token_hex(32))
-    return bytes.fromhex(path.read_text(encoding="ascii").strip())
-
-
 def load_dataset(
     data: Path,
     image_size: int = 224,
@@ -111,15 +99,15 @@ def load_dataset(
     identity_key: bytes | None = None,
 ) -> CTDataset:
     """Discover, hash and (once per content/size/mode/window) decode a dataset; see the module
-    doc. `identity_key` makes the pseudonyms (a run's own; default: this machine's)."""
+    doc. `identity_key` makes the pseudonyms (default: this machine's, data_utils.identity)."""
     if resize not in RESIZE_MODES:
         raise DataError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if image_size < 8:
         raise DataError(f"image size must be at least 8 pixels, got {image_size}")
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    machine_key = machine_identity_key(cache_dir)
-    source = discover(data, positive_class, slices, key=identity_key or machine_key)
-    digests, skipped = _hash_files(source.samples, source.root, cache_dir, machine_key, progress)
+    key = identity_key or load_key()
+    source = discover(data, positive_class, slices, key=key)
+    digests, skipped = _hash_files(source.samples, source.root, cache_dir, key, progress)
     frames = {digests[s.path]: s.frames for s in source.samples if s.path in digests}
     entries, pixels, phashes = _load_or_build(
         frames, digests, image_size, resize, window, cache_dir, progress
@@ -161,6 +149,7 @@ def load_dataset(
         sha256=[digests[s.path] for s in kept],
         frames=[s.frame for s in kept],
         groups=[s.group for s in kept],
+        id_kinds=[s.id_kind for s in kept],
         series=[s.series for s in kept],
         studies=[s.study for s in kept],
         modes=[entries[digests[s.path]]["mode"] for s in kept],
@@ -174,6 +163,7 @@ def load_dataset(
         window=tuple(window),
         slices=slices,
         series_slices=source.series_slices,
+        key_fingerprint=fingerprint(key) if any(s.id_kind for s in kept) else None,
     )
 
 
@@ -202,7 +192,9 @@ def _hash_files(
                 digests[s.path] = hashlib.sha256(s.path.read_bytes()).hexdigest()
         except OSError as e:
             broken = s.path.is_symlink() and not s.path.exists()
-            reason = f"broken symlink to {os.readlink(s.path)}" if broken else e.strerror or e
+            # Where a link points is a path too: said for 2-D images only (data_utils.identity).
+            target = f" to {os.readlink(s.path)}" if s.series is None else ""
+            reason = f"broken symlink{target}" if broken else e.strerror or e
             skipped.append(Skipped(s.rel, f"cannot read: {reason}"))
             continue
         # A file written within the filesystem's timestamp granularity of now could change again

@@ -2,7 +2,9 @@
 
 A slice is a 2-D image file, a DICOM file (a multi-frame one: each frame) or an axial slice of a
 NIfTI volume (see data_utils.volumes). DICOM and NIfTI slices carry their patient, study and
-series, as pseudonyms; PNGs only where a manifest's group column names the patient.
+series, as pseudonyms; PNGs only where a manifest's group column names the patient. This is the
+one place where a file's path becomes the name ctscan writes (`Sample.rel`): for DICOM and NIfTI
+files a stand-in (see data_utils.identity), for 2-D images the path below the dataset root.
 """
 
 from __future__ import annotations
@@ -11,18 +13,18 @@ import csv
 import io
 import os
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from data_utils.errors import UserError
+from data_utils.identity import file_pseudonym, pseudonym, stand_in
 from data_utils.volumes import (
     DicomHeader,
     NotASlice,
     nifti_slices,
-    pseudonym,
+    order_series,
     read_dicom_header,
-    scrub,
     select_slices,
     volume_kind,
 )
@@ -45,15 +47,20 @@ class Skipped:
 @dataclass(frozen=True)
 class Sample:
     path: Path  # absolute
-    # As split.json and reports name the slice: relative to the dataset root, with any ID its
-    # DICOM header holds scrubbed out, and "#K" for slice K of a volume or multi-frame file.
+    # As split.json and reports name the slice: a 2-D image's path relative to the dataset
+    # root; a DICOM or NIfTI slice's stand-in (data_utils.identity), "#K" for slice K of a
+    # volume or multi-frame file.
     rel: str
     class_name: str
-    group: str | None = None  # the patient's pseudonym (manifest group, DICOM, NIfTI file)
+    group: str | None = None  # the patient's pseudonym (a manifest's group, DICOM PatientID)
     frame: int = 0  # which slice of the file
     frames: int = 1  # how many slices the file holds
     series: str | None = None  # pseudonyms; None for 2-D image files
     study: str | None = None
+    # The strongest ID the slice carries: "patient", "study", "series" (DICOM), "volume" (a
+    # NIfTI file), None (a 2-D image without a manifest group). What a split's groups may be
+    # called: a NIfTI file or a study is not proof of a patient.
+    id_kind: str | None = None
 
 
 @dataclass(frozen=True)
@@ -76,7 +83,7 @@ def discover(data: Path, positive_class: str | None = None, slices: str = "all",
              key: bytes) -> Source:
     """Read a class-folder tree (Kaggle layout: COVID/, non-COVID/) or a path,label[,group] CSV,
     and expand its DICOM and NIfTI files into slices (`slices`: see volumes.select_slices).
-    `key` makes the pseudonyms of patients, studies, series and scrubbed path parts."""
+    `key` makes the pseudonyms of patients, studies, series and files (data_utils.identity)."""
     data = Path(data).expanduser()
     if not data.exists():
         raise DataError(f"{data}: no such file or folder")
@@ -109,20 +116,23 @@ def image_files(folder: Path) -> list[Path]:
                   and (p.suffix.lower() in IMAGE_SUFFIXES or volume_kind(p) is not None))
 
 
-def unlabelled_slices(paths: list[Path], key: bytes, slices: str = "all"
-                      ) -> tuple[list[Sample], list[Skipped]]:
+def unlabelled_slices(paths: list[Path], key: bytes, slices: str = "all",
+                      show_paths: bool = False) -> tuple[list[Sample], list[Skipped]]:
     """The slices of files to classify (class_name ""), as a dataset's: a DICOM series or a
-    NIfTI volume becomes its slices, each with its series; paths are named as given, scrubbed."""
-    samples, skipped, _ = _expand([Sample(Path(p), str(p), "") for p in paths], key, slices)
+    NIfTI volume becomes its slices, each with its series. DICOM and NIfTI files are named by
+    stand-ins, as in a dataset, unless the user asks for their own paths (show_paths)."""
+    samples, skipped, _ = _expand([Sample(Path(p), str(p), "") for p in paths], key, slices,
+                                  show_paths)
     return samples, skipped
 
 
-def _expand(files: list[Sample], key: bytes, slices: str
+def _expand(files: list[Sample], key: bytes, slices: str, show_paths: bool = False
             ) -> tuple[list[Sample], list[Skipped], dict[str, int]]:
     """One sample per slice, in the files' order: a 2-D image stays itself; a NIfTI volume
     becomes its chosen axial slices; DICOM files join their series (wherever they lie), which
     becomes its chosen slices in position order, placed where its first file was listed.
-    Returns the samples, the files holding no usable slice, and each series' slice count."""
+    Returns the samples, the files holding no usable slice, and each series' slice count.
+    DICOM and NIfTI files are named by stand-ins unless show_paths."""
     placed: list[tuple[int, list[Sample]]] = []
     skipped, series_slices = [], {}
     series_files: dict[str, list[tuple[DicomHeader, Sample]]] = defaultdict(list)
@@ -132,11 +142,12 @@ def _expand(files: list[Sample], key: bytes, slices: str
         try:
             if kind == "nifti":
                 n = nifti_slices(f.path)
-                series = pseudonym(f"nifti:{f.rel}", key)
-                series_slices[series] = n
-                patient = f.group or pseudonym(f"nifti:{f.rel}", key)
+                volume = file_pseudonym(f.path, key)
+                series_slices[volume] = n
+                name = f.rel if show_paths else stand_in(f.class_name, ("volume", volume))
                 placed.append((index, [
-                    Sample(f.path, f"{f.rel}#{k}", f.class_name, patient, k, n, series, series)
+                    Sample(f.path, f"{name}#{k}", f.class_name, f.group, k, n, volume,
+                           id_kind="patient" if f.group else "volume")
                     for k in select_slices(n, slices)]))
             elif kind == "dicom":
                 header = read_dicom_header(f.path)
@@ -147,41 +158,42 @@ def _expand(files: list[Sample], key: bytes, slices: str
             else:
                 placed.append((index, [f]))
         except NotASlice as e:
-            skipped.append(Skipped(scrub(f.rel, list(e.identifiers), key), str(e)))
+            skipped.append(skip(f, str(e), key, show_paths))
         except OSError as e:
-            skipped.append(Skipped(f.rel, f"cannot read: {e.strerror or e}"))
+            skipped.append(skip(f, f"cannot read: {e.strerror or e}", key, show_paths))
     for series, members in series_files.items():
-        kept, odd = _one_size(members)
-        skipped += [Skipped(scrub(f.rel, list(h.identifiers), key), reason) for h, f, reason in odd]
-        slices_of = [(h, f, k) for h, f in sorted(kept, key=lambda m: (m[0].position, m[1].rel))
-                     for k in range(h.frames)]
+        slices_of, odd = order_series(members)
+        skipped += [skip(f, reason, key, show_paths) for h, f, reason in odd]
         name = pseudonym(series, key)
         series_slices[name] = len(slices_of)
         placed.append((first_of_series[series], [
-            _dicom_sample(h, f, k, name, key) for h, f, k in
+            _dicom_sample(h, f, k, name, key, show_paths) for h, f, k in
             (slices_of[i] for i in select_slices(len(slices_of), slices))]))
     placed.sort(key=lambda p: p[0])
     return [s for _, group in placed for s in group], skipped, series_slices
 
 
-def _one_size(members: list[tuple[DicomHeader, Sample]]
-              ) -> tuple[list[tuple[DicomHeader, Sample]], list[tuple[DicomHeader, Sample, str]]]:
-    """The files of a series with its most common slice size, and the others with the reason
-    they are skipped: a slice of another size is a reconstruction or a stray file, not part of
-    this stack."""
-    size = Counter(h.size for h, _ in members).most_common(1)[0][0]
-    odd = [(h, f, f"{h.size[0]}x{h.size[1]} slice in a series of {size[0]}x{size[1]} slices")
-           for h, f in members if h.size != size]
-    return [(h, f) for h, f in members if h.size == size], odd
-
-
-def _dicom_sample(header: DicomHeader, f: Sample, frame: int, series: str, key: bytes
-                  ) -> Sample:
-    rel = scrub(f.rel, list(header.identifiers), key)
+def _dicom_sample(header: DicomHeader, f: Sample, frame: int, series: str, key: bytes,
+                  show_paths: bool) -> Sample:
     patient = f.group or (pseudonym(header.patient, key) if header.patient else None)
-    return Sample(f.path, f"{rel}#{frame}" if header.frames > 1 else rel, f.class_name,
-                  patient, frame, header.frames, series,
-                  pseudonym(header.study, key) if header.study else None)
+    study = pseudonym(header.study, key) if header.study else None
+    whose = ("patient", patient) if patient else ("study", study)
+    name = f.rel if show_paths else stand_in(f.class_name, whose, ("series", series),
+                                             ("slice", file_pseudonym(f.path, key)))
+    return Sample(f.path, f"{name}#{frame}" if header.frames > 1 else name, f.class_name,
+                  patient, frame, header.frames, series, study,
+                  "patient" if patient else "study" if study else "series")
+
+
+def skip(f: Sample, reason: str, key: bytes, show_paths: bool = False) -> Skipped:
+    """A file that gives no slice, as every list of skipped files names it: a DICOM or NIfTI
+    file by its stand-in, with its path cut out of the reason (a reader's message may quote
+    it); a 2-D image by its path."""
+    if show_paths or volume_kind(f.path) is None:
+        return Skipped(f.rel, reason)
+    for spelled in sorted({str(f.path), str(f.path.absolute()), f.rel}, key=len, reverse=True):
+        reason = reason.replace(spelled, "<file>")
+    return Skipped(stand_in(f.class_name, ("file", file_pseudonym(f.path, key))), reason)
 
 
 def _read_class_folders(root: Path) -> list[Sample]:
@@ -228,7 +240,8 @@ def _read_manifest(manifest: Path, key: bytes) -> list[Sample]:
                 raise DataError(f"{manifest}:{line_of[path]} and :{line_no} both list {rel}")
             line_of[path] = line_no
             group = pseudonym(row["group"], key) if row.get("group") else None
-            samples.append(Sample(path, rel, row["label"], group))
+            samples.append(Sample(path, rel, row["label"], group,
+                                  id_kind="patient" if group else None))
     if not samples:
         raise DataError(f"{manifest}: manifest lists no images")
     return samples

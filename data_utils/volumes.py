@@ -1,39 +1,52 @@
 """CT as scanners write it: DICOM series and NIfTI volumes, read slice by slice.
 
-Every slice goes the same way: stored values -> Hounsfield units (DICOM's modality LUT, i.e.
-RescaleSlope and RescaleIntercept; NIfTI's scl_slope and scl_inter) -> a window of
-CENTER +- WIDTH/2 HU onto 0..255 (the lung window by default) -> the square 8-bit slice every
-ctscan model takes. MONOCHROME1 (white = low values) is inverted after windowing.
+Every slice goes the same way: stored values -> Hounsfield units (RescaleSlope and
+RescaleIntercept, an Enhanced CT frame's from its functional groups; NIfTI's scl_slope and
+scl_inter) -> a window of CENTER +- WIDTH/2 HU onto 0..255 (the lung window by default) -> the
+square 8-bit slice every ctscan model takes. MONOCHROME1 (white = low values) is inverted after
+windowing. Every slice is shown as radiologists read an axial CT, whatever the patient's position
+on the table (head or feet first, supine or prone): anterior at the top, the patient's right on
+the image's left.
 
 - DICOM: one file is one slice (a multi-frame file: one slice per frame). Slices are grouped into
-  series by SeriesInstanceUID and ordered along the slice normal by ImagePositionPatient
-  (InstanceNumber where a file has no position). Only CT images are slices: other modalities,
-  objects without pixels (SR, RTSTRUCT...) and localizers (scouts) are skipped with a reason.
+  series by SeriesInstanceUID and ordered feet to head along the slice normal by
+  ImagePositionPatient and ImageOrientationPatient (an Enhanced CT's frame by its own, from
+  PerFrameFunctionalGroupsSequence over SharedFunctionalGroupsSequence). Only a series none of
+  whose files has a position is ordered by InstanceNumber; in one that has, a file without one
+  is skipped (see order_series). Each slice is turned to the view above by its orientation, to
+  the nearest patient axes where it is tilted or oblique (flipped or transposed, never
+  resampled); a file without an orientation is shown as stored. Only axial CT images are
+  slices: other modalities, objects without pixels (SR, RTSTRUCT...), localizers (scouts) and
+  sagittal or coronal slices (reformats; ctscan reads axial chest CT) are skipped with a reason.
 - NIfTI: each axial slice of a .nii / .nii.gz is a slice. The volume is read in nibabel's closest
-  canonical orientation (RAS+), slices ordered inferior to superior, and each is shown as
-  radiologists read an axial CT (and as DICOM stores it): anterior at the top, the patient's
-  right on the image's left.
+  canonical orientation (RAS+), slices ordered inferior to superior.
 
-Patient IDs and UIDs never leave this module in clear: `pseudonym` is an HMAC under a key kept
-with the run (or, outside a run, in the cache folder).
+Files may be damaged or hostile. A malformed header value (a position of two numbers, a
+non-numeric InstanceNumber, an infinite RescaleSlope...) skips its file with a reason naming the
+attribute; declared sizes are bounded before any pixel is decoded (see _refuse_oversized); a
+slice holding NaN or infinite values is skipped with a reason, not shown as air or bone.
+
+Patient, study and series IDs leave this module only to be made pseudonyms (data_utils.identity);
+no other header value is kept.
 """
 
 from __future__ import annotations
 
 import gzip
-import hashlib
-import hmac
 import io
+import math
 import warnings
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import nibabel as nib
 import numpy as np
 import pydicom
 from PIL import Image
 from pydicom.errors import InvalidDicomError
-from pydicom.pixels import apply_modality_lut
+from pydicom.multival import MultiValue
 
 from data_utils.decode import Decoded, decode_failure, decode_image, fit_square, linear_to_uint8
 
@@ -43,22 +56,30 @@ DEFAULT_WINDOW = (-600.0, 1500.0)
 DICOM_SUFFIXES = (".dcm", ".dicom")
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
 SLICE_RULES = ("all", "every:K", "central:FRACTION", "max:N")
-# An identifier shorter than this is scrubbed from a path only where it is a whole folder or
-# file name: as a substring, "12" would also hit "slice-012.dcm".
-MIN_SUBSTRING_ID = 6
-_HEADER_TAGS = ["Modality", "ImageType", "SOPClassUID", "PatientID", "PatientName",
-                "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID", "AccessionNumber",
-                "ImagePositionPatient", "ImageOrientationPatient", "InstanceNumber", "Rows",
-                "Columns", "NumberOfFrames"]
+# What is read of a header before its pixels (the README lists them): what a slice is, whose
+# (the three IDs, made pseudonyms at once), where it lies and how big it is. No name, date or
+# accession number is read.
+_ID_TAGS = ["PatientID", "StudyInstanceUID", "SeriesInstanceUID"]
+# An Enhanced (multi-frame) CT keeps each frame's position, orientation and rescale here; their
+# other items (a frame's acquisition time...) are read with them and dropped.
+_FRAME_GROUPS = ["SharedFunctionalGroupsSequence", "PerFrameFunctionalGroupsSequence"]
+_HEADER_TAGS = ["Modality", "ImageType", "SOPClassUID", *_ID_TAGS, "ImagePositionPatient",
+                "ImageOrientationPatient", "InstanceNumber", "Rows", "Columns", "NumberOfFrames",
+                "RescaleSlope", "RescaleIntercept", *_FRAME_GROUPS]
+# Declared sizes, checked before any pixel is decoded (see _refuse_oversized). pydicom decodes a
+# multi-frame file whole: 2,000 frames of 512 x 512 (a chest CT at 0.3 mm holds about 1,200) are
+# 1 GiB as int16, each frame then becoming float64 HU.
+MAX_FILE_PIXELS = 2_000 * 512 * 512
+# Each slice of a file becomes a sample before its pixels are read, however small they are
+# declared: more slices than a whole-body scan at 0.2 mm holds is a mistake or an attack.
+MAX_SLICES = 10_000
+# How far ImageOrientationPatient may stray from two perpendicular unit vectors: DS values hold
+# 16 characters, and some scanners write 5 or 6 decimals.
+ORIENTATION_TOLERANCE = 1e-2
 
 
 class NotASlice(ValueError):
-    """A file that holds no CT slice ctscan can use; the message is the reason it is skipped,
-    `identifiers` what its header names (to scrub from its path where it is listed)."""
-
-    def __init__(self, reason: str, identifiers: tuple[str, ...] = ()):
-        super().__init__(reason)
-        self.identifiers = identifiers
+    """A file that holds no CT slice ctscan can use; the message is the reason it is skipped."""
 
 
 def volume_kind(path: Path) -> str | None:
@@ -84,43 +105,24 @@ def _kind(name: str, head: bytes) -> str | None:
     return None
 
 
-def pseudonym(value: str, key: bytes) -> str:
-    """A stable stand-in for an identifier: HMAC-SHA256 under `key`, 12 hex digits. Without the
-    key nobody can test a guessed ID against it, as one could against a plain hash."""
-    return hmac.new(key, value.encode(), hashlib.sha256).hexdigest()[:12]
-
-
-def scrub(rel: str, identifiers: list[str], key: bytes) -> str:
-    """`rel` with each identifier replaced by its pseudonym: PACS exports name folders and files
-    by PatientID and UIDs, and the paths ctscan writes must not carry them."""
-    parts = rel.split("/")
-    for value in sorted({v for v in identifiers if v}, key=len, reverse=True):
-        stand_in = f"id-{pseudonym(value, key)}"
-        for i, part in enumerate(parts):
-            if part == value:
-                parts[i] = stand_in
-            elif part.startswith(value + "."):  # a file named by the ID: keep its suffix
-                parts[i] = stand_in + part[len(value):]
-            elif len(value) >= MIN_SUBSTRING_ID:
-                parts[i] = part.replace(value, stand_in)
-    return "/".join(parts)
-
-
 @dataclass(frozen=True)
 class DicomHeader:
     """What grouping and ordering need of one DICOM file; the IDs are raw, kept in memory only."""
 
-    patient: str  # PatientID, or StudyInstanceUID where it is empty; "" when both are
+    patient: str  # PatientID; "" where it is empty (then the study names the group)
     study: str
     series: str
-    identifiers: tuple[str, ...]  # every ID the file holds, to scrub from its path
-    position: float  # along the slice normal; InstanceNumber where there is no position
+    # Each frame's place along its slice normal turned headwards (mm), so slices sort feet to
+    # head; None where the file has no valid position (see order_series).
+    positions: tuple[float, ...] | None
+    instance: int  # InstanceNumber, 0 where absent: the order of a series without positions
     size: tuple[int, int]  # (rows, columns)
     frames: int
 
 
 def read_dicom_header(path: Path) -> DicomHeader:
-    """The header of a DICOM file, pixels unread; NotASlice for anything but a CT image."""
+    """The header of a DICOM file, pixels unread; NotASlice for anything but an axial CT image,
+    and for a malformed or oversized one (see the module doc)."""
     try:
         ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=_HEADER_TAGS)
     except InvalidDicomError as e:
@@ -130,36 +132,181 @@ def read_dicom_header(path: Path) -> DicomHeader:
     except Exception as e:  # noqa: BLE001 - pydicom raises many types for a damaged header
         raise NotASlice(f"unreadable DICOM header ({decode_failure(e)})") from e
     modality = str(ds.get("Modality", "") or "")
-    ids = {tag: str(ds.get(tag, "") or "").strip() for tag in _HEADER_TAGS[3:9]}
-    held = tuple(v for v in ids.values() if v)
+    ids = {tag: str(ds.get(tag, "") or "").strip() for tag in _ID_TAGS}
     if "Rows" not in ds:
-        raise NotASlice(f"DICOM object without an image (Modality {modality or 'unset'})", held)
+        raise NotASlice(f"DICOM object without an image (Modality {modality or 'unset'})")
     if modality != "CT":
-        raise NotASlice(f"Modality {modality or 'unset'} is not CT", held)
+        raise NotASlice(f"Modality {modality or 'unset'} is not CT")
     if "LOCALIZER" in [str(v).upper() for v in ds.get("ImageType", [])]:
-        raise NotASlice("localizer (scout) image, not an axial slice", held)
+        raise NotASlice("localizer (scout) image, not an axial slice")
+    rows, columns, frames = _declared_size(ds)
+    positions = tuple(position for _, position in _geometry(ds, frames))
+    # Checked now, though only decoding uses it: a file that cannot be decoded must take no
+    # place in its series, and is listed with the files skipped.
+    for k in range(frames):
+        _rescale(ds, k)
     return DicomHeader(
-        patient=ids["PatientID"] or ids["StudyInstanceUID"],
+        patient=ids["PatientID"],
         study=ids["StudyInstanceUID"],
         series=ids["SeriesInstanceUID"],
-        identifiers=held,
-        position=_position(ds),
-        size=(int(ds.Rows), int(ds.Columns)),
-        frames=int(ds.get("NumberOfFrames", 1) or 1),
+        positions=None if None in positions else positions,
+        instance=_integer(ds, "InstanceNumber") or 0,
+        size=(rows, columns),
+        frames=frames,
     )
 
 
-def _position(ds: pydicom.Dataset) -> float:
-    """Where the slice lies along its normal (mm), so slices sort from feet to head (the
-    normal turned to point headwards: a feet-first scan's row x column points to the feet);
-    without ImagePositionPatient, its InstanceNumber."""
-    position, orientation = ds.get("ImagePositionPatient"), ds.get("ImageOrientationPatient")
-    if position is not None and orientation is not None and len(orientation) == 6:
-        normal = np.cross(np.array(orientation[:3], float), np.array(orientation[3:], float))
-        if normal[2] < 0:  # DICOM's patient z points to the head
+Item = TypeVar("Item")
+
+
+def order_series(members: list[tuple[DicomHeader, Item]]
+                 ) -> tuple[list[tuple[DicomHeader, Item, int]],
+                            list[tuple[DicomHeader, Item, str]]]:
+    """The slices of one series' files feet to head, as (header, item, frame), and the files
+    left out with the reason why:
+    - a file of another size than most of the series' is a reconstruction or a stray file, not
+      part of this stack;
+    - where any file has a position, every slice goes by its own (a multi-frame file's frames
+      too, wherever the file stores them), and a file without one is left out: its
+      InstanceNumber cannot be placed among millimetres;
+    - where no file has one, InstanceNumber orders the files, a file's frames as stored.
+    Slices at one place keep InstanceNumber order, then the order of `members`."""
+    size = Counter(h.size for h, _ in members).most_common(1)[0][0]
+    left_out = [(h, item, f"{h.size[0]}x{h.size[1]} slice in a series of {size[0]}x{size[1]} "
+                          "slices") for h, item in members if h.size != size]
+    kept = [(h, item) for h, item in members if h.size == size]
+    if any(h.positions for h, _ in kept):
+        left_out += [(h, item, "no position (ImagePositionPatient with ImageOrientationPatient) "
+                               "in a series ordered by position")
+                     for h, item in kept if h.positions is None]
+        kept = [(h, item) for h, item in kept if h.positions]
+    slices = [(h, item, k) for h, item in kept for k in range(h.frames)]
+    slices.sort(key=lambda s: (s[0].positions[s[2]] if s[0].positions else 0.0, s[0].instance))
+    return slices, left_out
+
+
+def _numbers(ds: pydicom.Dataset, keyword: str, count: int) -> np.ndarray | None:
+    """The `count` finite numbers `keyword` holds; None where it is absent or empty. Anything
+    else is NotASlice naming the attribute: one damaged header skips its file, never ends the
+    command with a traceback."""
+    try:
+        value = ds.get(keyword)
+        if value is None or value == "":
+            return None
+        numbers = np.array([float(v) for v in (value if isinstance(value, MultiValue)
+                                               else [value])], np.float64)
+    except Exception as e:  # noqa: BLE001 - pydicom raises many types for a value it cannot read
+        raise NotASlice(f"malformed {keyword} ({decode_failure(e)})") from e
+    if numbers.size != count:
+        raise NotASlice(f"malformed {keyword}: expected {count} number{'s' * (count > 1)}, got "
+                        f"{numbers.size}")
+    if not np.isfinite(numbers).all():
+        raise NotASlice(f"malformed {keyword}: {_shown(numbers)} is not finite")
+    return numbers
+
+
+def _integer(ds: pydicom.Dataset, keyword: str) -> int | None:
+    numbers = _numbers(ds, keyword, 1)
+    if numbers is None:
+        return None
+    if not numbers[0].is_integer():
+        raise NotASlice(f"malformed {keyword}: {numbers[0]:g} is not a whole number")
+    return int(numbers[0])
+
+
+def _shown(numbers: np.ndarray) -> str:
+    return "\\".join(f"{v:g}" for v in numbers)  # as DICOM writes several values
+
+
+def _declared_size(ds: pydicom.Dataset) -> tuple[int, int, int]:
+    """(rows, columns, frames) as the header declares them, refused unless each is a positive
+    whole number within the bounds (see _refuse_oversized), and unless an Enhanced CT's
+    per-frame functional groups have an item per frame."""
+    rows, columns = _integer(ds, "Rows"), _integer(ds, "Columns")
+    frames = _integer(ds, "NumberOfFrames") or 1  # 0 as pydicom reads it: one frame
+    if rows is None or columns is None or min(rows, columns, frames) < 1:
+        said = ", ".join(f"{k} {'missing' if v is None else v}" for k, v in
+                         (("Rows", rows), ("Columns", columns), ("NumberOfFrames", frames)))
+        raise NotASlice(f"malformed image size: {said}")
+    _refuse_oversized(rows, columns, frames)
+    per_frame = ds.get("PerFrameFunctionalGroupsSequence")
+    if per_frame is not None and len(per_frame) != frames:
+        raise NotASlice(f"malformed PerFrameFunctionalGroupsSequence: {len(per_frame)} item(s) "
+                        f"for {frames} frames")
+    return rows, columns, frames
+
+
+def _refuse_oversized(rows: int, columns: int, slices: int) -> None:
+    """Declared sizes, checked before a pixel is decoded: decoders allocate what a header
+    declares, and a file of a few bytes can declare gigabytes. One slice is bounded as a PNG is
+    (Pillow's Image.MAX_IMAGE_PIXELS), a file by MAX_FILE_PIXELS and MAX_SLICES."""
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and rows * columns > limit:
+        raise NotASlice(f"declared {columns}x{rows} slice is over Pillow's MAX_IMAGE_PIXELS "
+                        f"({limit}): a mistake or a decompression bomb")
+    if slices > MAX_SLICES or rows * columns * slices > MAX_FILE_PIXELS:
+        raise NotASlice(f"declared {slices} slices of {columns}x{rows} are over the bound of one "
+                        f"file ({MAX_SLICES} slices, {MAX_FILE_PIXELS} pixels): a mistake or a "
+                        "decompression bomb")
+
+
+def _frame_attributes(ds: pydicom.Dataset, frame: int, macro: str) -> pydicom.Dataset:
+    """Where frame `frame`'s attributes of functional group `macro` (e.g. PlanePositionSequence)
+    lie: the frame's own item of PerFrameFunctionalGroupsSequence, else the one all frames share
+    in SharedFunctionalGroupsSequence, else (a classic image) the dataset itself. pydicom's
+    apply_modality_lut looks only at the last, where an Enhanced CT keeps nothing."""
+    for groups, index in (("PerFrameFunctionalGroupsSequence", frame),
+                          ("SharedFunctionalGroupsSequence", 0)):
+        items = ds.get(groups) or []
+        if index < len(items) and items[index].get(macro):
+            return items[index][macro][0]
+    return ds
+
+
+def _geometry(ds: pydicom.Dataset, frames: int
+              ) -> list[tuple[tuple[bool, int, int] | None, float | None]]:
+    """Per frame: how to turn it to the radiological view (see _radiological), and its place
+    along the slice normal turned headwards (mm); None for what the header does not say (a
+    position needs an orientation). NotASlice for a malformed orientation or position, and for
+    a slice that is not axial: its normal nearest the patient's left-right (sagittal) or
+    front-back (coronal) axis."""
+    out = []
+    for frame in range(frames):
+        orientation = _numbers(_frame_attributes(ds, frame, "PlaneOrientationSequence"),
+                               "ImageOrientationPatient", 6)
+        position = _numbers(_frame_attributes(ds, frame, "PlanePositionSequence"),
+                            "ImagePositionPatient", 3)
+        if orientation is None:
+            out.append((None, None))
+            continue
+        along_row, along_column = orientation[:3], orientation[3:]
+        if (abs(along_row @ along_row - 1) > ORIENTATION_TOLERANCE
+                or abs(along_column @ along_column - 1) > ORIENTATION_TOLERANCE
+                or abs(along_row @ along_column) > ORIENTATION_TOLERANCE):
+            raise NotASlice(f"malformed ImageOrientationPatient: {_shown(orientation)} is not "
+                            "two perpendicular unit vectors")
+        normal = np.cross(along_row, along_column)
+        # Nearest axes, as nibabel's io_orientation finds them for any slice within 45 degrees
+        # of them, without its SVD (which would add a third to the time a header takes): the
+        # plane is the axis the normal lies nearest; in an axial one the stored columns (along
+        # a row) run nearest x or y, the rows nearest the other.
+        plane = int(np.argmax(np.abs(normal)))
+        if plane != 2:
+            raise NotASlice(f"{('sagittal', 'coronal')[plane]} slice (ImageOrientationPatient "
+                            f"{_shown(orientation)}), not axial: ctscan reads axial chest CT")
+        if abs(along_row[0]) >= abs(along_row[1]):
+            view = (False, _step(along_column[1]), _step(along_row[0]))
+        else:  # a row runs front to back: transposed, so that the columns run left-right
+            view = (True, _step(along_row[1]), _step(along_column[0]))
+        if normal[2] < 0:  # a feet-first or prone scan's row x column points to the feet
             normal = -normal
-        return float(np.dot(normal, np.array(position, float)))
-    return float(ds.get("InstanceNumber", 0) or 0)
+        out.append((view, None if position is None else float(normal @ position)))
+    return out
+
+
+def _step(direction: float) -> int:
+    """1 to keep an axis that runs towards + (the patient's left, the back), -1 to flip it."""
+    return 1 if direction >= 0 else -1
 
 
 def nifti_slices(path: Path) -> int:
@@ -168,13 +315,21 @@ def nifti_slices(path: Path) -> int:
         img = nib.load(path)
     except Exception as e:  # noqa: BLE001 - nibabel raises many types for a bad file
         raise NotASlice(f"not a NIfTI volume ({type(e).__name__}: {e})") from e
-    if len(img.shape) < 3 or any(n != 1 for n in img.shape[3:]):
-        raise NotASlice(f"NIfTI shape {img.shape} is not one 3-D volume")
-    return int(img.shape[_superior_axis(img.affine)])
+    return int(img.shape[_superior_axis(img.shape, img.affine)])
 
 
-def _superior_axis(affine: np.ndarray) -> int:
-    return int(np.flatnonzero(nib.orientations.io_orientation(affine)[:, 0] == 2)[0])
+def _superior_axis(shape: tuple[int, ...], affine: np.ndarray) -> int:
+    """Which axis of a NIfTI volume runs inferior-superior; NotASlice for anything but one 3-D
+    volume of a size within the bounds (see _refuse_oversized)."""
+    if len(shape) < 3 or any(n != 1 for n in shape[3:]):
+        raise NotASlice(f"NIfTI shape {shape} is not one 3-D volume")
+    superior = np.flatnonzero(nib.orientations.io_orientation(affine)[:, 0] == 2)
+    if len(superior) != 1:
+        raise NotASlice("NIfTI affine has no inferior-superior axis")
+    axis = int(superior[0])
+    rows, columns = (n for a, n in enumerate(shape[:3]) if a != axis)
+    _refuse_oversized(rows, columns, shape[axis])
+    return axis
 
 
 def parse_slices(rule: str) -> str:
@@ -227,30 +382,68 @@ def window_to_uint8(hu: np.ndarray, window: tuple[float, float]) -> np.ndarray:
 
 def decode_dicom(data: bytes, size: int, resize: str, window: tuple[float, float]
                  ) -> list[Decoded | str]:
-    """Every frame of a DICOM CT image as a windowed square slice, or why it is not one."""
+    """Every frame of a DICOM CT image, in the order the file stores them, as a windowed square
+    slice in the radiological view (see _radiological), or why it is not one."""
     ds = pydicom.dcmread(io.BytesIO(data), force=True)
     if "PixelData" not in ds:
         raise NotASlice("DICOM file without pixel data")
-    if int(ds.get("SamplesPerPixel", 1)) != 1:
-        raise NotASlice(f"{ds.SamplesPerPixel} samples per pixel: a colour image, not CT")
-    frames = ds.pixel_array  # raises for a transfer syntax no installed plugin decodes
-    if int(ds.get("NumberOfFrames", 1) or 1) == 1:
-        frames = frames[None]
+    samples = _integer(ds, "SamplesPerPixel") or 1
+    if samples != 1:
+        raise NotASlice(f"{samples} samples per pixel: a colour image, not CT")
+    # Checked again on the bytes decoded, not trusted from the header read before.
+    _, _, frames = _declared_size(ds)
+    geometry = _geometry(ds, frames)
+    rescale = [_rescale(ds, k) for k in range(frames)]
+    # Raises for a transfer syntax no installed plugin decodes and for pixel data that do not
+    # fill the declared Rows x Columns x NumberOfFrames; what it returns has that shape.
+    stored = ds.pixel_array
+    if frames == 1:
+        stored = stored[None]
     invert = ds.get("PhotometricInterpretation") == "MONOCHROME1"
-    return [_windowed(apply_modality_lut(frame, ds), window, invert, size, resize, "DICOM")
-            for frame in frames]
+    return [_windowed(_radiological(frame * slope + intercept, view), window, invert, size,
+                      resize, "DICOM")
+            for frame, (view, _), (slope, intercept) in zip(stored, geometry, rescale,
+                                                            strict=True)]
+
+
+def _rescale(ds: pydicom.Dataset, frame: int) -> tuple[float, float]:
+    """Frame `frame`'s (RescaleSlope, RescaleIntercept): stored values -> HU; (1, 0) where
+    absent. An Enhanced CT keeps them in its functional groups, and may per frame."""
+    where = _frame_attributes(ds, frame, "PixelValueTransformationSequence")
+    slope, intercept = _numbers(where, "RescaleSlope", 1), _numbers(where, "RescaleIntercept", 1)
+    return (1.0 if slope is None else float(slope[0]),
+            0.0 if intercept is None else float(intercept[0]))
+
+
+def _radiological(pixels: np.ndarray, view: tuple[bool, int, int] | None) -> np.ndarray:
+    """An axial frame as radiologists read it, whatever the patient's position on the table:
+    anterior at the top, the patient's right on the image's left; that is, rows run towards
+    DICOM's +y (the back) and columns towards +x (the patient's left), as decode_nifti shows a
+    volume. `view` (see _geometry): whether to transpose, then the row and column steps. A
+    tilted or oblique slice goes to its nearest axes, flipped or transposed, never resampled;
+    None: shown as stored."""
+    if view is None:
+        return pixels
+    transposed, row_step, column_step = view
+    return (pixels.T if transposed else pixels)[::row_step, ::column_step]
 
 
 def decode_nifti(data: bytes, size: int, resize: str, window: tuple[float, float]
                  ) -> list[Decoded | str]:
     """Every axial slice of a NIfTI volume, inferior to superior, as a windowed square slice."""
-    if data[:2] == b"\x1f\x8b":
-        data = gzip.decompress(data)
+    stream = gzip.GzipFile(fileobj=io.BytesIO(data)) if data[:2] == b"\x1f\x8b" else \
+        io.BytesIO(data)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # nibabel warns of unusual headers it still reads
-        img = nib.Nifti1Image.from_bytes(data)
+        header = nib.Nifti1Header.from_fileobj(stream)
+        shape = header.get_data_shape()
+        axis = _superior_axis(shape, header.get_best_affine())
+        # Inflated only as far as the declared voxels go, once their size has been checked: a
+        # small .nii.gz can inflate to gigabytes.
+        stream.seek(0)
+        img = nib.Nifti1Image.from_bytes(stream.read(
+            int(header.get_data_offset()) + math.prod(shape) * header.get_data_dtype().itemsize))
     ornt = nib.orientations.io_orientation(img.affine)
-    axis = _superior_axis(img.affine)
     n = img.shape[axis]
     slices = []
     for k in range(n):
@@ -266,7 +459,11 @@ def decode_nifti(data: bytes, size: int, resize: str, window: tuple[float, float
 
 def _windowed(hu: np.ndarray, window: tuple[float, float], invert: bool, size: int,
               resize: str, mode: str) -> Decoded | str:
-    pixels = window_to_uint8(np.asarray(hu, np.float64), window)
+    hu = np.asarray(hu, np.float64)
+    if not np.isfinite(hu).all():
+        # Neither air nor bone: windowing would make NaN black and inf white, silently.
+        return f"{np.count_nonzero(~np.isfinite(hu))} NaN or infinite values in the slice"
+    pixels = window_to_uint8(hu, window)
     if invert:
         pixels = 255 - pixels
     if pixels.min() == pixels.max():

@@ -23,7 +23,7 @@ from data_utils.cache import CTDataset
 from data_utils.errors import RunFolderError
 from data_utils.files import write_json
 from data_utils.sources import DataError
-from data_utils.split import PATIENT_GROUPING, load_data_options
+from data_utils.split import PERSON_UNITS, load_data_options, recorded_slices, recorded_unit
 from results.aggregate import AGGREGATES, aggregate_by_group
 from results.metrics import paired_bootstrap, score, youden_threshold
 from tuning.config import make_config
@@ -47,19 +47,17 @@ def _read_json(run_dir: str, name: str, keys: tuple[str, ...]) -> tuple[dict, st
 
 
 def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
-    """Rows of `ds` holding split `name` of split.json; every file must still be byte-identical."""
-    row_of = {path: i for i, path in enumerate(ds.paths)}
+    """Rows of `ds` holding split `name` of split.json, found by content (sha256, frame): every
+    slice must still be there, byte-identical, wherever its file now lies."""
+    row_of = {key: i for i, key in enumerate(zip(ds.sha256, ds.frames, strict=True))}
     rows = []
-    for entry in split_json["files"]:
+    for key, entry in recorded_slices(split_json).items():
         if entry["split"] != name:
             continue
-        row = row_of.get(entry["path"])
+        row = row_of.get(key)
         if row is None:
-            raise DataError(f"{ds.root / entry['path']}: {name} file of split.json is missing "
-                            "or no longer readable")
-        if ds.sha256[row] != entry["sha256"]:
-            raise DataError(f"{ds.root / entry['path']}: {name} file changed since the split "
-                            "was made (sha256 differs)")
+            raise DataError(f"{ds.root}: {name} slice {entry['path']} of split.json is missing, "
+                            "changed or no longer readable")
         rows.append(row)
     return np.array(rows, dtype=np.int64)
 
@@ -67,7 +65,8 @@ def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
 def recorded_groups(split_json: dict, name: str) -> np.ndarray:
     """The split's group of each row of `recorded_rows(..., name)`: the unit the bootstrap
     resamples, so that slices kept together by the split also count as one observation."""
-    return np.array([e["group"] for e in split_json["files"] if e["split"] == name])
+    return np.array([e["group"] for e in recorded_slices(split_json).values()
+                     if e["split"] == name])
 
 
 Member = tuple[torch.nn.Module, ModelDescription]  # a network and how to feed it
@@ -346,7 +345,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     split_json, split_text = _read_json(run_dir, runfolder.SPLIT, SPLIT_KEYS)
     config = make_config(best["config"])
     ds = load_data_options(Path(options.data), config.image_size, config.resize, options.split,
-                           cache_dir)
+                           cache_dir, split_json, run_dir)
     val_rows = recorded_rows(ds, split_json, "val")
     test_rows = recorded_rows(ds, split_json, "test")
     candidates = ensemble_candidates(run_dir, options, best, ensemble)
@@ -354,7 +353,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
                for c in candidates]
     test_groups = recorded_groups(split_json, "test")
     val_groups = recorded_groups(split_json, "val")
-    by_patient = split_json["group_by"] in PATIENT_GROUPING  # then also scored per patient
+    unit = recorded_unit(split_json)
+    by_patient = unit in PERSON_UNITS  # then also scored per patient (or volume, study...)
     scored = val_then_test(members, ds, val_rows, test_rows, threshold, calibrate,
                            val_groups if by_patient else None, val_groups)
     temperature, weights = scored["temperature"], scored["weights"]
@@ -366,7 +366,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         test_entry, test_patients = score_patients(choice, y_test, prob_test, test_groups,
                                                    resamples, seed)
         val_entry, _ = score_patients(choice, y_val, prob_val, val_groups, resamples, seed)
-        patient = {"patient": {**choice, "test": test_entry, "val": val_entry}}
+        patient = {"patient": {**choice, "unit": unit, "test": test_entry, "val": val_entry}}
 
     def at(y: np.ndarray, prob: np.ndarray, value: float, groups: np.ndarray) -> dict:
         return score(y, prob, value, resamples, seed, groups)
@@ -394,6 +394,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         **({"calibration_not_applied": scored["not_calibrated"]}
            if scored["not_calibrated"] else {}),
         "bootstrap": {"resamples": resamples, "seed": seed, "unit": split_json["group_by"],
+                      "groups_are": unit,
                       "test_groups": len(np.unique(test_groups))},
         "data": {
             "path": str(ds.root), "images": len(ds),
@@ -401,6 +402,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
             # How DICOM and NIfTI slices were read: predict reads them the same way.
             "window": list(ds.window), "slices": ds.slices,
             "split_counts": split_json["counts"], "group_by": split_json["group_by"],
+            "unit": unit, "group_kinds": split_json.get("group_kinds"),
+            "split_groups": split_json.get("groups"),
             "split_seed": split_json["seed"],
             "split_sha256": hashlib.sha256(split_text.encode()).hexdigest(),
         },

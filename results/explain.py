@@ -15,9 +15,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ctmodels import Ensemble, normalize
-from data_utils.cache import default_cache_dir, machine_identity_key
 from data_utils.errors import UsageError
 from data_utils.files import atomic_write
+from data_utils.identity import load_key
 from data_utils.runfolder import refuse_writes_inside
 from data_utils.sources import Sample, unlabelled_slices
 from results.model_folder import load_exported
@@ -59,7 +59,7 @@ def _gradcam(model: nn.Module, x: torch.Tensor) -> tuple[np.ndarray, torch.Tenso
 
 
 def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
-                  batch_size: int = 16) -> tuple[list[Path], int]:
+                  batch_size: int = 16, show_paths: bool = False) -> tuple[list[Path], int]:
     """Write `<stem>_gradcam.png` per readable image into out_dir, and for a DICOM series or
     NIfTI volume one for its slice of highest probability (the one that most raises the
     series' score); returns the written paths and how many images or series failed.
@@ -71,8 +71,8 @@ def explain_paths(model_dir: Path, paths: list[Path], out_dir: Path,
     files = expand_paths(paths)
     _check_out_dir(out_dir, [Path(p) for p in paths], files)
     model, description, config = load_exported(model_dir)
-    samples, skipped = unlabelled_slices(files, machine_identity_key(default_cache_dir()),
-                                         config.get("data", {}).get("slices", "all"))
+    samples, skipped = unlabelled_slices(files, load_key(),
+                                         config.get("data", {}).get("slices", "all"), show_paths)
     failed = len(skipped)
     for s in skipped:
         print(f"warning: skipped {s.path}: {s.reason}", file=sys.stderr)
@@ -102,7 +102,7 @@ def explain_slices(model_dir: Path, images: np.ndarray, names: list[str], out_di
                    ) -> list[Path]:
     """Overlays for slices already decoded (uint8 [N, S, S], as the dataset cache holds them),
     named after `names` (their paths in the dataset): how the report shows test slices, which a
-    DICOM series' scrubbed path or a volume's "#K" could not be read back from."""
+    DICOM or NIfTI slice's stand-in name could not be read back from."""
     if len(images) == 0:
         return []
     model, description, config = load_exported(model_dir)

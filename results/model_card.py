@@ -10,7 +10,7 @@ from typing import Any
 from results.model_folder import FILES
 from results.wording import (
     AGGREGATE_MEANING,
-    GROUPING_MEANING,
+    grouping_meaning,
     interval_limitation,
     limitations,
 )
@@ -73,7 +73,7 @@ def model_card(meta: dict) -> str:
         lines.append(f"- Searched hyperparameters of the best trial: {searched}")
     lines += ["", "## Data", ""]
     lines += _bullets(data) if data else ["- Not recorded in this export."]
-    lines += [f"- Grouping: {GROUPING_MEANING.get(data.get('group_by'), 'not recorded')}", "",
+    lines += [f"- Grouping: {grouping_meaning(data) if data else 'not recorded'}", "",
               "## Test metrics", ""]
     metrics = meta.get("test_metrics") or {}
     lines += _metric_table(metrics) if metrics else ["Not recorded in this export.", ""]
@@ -86,7 +86,7 @@ def model_card(meta: dict) -> str:
                   *_metric_table(patient_test["metrics"])]
     lines += ["## Limitations", ""]
     lines += [f"- {title}: {text}" for title, text in
-              [*limitations(patient is not None), interval_limitation(data.get("group_by"))]]
+              [*limitations(patient is not None), interval_limitation(data)]]
     lines += [
         "",
         "## How to load", "",

@@ -14,9 +14,9 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from data_utils.cache import default_cache_dir, machine_identity_key
 from data_utils.decode import decode_failure
 from data_utils.files import atomic_write
+from data_utils.identity import load_key
 from data_utils.sources import IMAGE_SUFFIXES, Sample, image_files, unlabelled_slices
 from data_utils.volumes import (
     DEFAULT_WINDOW,
@@ -78,6 +78,7 @@ def predict_paths(
     batch_size: int = 64,
     progress: bool = True,
     per_slice: bool = False,
+    show_paths: bool = False,
 ) -> list[dict]:
     """One row per image, and one per DICOM series or NIfTI volume with the probability its
     slices aggregate to (as evaluation chose on val, when the model was scored per patient):
@@ -85,7 +86,8 @@ def predict_paths(
     their own after its row. Unreadable files get an error row.
 
     Rows follow the input order, folders expanded in place; a folder without any image file
-    gets an error row of its own at the end, so it is not silently skipped.
+    gets an error row of its own at the end, so it is not silently skipped. DICOM and NIfTI
+    files are named by stand-ins (data_utils.identity) unless show_paths.
     """
     config = read_config(model_dir)
     predict = load_predictor(model_dir)
@@ -100,8 +102,8 @@ def predict_paths(
             suffixes = " ".join(sorted(IMAGE_SUFFIXES | {*DICOM_SUFFIXES, *NIFTI_SUFFIXES}))
             empty.append(_row(path, error=f"no image files ({suffixes}) in this folder"))
         files += found
-    samples, skipped = unlabelled_slices(files, machine_identity_key(default_cache_dir()),
-                                         config.get("data", {}).get("slices", "all"))
+    samples, skipped = unlabelled_slices(files, load_key(),
+                                         config.get("data", {}).get("slices", "all"), show_paths)
     slice_rows: list[tuple[Sample, dict]] = []
     # A bar only when there is something to wait for; a handful of files prints no noise.
     with tqdm(total=len(samples), unit="img", disable=not progress or len(samples) <= batch_size,

@@ -15,13 +15,15 @@ from urllib.parse import quote
 import yaml
 
 from data_utils.files import atomic_write
+from data_utils.split import UNIT_CAVEATS
 from results.ledger import describe_options
 from results.wording import (
     AGGREGATE_MEANING,
     AGGREGATE_NAMES,
-    BOOTSTRAP_UNITS,
-    GROUPING_MEANING,
     METRIC_NAMES,
+    SINGULAR,
+    bootstrap_unit_text,
+    grouping_meaning,
     interval_limitation,
     limitations,
 )
@@ -85,13 +87,13 @@ def _image(alt: str, rel_path: str) -> str:
 
 
 # What is called positive, by whose probability, with the threshold chosen on what.
-UNITS = {"slice": ("the model's predicted probability", "the validation split"),
-         "patient": ("its probability", "the validation patients")}
-
-
 def _threshold_text(threshold: dict, positive: str, unit: str = "slice") -> str:
+    """`unit`: "slice", or what a group is ("patient", "volume"...): then its aggregate
+    probability, chosen on the validation groups."""
     value, method = threshold["value"], threshold["method"]
-    probability, validation = UNITS[unit]
+    probability, validation = (("the model's predicted probability", "the validation split")
+                               if unit == "slice" else
+                               ("its probability", f"the validation {_plural(unit)}"))
     rule = f"A {unit} is called {positive} when {probability} is at least {value:.3g}"
     if method == "youden":
         return (f"{rule}, a threshold chosen on {validation} by Youden's J (the point "
@@ -105,10 +107,7 @@ def _summary(metrics: dict) -> list[str]:
     test, positive = metrics["test"], metrics["positive_class"]
     negative = _negative(metrics)
     m = test["metrics"]
-    group_by = metrics.get("data", {}).get("group_by", "")
-    grouping = GROUPING_MEANING.get(
-        group_by, f"The train/validation/test split grouped slices by `{group_by}` and kept "
-        "each group on one side.")
+    grouping = grouping_meaning(metrics.get("data", {}))
     model = _model_name(metrics)
     text = (
         f"On {test['n']} held-out test slices ({test['positives']} {positive}, "
@@ -120,13 +119,15 @@ def _summary(metrics: dict) -> list[str]:
     patient = metrics.get("patient")
     if patient:
         p, pm = patient["test"], patient["test"]["metrics"]
+        unit = patient.get("unit", "patients")
         text += (
-            f"Per patient ({p['n']} test patients: {p['positives']} {positive}, "
+            f"Per {SINGULAR[unit]} ({p['n']} test {unit}: {p['positives']} {positive}, "
             f"{p['negatives']} {negative}), calling each from the "
             f"{AGGREGATE_NAMES.get(patient['aggregate'], patient['aggregate'])} of its slices' "
             f"probabilities, it reached accuracy {_with_ci(pm['accuracy'])}, sensitivity "
             f"{_with_ci(pm['recall'])} and specificity {_with_ci(pm['specificity'])}; see "
-            f"[Patient-level results](#patient-level-results). These results come from a single "
+            f"[{SINGULAR[unit].capitalize()}-level results]"
+            f"(#{SINGULAR[unit]}-level-results). These results come from a single "
             f"centre, not a validated diagnostic test; see [Limitations](#limitations).")
     else:
         text += ("These are slice-level results from a single centre, not a validated "
@@ -300,7 +301,7 @@ def _results(metrics: dict, plots: dict[str, str]) -> list[str]:
     lines = [f"## Test results at threshold {threshold['value']:.3g} ({how})", ""]
     lines += _table(header, _metric_rows(test["metrics"], keys, val["metrics"] if val else None))
     lines += [f"95% CIs: percentile bootstrap ({boot.get('resamples', '?')} resamples, seed "
-              f"{boot.get('seed', '?')}) over {_bootstrap_unit(boot)}{_dropped(test)}. ROC AUC "
+              f"{boot.get('seed', '?')}) over {_bootstrap_unit(metrics)}{_dropped(test)}. ROC AUC "
               f"and PR AUC do not "
               f"depend on the threshold. The validation column is the split the model (and a "
               f"tuned threshold) was chosen on; a large gap to the test value is a warning "
@@ -340,31 +341,39 @@ def _patients(metrics: dict) -> list[str]:
     test, val, threshold = patient["test"], patient.get("val"), patient["threshold"]
     positive, negative = metrics["positive_class"], _negative(metrics)
     boot = metrics.get("bootstrap", {})
+    units = patient.get("unit", "patients")
+    unit = SINGULAR[units]
     tried = ", ".join(f"{AGGREGATE_NAMES.get(m, m)} {_num(auc)}"
                       for m, auc in patient.get("val_auc_by_aggregate", {}).items())
     aggregate = patient["aggregate"]
-    how = (f"A patient's probability is {AGGREGATE_MEANING.get(aggregate, aggregate)}. This way "
-           f"of combining slices was chosen on the validation patients, before the test split "
+    how = (f"A {unit}'s probability is {AGGREGATE_MEANING.get(aggregate, aggregate)}. This way "
+           f"of combining slices was chosen on the validation {units}, before the test split "
            f"was scored, as the one with the best ROC AUC there ({tried}; a tie goes to the "
            f"first of these). "
-           f"{_threshold_text(threshold, positive, 'patient')}")
+           f"{_threshold_text(threshold, positive, unit)}")
+    caveat = ([f"These groups are {units}, not proven patients: {UNIT_CAVEATS[units]}.", ""]
+              if units != "patients" else [])
     keys = [k for k in METRIC_NAMES if k in test["metrics"]]
     header = ["Metric", "Test value", "Test 95% CI"]
     if val:
-        header.append(f"Validation (n={val['n']} patients)")
+        header.append(f"Validation (n={val['n']} {units})")
     return [
-        "## Patient-level results", "", how, "",
-        f"The test split holds {test['n']} patients ({test['positives']} {positive}, "
+        f"## {unit.capitalize()}-level results", "", how, "", *caveat,
+        f"The test split holds {test['n']} {units} ({test['positives']} {positive}, "
         f"{test['negatives']} {negative}); each counts once, however many slices it has.", "",
         *_table(header, _metric_rows(test["metrics"], keys, val["metrics"] if val else None)),
         f"95% CIs: percentile bootstrap ({boot.get('resamples', '?')} resamples, seed "
-        f"{boot.get('seed', '?')}) over test patients, each patient one observation"
+        f"{boot.get('seed', '?')}) over test {units}, each {unit} one observation"
         f"{_dropped(test)}.", "",
-        "### Confusion matrix in patients", "",
+        f"### Confusion matrix in {units}", "",
         _confusion_text(test["confusion_matrix"], threshold["value"], negative, positive,
-                        "patients"), "",
+                        units), "",
         *_confusion_table(test["confusion_matrix"], negative, positive),
     ]
+
+
+def _plural(unit: str) -> str:
+    return next((units for units, one in SINGULAR.items() if one == unit), f"{unit}s")
 
 
 def _dropped(entry: dict) -> str:
@@ -374,8 +383,10 @@ def _dropped(entry: dict) -> str:
             "intervals)" if dropped else "")
 
 
-def _bootstrap_unit(boot: dict) -> str:
-    unit = BOOTSTRAP_UNITS.get(boot.get("unit"), "test slices")
+def _bootstrap_unit(metrics: dict) -> str:
+    boot = metrics.get("bootstrap", {})
+    data = {**metrics.get("data", {}), "group_by": boot.get("unit")}
+    unit = bootstrap_unit_text(data) if boot.get("unit") or "data" in metrics else "test slices"
     groups = boot.get("test_groups")
     return f"{unit} ({groups} groups in the test split)" if groups else unit
 
@@ -531,11 +542,11 @@ def _gradcams(gradcams: Sequence[str]) -> list[str]:
 
 
 def _limitations(metrics: dict) -> list[str]:
-    unit = metrics.get("bootstrap", {}).get("unit")
+    data = {**metrics.get("data", {}), "group_by": metrics.get("bootstrap", {}).get("unit")}
     return [
         "## Limitations", "",
         *(f"- **{title}.** {text}" for title, text in
-          [*limitations("patient" in metrics), interval_limitation(unit)]),
+          [*limitations("patient" in metrics), interval_limitation(data)]),
         "- **Threshold.** The threshold was fixed before testing; on a population with a "
         "different prevalence or scanner, sensitivity and specificity at that threshold will "
         "shift, and precision with them.",

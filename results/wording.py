@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from data_utils.split import PATIENT_GROUPING
+from data_utils.split import UNIT_CAVEATS, recorded_unit
 
 METRIC_NAMES = {
     "accuracy": "Accuracy",
@@ -23,39 +23,52 @@ AGGREGATE_MEANING = {
     "max": "the highest of its slices' probabilities",
 }
 
-# What each --group-by means for a test estimate.
-GROUPING_MEANING = {
-    "duplicates": (
-        "The train/validation/test split kept byte-identical files and near-identical slices "
-        "(perceptual-hash neighbours, in practice adjacent slices of one patient) on the same "
-        "side, so the model was never tested on a near-copy of a training image. The dataset has "
-        "no patient IDs, so less similar slices of one patient can still sit on both sides; the "
-        "test score may still be somewhat optimistic."),
-    "manifest": (
-        "The train/validation/test split kept all slices of one patient (the manifest's group "
-        "column) and byte-identical files on the same side, so no test patient was seen during "
-        "training or model selection."),
-    "patient": (
-        "The train/validation/test split kept all slices of one patient and byte-identical files "
-        "on the same side, so no test patient was seen during training or model selection."),
-    "none": (
-        "The train/validation/test split kept only byte-identical files together: near-identical "
-        "slices of one patient can sit in both training and test, so the model may have been "
-        "tested on near-copies of training images and the test score is likely optimistic."),
-}
+SINGULAR = {"patients": "patient", "studies": "study", "series": "series",
+            "volumes": "volume", "near-duplicate groups": "near-duplicate group", "files": "file",
+            "groups": "group"}
 
-# What the bootstrap resampled, by the split's --group-by: the split's groups are drawn whole.
-BOOTSTRAP_UNITS = {
-    "manifest": ("patients (the manifest's group column): all slices of a patient are drawn "
-                 "together, so the intervals reflect the number of test patients"),
-    "patient": ("patients: all slices of a patient are drawn together, so the intervals "
-                "reflect the number of test patients"),
-    "duplicates": ("groups of near-identical slices (the split's groups): near-copies are drawn "
-                   "together, but other slices of one patient are still drawn independently, "
-                   "so the intervals may be somewhat narrow"),
-    "none": ("single slices (only byte-identical files are drawn together): slices of one "
-             "patient are treated as independent, so the intervals are optimistic"),
-}
+
+def groups_are(data: dict) -> str:
+    """What the split's groups are (data_utils.split.GROUP_UNITS), from metrics' or an
+    export's "data"; runs before ctscan 0.4 recorded only their --group-by."""
+    return data.get("unit") or recorded_unit({"group_by": data.get("group_by")})
+
+
+def grouping_meaning(data: dict) -> str:
+    """What the split's grouping means for a test estimate, in the report's and card's words."""
+    unit = groups_are(data)
+    if unit == "patients":
+        return ("The train/validation/test split kept all slices of one patient and "
+                "byte-identical files on the same side, so no test patient was seen during "
+                "training or model selection.")
+    if unit == "near-duplicate groups":
+        return ("The train/validation/test split kept byte-identical files and near-identical "
+                "slices (perceptual-hash neighbours, in practice adjacent slices of one patient) "
+                "on the same side, so the model was never tested on a near-copy of a training "
+                "image. The dataset has no patient IDs, so less similar slices of one patient "
+                "can still sit on both sides; the test score may still be somewhat optimistic.")
+    if unit == "files":
+        return ("The train/validation/test split kept only byte-identical files together: "
+                "near-identical slices of one patient can sit in both training and test, so the "
+                "model may have been tested on near-copies of training images and the test "
+                "score is likely optimistic.")
+    return (f"The train/validation/test split kept all slices of one {SINGULAR.get(unit, unit)} "
+            f"and byte-identical files on the same side, but its groups are {unit}, not proven "
+            f"patients: {UNIT_CAVEATS.get(unit, '')}; the test score may be somewhat "
+            "optimistic.")
+
+
+def _bootstrap_units(unit: str) -> str:
+    """What the bootstrap drew whole: the split's groups."""
+    if unit == "patients":
+        return ("patients: all slices of a patient are drawn together, so the intervals "
+                "reflect the number of test patients")
+    if unit == "files":
+        return ("single slices (only byte-identical files are drawn together): slices of one "
+                "patient are treated as independent, so the intervals are optimistic")
+    return (f"{unit} (the split's groups): each is drawn whole, but {UNIT_CAVEATS.get(unit, '')}"
+            ", so the intervals may be somewhat narrow")
+
 
 # (title, text) of what no number in a report or card can tell; `limitations` picks the
 # patient-level one when there are patient-level results.
@@ -83,13 +96,20 @@ def limitations(patient_level: bool) -> list[tuple[str, str]]:
             for item in LIMITATIONS]
 
 
-def interval_limitation(unit: str | None) -> tuple[str, str]:
-    """(title, text) of what the confidence intervals cover, given the bootstrap's unit."""
-    if unit in PATIENT_GROUPING:
+def interval_limitation(data: dict) -> tuple[str, str]:
+    """(title, text) of what the confidence intervals cover, given what the split's groups
+    are (`data`: metrics' or an export's)."""
+    unit = groups_are(data)
+    if unit == "patients":
         return ("Confidence intervals", "They come from bootstrap resamples of test patients; "
                 "they cover the sampling of patients, not differences between hospitals or "
                 "scanners.")
-    return ("Confidence intervals may be optimistic", f"They resample "
-            f"{BOOTSTRAP_UNITS.get(unit, 'test slices')}. Slices of one patient that share the "
-            "test split are not independent, so the true uncertainty is larger than the "
-            "intervals show; a manifest with a patient column (`group`) fixes this.")
+    return ("Confidence intervals may be optimistic", f"They resample {_bootstrap_units(unit)}. "
+            "Slices of one patient that share the test split are not independent, so the true "
+            "uncertainty is larger than the intervals show; patient IDs (DICOM PatientID, or a "
+            "manifest's `group` column) fix this.")
+
+
+def bootstrap_unit_text(data: dict) -> str:
+    """What a bootstrap over the test split's groups resampled, in words."""
+    return _bootstrap_units(groups_are(data))

@@ -3,6 +3,7 @@ session, an isolated cache."""
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from pathlib import Path
@@ -10,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import pytest
 from helpers import SAMPLE, s3_environment, start_ray_cluster
+
+from data_utils.identity import KEY_FILE_ENV
 
 if TYPE_CHECKING:  # Ray takes a second to import: only the tests that use it pay for it
     from ray.cluster_utils import Cluster
@@ -24,6 +27,21 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.ray)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def session_key(tmp_path_factory) -> Iterator[Path]:
+    """No test reads or makes the user's pseudonym key: one key for the session (a run made in
+    one test is evaluated in another), made on first use; a test wanting another sets its own
+    CTSCAN_KEY_FILE."""
+    key = tmp_path_factory.mktemp("config") / "identity.key"
+    saved = os.environ.get(KEY_FILE_ENV)
+    os.environ[KEY_FILE_ENV] = str(key)
+    yield key
+    if saved is None:
+        os.environ.pop(KEY_FILE_ENV, None)
+    else:
+        os.environ[KEY_FILE_ENV] = saved
 
 
 @pytest.fixture(autouse=True)

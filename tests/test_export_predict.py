@@ -17,6 +17,7 @@ import torch
 import yaml
 from helpers import REPO, tree_snapshot
 from PIL import Image
+from test_volumes import level_slice, write_ct
 
 from ctmodels import (
     NORM_MEAN,
@@ -263,6 +264,28 @@ def test_corrupt_file_gets_error_row_and_exit_code(exported, tmp_path, capsys):
     assert len(table) == 4 and table[3]["error"] and not table[3]["prob_COVID"]
     assert float(table[0]["prob_COVID"]) == rows[0]["prob"]
     assert main(["predict", str(model_dir), *map(str, good)]) == 0
+
+
+def test_a_malformed_dicom_among_good_inputs_gets_its_error_row_and_the_rest_carry_on(
+        exported, tmp_path):
+    model_dir, _ = exported
+    good = _images(tmp_path / "in")
+    series = tmp_path / "in" / "series"
+    for k in range(3):
+        write_ct(series / f"{k}.dcm", level_slice(-1250.0 + 300 * k),
+                 ImagePositionPatient=[0.0, 0.0, 2.5 * k])
+    write_ct(series / "bad.dcm", level_slice(-500.0), ImagePositionPatient=[0.0, 1.0])
+    rows = predict_paths(model_dir, [*good, series], progress=False)
+    assert [r["path"] for r in rows[:3]] == [str(p) for p in good]
+    assert all(r["error"] is None and r["prob"] is not None for r in rows[:3])
+    series_row, bad_row = rows[3:]
+    assert series_row["error"] is None and series_row["slices"] == 3
+    assert series_row["prob"] is not None
+    assert bad_row["error"] == "malformed ImagePositionPatient: expected 3 numbers, got 2"
+    assert bad_row["prob"] is None and bad_row["label"] is None
+    # Grad-CAM of the same batch: the three images and the series' slice, the bad file counted.
+    written, failed = explain_paths(model_dir, [*good, series], tmp_path / "cams")
+    assert len(written) == 4 and failed == 1
 
 
 def test_gradcam_shape_range_and_input_dependence(exported64):

@@ -274,20 +274,29 @@ def manifest_run(tmp_path_factory) -> str:
     return options.run_dir
 
 
-@pytest.mark.parametrize("group_by", ["manifest", "patient", "duplicates"])
-def test_evaluate_scores_patients_when_the_groups_are_patients(manifest_run, group_by, tmp_path):
+@pytest.mark.parametrize(("group_by", "unit"), [
+    ("manifest", None), ("patient", None), ("duplicates", None),  # records of ctscan 0.3
+    ("patient", "patients"), ("patient", "volumes"), ("mixed", "groups")])
+def test_evaluate_scores_patients_when_the_groups_are_patients(manifest_run, group_by, unit,
+                                                               tmp_path):
     split_path = Path(manifest_run) / "split.json"
     split_json = json.loads(split_path.read_text())
     split_json["group_by"] = group_by  # the same groups, named patients or not
+    if unit is None:
+        split_json.pop("unit", None)
+    else:
+        split_json["unit"] = unit
     write_json(split_path, split_json)
     metrics, arrays = evaluate_run(manifest_run, resamples=20)
-    if group_by == "duplicates":
+    if group_by == "duplicates" or unit == "groups":
         assert "patient" not in metrics and arrays["test_patients"] is None
         return
     patient = metrics["patient"]
+    assert patient["unit"] == (unit or "patients")
     test_groups = {e["group"] for e in split_json["files"] if e["split"] == "test"}
     val_groups = {e["group"] for e in split_json["files"] if e["split"] == "val"}
-    assert list(patient) == ["aggregate", "val_auc_by_aggregate", "threshold", "test", "val"]
+    assert list(patient) == ["aggregate", "val_auc_by_aggregate", "threshold", "unit", "test",
+                             "val"]
     assert patient["aggregate"] in ("mean", "top25", "max")
     assert patient["test"]["n"] == len(test_groups) == 6 and patient["val"]["n"] == 6
     assert patient["test"]["positives"] + patient["test"]["negatives"] == 6

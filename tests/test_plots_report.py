@@ -212,7 +212,8 @@ def test_report_shows_calibration_and_which_unit_the_intervals_resampled(tmp_pat
     brier = metrics["test"]["calibration"]["brier"]
     assert f"| Brier score | {brier['value']:.3f} | {brier['ci95'][0]:.3f}–" in text
     assert "](reliability.png)" in text
-    assert "over patients (the manifest's group column)" in text and "(31 groups" in text
+    assert "over patients: all slices of a patient are drawn together" in text
+    assert "(31 groups" in text
     assert "resamples of test patients" in text[text.index("## Limitations"):]
     assert "drew one class only" not in text  # none dropped here
 

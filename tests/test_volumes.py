@@ -32,17 +32,23 @@ from pydicom.uid import (
 
 from data_utils.cache import load_dataset
 from data_utils.demo import make_demo_data
+from data_utils.identity import file_pseudonym, pseudonym, pseudonym_of_name
 from data_utils.sources import DataError, discover, image_files
-from data_utils.split import SPLITS, resolve_group_by, split_dataset
+from data_utils.split import (
+    SPLITS,
+    Split,
+    group_kinds,
+    group_rows,
+    resolve_group_by,
+    split_dataset,
+)
 from data_utils.volumes import (
     DEFAULT_WINDOW,
     decode_frames,
     nifti_slices,
     parse_slices,
     parse_window,
-    pseudonym,
     read_dicom_header,
-    scrub,
     select_slices,
     volume_kind,
 )
@@ -122,6 +128,20 @@ def load(root: Path, tmp_path: Path, **kwargs):
     kwargs = {"image_size": 32, "cache_dir": tmp_path / "cache", "progress": False,
               "identity_key": KEY, **kwargs}
     return load_dataset(root, **kwargs)
+
+
+def real(names: list[str], root: Path) -> list[str]:
+    """Written names read back as `ctscan locate` does: each DICOM or NIfTI stand-in becomes its
+    file's path below root (with its "#K"); other names stay."""
+    files = {file_pseudonym(p, KEY): p.relative_to(root).as_posix() for p in root.rglob("*")
+             if p.is_file()}
+
+    def one(name: str) -> str:
+        found = pseudonym_of_name(name)
+        frame = name.partition("#")[2]
+        return name if found is None else files[found] + (f"#{frame}" if frame else "")
+
+    return [one(n) for n in names]
 
 
 def only(items: list):
@@ -228,9 +248,7 @@ def test_pydicom_ct_small_decodes_and_its_header_reads():
     assert header.study == "1.3.6.1.4.1.5962.1.2.1.20040119072730.12322"
     assert header.series == "1.3.6.1.4.1.5962.1.3.1.1.20040119072730.12322"
     assert header.size == (128, 128) and header.frames == 1
-    assert header.position == pytest.approx(-75.699997)  # z: the axial normal is +z
-    assert set(header.identifiers) >= {"1CT1", header.study, header.series,
-                                       "1.3.6.1.4.1.5962.1.1.1.1.1.20040119072730.12322"}
+    assert header.positions == pytest.approx((-75.699997,))  # z: the axial normal is +z
     decoded = only(decode_frames(path.name, path.read_bytes(), 64, "pad"))
     assert (decoded.mode, decoded.bits, decoded.width, decoded.height) == ("DICOM", "HU", 128,
                                                                           128)
@@ -273,24 +291,26 @@ def test_slices_follow_image_position_not_names_or_instance_numbers(tmp_path):
     assert [s.path.name for s in covid] == ["d.dcm", "b.dcm", "c.dcm", "a.dcm"]
     ds = load(root, tmp_path)
     rows = [i for i, label in enumerate(ds.labels) if ds.class_names[label] == "COVID"]
-    assert [ds.paths[i] for i in rows] == ["COVID/series/d.dcm", "COVID/series/b.dcm",
+    assert [real(ds.paths, root)[i] for i in rows] == ["COVID/series/d.dcm", "COVID/series/b.dcm",
                                            "COVID/series/c.dcm", "COVID/series/a.dcm"]
     assert [int(ds.images[i][16, 16]) for i in rows] == [17, 68, 119, 170]
     assert len({ds.series[i] for i in rows}) == 1
 
 
 def test_slice_position_is_along_the_slice_normal(tmp_path):
-    # Sagittal slices, rows along +y, columns along -z: the normal (row x column) is -x. The
-    # order is by -x (a, c, b); z (b, c, a) and names (a, b, c) are no guide.
+    # A gantry tilted 30 degrees: rows along +x, columns along (0, cos 30, -sin 30), so the
+    # normal (row x column) is (0, 0.5, 0.866). The order is by y / 2 + 0.866 z (c, a, b);
+    # z (b, c, a) and names (a, b, c) are no guide.
     root = tmp_path / "data"
-    xs = {"a.dcm": 3.0, "b.dcm": -7.0, "c.dcm": 0.0}
-    _write_series(root / "COVID" / "s", {"a.dcm": -1250.0, "c.dcm": -950.0, "b.dcm": -650.0},
-                  ImagePositionPatient={n: [x, 0.0, 100.0 + x] for n, x in xs.items()},
-                  ImageOrientationPatient=dict.fromkeys(xs, [0, 1, 0, 0, 0, -1]))
+    yz = {"a.dcm": (0.0, 3.0), "b.dcm": (10.0, 0.0), "c.dcm": (-10.0, 2.0)}
+    _write_series(root / "COVID" / "s", {"c.dcm": -1250.0, "a.dcm": -950.0, "b.dcm": -650.0},
+                  ImagePositionPatient={n: [0.0, y, z] for n, (y, z) in yz.items()},
+                  ImageOrientationPatient=dict.fromkeys(yz, [1, 0, 0, 0, 0.866025, -0.5]))
     other_class(root)
     ds = load(root, tmp_path)
     covid = [i for i, p in enumerate(ds.paths) if p.startswith("COVID/")]
-    assert [ds.paths[i] for i in covid] == ["COVID/s/a.dcm", "COVID/s/c.dcm", "COVID/s/b.dcm"]
+    names = real(ds.paths, root)
+    assert [names[i] for i in covid] == ["COVID/s/c.dcm", "COVID/s/a.dcm", "COVID/s/b.dcm"]
     assert [int(ds.images[i][16, 16]) for i in covid] == [17, 68, 119]
 
 
@@ -314,7 +334,8 @@ def test_without_positions_instance_numbers_order_the_slices(tmp_path):
     other_class(root)
     ds = load(root, tmp_path)
     covid = [i for i, p in enumerate(ds.paths) if p.startswith("COVID/")]
-    assert [ds.paths[i] for i in covid] == ["COVID/s/b.dcm", "COVID/s/d.dcm", "COVID/s/a.dcm",
+    names = real(ds.paths, root)
+    assert [names[i] for i in covid] == ["COVID/s/b.dcm", "COVID/s/d.dcm", "COVID/s/a.dcm",
                                             "COVID/s/c.dcm"]
     assert [int(ds.images[i][16, 16]) for i in covid] == [17, 68, 119, 170]
 
@@ -327,7 +348,7 @@ def test_slice_rules_choose_from_the_ordered_series(tmp_path):
     other_class(root, n=3)
     ds = load(root, tmp_path, slices="every:2")
     covid = [i for i, p in enumerate(ds.paths) if p.startswith("COVID/")]
-    assert [ds.paths[i] for i in covid] == ["COVID/series/d.dcm", "COVID/series/c.dcm"]
+    assert [real(ds.paths, root)[i] for i in covid] == ["COVID/series/d.dcm", "COVID/series/c.dcm"]
     assert [int(ds.images[i][16, 16]) for i in covid] == [17, 119]
     assert ds.slices == "every:2"
     # Each series' slices before the rule chose, under its pseudonym.
@@ -363,7 +384,7 @@ def test_non_slices_are_skipped_with_reasons_and_the_rest_loads(tmp_path):
     write_ct(covid / "big.dcm", level_slice(-500, size=48), ImagePositionPatient=[0, 0, 9.0])
 
     ds = load(root, tmp_path)
-    reasons = {s.path: s.reason for s in ds.skipped}
+    reasons = {real([s.path], root)[0]: s.reason for s in ds.skipped}
     assert sorted(reasons) == sorted(f"COVID/{n}" for n in [
         "report.dcm", "contours.dcm", "mr.dcm", "scout.dcm", "truncated.dcm", "cut-header.dcm",
         "notes.dcm", "empty.dcm", "big.dcm"])
@@ -381,7 +402,7 @@ def test_non_slices_are_skipped_with_reasons_and_the_rest_loads(tmp_path):
     assert reasons["COVID/cut-header.dcm"].startswith((
         "not a DICOM file (", "unreadable DICOM header (", "DICOM object without an image ("))
     # The rest loads, in order.
-    assert [p for p in ds.paths if p.startswith("COVID/")] == [f"COVID/good{k}.dcm"
+    assert [p for p in real(ds.paths, root) if p.startswith("COVID/")] == [f"COVID/good{k}.dcm"
                                                                for k in range(3)]
     assert len(ds) == 5 and ds.images.shape == (5, 32, 32)
     assert [int(ds.images[i][16, 16]) for i in range(3)] == [17, 34, 51]
@@ -405,7 +426,7 @@ def test_compressed_slice_decodes_like_the_uncompressed_one(tmp_path, syntax):
     (root / "COVID" / "packed.dcm").write_bytes(packed.read_bytes())
     other_class(root)
     ds = load(root, tmp_path)
-    assert ds.paths[0] == "COVID/packed.dcm" and not ds.skipped
+    assert real(ds.paths, root)[0] == "COVID/packed.dcm" and not ds.skipped
     assert np.array_equal(ds.images[0], _decode_one(plain).pixels)
 
 
@@ -419,7 +440,7 @@ def test_a_multi_frame_ct_is_one_slice_per_frame(tmp_path):
     assert read_dicom_header(root / "COVID" / "multi.dcm").frames == 3
     ds = load(root, tmp_path)
     covid = [i for i, p in enumerate(ds.paths) if p.startswith("COVID/")]
-    assert [ds.paths[i] for i in covid] == ["COVID/multi.dcm#0", "COVID/multi.dcm#1",
+    assert [real(ds.paths, root)[i] for i in covid] == ["COVID/multi.dcm#0", "COVID/multi.dcm#1",
                                             "COVID/multi.dcm#2"]
     assert [ds.frames[i] for i in covid] == [0, 1, 2]
     assert [int(ds.images[i][16, 16]) for i in covid] == [17, 68, 119]
@@ -446,7 +467,8 @@ def test_dicom_files_without_suffix_are_found(tmp_path):
     assert [p.name for p in image_files(root / "COVID")] == [named_by_uid.name, "IM0002"]
     ds = load(root, tmp_path)
     covid = [i for i, p in enumerate(ds.paths) if p.startswith("COVID/")]
-    assert [ds.paths[i] for i in covid] == [f"COVID/{named_by_uid.name}", "COVID/IM0002"]
+    names = real(ds.paths, root)
+    assert [names[i] for i in covid] == [f"COVID/{named_by_uid.name}", "COVID/IM0002"]
     assert [int(ds.images[i][16, 16]) for i in covid] == [17, 68]
 
 
@@ -527,11 +549,13 @@ def test_nifti_volumes_through_discover_and_load(tmp_path):
     data, affine = _ras_volume(_display_stack(seed=1))
     nib.save(nib.Nifti1Image(data.astype(np.int16), affine), root / "non-COVID" / "p2.nii")
     ds = load(root, tmp_path, slices="max:3")
-    assert ds.paths == [f"COVID/p1.nii.gz#{k}" for k in (0, 2, 4)] + [
+    assert real(ds.paths, root) == [f"COVID/p1.nii.gz#{k}" for k in (0, 2, 4)] + [
         f"non-COVID/p2.nii#{k}" for k in (0, 2, 4)]
     assert ds.frames == [0, 2, 4, 0, 2, 4]
     assert ds.images[2][4, 0] == 255  # the marker: top slice, anterior-right
-    assert len(set(ds.groups)) == 2 and len(set(ds.series)) == 2
+    # A NIfTI file is a volume, not proof of a patient: no patient, one series each.
+    assert ds.groups == [None] * 6 and ds.id_kinds == ["volume"] * 6
+    assert len(set(ds.series)) == 2
     assert sorted(ds.series_slices.values()) == [N_Z, N_Z]
 
 
@@ -548,7 +572,7 @@ def test_a_nifti_that_is_not_one_volume_is_skipped(tmp_path):
     data, affine = _ras_volume(_display_stack(seed=1))
     nib.save(nib.Nifti1Image(data.astype(np.int16), affine), root / "non-COVID" / "n.nii.gz")
     ds = load(root, tmp_path)
-    reasons = {s.path: s.reason for s in ds.skipped}
+    reasons = {real([s.path], root)[0]: s.reason for s in ds.skipped}
     assert reasons["COVID/timeseries.nii.gz"] == (
         f"NIfTI shape ({N_X}, {N_Y}, {N_Z}, 2) is not one 3-D volume")
     assert reasons["COVID/2d.nii"] == f"NIfTI shape ({N_X}, {N_Y}) is not one 3-D volume"
@@ -623,8 +647,8 @@ def test_an_infinite_window_width_is_refused(text):
 # --- 11: grouping by patient --------------------------------------------------------------------
 
 def _patient_id_of(path: str) -> str:
-    """The patient pseudonym in a scrubbed demo path: <label>/id-<pseudonym>/id-<series>/NNN."""
-    return path.split("/")[1].removeprefix("id-")
+    """The patient pseudonym in a DICOM slice's name: <label>/patient-<pseudonym>/series-..."""
+    return path.split("/")[1].removeprefix("patient-")
 
 
 def test_dicom_slices_are_grouped_by_patient_in_every_split(tmp_path):
@@ -665,7 +689,8 @@ def test_a_patient_under_both_labels_is_refused_by_count_not_by_id(tmp_path):
     with pytest.raises(DataError) as caught:
         split_dataset(ds)
     message = str(caught.value)
-    assert "1 of 3 patients have slices under both 'non-COVID' and 'COVID'" in message
+    assert ("1 of 3 patients (or studies, series, volumes) have slices under both 'non-COVID' "
+            "and 'COVID'") in message
     assert "PAT12" not in message and pseudonym("PAT12", KEY) not in message
 
 
@@ -675,12 +700,17 @@ def test_without_patient_id_the_study_stands_for_the_patient(tmp_path):
     _patient_slices(root, "COVID", None, study=study_c)  # no PatientID element
     _patient_slices(root, "non-COVID", "", study=study_n)  # an empty one
     ds = load(root, tmp_path)
-    assert ds.groups == [pseudonym(study_c, KEY)] * 2 + [pseudonym(study_n, KEY)] * 2
-    assert ds.studies == ds.groups
+    assert ds.groups == [None] * 4  # a study is not proof of a patient
+    assert ds.studies == [pseudonym(study_c, KEY)] * 2 + [pseudonym(study_n, KEY)] * 2
+    assert ds.id_kinds == ["study"] * 4
+    assert all(p.split("/")[1] == f"study-{s}" for p, s in zip(ds.paths, ds.studies, strict=True))
     assert resolve_group_by(ds, "auto") == "patient"
+    split = Split(np.zeros(4, np.int8), group_rows(ds, "patient"), 0, (0.5, 0.25, 0.25),
+                  "patient")
+    assert group_kinds(split, ds) == {"studies": 2}
 
 
-def test_without_patient_or_study_the_patient_is_unknown(tmp_path):
+def test_without_patient_or_study_the_series_is_the_group(tmp_path):
     root = tmp_path / "data"
     for label in ("COVID", "non-COVID"):
         for k in range(2):
@@ -689,7 +719,11 @@ def test_without_patient_or_study_the_patient_is_unknown(tmp_path):
                      ImagePositionPatient=[0, 0, float(k)])
     ds = load(root, tmp_path)
     assert ds.groups == [None] * 4 and ds.studies == [None] * 4
-    assert resolve_group_by(ds, "auto") == "duplicates"
+    assert ds.id_kinds == ["series"] * 4
+    assert resolve_group_by(ds, "auto") == "patient"
+    split = Split(np.zeros(4, np.int8), group_rows(ds, "patient"), 0, (0.5, 0.25, 0.25),
+                  "patient")
+    assert group_kinds(split, ds) == {"series": 2}
 
 
 # --- 12: identity -------------------------------------------------------------------------------
@@ -739,13 +773,15 @@ def test_no_patient_id_or_uid_reaches_groups_series_studies_or_the_cache(tmp_pat
     assert not [i for i in ids if i.encode() in cache_bytes or i[-20:].encode() in cache_bytes]
 
 
-def test_no_patient_id_or_uid_reaches_the_paths(tmp_path, demo_dicom):
+def test_no_part_of_a_dicom_path_below_the_class_folder_is_kept(tmp_path, demo_dicom):
     root, ids = demo_dicom
     ds = load(root, tmp_path)
     assert not _leaks(ids, ds.paths)
-    # The paths keep their shape, with every ID a pseudonym under the key.
-    assert all(re.fullmatch(r"(COVID|non-COVID)/id-[0-9a-f]{12}/id-[0-9a-f]{12}/\d{3}\.dcm", p)
-               for p in ds.paths)
+    # Only stand-ins below the class folder: the patient, the series and the file.
+    assert all(re.fullmatch(r"(COVID|non-COVID)/patient-[0-9a-f]{12}/series-[0-9a-f]{12}/"
+                            r"slice-[0-9a-f]{12}", p) for p in ds.paths)
+    files = {file_pseudonym(p, KEY): p for p in root.rglob("*.dcm")}
+    assert {files[p.rsplit("slice-", 1)[1]] for p in ds.paths} == set(root.rglob("*.dcm"))
 
 
 def _identified_extras(root: Path) -> tuple[Path, str]:
@@ -757,18 +793,17 @@ def _identified_extras(root: Path) -> tuple[Path, str]:
     return series_dir, same
 
 
-def test_a_skipped_odd_size_slice_is_reported_under_a_scrubbed_path(tmp_path):
+def test_a_skipped_odd_size_slice_is_reported_under_its_stand_in(tmp_path):
     root = make_demo_data(tmp_path / "dicom", n_per_class=4, size=48, seed=1, format="dicom")
     series_dir, same = _identified_extras(root)
     write_ct(series_dir / "999.dcm", level_slice(-500, size=16), **same)
     ds = load(root, tmp_path)
     (skipped,) = ds.skipped
     assert skipped.reason.startswith("16x16 slice in a series of")
-    assert same["PatientID"] not in skipped.path
-    assert same["SeriesInstanceUID"] not in skipped.path
+    assert skipped.path == f"COVID/file-{file_pseudonym(series_dir / '999.dcm', KEY)}"
 
 
-def test_a_skipped_localizer_is_reported_under_a_scrubbed_path(tmp_path):
+def test_a_skipped_localizer_is_reported_under_its_stand_in(tmp_path):
     root = make_demo_data(tmp_path / "dicom", n_per_class=4, size=48, seed=1, format="dicom")
     series_dir, same = _identified_extras(root)
     write_ct(series_dir / "000.dcm", level_slice(-500), **same,
@@ -776,30 +811,7 @@ def test_a_skipped_localizer_is_reported_under_a_scrubbed_path(tmp_path):
     ds = load(root, tmp_path)
     (skipped,) = ds.skipped
     assert skipped.reason == "localizer (scout) image, not an axial slice"
-    assert same["PatientID"] not in skipped.path
-    assert same["SeriesInstanceUID"] not in skipped.path
-
-
-def test_scrub_replaces_whole_short_ids_and_long_ids_anywhere():
-    p12, puid = f"id-{pseudonym('12', KEY)}", f"id-{pseudonym('1.2.840.99.7', KEY)}"
-    # A short ID only as a whole folder or file name (before its suffix).
-    assert scrub("COVID/12/slice-012.dcm", ["12"], KEY) == f"COVID/{p12}/slice-012.dcm"
-    assert scrub("COVID/a/12.dcm", ["12"], KEY) == f"COVID/a/{p12}.dcm"
-    assert scrub("COVID/112/120/x12.dcm", ["12"], KEY) == "COVID/112/120/x12.dcm"
-    assert scrub("COVID/PAT-0001/x.dcm", ["PAT-0001", ""], KEY) == \
-        f"COVID/id-{pseudonym('PAT-0001', KEY)}/x.dcm"
-    # A long one (a UID) also inside a name, and as a file name before its suffix.
-    assert scrub("C/s/IM-1.2.840.99.7-1.dcm", ["1.2.840.99.7"], KEY) == f"C/s/IM-{puid}-1.dcm"
-    assert scrub("C/1.2.840.99.7.dcm", ["1.2.840.99.7"], KEY) == f"C/{puid}.dcm"
-    # The longer of two nested IDs first: a SOP instance UID that extends the series UID.
-    series, sop = "1.2.840.99.7", "1.2.840.99.7.5"
-    assert scrub(f"C/s/{sop}.dcm", [series, sop], KEY) == f"C/s/id-{pseudonym(sop, KEY)}.dcm"
-    assert scrub("C/x/1.dcm", [], KEY) == "C/x/1.dcm"
-
-
-def test_scrub_a_folder_named_by_a_dotted_id():
-    puid = f"id-{pseudonym('1.2.840.99.7', KEY)}"
-    assert scrub("C/1.2.840.99.7/1.dcm", ["1.2.840.99.7"], KEY) == f"C/{puid}/1.dcm"
+    assert skipped.path == f"COVID/file-{file_pseudonym(series_dir / '000.dcm', KEY)}"
 
 
 def test_pseudonyms_are_keyed_and_stable():
@@ -823,16 +835,19 @@ def test_the_identity_key_decides_the_pseudonyms_of_a_dataset(tmp_path):
 
 # --- 13: the demo in every format ---------------------------------------------------------------
 
-def _slice_key(path: str, patient_of: dict[str, str]) -> tuple[str, int]:
-    """(demo group, slice index) of a demo slice's path in any format."""
+def _slice_key(path: str, patient_of: dict[str, str], files: dict[str, Path]
+               ) -> tuple[str, int]:
+    """(demo group, slice index) of a demo slice's name in any format; `files` maps file
+    pseudonyms to the files (what `ctscan locate` does)."""
     label, rest = path.split("/", 1)
     if path.endswith(".png"):  # COVID/covid-p000-s03.png
         group, index = re.fullmatch(r"(.+)-s(\d+)\.png", rest).groups()
         return group, int(index)
-    if "#" in path:  # COVID/covid-p000.nii.gz#3
-        group, index = re.fullmatch(r"(.+)\.nii\.gz#(\d+)", rest).groups()
-        return group, int(index)
-    number = int(Path(path).stem)  # COVID/id-<patient>/id-<series>/004.dcm: InstanceNumber
+    if "#" in path:  # COVID/volume-<file>#3 of COVID/covid-p000.nii.gz
+        volume, index = re.fullmatch(r"volume-(\w+)#(\d+)", rest).groups()
+        return files[volume].name.removesuffix(".nii.gz"), int(index)
+    # COVID/patient-<patient>/series-<series>/slice-<file> of .../004.dcm: InstanceNumber 4
+    number = int(files[path.rsplit("slice-", 1)[1]].stem)
     return patient_of[_patient_id_of(path)], number - 1
 
 
@@ -847,7 +862,8 @@ def test_the_demo_reads_the_same_as_png_dicom_and_nifti(tmp_path):
     groups = {Path(p).stem.rsplit("-s", 1)[0] for p in png.paths}
     patient_of = {pseudonym(f"DEMO-{g.split('-p')[0].upper()}-{g.split('-p')[1]}", KEY): g
                   for g in groups}
-    reference = {_slice_key(p, patient_of): (png.labels[i], png.images[i])
+    files = {file_pseudonym(p, KEY): p for p in tmp_path.rglob("*") if p.is_file()}
+    reference = {_slice_key(p, patient_of, files): (png.labels[i], png.images[i])
                  for i, p in enumerate(png.paths)}
     assert len(reference) == len(png) == 24
     for fmt in ("dicom", "nifti"):
@@ -857,7 +873,7 @@ def test_the_demo_reads_the_same_as_png_dicom_and_nifti(tmp_path):
         assert set(ds.bits) == {"HU"}
         seen = set()
         for i, path in enumerate(ds.paths):
-            key = _slice_key(path, patient_of)
+            key = _slice_key(path, patient_of, files)
             label, image = reference[key]
             assert ds.labels[i] == label, (fmt, path)
             assert np.array_equal(ds.images[i], image), (fmt, path)
