@@ -10,7 +10,8 @@ from sklearn.preprocessing import OneHotEncoder
 from sklearn.tree import DecisionTreeClassifier
 
 from data_utils.cache import CTDataset
-from data_utils.split import group_rows
+from data_utils.sources import DataError
+from data_utils.split import DEFAULT_GROUP_BY, group_rows, resolve_group_by
 
 # A metadata feature that beats the majority class by this much is a shortcut worth a warning.
 SHORTCUT_LIFT = 0.10
@@ -20,9 +21,14 @@ def inspect_dataset(ds: CTDataset) -> dict:
     """The doctor's findings as one JSON-ready dict (the --json output)."""
     by_class = {name: np.flatnonzero(ds.labels == i) for i, name in enumerate(ds.class_names)}
     near = group_rows(ds, "duplicates", whole_files=False)
-    with_patients = all(g is not None for g in ds.groups)
-    # The units a model could memorise: patients where the data name them, else near-duplicates.
-    groups = np.unique(ds.groups, return_inverse=True)[1] if with_patients else near
+    grouping = resolve_group_by(ds, DEFAULT_GROUP_BY)
+    # The units a model could memorise: what the split keeps together (IDs where the data carry
+    # them, near-duplicates elsewhere).
+    try:
+        groups, refused = group_rows(ds, grouping), []
+    except DataError as e:  # a patient under both labels: the doctor reports, split refuses
+        groups, refused, grouping = near, [str(e)], "duplicates"
+    with_ids = grouping == "patient"
     classes = {name: len(rows) for name, rows in by_class.items()}
     report = {
         "data": str(ds.root),
@@ -40,12 +46,12 @@ def inspect_dataset(ds: CTDataset) -> dict:
         "sizes": {name: _size_range([ds.sizes[i] for i in rows])
                   for name, rows in by_class.items()},
         "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
-        "patients": _patients(ds, by_class),
+        "patients": _patients(ds, by_class, groups),
         "duplicate_groups": _groups_of(ds, group_rows(ds, "none", whole_files=False)),
         # With patients known, neighbouring slices of one scan are alike by nature: only a
         # group spanning two patients is news (one patient under two IDs, or a copied slice).
-        "near_duplicate_groups": _groups_of(ds, near, across=ds.groups if with_patients else None),
-        "warnings": _shortcut_warnings(ds, groups) + _balance_warnings(classes),
+        "near_duplicate_groups": _groups_of(ds, near, across=list(groups) if with_ids else None),
+        "warnings": refused + _shortcut_warnings(ds, groups) + _balance_warnings(classes),
     }
     label_of = dict(zip(ds.paths, ds.labels.tolist(), strict=True))
     mixed = [g for g in report["near_duplicate_groups"] if len({label_of[p] for p in g}) > 1]
@@ -70,25 +76,29 @@ def inspect_dataset(ds: CTDataset) -> dict:
     return report
 
 
-def _patients(ds: CTDataset, by_class: dict[str, np.ndarray]) -> dict | None:
-    """Patients, studies and series per class, slices per patient and per series, and the
-    slices that name no patient; None for data that name none (2-D files, no manifest groups).
-    Counts only: a pseudonym is no business of a report."""
-    if all(g is None for g in ds.groups):
+def _patients(ds: CTDataset, by_class: dict[str, np.ndarray], groups: np.ndarray
+              ) -> dict | None:
+    """Patients, studies, series and volumes per class, slices per group (what the split keeps
+    together) and per series, and the slices that name no patient or carry no ID at all; None
+    for data that carry no ID (2-D files, no manifest groups). Counts only: a pseudonym is no
+    business of a report."""
+    if all(k is None for k in ds.id_kinds):
         return None
     per_class = {}
     for name, rows in by_class.items():
-        slices = Counter(ds.groups[i] for i in rows if ds.groups[i] is not None)
+        with_id = [i for i in rows if ds.id_kinds[i] is not None]
         per_class[name] = {
-            "patients": len(slices),
+            "patients": len({ds.groups[i] for i in rows} - {None}),
             "studies": len({ds.studies[i] for i in rows} - {None}),
-            "series": len({ds.series[i] for i in rows} - {None}),
-            "slices_per_patient": _spread(list(slices.values())),
+            "series": len({ds.series[i] for i in rows if ds.id_kinds[i] != "volume"} - {None}),
+            "volumes": len({ds.series[i] for i in rows if ds.id_kinds[i] == "volume"}),
+            "slices_per_group": _spread(list(Counter(groups[with_id].tolist()).values())),
         }
     kept = Counter(s for s in ds.series if s is not None)
     return {
         "by_class": per_class,
         "slices_without_patient": sum(g is None for g in ds.groups),
+        "slices_without_id": sum(k is None for k in ds.id_kinds),
         "slices": ds.slices,
         "slices_kept_per_series": _spread(list(kept.values())),
         "slices_per_series": _spread([ds.series_slices[s] for s in kept]),
@@ -202,14 +212,16 @@ def _format_patients(patients: dict | None) -> list[str]:
                 "the split groups near-identical slices instead"]
     lines = []
     for name, c in patients["by_class"].items():
-        spread = c["slices_per_patient"] or {"min": 0, "median": 0, "max": 0}
+        spread = c["slices_per_group"] or {"min": 0, "median": 0, "max": 0}
         lines.append(f"  {name:<12} {c['patients']:>6} patients, {c['studies']} studies, "
-                     f"{c['series']} series; slices per patient {spread['min']}/"
-                     f"{spread['median']:g}/{spread['max']} (min/median/max)")
+                     f"{c['series']} series, {c['volumes']} volumes; slices per group "
+                     f"{spread['min']}/{spread['median']:g}/{spread['max']} (min/median/max)")
     kept, total = patients["slices_kept_per_series"], patients["slices_per_series"]
     if kept:
         lines.append(f"slices kept per series (--slices {patients['slices']}): "
                      f"{kept['min']}/{kept['median']:g}/{kept['max']} of "
                      f"{total['min']}/{total['median']:g}/{total['max']} (min/median/max)")
-    lines.append(f"slices without a patient ID: {patients['slices_without_patient']}")
+    lines.append(f"slices without a patient ID: {patients['slices_without_patient']} (a study, "
+                 "series or NIfTI file stands in for the patient: not proof of one); without "
+                 f"any ID: {patients['slices_without_id']}")
     return lines

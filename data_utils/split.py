@@ -35,6 +35,7 @@ and one chain can be large. bench/split_bias.py measures both rules.
 from __future__ import annotations
 
 import hashlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -157,24 +158,44 @@ def group_rows(ds: CTDataset, group_by: str, whole_files: bool = True) -> np.nda
         keys += [ds.groups, ds.studies, ds.series]
     links = [_same_key_links(k) for k in keys]
     if group_by in LINKED_BY_IDS:
-        _refuse_ids_under_both_labels(ds, links[1:])
+        _refuse_ids_under_both_labels(ds, _components(len(ds), links[1:]))
     if group_by == "duplicates":
         links.append(cached_near_duplicate_pairs(ds))
     elif group_by == "mixed":  # only where an ID does not already say whose a slice is
-        pairs = cached_near_duplicate_pairs(ds)
-        no_id = np.array([k is None for k in ds.id_kinds])
-        links.append(pairs[no_id[pairs[:, 0]] | no_id[pairs[:, 1]]])
-    edges = np.concatenate(links)
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(ds),) * 2)
+        links.append(_near_duplicates_without_ids(ds, links))
+    return _components(len(ds), links)
+
+
+def _components(n: int, links: list[np.ndarray]) -> np.ndarray:
+    """The connected component of each of n rows, given pairs of rows that must be together."""
+    edges = np.concatenate([np.zeros((0, 2), np.int64), *links])
+    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(n, n))
     return connected_components(graph, directed=False)[1]
 
 
-def _refuse_ids_under_both_labels(ds: CTDataset, id_links: list[np.ndarray]) -> None:
-    """A patient, study or series has one label. The count only: an error message must not
-    name a patient."""
-    edges = np.concatenate([np.zeros((0, 2), np.int64), *id_links])
-    graph = coo_matrix((np.ones(len(edges)), (edges[:, 0], edges[:, 1])), shape=(len(ds),) * 2)
-    _, component = connected_components(graph, directed=False)
+def _near_duplicates_without_ids(ds: CTDataset, links: list[np.ndarray]) -> np.ndarray:
+    """Near-duplicate links for the slices no ID places: among themselves, and each set of them
+    to the one ID group it has most near-duplicate pairs with (ties: the first). Not to every
+    such group: a slice without an ID that resembles two patients' slices (a blank slice, a
+    common artefact) would otherwise join the two patients."""
+    pairs = cached_near_duplicate_pairs(ds)
+    no_id = np.array([k is None for k in ds.id_kinds])
+    among = pairs[no_id[pairs[:, 0]] & no_id[pairs[:, 1]]]
+    group = _components(len(ds), [*links, among])
+    _, first_row = np.unique(group, return_index=True)  # a row standing for each group
+    votes: dict[int, Counter] = {}
+    for a, b in pairs[no_id[pairs[:, 0]] != no_id[pairs[:, 1]]].tolist():
+        free, placed = (a, b) if no_id[a] else (b, a)
+        if group[free] != group[placed]:
+            votes.setdefault(group[free], Counter())[group[placed]] += 1
+    joined = [(first_row[free], first_row[counts.most_common(1)[0][0]])
+              for free, counts in votes.items()]
+    return np.array([*among.tolist(), *joined], np.int64).reshape(-1, 2)
+
+
+def _refuse_ids_under_both_labels(ds: CTDataset, component: np.ndarray) -> None:
+    """A patient, study or series has one label (`component`: each row's group by IDs alone).
+    The count only: an error message must not name a patient."""
     has_id = np.array([k is not None for k in ds.id_kinds])
     ids = np.unique(component[has_id])
     labels = np.zeros((component.max() + 1, 2), bool)

@@ -24,6 +24,7 @@ from results.wording import (
     SINGULAR,
     bootstrap_unit_text,
     grouping_meaning,
+    groups_are,
     interval_limitation,
     limitations,
 )
@@ -510,17 +511,30 @@ def _data(metrics: dict) -> list[str]:
     if not data:
         return []
     classes = list(metrics["class_names"])
+    units = groups_are(data)
+    kinds = data.get("group_kinds") or {}
+    of = (f" ({', '.join(f'{n} {k}' for k, n in kinds.items())})" if len(kinds) > 1 else "")
     lines = ["## Data", "",
              f"`{data.get('path', '?')}`: {data.get('images', '?')} readable images, split by "
-             f"`group_by: {data.get('group_by', '?')}` with seed {data.get('split_seed', '?')}.",
-             ""]
-    counts = data.get("split_counts", {})
+             f"`group_by: {data.get('group_by', '?')}` with seed {data.get('split_seed', '?')}"
+             f"; the split's groups are {units}{of}"
+             # Splits before ctscan 0.4 (no recorded unit) dealt the largest groups first.
+             + (", each drawn at random into one split (stratified by class), so the test "
+                "split is a random sample of them." if "unit" in data else "."), ""]
+    counts, groups = data.get("split_counts", {}), data.get("split_groups")
     if counts:
-        rows = [[split, *(c.get(k, 0) for k in classes), sum(c.values())]
+        total = sum(sum(c.values()) for c in counts.values())
+        rows = [[split, *(c.get(k, 0) for k in classes), sum(c.values()),
+                 f"{sum(c.values()) / total:.0%}",
+                 *([groups[split], f"{groups[split] / sum(groups.values()):.0%}"]
+                   if groups else [])]
                 for split, c in counts.items()]
         rows.append(["**total**", *(sum(c.get(k, 0) for c in counts.values()) for k in classes),
-                     sum(sum(c.values()) for c in counts.values())])
-        lines += _table(["split", *classes, "total"], rows)
+                     total, "100%", *([sum(groups.values()), "100%"] if groups else [])])
+        lines += _table(["split", *classes, "slices", "share",
+                         *([units, "share"] if groups else [])], rows)
+    if units != "patients" and units in UNIT_CAVEATS:
+        lines += [f"The groups are {units}, not proven patients: {UNIT_CAVEATS[units]}.", ""]
     skipped = data.get("skipped", [])
     lines += [f"Skipped files (could not be decoded): {len(skipped) or 'none'}", ""]
     lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:MAX_SKIPPED_LISTED]]

@@ -106,8 +106,8 @@ def interval_limitation(data: dict) -> tuple[str, str]:
                 "scanners.")
     return ("Confidence intervals may be optimistic", f"They resample {_bootstrap_units(unit)}. "
             "Slices of one patient that share the test split are not independent, so the true "
-            "uncertainty is larger than the intervals show; patient IDs (DICOM PatientID, or a "
-            "manifest's `group` column) fix this.")
+            "uncertainty is larger than the intervals show; an ID per patient (a DICOM patient "
+            "ID, or a manifest's `group` column) fixes this.")
 
 
 def bootstrap_unit_text(data: dict) -> str:

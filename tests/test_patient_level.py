@@ -310,4 +310,5 @@ def test_evaluate_scores_patients_when_the_groups_are_patients(manifest_run, gro
     for text in (json.dumps(metrics), (tmp_path / "test_patients.json").read_text(),
                  (tmp_path / "report.md").read_text(encoding="utf-8")):
         assert "PAT-" not in text
-    assert "## Patient-level results" in (tmp_path / "report.md").read_text(encoding="utf-8")
+    heading = {"patients": "Patient", "volumes": "Volume"}[unit or "patients"]
+    assert f"## {heading}-level results" in (tmp_path / "report.md").read_text(encoding="utf-8")

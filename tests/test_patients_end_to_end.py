@@ -10,6 +10,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -90,11 +91,21 @@ def _files_holding(folder: Path, identifiers: set[str]) -> dict[str, list[str]]:
     hits = {}
     for path in folder.rglob("*"):
         if path.is_file():
-            held = {encoded[e] for run in runs.findall(path.read_bytes())
+            held = {encoded[e] for content in _contents(path) for run in runs.findall(content)
                     for e in encoded if e in run}
             if held:
                 hits[str(path.relative_to(folder))] = sorted(held)
     return hits
+
+
+def _contents(path: Path) -> list[bytes]:
+    """A file's bytes, and for a zip (a torch checkpoint, a TorchScript export) each member's
+    bytes as well, decompressed: a member stored deflated hides its text from a byte scan."""
+    data = path.read_bytes()
+    if not zipfile.is_zipfile(io.BytesIO(data)):
+        return [data]
+    with zipfile.ZipFile(io.BytesIO(data)) as archive:
+        return [data, *(archive.read(name) for name in archive.namelist())]
 
 
 @pytest.fixture(scope="module")
@@ -214,5 +225,8 @@ def test_the_identifier_scan_finds_identifiers_inside_binary_files(tmp_path):
     (tmp_path / "deep" / "weights.pt").write_bytes(noise + b"7" + uid.encode() + b".5" + noise)
     (tmp_path / "events").write_bytes(noise + name.encode() + noise)
     (tmp_path / "clean").write_bytes(noise)
-    assert _files_holding(tmp_path, {uid, other_uid, name}) == {"deep/weights.pt": [uid],
-                                                                "events": [name]}
+    with zipfile.ZipFile(tmp_path / "packed.zip", "w", zipfile.ZIP_DEFLATED) as archive:
+        archive.writestr("data.pkl", b"x" * 1000 + other_uid.encode() + b"x" * 1000)
+    assert other_uid.encode() not in (tmp_path / "packed.zip").read_bytes()
+    assert _files_holding(tmp_path, {uid, other_uid, name}) == {
+        "deep/weights.pt": [uid], "events": [name], "packed.zip": [other_uid]}
