@@ -352,7 +352,7 @@ def _patients(metrics: dict) -> list[str]:
            f"was scored, as the one with the best ROC AUC there ({tried}; a tie goes to the "
            f"first of these). "
            f"{_threshold_text(threshold, positive, unit)}")
-    caveat = ([f"These groups are {units}, not proven patients: {UNIT_CAVEATS[units]}.", ""]
+    caveat = ([f"These groups are {units}, not proven patients ({UNIT_CAVEATS[units]}).", ""]
               if units != "patients" else [])
     keys = [k for k in METRIC_NAMES if k in test["metrics"]]
     header = ["Metric", "Test value", "Test 95% CI"]
@@ -534,7 +534,7 @@ def _data(metrics: dict) -> list[str]:
         lines += _table(["split", *classes, "slices", "share",
                          *([units, "share"] if groups else [])], rows)
     if units != "patients" and units in UNIT_CAVEATS:
-        lines += [f"The groups are {units}, not proven patients: {UNIT_CAVEATS[units]}.", ""]
+        lines += [f"The groups are {units}, not proven patients ({UNIT_CAVEATS[units]}).", ""]
     skipped = data.get("skipped", [])
     lines += [f"Skipped files (could not be decoded): {len(skipped) or 'none'}", ""]
     lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:MAX_SKIPPED_LISTED]]

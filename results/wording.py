@@ -54,7 +54,7 @@ def grouping_meaning(data: dict) -> str:
                 "score is likely optimistic.")
     return (f"The train/validation/test split kept all slices of one {SINGULAR.get(unit, unit)} "
             f"and byte-identical files on the same side, but its groups are {unit}, not proven "
-            f"patients: {UNIT_CAVEATS.get(unit, '')}; the test score may be somewhat "
+            f"patients ({UNIT_CAVEATS.get(unit, '')}), so the test score may be somewhat "
             "optimistic.")
 
 
@@ -66,8 +66,8 @@ def _bootstrap_units(unit: str) -> str:
     if unit == "files":
         return ("single slices (only byte-identical files are drawn together): slices of one "
                 "patient are treated as independent, so the intervals are optimistic")
-    return (f"{unit} (the split's groups): each is drawn whole, but {UNIT_CAVEATS.get(unit, '')}"
-            ", so the intervals may be somewhat narrow")
+    return (f"{unit} (the split's groups), each drawn whole ({UNIT_CAVEATS.get(unit, '')}), so "
+            "the intervals may be somewhat narrow")
 
 
 # (title, text) of what no number in a report or card can tell; `limitations` picks the
