@@ -158,12 +158,12 @@ def _expand(files: list[Sample], key: bytes, slices: str, show_paths: bool = Fal
             else:
                 placed.append((index, [f]))
         except NotASlice as e:
-            skipped.append(skip(f, str(e), key, show_paths))
+            skipped.append(_skip(f, str(e), key, show_paths))
         except OSError as e:
-            skipped.append(skip(f, f"cannot read: {e.strerror or e}", key, show_paths))
+            skipped.append(_skip(f, f"cannot read: {e.strerror or e}", key, show_paths))
     for series, members in series_files.items():
         slices_of, odd = order_series(members)
-        skipped += [skip(f, reason, key, show_paths) for h, f, reason in odd]
+        skipped += [_skip(f, reason, key, show_paths) for h, f, reason in odd]
         name = pseudonym(series, key)
         series_slices[name] = len(slices_of)
         placed.append((first_of_series[series], [
@@ -185,7 +185,7 @@ def _dicom_sample(header: DicomHeader, f: Sample, frame: int, series: str, key: 
                   "patient" if patient else "study" if study else "series")
 
 
-def skip(f: Sample, reason: str, key: bytes, show_paths: bool = False) -> Skipped:
+def _skip(f: Sample, reason: str, key: bytes, show_paths: bool = False) -> Skipped:
     """A file that gives no slice, as every list of skipped files names it: a DICOM or NIfTI
     file by its stand-in, with its path cut out of the reason (a reader's message may quote
     it); a 2-D image by its path."""

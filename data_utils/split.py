@@ -13,9 +13,10 @@ Slices are first joined into groups, then whole groups are dealt to splits:
   (787) and (987) are one slice, 200 file numbers apart); the closest pair with different
   labels, visibly different patients, is at distance 50;
 - `mixed`: what `auto` (the default) becomes when some slices carry IDs and some do not: IDs
-  join as in `patient`, and near-duplicates join wherever one side of the pair has no ID (a
-  PNG that repeats a DICOM slice joins that patient). `auto` is `patient` when every slice
-  carries an ID and `duplicates` when none does.
+  join as in `patient`; slices without an ID join their near-duplicates without an ID, and
+  the one ID group they most resemble (a PNG that repeats a DICOM slice joins that patient),
+  never two, which would merge two patients through one blank slice. `auto` is `patient` when
+  every slice carries an ID and `duplicates` when none does.
 Groups joined this way are transitive: A~B and B~C puts A, B and C together. A group is named
 for the strongest ID it holds (GROUP_UNITS): only a patient ID makes it a patient; a NIfTI file
 is a volume (two files of one patient are two groups), a study without a PatientID a study.
