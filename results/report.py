@@ -534,7 +534,7 @@ def _data(metrics: dict) -> list[str]:
         lines += _table(["split", *classes, "slices", "share",
                          *([units, "share"] if groups else [])], rows)
     if units != "patients" and units in UNIT_CAVEATS:
-        lines += [f"The groups are {units}, not proven patients ({UNIT_CAVEATS[units]}).", ""]
+        lines += [f"What grouping by {units} does not guarantee: {UNIT_CAVEATS[units]}.", ""]
     skipped = data.get("skipped", [])
     lines += [f"Skipped files (could not be decoded): {len(skipped) or 'none'}", ""]
     lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:MAX_SKIPPED_LISTED]]
