@@ -340,7 +340,7 @@ def load_data_options(data: Path, image_size: int, resize: str, options: dict,
 def follow_record(split: Split, ds: CTDataset, record: dict) -> Split:
     """`split` with the side and group of every slice that `record` (a split.json) lists, found
     by content; slices it does not list keep theirs (split_changes then reports them)."""
-    recorded = recorded_slices(record)
+    recorded = _recorded_slices(record)
     assignment, groups = split.assignment.copy(), split.groups.copy()
     offset = groups.max() + 1  # recorded group ids apart from computed ones
     for i, key in enumerate(zip(ds.sha256, ds.frames, strict=True)):
@@ -445,7 +445,7 @@ def split_changes(old: dict, new: dict) -> str:
                for key in ("seed", "ratios", "group_by", "near_duplicate_bits", "positive_class",
                            "window", "slices", "key_fingerprint")
                if key in old and old[key] != new.get(key)]
-    before, after = recorded_slices(old), recorded_slices(new)
+    before, after = _recorded_slices(old), _recorded_slices(new)
     both = before.keys() & after.keys()
     for what, names in (
         ("added or changed", sorted(after[k]["path"] for k in after.keys() - before.keys())),
@@ -464,11 +464,15 @@ def split_changes(old: dict, new: dict) -> str:
     return "; ".join(changes)
 
 
-def recorded_slices(record: dict) -> dict[tuple[str, int], dict]:
+def _recorded_slices(record: dict) -> dict[tuple[str, int], dict]:
     """split.json's files by (sha256, frame); records before ctscan 0.4 say the frame only in
     the path's "#K"."""
-    return {(f["sha256"], f["frame"] if "frame" in f else _frame_in(f["path"])): f
-            for f in record.get("files", [])}
+    return {slice_key(f): f for f in record.get("files", [])}
+
+
+def slice_key(entry: dict) -> tuple[str, int]:
+    """A split.json file entry's slice by content: (sha256, frame)."""
+    return entry["sha256"], entry["frame"] if "frame" in entry else _frame_in(entry["path"])
 
 
 # Groups that are each one person's scan (so scored one observation each, as patients are).

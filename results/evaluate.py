@@ -23,7 +23,7 @@ from data_utils.cache import CTDataset
 from data_utils.errors import RunFolderError
 from data_utils.files import write_json
 from data_utils.sources import DataError
-from data_utils.split import PERSON_UNITS, load_data_options, recorded_slices, recorded_unit
+from data_utils.split import PERSON_UNITS, load_data_options, recorded_unit, slice_key
 from results.aggregate import AGGREGATES, aggregate_by_group
 from results.metrics import paired_bootstrap, score, youden_threshold
 from tuning.config import make_config
@@ -49,12 +49,14 @@ def _read_json(run_dir: str, name: str, keys: tuple[str, ...]) -> tuple[dict, st
 def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
     """Rows of `ds` holding split `name` of split.json, found by content (sha256, frame): every
     slice must still be there, byte-identical, wherever its file now lies."""
-    row_of = {key: i for i, key in enumerate(zip(ds.sha256, ds.frames, strict=True))}
+    rows_of: dict[tuple[str, int], list[int]] = {}
+    for i, key in enumerate(zip(ds.sha256, ds.frames, strict=True)):
+        rows_of.setdefault(key, []).append(i)
     rows = []
-    for key, entry in recorded_slices(split_json).items():
+    for entry in split_json["files"]:  # byte-identical copies: one row each, as recorded
         if entry["split"] != name:
             continue
-        row = row_of.get(key)
+        row = (rows_of.get(slice_key(entry)) or [None]).pop(0)
         if row is None:
             raise DataError(f"{ds.root}: {name} slice {entry['path']} of split.json is missing, "
                             "changed or no longer readable")
@@ -65,8 +67,7 @@ def recorded_rows(ds: CTDataset, split_json: dict, name: str) -> np.ndarray:
 def recorded_groups(split_json: dict, name: str) -> np.ndarray:
     """The split's group of each row of `recorded_rows(..., name)`: the unit the bootstrap
     resamples, so that slices kept together by the split also count as one observation."""
-    return np.array([e["group"] for e in recorded_slices(split_json).values()
-                     if e["split"] == name])
+    return np.array([e["group"] for e in split_json["files"] if e["split"] == name])
 
 
 Member = tuple[torch.nn.Module, ModelDescription]  # a network and how to feed it

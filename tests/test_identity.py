@@ -4,7 +4,9 @@ every ID and named for what they are, a run that keeps its recorded split, `--wi
 from __future__ import annotations
 
 import json
+import re
 import stat
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -168,6 +170,33 @@ def test_a_recorded_split_is_followed_whatever_rule_made_it(tmp_path):
                                for f in record["files"]]}
     _, followed = load_and_split(data, 32, "pad", OPTIONS, tmp_path / "cache", recorded=old)
     assert split_record(followed, ds)["files"] == old["files"]
+
+
+def test_evaluation_finds_each_recorded_slice_by_content_byte_identical_copies_each(tmp_path):
+    from results.evaluate import recorded_groups, recorded_rows
+
+    data = make_class_folders(tmp_path / "data", 12)
+    copy = data / "COVID" / "a copy.png"
+    copy.write_bytes((data / "COVID" / "COVID (0).png").read_bytes())
+    ds, split = load_and_split(data, 32, "pad", OPTIONS, tmp_path / "cache")
+    record = split_record(split, ds)
+    for name in ("train", "val", "test"):
+        rows = recorded_rows(ds, record, name)
+        assert sorted(rows.tolist()) == split.indices(name).tolist()
+        assert len(recorded_groups(record, name)) == len(rows)
+    # Moved elsewhere, the same slices are found; a changed one is named.
+    moved = tmp_path / "moved"
+    (data).rename(moved)
+    ds_moved, _ = load_and_split(moved, 32, "pad", OPTIONS, tmp_path / "cache")
+    assert recorded_rows(ds_moved, record, "test").tolist() == recorded_rows(ds, record,
+                                                                           "test").tolist()
+    copies = Counter(e["sha256"] for e in record["files"])
+    victim = next(e for e in record["files"] if e["split"] == "test" and copies[e["sha256"]] == 1)
+    (moved / victim["path"]).write_bytes(smooth_image(np.random.default_rng(9)).tobytes()[:99])
+    ds_changed, _ = load_and_split(moved, 32, "pad", OPTIONS, tmp_path / "cache")
+    with pytest.raises(UserError, match=f"test slice {re.escape(victim['path'])} of split.json "
+                       "is missing"):
+        recorded_rows(ds_changed, record, "test")
 
 
 def test_a_split_made_under_another_key_is_refused(tmp_path, monkeypatch):
