@@ -26,7 +26,7 @@ from data_utils.split import (
     Split,
     describe_split,
     load_and_split,
-    recorded_split_changes,
+    split_changes,
     split_record,
     write_split,
 )
@@ -564,11 +564,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     ds, split = load_and_print_split(args.data, config.image_size, config.resize,
                                      _split_options_of(args), args.cache_dir, recorded, str(out))
     # A run resumed on another split would validate and test on former training images.
-    changed = recorded_split_changes(str(out / runfolder.SPLIT), split_record(split, ds))
+    changed = recorded and split_changes(recorded, split_record(split, ds))
     if changed:
         raise RunFolderError(f"{out} was trained on another split of the data ({changed}); "
                              "pick another --out, or restore the data and options it used")
-    write_split(split, ds, out / runfolder.SPLIT)
+    if recorded is None:  # a resumed run keeps the split.json it was trained on
+        write_split(split, ds, out / runfolder.SPLIT)
     save_config(config, saved_config)
     data = trial_data(ds, split)
     del ds  # the test images are not needed, nor kept, while training

@@ -45,7 +45,6 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from data_utils import runfolder
 from data_utils.cache import CTDataset, load_dataset
 from data_utils.files import atomic_write, write_json
 from data_utils.identity import check_key, load_key
@@ -341,14 +340,16 @@ def follow_record(split: Split, ds: CTDataset, record: dict) -> Split:
     """`split` with the side and group of every slice that `record` (a split.json) lists, found
     by content; slices it does not list keep theirs (split_changes then reports them)."""
     recorded = _recorded_slices(record)
-    assignment, groups = split.assignment.copy(), split.groups.copy()
-    offset = groups.max() + 1  # recorded group ids apart from computed ones
+    assignment = split.assignment.copy()
+    # Computed group ids of unlisted slices come after the recorded ones, which stay as they
+    # were: the same data give back the same split.json.
+    groups = split.groups + max((e["group"] + 1 for e in recorded.values()), default=0)
     for i, key in enumerate(zip(ds.sha256, ds.frames, strict=True)):
         entry = recorded.get(key)
         if entry is not None:
             assignment[i] = SPLITS.index(entry["split"])
-            groups[i] = offset + entry["group"]
-    _, groups = np.unique(groups, return_inverse=True)
+            groups[i] = entry["group"]
+    _, groups = np.unique(groups, return_inverse=True)  # contiguous, in the same order
     return Split(assignment, groups, split.seed, split.ratios, record.get("group_by",
                                                                           split.group_by))
 
@@ -490,13 +491,6 @@ def recorded_unit(record: dict) -> str:
 def _frame_in(path: str) -> int:
     frame = path.rpartition("#")[2]
     return int(frame) if "#" in path and frame.isdigit() else 0
-
-
-def recorded_split_changes(location: str, record: dict) -> str:
-    """What differs between the split a run recorded at `location` (its split.json) and
-    `record`, in words; "" when they are equal or the run recorded none yet."""
-    recorded = runfolder.read_json(location)
-    return "" if recorded is None else split_changes(recorded, record)
 
 
 def split_group_counts(split: Split) -> dict[str, int]:

@@ -78,8 +78,14 @@ def test_train_writes_checkpoints_tensorboard_and_resumes(tmp_path, capsys):
     assert [e.step for e in events.Scalars("val_auc")] == [1, 2]
     assert events.Tags()["images"] == ["training_inputs_augmented"]
 
+    # As a run of an older ctscan recorded it: no frames, units or group counts; ids renamed.
+    record = json.loads((run / "split.json").read_text())
+    old = {**{k: v for k, v in record.items() if k not in ("unit", "group_kinds", "groups")},
+           "files": [{k: v for k, v in f.items() if k != "frame"} for f in record["files"]]}
+    (run / "split.json").write_text(json.dumps(old))
     assert main(args) == 0  # same command again: resumes, and there is nothing left to do
     assert "epoch   1" not in capsys.readouterr().out
+    assert json.loads((run / "split.json").read_text()) == old  # kept as it was recorded
     assert main([*args, "--set", "lr=0.1"]) == 2
     assert "holds a run with a different config" in capsys.readouterr().err
 

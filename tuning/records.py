@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from data_utils import runfolder
 from data_utils.errors import RunFolderError
-from data_utils.split import Split, recorded_split_changes, split_record
+from data_utils.split import Split, split_changes, split_record
 from tuning.config import TrainConfig, make_config
 from tuning.space import DEFAULT_SPACE, NUMBER, SearchSpace, decode_params, load_space
 
@@ -103,14 +103,16 @@ def load_search_space(options: SearchOptions) -> SearchSpace:
 def prepare_run(options: SearchOptions, ds: CTDataset, split: Split, resume: bool = False
                 ) -> None:
     """Write split.json, search.json and the space into the run; a resumed search must find the
-    split it started with."""
+    split it started with, and keeps its split.json as it was (also one an older ctscan wrote)."""
     record = split_record(split, ds)
     split_uri = runfolder.join(options.run_dir, runfolder.SPLIT)
-    changed = resume and recorded_split_changes(split_uri, record)
+    recorded = resume and runfolder.read_json(split_uri)
+    changed = recorded and split_changes(recorded, record)
     if changed:
         raise RunFolderError(f"{options.data} no longer gives the split this search started "
                              f"with ({split_uri}): {changed}")
-    runfolder.write_json(split_uri, record)
+    if not recorded:
+        runfolder.write_json(split_uri, record)
     space_uri = runfolder.join(options.run_dir, runfolder.SPACE)
     if not resume:
         runfolder.write_text(space_uri, runfolder.read_text(options.search_space))
