@@ -30,7 +30,6 @@ from data_utils.files import atomic_write
 
 KEY_FILE_ENV = "CTSCAN_KEY_FILE"
 PSEUDONYM_HEX = 12
-STAND_IN_KINDS = ("patient", "study", "series", "slice", "volume", "file")
 
 
 def default_key_file() -> Path:
