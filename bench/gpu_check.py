@@ -64,7 +64,8 @@ def main() -> None:
     config = make_config({"arch": args.arch, "image_size": args.image_size,
                           "batch_size": args.batch_size, "epochs": args.epochs,
                           "aug_strength": 0.5, "patience": 99, "device": "cuda"})
-    data = TrialData(images, labels, images[: len(images) // 5], labels[: len(images) // 5])
+    data = TrialData.from_arrays(images, labels, images[: len(images) // 5],
+                                 labels[: len(images) // 5])
     rates = []
     torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:

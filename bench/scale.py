@@ -1,49 +1,51 @@
-"""How the data path grows on 512-px slices: inspect -> split -> cache load, and what a file costs.
+"""What the data plane costs per core and what the head holds, on 512-px slices, as `ctscan tune`
+runs it: the cache built by Ray tasks on every core, the split, and a search whose trials read
+their rows from the node's memory map.
 
-    python bench/scale.py [--sizes 2500 5000 10000 20000] [--variants 8 16] [--data DIR]
-                          [--wait-quiet 0.6] [--generate-only]
+    python bench/scale.py [--sizes 2500 20000] [--variants 8] [--data DIR] [--wait-quiet 0.6]
+                          [--generate-only]
 
 The sources look like the data users grow into: COVIDx CT's slices are 512 x 512 PNGs, so this
 bench draws the demo generator's CT-like patients (data_utils.demo) at 512 px, pads each slice
-with air (0) to exactly 512 x 512, and writes two variants of the same pixels:
-- "8": 8-bit grayscale PNGs, as COVIDx CT ships them;
+with air (0) to exactly 512 x 512, and writes up to two variants of the same pixels:
+- "8": 8-bit grayscale PNGs, as COVIDx CT ships them (the default);
 - "16": 16-bit grayscale PNGs holding 12 significant bits, as CT scanners store them, with an
   sBIT chunk of 12 and the samples scaled to 16 bits the way the PNG spec says (left bit
   replication), so ctscan's decoder takes its sBIT path (shift right by 4, 0..4095 -> 0..255).
   The lowest 4 of the 12 bits are random, as CT noise is, so the files compress like real ones.
 Both are saved at zlib level 1 (OpenCV's imwrite default), which draws 10k slices in minutes
-rather than most of an hour; Pillow inflates these files about 25% slower than the same pixels
-at level 6, so the decoder's share errs high, never low. Slices are generated once, untimed,
-into DIR (default ~/.cache/ctscan-bench/ct512, outside the repository), patient by patient from
-one fixed plan, so a larger size only draws the patients it adds and every size reads the same
-files: size N is the first N/2 slices of each class.
+rather than most of an hour. Slices are generated once, untimed, into DIR (default
+~/.cache/ctscan-bench/ct512, outside the repository), patient by patient from one fixed plan, so a
+larger size only draws the patients it adds and every size reads the same files: size N is the
+first N/2 slices of each class, in a manifest that names each slice's patient.
 
-Each size starts with a fresh, empty cache at the default training size (224 px, TrainConfig's
-image_size), and each stage runs in its own process, as a user's commands and a search's trials
-do. Every file is read once, untimed, before the stages, so all of them read through the page
-cache: the bench measures CPU work, not the disk.
-- inspect: load_dataset (sha256 every file, decode, perceptual hash, write the cache) + doctor;
-- split: load_dataset (the cache and remembered digests exist now) + split_dataset + split.json;
-- cache load: load_dataset + reading every pixel once, as a trial on the node would.
-The near-duplicate search inside inspect is N^2 work (on a small constant), so it is timed on
-its own and extrapolated with its own exponent; the 431k figure adds the top-level parts up.
-Indented a second level are parts of a part, shown to see where time goes, not added again.
+Each size runs in a fresh process, the head, with a fresh cache at the default training size
+(224 px) and a fresh local Ray of this machine's cores. Every file is read once, untimed, before,
+so all of them read through the page cache: the bench measures CPU work, not the disk. The head:
+- load: load_dataset(decode=decode_on_cluster), in its stages: sha256 + stat of every file (the
+  head, 1 thread); decode + perceptual hash + write each shard (Ray tasks, one core each: its
+  core time is its wall time x the cores Ray has, idle tails and worker start-up included); join
+  the shards into the node's pixel file (the head, 1 thread); discover and the rest (the head);
+- split: split_dataset by patient + split.json (the head);
+- search: a Ray Tune search (tune.with_parameters, as ctscan's) of one trial per core, each of
+  which opens TrialData's pixels on its node and reads every train and val row once, as an epoch
+  does. It trains nothing: what it measures is the data plane, which training does not change.
+A stage's cost per slice is its marginal cost: the slope of its core time between the smallest
+and the largest size, so fixed costs (Ray's worker start-up) are not charged per slice; the
+extrapolation to 431k slices is fixed + slope x 431k, and the wall-clock minutes that follow for
+C cores run the head's stages on one core and the shards on all C.
 
-Per file, the question is how much of inspect is the decoder and how much is ctscan's own work.
-ctscan hashes in one thread, then decodes in a pool of os.cpu_count() threads, so its cost is
-given as core time: each phase's wall time x the threads it keeps busy, per file. Beside it,
-right after each size's inspect and on its files (up to 1000, spread over them), the decoder
-alone in a tight loop: Pillow's open + load + resize to 224 and libpng's decode (imagecodecs,
-which ctscan uses for gray PNGs) + the same resize (both bare), and ctscan's own
-decode_frames (read the bytes, decode, bit-depth rules, pad to 224) in one thread and in a pool
-of as many threads as inspect uses (wall x threads / files, so both cores' contention is priced
-in as in inspect's decode pass).
-"Everything else" is inspect's core time minus the pooled decode_frames.
+Beside it, the decoder alone on up to 1000 of the same files, in a pool of as many processes as
+Ray has cores (core time = wall x processes / files): libpng's decode (imagecodecs, which ctscan
+uses for gray PNGs) + Pillow's resize to 224. "ours / decoder" divides the load's slope (every
+stage of it) by that.
 
-Peak RSS is each stage process's high-water mark (VmHWM) above what its imports already held,
-compared with the size of the cached array. The load average is printed at start and end; with
---wait-quiet L the run first waits (up to 40 minutes) for the 1-minute load average to fall
-below L, since a shared machine's other work inflates every figure.
+Memory: the head's peak RSS (VmHWM: imports, shared libraries and any page of the memory map it
+touched included) and its peak private memory (RssAnon + RssShmem, sampled every 20 ms: what the
+array would add if the head held a copy of it), against the cached array's size; and a trial
+process's, a node's worker, after it has read its rows. The load average is printed at start and
+end; with --wait-quiet L the run first waits (up to 40 minutes) for the 1-minute load average to
+fall below L, since a shared machine's other work inflates every figure.
 """
 
 from __future__ import annotations
@@ -52,12 +54,12 @@ import argparse
 import csv
 import json
 import os
+import pickle
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from multiprocessing import Pool
 from pathlib import Path
 
@@ -72,9 +74,13 @@ COMPRESS_LEVEL = 1  # zlib level of the PNGs, as OpenCV's imwrite writes them by
 PLAN_SLICES_PER_CLASS = TARGET_SLICES // 2  # the patient plan every size takes a prefix of
 VARIANTS = {"8": "8-bit PNG", "16": f"16-bit PNG, sBIT {SIGNIFICANT_BITS}"}
 DECODER_FILES = 1000  # files the decoder alone is timed on
-STAGES = ("inspect", "split", "cache load")
-GOAL_EXPONENT, GOAL_MINUTES, GOAL_RSS_RATIO = 1.15, 10.0, 1.3
+HEAD_STAGES = ("sha256 + stat (head)", "join shards (head)", "discover, rest (head)")
+SHARD_STAGE = "decode + hash + write shards (Ray)"
+LOAD_STAGES = (HEAD_STAGES[0], SHARD_STAGE, *HEAD_STAGES[1:])
+CORES = (2, 16, 64)
+GOAL_RATIO, GOAL_RSS_RATIO = 1.2, 1.15
 QUIET_POLL_S, QUIET_MAX_S = 30, 40 * 60
+SAMPLE_S = 0.02
 
 
 # --- the slices -----------------------------------------------------------------------------
@@ -197,20 +203,41 @@ def warm_page_cache(files: list[Path]) -> None:
         path.read_bytes()
 
 
-# --- one stage, in its own process --------------------------------------------------------
+# --- the head, in its own process --------------------------------------------------------
 
 
-def rss_bytes(field: str) -> int:
-    """VmRSS (now) or VmHWM (peak) of this process, from /proc."""
+def memory() -> dict[str, int]:
+    """This process's VmRSS, VmHWM, RssAnon and RssShmem, in bytes, from /proc."""
+    fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not in /proc/self/status")
+        name, _, value = line.partition(":")
+        if name in ("VmRSS", "VmHWM", "RssAnon", "RssShmem"):
+            fields[name] = int(value.split()[0]) * 1024
+    return fields
+
+
+class PrivatePeak:
+    """The highest RssAnon + RssShmem seen, sampled in a thread while it runs."""
+
+    def __init__(self) -> None:
+        self.peak, self._stop = 0, threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(SAMPLE_S):
+            m = memory()
+            self.peak = max(self.peak, m["RssAnon"] + m["RssShmem"])
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return self.peak
 
 
 def timed(module: object, name: str, seconds: list[float]) -> None:
     """Replaces module.name by a wrapper that appends each call's wall time to `seconds`."""
-    inner: Callable = getattr(module, name)
+    inner = getattr(module, name)
 
     def wrapper(*args, **kwargs):
         start = time.perf_counter()
@@ -222,97 +249,98 @@ def timed(module: object, name: str, seconds: list[float]) -> None:
     setattr(module, name, wrapper)
 
 
-def measure_stage(stage: str, manifest: Path, cache: Path) -> dict:
-    """Runs one stage in this process; returns its seconds (and its parts') and memory."""
+def read_rows(params: dict, data) -> None:
+    """A trial of the data plane: open the node's pixels, read every train and val row once, as
+    an epoch's batches do, and report this process's memory and a checksum."""
+    from ray import tune
+
+    images = data.images()
+    rows = np.concatenate([data.train_rows, data.val_rows])
+    total = 0
+    for start in range(0, len(rows), 256):
+        total += int(images[np.sort(rows[start : start + 256])].sum(dtype=np.uint64))
+    m = memory()
+    tune.report({"checksum": total, "rss": m["VmRSS"], "private": m["RssAnon"] + m["RssShmem"],
+                 "file_backed": m["VmRSS"] - m["RssAnon"] - m["RssShmem"]})
+
+
+def measure_head(manifest: Path, cache: Path) -> dict:
+    """Runs `ctscan tune`'s data plane in this process; returns its stages' seconds and memory."""
+    import ray
+    from ray import tune
+
     import data_utils.cache as cache_module
-    import data_utils.split as split_module
+    import tuning.cluster as cluster_module
     from data_utils.cache import load_dataset
-    from data_utils.doctor import inspect_dataset
     from data_utils.split import split_dataset, write_split
+    from tuning.train import trial_data
 
-    search, hashing, build = [], [], []
-    timed(split_module, "cached_near_duplicate_pairs", search)
+    before = memory()
+    private = PrivatePeak()
+    cores = os.cpu_count() or 1
+    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    hashing, shards, joining = [], [], []
     timed(cache_module, "_hash_files", hashing)
-    timed(cache_module, "_load_or_build", build)
-    baseline_rss = rss_bytes("VmRSS")
+    timed(cluster_module, "decode_on_cluster", shards)
+    timed(cache_module.CachedPixels, "_join", joining)
     start = time.perf_counter()
-    ds = load_dataset(manifest, IMAGE_SIZE, cache_dir=cache, progress=False)
+    ds = load_dataset(manifest, IMAGE_SIZE, cache_dir=cache, progress=False,
+                      decode=cluster_module.decode_on_cluster)
+    ds.pixels.fetch()  # joined already for a cache folder: a no-op
     load = time.perf_counter() - start
-    if stage == "inspect":
-        inspect_dataset(ds)
-    elif stage == "split":
-        write_split(split_dataset(ds), ds, cache / "split.json")
-    else:
-        int(ds.images.max())  # every page of the cache, read through the page cache
-    total = time.perf_counter() - start
-    load_parts = {"    sha256 + stat every file": hashing[0],
-                  "    decode + phash + write cache" if stage == "inspect"
-                  else "    open the cache": build[0],
-                  "    discover, rows, the rest": load - hashing[0] - build[0]}
-    # Split groups by patient where the manifest names them, and searches no near-duplicates.
-    searched = {"  near-duplicate search" if stage == "inspect"
-                else "  near-duplicate pairs (cached)": sum(search)} if search else {}
-    if stage == "inspect":
-        parts = {"  hash + decode + write cache": load, **load_parts, **searched,
-                 "  doctor, the rest": total - load - sum(search)}
-    elif stage == "split":
-        parts = {"  load (cached)": load, **load_parts, **searched,
-                 "  deal, write split.json": total - load - sum(search)}
-    else:
-        parts = {}
-    return {"n": len(ds), "seconds": {stage: total, **parts}, "array_bytes": ds.images.nbytes,
-            "hash_seconds": hashing[0], "build_seconds": build[0], "load_seconds": load,
-            "threads": os.cpu_count(),
-            "rss_growth": rss_bytes("VmHWM") - baseline_rss, "baseline_rss": baseline_rss}
+    start = time.perf_counter()
+    split = split_dataset(ds)
+    write_split(split, ds, cache / "split.json")
+    split_seconds = time.perf_counter() - start
+    data = trial_data(ds, split)
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as runs:
+        grid = tune.Tuner(
+            tune.with_resources(tune.with_parameters(read_rows, data=data), {"cpu": 1}),
+            param_space={"k": tune.grid_search(list(range(cores)))},
+            run_config=tune.RunConfig(storage_path=runs, name="scale", verbose=0)).fit()
+        trials = [r.metrics for r in grid]
+    search = time.perf_counter() - start
+    ray.shutdown()
+    after = memory()
+    seconds = {HEAD_STAGES[0]: sum(hashing), SHARD_STAGE: sum(shards),
+               HEAD_STAGES[1]: sum(joining),
+               HEAD_STAGES[2]: load - sum(hashing) - sum(shards) - sum(joining),
+               "split by patient + split.json (head)": split_seconds,
+               f"search, {cores} trials reading their rows (Ray)": search}
+    return {"n": len(ds), "cores": cores, "seconds": seconds,
+            "array_bytes": ds.pixels.nbytes, "handed_bytes": len(pickle.dumps(data)),
+            "head_hwm": after["VmHWM"], "head_imports": before["VmRSS"],
+            "head_private_peak": private.stop(),
+            "trial_rss": max(t["rss"] for t in trials),
+            "trial_private": max(t["private"] for t in trials),
+            "trial_file_backed": max(t["file_backed"] for t in trials),
+            "checksums": len({t["checksum"] for t in trials})}
 
 
-def measure_decoder(manifest: Path) -> dict:
-    """The decoder alone on up to DECODER_FILES files spread over the manifest, in tight loops:
-    ms per file of bare Pillow, of bare libpng (imagecodecs) with Pillow's resize, of ctscan's
-    decode_frames in one thread, and of decode_frames in a pool of os.cpu_count() threads
-    (wall x threads / files, as inspect's decode pass)."""
+def decode_one(path: Path) -> None:
     import imagecodecs
     from PIL import Image
 
-    from data_utils.volumes import decode_frames
+    img = Image.fromarray(imagecodecs.png_decode(path.read_bytes()))
+    scale = IMAGE_SIZE / max(img.size)
+    img.resize((round(img.width * scale), round(img.height * scale)), Image.Resampling.BILINEAR)
 
+
+def measure_decoder(manifest: Path) -> dict:
+    """The bare decoder's core-ms per file: libpng + Pillow's resize, in a pool of as many
+    processes as cores, on up to DECODER_FILES files spread over the manifest."""
     files = read_manifest(manifest)
     files = files[:: max(1, len(files) // DECODER_FILES)][:DECODER_FILES]
     warm_page_cache(files)
-
-    def resize(img: Image.Image) -> None:
-        scale = IMAGE_SIZE / max(img.size)
-        img.resize((round(img.width * scale), round(img.height * scale)),
-                   Image.Resampling.BILINEAR)
-
-    def pillow(path: Path) -> None:
-        with Image.open(path) as img:
-            img.load()
-            resize(img)
-
-    def libpng(path: Path) -> None:
-        resize(Image.fromarray(imagecodecs.png_decode(path.read_bytes())))
-
-    def ctscan(path: Path) -> None:
-        decode_frames(path.name, path.read_bytes(), IMAGE_SIZE, "pad")
-
-    def per_file_ms(work: Callable[[Path], None], threads: int) -> float:
-        for path in files[:20]:  # warm up: imports, first-call setup
-            work(path)
+    processes = os.cpu_count() or 1
+    with Pool(processes) as pool:
+        pool.map(decode_one, files[: 4 * processes])  # imports and first calls, untimed
         start = time.perf_counter()
-        if threads == 1:
-            for path in files:
-                work(path)
-        else:
-            with ThreadPoolExecutor(max_workers=threads) as pool:
-                list(pool.map(work, files))
-        return (time.perf_counter() - start) * threads / len(files) * 1e3
-
-    threads = os.cpu_count() or 1
-    return {"files": len(files), "threads": threads,
-            "pillow": per_file_ms(pillow, 1), "libpng": per_file_ms(libpng, 1),
-            "ctscan": per_file_ms(ctscan, 1),
-            "ctscan_pooled": per_file_ms(ctscan, threads)}
+        pool.map(decode_one, files, chunksize=8)
+        wall = time.perf_counter() - start
+    return {"files": len(files), "processes": processes,
+            "core_ms": wall * processes / len(files) * 1e3}
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -325,21 +353,11 @@ def run_child(*args: str) -> dict:
     return json.loads(child.stdout.splitlines()[-1])
 
 
-def measure_size(manifest: Path) -> tuple[list[dict], dict]:
-    """The three stages on one dataset, each in a fresh process, on one fresh cache, and the
-    decoder alone on its files right after inspect (a shared machine's load drifts)."""
+def measure_size(manifest: Path) -> tuple[dict, dict]:
     warm_page_cache(read_manifest(manifest))
     with tempfile.TemporaryDirectory() as cache:
-        stages = [run_child("--stage", STAGES[0], str(manifest), cache)]
-        decoder = run_child("--decoder", str(manifest))
-        stages += [run_child("--stage", stage, str(manifest), cache) for stage in STAGES[1:]]
-        return stages, decoder
-
-
-def fit(sizes: list[int], seconds: list[float]) -> tuple[float, float]:
-    """Exponent b of seconds = a * n^b, least squares in log-log, and its value at 431k."""
-    b, log_a = np.polyfit(np.log(sizes), np.log(seconds), 1)
-    return float(b), float(np.exp(log_a) * TARGET_SLICES**b)
+        head = run_child("--head", str(manifest), cache)
+    return head, run_child("--decoder", str(manifest))
 
 
 def load_average() -> str:
@@ -358,89 +376,80 @@ def wait_until_quiet(threshold: float) -> None:
               "measuring anyway (figures inflated by other work)")
 
 
-def report_variant(variant: str, by_size: list[list[dict]], decoders: list[dict]) -> float:
-    """Prints one variant's tables; returns its extrapolated inspect + split seconds at 431k."""
-    sizes = [stages[0]["n"] for stages in by_size]
-    print(f"\n== {VARIANTS[variant]}, {SOURCE_SIZE} x {SOURCE_SIZE}, cached at {IMAGE_SIZE} px ==")
-    print(f"{'stage (seconds)':36}" + "".join(f"{n:>9}" for n in sizes)
-          + f"{'exponent':>9}{'at 431k':>9}")
-    extrapolated = {}
-    for k, stage in enumerate(STAGES):
-        for part in by_size[0][k]["seconds"]:
-            seconds = [stages[k]["seconds"][part] for stages in by_size]
-            exponent, at_target = fit(sizes, seconds)
-            extrapolated[stage, part] = at_target
-            print(f"{part:36}" + "".join(f"{s:9.2f}" for s in seconds)
-                  + f"{exponent:9.2f}{at_target:9.0f}")
+def core_seconds(head: dict, stage: str) -> float:
+    """A stage's core time: Ray's stages keep every core busy, the head's stages one."""
+    busy = head["cores"] if stage.endswith("(Ray)") else 1
+    return head["seconds"][stage] * busy
 
-    threads = decoders[0]["threads"]
-    print(f"per file, ms of core time (1 thread while hashing, {threads} while decoding):")
-    print(f"{'':36}" + "".join(f"{n:>9}" for n in sizes))
-    inspect = [stages[0] for stages in by_size]
-    rows = {
-        "  inspect's load, wall": [r["load_seconds"] / r["n"] for r in inspect],
-        "  inspect's load, core time": [
-            (r["load_seconds"] + (threads - 1) * r["build_seconds"]) / r["n"] for r in inspect],
-        "    sha256 + stat pass (1 thread)": [r["hash_seconds"] / r["n"] for r in inspect],
-        f"    decode pass ({threads} threads)": [
-            r["build_seconds"] * threads / r["n"] for r in inspect],
-        "    the rest of load (1 thread)": [
-            (r["load_seconds"] - r["hash_seconds"] - r["build_seconds"]) / r["n"]
-            for r in inspect],
-    }
-    for name, values in rows.items():
-        print(f"{name:36}" + "".join(f"{v * 1e3:9.2f}" for v in values))
-    core = rows["  inspect's load, core time"]
-    pooled = [d["ctscan_pooled"] / 1e3 for d in decoders]
-    print(f"{'  of which the decoder (pooled)':36}" + "".join(f"{p * 1e3:9.2f}" for p in pooled))
-    print(f"{'  everything else (ours)':36}"
-          + "".join(f"{(c - p) * 1e3:9.2f}" for c, p in zip(core, pooled, strict=True)))
-    print(f"the decoder alone, tight loop over up to {DECODER_FILES} of the same files "
-          "(page cache), ms per file:")
-    print(f"{'':36}" + "".join(f"{n:>9}" for n in sizes))
-    for key, name in (("pillow", "  Pillow open+load+resize, 1 thread"),
-                      ("libpng", "  libpng decode+Pillow resize, 1 th."),
-                      ("ctscan", "  ctscan decode_frames, 1 thread"),
-                      ("ctscan_pooled", f"  decode_frames, {threads} threads (x{threads}/n)")):
-        print(f"{name:36}" + "".join(f"{d[key]:9.2f}" for d in decoders))
 
-    imports = by_size[0][0]["baseline_rss"] / 2**20
-    print(f"peak RSS of each stage's process above what its imports held ({imports:.0f} MiB), "
-          f"as a multiple of the cached array (goal <= {GOAL_RSS_RATIO}x):")
-    for n, stages in zip(sizes, by_size, strict=True):
-        array = stages[0]["array_bytes"]
-        growth = [f"{stage} {r['rss_growth'] / 2**20:.0f} MiB = {r['rss_growth'] / array:.2f}x"
-                  for stage, r in zip(STAGES, stages, strict=True)]
-        print(f"  n={n}: array {array / 2**20:.0f} MiB; " + ", ".join(growth))
-    # Each top-level part with its own exponent: the N^2 search is small at 10k but not at 431k.
-    return sum(seconds for (stage, part), seconds in extrapolated.items()
-               if stage in ("inspect", "split") and part.startswith("  ")
-               and not part.startswith("    "))
+def report_variant(variant: str, heads: list[dict], decoders: list[dict]) -> tuple[float, float]:
+    """Prints one variant's tables; returns (ours / decoder, head peak RSS larger / smaller)."""
+    small, large = heads[0], heads[-1]
+    sizes = [h["n"] for h in heads]
+    cores = large["cores"]
+    print(f"\n== {VARIANTS[variant]}, {SOURCE_SIZE} x {SOURCE_SIZE}, cached at {IMAGE_SIZE} px, "
+          f"{cores} cores ==")
+    print(f"{'stage':40}" + "".join(f"{f'wall s @{n}':>13}" for n in sizes)
+          + f"{'core-ms/slice':>14}{'core-min@431k':>14}")
+    slopes, at_target = {}, {}
+    for stage in large["seconds"]:
+        core = [core_seconds(h, stage) for h in heads]
+        slope = (core[-1] - core[0]) / (sizes[-1] - sizes[0])
+        fixed = core[0] - slope * sizes[0]
+        slopes[stage], at_target[stage] = slope, fixed + slope * TARGET_SLICES
+        print(f"  {stage:38}" + "".join(f"{h['seconds'][stage]:13.2f}" for h in heads)
+              + f"{slope * 1e3:14.3f}{at_target[stage] / 60:14.1f}")
+    ours = sum(slopes[s] for s in LOAD_STAGES)
+    decoder = float(np.mean([d["core_ms"] for d in decoders])) / 1e3
+    print(f"  {'load, all its stages (ours)':38}" + " " * 13 * len(heads)
+          + f"{ours * 1e3:14.3f}{sum(at_target[s] for s in LOAD_STAGES) / 60:14.1f}")
+    print(f"  {'the decoder alone (libpng + resize)':38}"
+          + "".join(f"{d['core_ms']:13.3f}" for d in decoders) + f"{decoder * 1e3:14.3f}"
+          + f"{decoder * TARGET_SLICES / 60:14.1f}")
+    print(f"    (core-ms per file, {decoders[0]['processes']} processes, up to {DECODER_FILES} "
+          "files of each size)")
+    head_stages = [s for s in large["seconds"] if s.endswith("(head)")]
+    serial = sum(at_target[s] for s in head_stages)
+    parallel = at_target[SHARD_STAGE]
+    print("wall-clock minutes at 431k slices, the head's stages on one core, the shards on all: "
+          + ", ".join(f"{c} cores {(serial + parallel / c) / 60:.1f}" for c in CORES))
+    print(f"memory (cached array: {small['array_bytes'] / 2**20:.0f} MiB at {sizes[0]}, "
+          f"{large['array_bytes'] / 2**20:.0f} MiB at {sizes[-1]}; TrialData handed to each "
+          f"trial: {large['handed_bytes']} bytes):")
+    for h in heads:
+        mib = {k: v / 2**20 for k, v in h.items() if isinstance(v, int)}
+        print(f"  n={h['n']}: head peak RSS {mib['head_hwm']:.0f} MiB (its imports "
+              f"{mib['head_imports']:.0f} MiB), peak private {mib['head_private_peak']:.0f} MiB "
+              f"= {h['head_private_peak'] / h['array_bytes']:.2f}x the array; a trial's process: "
+              f"RSS {mib['trial_rss']:.0f} MiB, private {mib['trial_private']:.0f} MiB, mapped "
+              f"pages {mib['trial_file_backed']:.0f} MiB; {h['checksums']} distinct checksum(s) "
+              "over the trials")
+    return ours / decoder, large["head_hwm"] / small["head_hwm"]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", type=int, nargs="+", default=[2_500, 5_000, 10_000, 20_000],
-                        help="dataset sizes in slices (at least two, for the exponent)")
-    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["16", "8"],
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2_500, 20_000],
+                        help="dataset sizes in slices (at least two: costs are slopes)")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=["8"],
                         help="which sources to measure; the last one gives the last line")
     parser.add_argument("--data", type=Path, help="where the generated slices live")
     parser.add_argument("--wait-quiet", type=float, metavar="LOAD",
                         help="first wait (up to 40 min) for the 1-min load average < LOAD")
-    parser.add_argument("--generate-only", action="store_true")
-    # A child process: --stage STAGE MANIFEST CACHE_DIR, or --decoder MANIFEST
-    parser.add_argument("--stage", nargs=3, help=argparse.SUPPRESS)
+    parser.add_argument("--generate-only", action="store_true",
+                        help="draw the slices the sizes need, measure nothing")
+    # A child process: --head MANIFEST CACHE_DIR, or --decoder MANIFEST
+    parser.add_argument("--head", nargs=2, help=argparse.SUPPRESS)
     parser.add_argument("--decoder", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.stage:
-        stage, manifest, cache = args.stage
-        print(json.dumps(measure_stage(stage, Path(manifest), Path(cache))))
+    if args.head:
+        print(json.dumps(measure_head(Path(args.head[0]), Path(args.head[1]))))
         return
     if args.decoder:
         print(json.dumps(measure_decoder(args.decoder)))
         return
     if len(args.sizes) < 2:
-        parser.error("--sizes needs at least two sizes to fit an exponent")
+        parser.error("--sizes needs at least two sizes")
 
     sizes = sorted(args.sizes)
     data = args.data or default_data_dir()
@@ -454,23 +463,19 @@ def main() -> None:
         wait_until_quiet(args.wait_quiet)
     print(f"{os.cpu_count()} CPU cores; load average at start: {load_average()}")
     plan = patient_plan()
-    totals = {}
+    ratios = {}
     for variant in args.variants:
         manifests = [write_manifest(data / variant, manifest_rows(plan, n)) for n in sizes]
         measured = [measure_size(manifest) for manifest in manifests]
-        totals[variant] = report_variant(variant, [stages for stages, _ in measured],
-                                         [decoder for _, decoder in measured])
+        ratios[variant] = report_variant(variant, [h for h, _ in measured],
+                                         [d for _, d in measured])
         sys.stdout.flush()
     print(f"\nload average at end: {load_average()}")
-    print(f"goals: exponent <= {GOAL_EXPONENT} per stage; inspect + split for 431k < "
-          f"{GOAL_MINUTES:.0f} min; cache load peak RSS <= {GOAL_RSS_RATIO}x the array")
-    for variant in args.variants[:-1]:
-        print(f"extrapolated inspect + split for 431k slices ({VARIANTS[variant]}): "
-              f"{totals[variant] / 60:.1f} min")
-    last = args.variants[-1]
-    print(f"({VARIANTS[last]}, as COVIDx CT ships its slices)" if last == "8"
-          else f"({VARIANTS[last]})")
-    print(f"extrapolated inspect + split for 431k slices: {totals[last] / 60:.1f} min")
+    print(f"goals: ours / decoder <= {GOAL_RATIO}; head peak RSS, larger / smaller data <= "
+          f"{GOAL_RSS_RATIO}")
+    ratio, rss = ratios[args.variants[-1]]
+    print(f"ours / decoder core time per slice: {ratio:.2f}; head peak RSS, larger / smaller "
+          f"data: {rss:.2f}")
 
 
 if __name__ == "__main__":

@@ -53,7 +53,7 @@ def ours(config, images: np.ndarray, labels: np.ndarray) -> float:
     """train_trial's own images/s per epoch (training only, as it reports), after epoch 1."""
     rates = []
     with tempfile.TemporaryDirectory() as out:
-        data = TrialData(images, labels, images[:32], labels[:32])
+        data = TrialData.from_arrays(images, labels, images[:32], labels[:32])
         train_trial(config, data, Path(out), lambda m, *_: rates.append(m["images_per_sec"]))
     return len(labels) * (len(rates) - 1) / sum(len(labels) / r for r in rates[1:])
 

@@ -149,10 +149,11 @@ def autocast(device: torch.device, precision: str):
 
 @torch.no_grad()
 def predict_proba(model: nn.Module, images: torch.Tensor, description: ModelDescription,
-                  precision: str = "fp32", batch_size: int = 256) -> torch.Tensor:
-    """Probability of the positive class for a uint8 [N, S, S] tensor, normalised as
-    `description` says, on the model's device; no augmentation. The images may be elsewhere (the
-    host): each chunk is copied over as uint8.
+                  precision: str = "fp32", batch_size: int = 256,
+                  rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Probability of the positive class for a uint8 [N, S, S] tensor (its `rows` only, when
+    given: gathered a chunk at a time), normalised as `description` says, on the model's device;
+    no augmentation. The images may be elsewhere (the host): each chunk is copied over as uint8.
 
     `precision` as in resolve_precision; fp32 by default, as the exported TorchScript and ONNX
     files run. The logits are fp32 either way (the head runs in fp32). The model is switched to
@@ -162,7 +163,9 @@ def predict_proba(model: nn.Module, images: torch.Tensor, description: ModelDesc
     precision = resolve_precision(precision, device)
     model.to(memory_format=torch.channels_last)
     out = []
-    for chunk in images.split(batch_size):
+    chunks = (images.split(batch_size) if rows is None else
+              (images.index_select(0, part) for part in rows.split(batch_size)))
+    for chunk in chunks:
         x = normalize(chunk.to(device), description.mean, description.std)
         with autocast(device, precision):
             out.append(model(x.contiguous(memory_format=torch.channels_last)).squeeze(1).float())

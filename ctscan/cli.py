@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import NoReturn
 
 from data_utils import runfolder
-from data_utils.cache import CTDataset, default_cache_dir, load_dataset
+from data_utils.cache import (
+    CLUSTER_CACHE,
+    CTDataset,
+    ShardRunner,
+    default_cache_dir,
+    load_dataset,
+)
 from data_utils.decode import RESIZE_MODES
 from data_utils.errors import RunFolderError, UsageError, UserError
 from data_utils.identity import KEY_FILE_ENV, default_key_file, use_key_file
@@ -95,9 +101,12 @@ def _source_options(data_required: bool = True) -> argparse.ArgumentParser:
                         "or a CSV manifest with columns path,label[,group]")
     p.add_argument("--positive-class", metavar="NAME",
                    help="class that label 1 means (default: the class named covid/positive)")
-    p.add_argument("--cache-dir", type=Path, default=None,
+    p.add_argument("--cache-dir", default=None, metavar="FOLDER_OR_URI",
                    help=f"where decoded datasets are cached (default: {default_cache_dir()}, "
-                        "or $CTSCAN_CACHE_DIR); never inside the data folder")
+                        "or $CTSCAN_CACHE_DIR; `tune` on a cluster of several machines: "
+                        f"{CLUSTER_CACHE}/ in --storage-path): a folder, never inside the data "
+                        "folder, or a bucket (s3://BUCKET/PATH) from which each node fetches "
+                        "its copy")
     p.add_argument("--window", type=_argument(parse_window), default=DEFAULT_WINDOW,
                    metavar="CENTER,WIDTH",
                    help="HU window of DICOM and NIfTI slices onto 0..255 (default: lung, "
@@ -157,10 +166,11 @@ def _split_options() -> argparse.ArgumentParser:
 
 
 def load_and_print_split(data: Path, image_size: int, resize: str, split_options: dict,
-                         cache_dir: Path | None = None, recorded: dict | None = None,
-                         where: str = "the run") -> tuple[CTDataset, Split]:
+                         cache_dir: str | None = None, recorded: dict | None = None,
+                         where: str = "the run",
+                         decode: ShardRunner | None = None) -> tuple[CTDataset, Split]:
     ds, split = load_and_split(data, image_size, resize, split_options, cache_dir, recorded,
-                               where)
+                               where, decode)
     print(describe_split(split, ds))
     return ds, split
 
@@ -302,7 +312,7 @@ def _tune(args: argparse.Namespace, joined: bool) -> int:
     import ray
 
     from ctmodels import check_weights
-    from tuning.cluster import check_shared_storage, start_ray
+    from tuning.cluster import cache_location, check_shared_storage, decode_on_cluster, start_ray
     from tuning.records import load_options, prepare_run
     from tuning.search import run_search, search_started
     from tuning.train import trial_data
@@ -341,11 +351,14 @@ def _tune(args: argparse.Namespace, joined: bool) -> int:
     # A resumed search goes on with the split it recorded (also one an older rule made).
     recorded = (runfolder.read_json(runfolder.join(options.run_dir, runfolder.SPLIT))
                 if args.resume else None)
+    # Ray first: the cluster's cores decode the dataset, each shard where it is decoded.
+    start_ray(args.address)
+    cache = cache_location(args.cache_dir, options.storage_path)
     ds, split = load_and_print_split(Path(options.data), config.image_size, config.resize,
-                                     options.split, args.cache_dir, recorded, options.run_dir)
+                                     options.split, cache, recorded, options.run_dir,
+                                     decode_on_cluster)
     prepare_run(options, ds, split, resume=bool(args.resume))
-    data = trial_data(ds, split)
-    del ds  # the test split stays out of the object store
+    data = trial_data(ds, split)  # rows and where the cache is: never the pixels
     budget = (f" or {options.time_budget_s:.0f} s, whichever ends first"
               if options.time_budget_s else "")
     print(f"search {options.name}: {options.num_samples} trials{budget}, up to "
@@ -355,7 +368,6 @@ def _tune(args: argparse.Namespace, joined: bool) -> int:
         from tuning.monitor import start_tensorboard
 
         print(start_tensorboard(options.run_dir))
-    start_ray(args.address)
     best = run_search(options, data, resume=restore)
     if not joined:  # its memory and cores go to the evaluation
         ray.shutdown()
@@ -371,7 +383,7 @@ def _tune(args: argparse.Namespace, joined: bool) -> int:
     from results.pipeline import report_run
 
     print_results(options.run_dir, report_run(options.run_dir, resamples=args.bootstrap,
-                                              cache_dir=args.cache_dir, ensemble=args.ensemble,
+                                              cache_dir=cache, ensemble=args.ensemble,
                                               calibrate=args.calibrate))
     return 0
 
@@ -574,8 +586,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     data = trial_data(ds, split)
     del ds  # the test images are not needed, nor kept, while training
     report = tensorboard_reporter(out / runfolder.TENSORBOARD, config,
-                                  torch.from_numpy(data.train_images),
-                                  torch.from_numpy(data.train_labels))
+                                  torch.from_numpy(data.first_train_images(64)),
+                                  torch.from_numpy(data.train_labels[:64]))
     print(f"training {config.arch} on {len(data.train_labels)} images, validating on "
           f"{len(data.val_labels)}; watch with: tensorboard --logdir {out}")
 

@@ -190,8 +190,10 @@ def train_batches(
     generator: torch.Generator | None = None,
     ranges: AugmentRanges = AugmentRanges(),
     device: torch.device | None = None,
+    rows: torch.Tensor | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """One shuffled, augmented epoch over a uint8 [N, H, W] dataset.
+    """One shuffled, augmented epoch over a uint8 [N, H, W] dataset: images[rows], or all the
+    images without `rows` (a trial's rows of a memory-mapped cache, gathered batch by batch).
 
     Yields (float32 [B, 1, H, W], labels [B]), each batch a new tensor, scaled to [0, 1] and
     normalised to (x - mean) / std: the model description's input normalisation, as
@@ -208,15 +210,16 @@ def train_batches(
     _check_strength(strength)
     if images.dtype != torch.uint8 or images.dim() != 3:
         raise ValueError(f"expected uint8 [N, H, W] images, got {images.dtype} {images.shape}")
-    if labels.shape[0] != images.shape[0]:
-        raise ValueError(f"{images.shape[0]} images but {labels.shape[0]} labels")
+    n = images.shape[0] if rows is None else len(rows)
+    if labels.shape[0] != n:
+        raise ValueError(f"{n} images but {labels.shape[0]} labels")
     if batch_size < 1:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     # The normalisation fused into the augmentation: (x / 255 - mean) / std == x * scale + offset.
     # The scale is applied while converting from uint8 (one pass) and the offset after warping,
     # so grid_sample's zero fill is still air.
     scale, offset = 1.0 / (255.0 * std), -mean / std
-    n, h, w = images.shape
+    h, w = images.shape[1:]
     on_host = device is not None
     device = images.device if device is None else torch.device(device)
     labels = labels.to(device)  # once per epoch, not per batch
@@ -230,15 +233,17 @@ def train_batches(
     grid = torch.empty(chunk, h, w, 2, device=device)
     # The host path fetches the order once per epoch (one sync), not once per batch.
     host_order = order.to(images.device)
+    if rows is not None:
+        host_order = rows.to(images.device)[host_order]
     sizes = batch_sizes(n, batch_size)
-    for idx, rows in zip(order.split(sizes), host_order.split(sizes), strict=True):
+    for idx, where in zip(order.split(sizes), host_order.split(sizes), strict=True):
         theta = random_matrices(len(idx), h, w, strength, generator, ranges, device)
         source = images
         if on_host:
-            source, rows = _copy_rows(images, rows, device), torch.arange(len(idx), device=device)
+            source, where = _copy_rows(images, where, device), torch.arange(len(idx), device=device)
         out = torch.empty(len(idx), 1, h, w, device=device)
         for s in range(0, len(idx), chunk):
-            part = rows[s : s + chunk]
+            part = where[s : s + chunk]
             k = len(part)
             torch.index_select(source, 0, part, out=pixels[:k])
             x = torch.mul(pixels[:k].unsqueeze(1), scale, out=floats[:k])

@@ -2,23 +2,35 @@
 
 The cache is keyed by the sha256 of every file's bytes, the image size and the resize mode, so
 renaming files reuses it and changing one pixel rebuilds it. It lives outside the data folder
-(default ~/.cache/ctscan, or $CTSCAN_CACHE_DIR), which is never written to.
+(default ~/.cache/ctscan, or $CTSCAN_CACHE_DIR), which is never written to; on a cluster it may be
+a folder every node mounts or a bucket (s3://..., the run's storage).
 
-Each entry is a .npy of pixels, memory-mapped when loaded so that trials on one node share it
-through the page cache and no process holds more of it than it reads, plus a small .npz of
-hashes and per-file metadata that commits the entry. File digests are remembered per data folder
-by (path, size, mtime_ns), so an unchanged dataset is not read again just to be hashed.
+An entry is built in shards of about SHARD_SLICES slices, each decoded by whoever runs it: this
+process's threads, or one Ray task per shard on any core of a cluster (`ctscan tune`). A shard is
+written to the cache location as a .npy of its pixels and a small .npz manifest (hashes and
+per-file metadata) that commits it, so an interrupted build keeps the shards it finished. A small
+.npz of the whole entry then commits the entry. In a folder the shards are joined into the
+entry's one .npy and removed; in a bucket they stay, and each node joins them into its own copy
+the first time a process there reads the pixels (CachedPixels). Either way the pixels are
+memory-mapped: trials on a node share them through the page cache, no process holds more of
+them than it reads, and only the small CachedPixels travels between processes.
+
+File digests are remembered per data folder by (path, size, mtime_ns), so an unchanged dataset
+is not read again just to be hashed.
 """
 
 from __future__ import annotations
 
+import fcntl
 import functools
 import hashlib
+import io
 import json
 import os
-import secrets
 import time
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,18 +39,113 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
+from data_utils import runfolder
 from data_utils.decode import RESIZE_MODES, Decoded, decode_failure
 from data_utils.files import atomic_write
 from data_utils.identity import fingerprint, load_key, pseudonym
 from data_utils.sources import DataError, Sample, Skipped, discover
 from data_utils.volumes import DEFAULT_WINDOW, decode_frames, slice_at
 
-CACHE_FORMAT = 5  # bump when decoding changes what pixels a file yields, or the cache's layout
-DECODE_CHUNK = 1024  # slices decoded before their rows are written to the cache file
+CACHE_FORMAT = 6  # bump when decoding changes what pixels a file yields, or the cache's layout
+# Slices a shard holds: at most SHARD_SLICES (one Ray task's work, about 3 core-seconds of 512-px
+# PNGs, and 50 MB of pixels at 224 px; 421 shards for COVIDx CT's 431k slices), and fewer on a
+# smaller set, down to MIN_SHARD_SLICES, so that it still has SHARDS_WANTED shards for a
+# cluster's cores to share. It depends on the data alone: whoever decodes, the shards are alike.
+SHARD_SLICES = 1024
+MIN_SHARD_SLICES = 64
+SHARDS_WANTED = 64
+SHARDS = "shards"  # the cache location's folder of shards
+CLUSTER_CACHE = "ctscan-cache"  # a cluster's cache, in the storage path its nodes all reach
 # How long after its last write a file's (size, mtime_ns) is trusted to stand for its content:
 # within the filesystem's timestamp granularity (2 s on FAT) a write may leave mtime unchanged.
 UNSETTLED_MTIME_NS = 2_000_000_000
 PHASH_SIZE = 16  # 256-bit pHash: the 64-bit default cannot tell two patients' CT slices apart
+
+
+class CacheError(DataError):
+    """The cache location lost part of an entry (a shard deleted while it was read)."""
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    """One shard to decode: names only, so it travels cheaply to whichever process builds it."""
+
+    location: str  # the cache location: a folder or a bucket URI
+    name: str  # the shard's files are SHARDS/{name}.npy and .npz; the name is its content's hash
+    files: tuple[tuple[str, str, int], ...]  # (sha256, path, slices its header promises), in order
+    image_size: int
+    resize: str
+    window: tuple[float, float]
+
+
+# Runs shards (build_shard), calling advance(slices) as each file or shard is done, and returns
+# their manifests in the order given: decode_in_threads here, or a cluster's (tuning.cluster).
+ShardRunner = Callable[[list[ShardJob], Callable[[int], None]], list[dict]]
+
+
+@dataclass(frozen=True)
+class CachedPixels:
+    """Where a cache entry's pixel rows are: small, so it goes to every trial in place of them.
+
+    `open()` memory-maps this node's copy: the entry's file in a cache folder, or, for a bucket,
+    a file in this node's cache folder joined from the shards the first time a process on the
+    node asks (one process fetches, the others wait for it)."""
+
+    location: str
+    stem: str
+    shards: tuple[tuple[str, int], ...]  # (name, rows) in row order
+    image_size: int
+
+    @property
+    def rows(self) -> int:
+        return sum(rows for _, rows in self.shards)
+
+    @property
+    def nbytes(self) -> int:
+        return self.rows * self.image_size**2
+
+    def local_path(self) -> Path:
+        # Named by the shards too: a build that a transient failure left uncommitted has other
+        # rows under the same entry name, and a node must not keep reading its copy.
+        content = _digest(json.dumps(self.shards))[:8]
+        return _node_dir(self.location) / f"{self.stem}-{content}.npy"
+
+    def available(self) -> bool:
+        """Whether open() can succeed without decoding: a folder's entry keeps only its file."""
+        return runfolder.is_uri(self.location) or self.local_path().exists()
+
+    def fetch(self) -> Path:
+        """This node's copy of the pixels, joined from the shards if it is not there yet."""
+        path = self.local_path()
+        if path.exists():
+            return path
+        with _locked(path.parent / f".{path.stem}.lock"):
+            if not path.exists():
+                self._join(path)
+        return path
+
+    def open(self) -> np.ndarray:
+        """uint8 [rows, S, S], memory-mapped copy-on-write: writes stay in this process."""
+        return np.load(self.fetch(), mmap_mode="c")
+
+    def _join(self, path: Path) -> None:
+        size = self.image_size
+        with atomic_write(path) as f:
+            np.lib.format.write_array_header_1_0(
+                f, {"descr": "|u1", "fortran_order": False, "shape": (self.rows, size, size)})
+            for name, rows in self.shards:  # one shard in memory at a time
+                where = runfolder.join(self.location, SHARDS, f"{name}.npy")
+                data = runfolder.read_bytes(where)
+                if data is None:
+                    raise CacheError(f"{where}: a shard of the cache is gone (deleted while it "
+                                     "was read?); run again to rebuild it")
+                header = io.BytesIO(data)
+                np.lib.format.read_magic(header)
+                shape, _, _ = np.lib.format.read_array_header_1_0(header)
+                if shape != (rows, size, size):
+                    raise CacheError(f"{where}: holds {shape}, not the {rows} rows of "
+                                     f"{size} x {size} its entry lists; run again to rebuild it")
+                f.write(memoryview(data)[header.tell():])
 
 
 @dataclass
@@ -47,7 +154,8 @@ class CTDataset:
 
     root: Path
     class_names: tuple[str, str]  # (negative, positive); label 1 = class_names[1]
-    images: np.ndarray  # uint8 [N, S, S]
+    pixels: CachedPixels  # where the cache's rows are, on any node
+    rows: np.ndarray  # int64 [N]: each row's row in the cache (byte-identical files share one)
     phash: np.ndarray  # uint8 [N, 32]: packed perceptual hash, for near-duplicate grouping
     labels: np.ndarray  # int64 [N]
     paths: list[str]  # Sample.rel: a 2-D image's path below root, a DICOM/NIfTI slice's stand-in
@@ -74,6 +182,16 @@ class CTDataset:
     def __len__(self) -> int:
         return len(self.paths)
 
+    @functools.cached_property
+    def images(self) -> np.ndarray:
+        """uint8 [N, S, S]: the cache's memory map itself when its rows are the dataset's in
+        order (on the build and after, unless files were renamed or two are byte-identical),
+        else a copy in memory."""
+        cached = self.pixels.open()
+        if np.array_equal(self.rows, np.arange(len(cached))):
+            return cached
+        return cached[self.rows]
+
     @property
     def positive_class(self) -> str:
         return self.class_names[1]
@@ -97,20 +215,24 @@ def load_dataset(
     window: tuple[float, float] = DEFAULT_WINDOW,
     slices: str = "all",
     identity_key: bytes | None = None,
+    decode: ShardRunner | None = None,
 ) -> CTDataset:
     """Discover, hash and (once per content/size/mode/window) decode a dataset; see the module
-    doc. `identity_key` makes the pseudonyms (default: this machine's, data_utils.identity)."""
+    doc. `cache_dir` is a folder or a bucket URI; `identity_key` makes the pseudonyms (default:
+    this machine's, data_utils.identity); `decode` runs the shards to build (decode_in_threads
+    by default)."""
     if resize not in RESIZE_MODES:
         raise DataError(f"resize must be one of {RESIZE_MODES}, got {resize!r}")
     if image_size < 8:
         raise DataError(f"image size must be at least 8 pixels, got {image_size}")
-    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    location = str(cache_dir) if cache_dir is not None else str(default_cache_dir())
+    local = _node_dir(location)
     key = identity_key or load_key()
     source = discover(data, positive_class, slices, key=key)
-    digests, skipped = _hash_files(source.samples, source.root, cache_dir, key, progress)
+    digests, skipped = _hash_files(source.samples, source.root, local, key, progress)
     frames = {digests[s.path]: s.frames for s in source.samples if s.path in digests}
     entries, pixels, phashes = _load_or_build(
-        frames, digests, image_size, resize, window, cache_dir, progress
+        frames, digests, image_size, resize, window, location, progress, decode
     )
 
     rows, kept, first_label = [], [], {}
@@ -140,9 +262,8 @@ def load_dataset(
     return CTDataset(
         root=source.root,
         class_names=source.class_names,
-        # The cache's rows, not a copy in memory, when they are the dataset's rows in order: so
-        # on the build and after, unless files were renamed or two of them are byte-identical.
-        images=pixels if rows == list(range(len(pixels))) else pixels[rows],
+        pixels=pixels,
+        rows=np.array(rows, np.int64),
         phash=phashes[rows],
         labels=np.array([source.label(s) for s in kept], np.int64),
         paths=[s.rel for s in kept],
@@ -159,7 +280,7 @@ def load_dataset(
         skipped=skipped,
         image_size=image_size,
         resize=resize,
-        cache_dir=cache_dir,
+        cache_dir=local,
         window=tuple(window),
         slices=slices,
         series_slices=source.series_slices,
@@ -168,12 +289,12 @@ def load_dataset(
 
 
 def _hash_files(
-    samples: list[Sample], root: Path, cache_dir: Path, key: bytes, progress: bool
+    samples: list[Sample], root: Path, local: Path, key: bytes, progress: bool
 ) -> tuple[dict[Path, str], list[Skipped]]:
     """sha256 of every readable file, reusing the digest of a file whose (path, size, mtime_ns)
     has not changed since an earlier run hashed it. The index names files by pseudonym: a PACS
     export's paths hold patient IDs."""
-    index_file = cache_dir / "file-hashes" / f"{hashlib.sha256(bytes(root)).hexdigest()[:20]}.json"
+    index_file = local / "file-hashes" / f"{hashlib.sha256(bytes(root)).hexdigest()[:20]}.json"
     try:
         known = json.loads(index_file.read_text(encoding="utf-8"))
     except (OSError, ValueError):
@@ -213,88 +334,165 @@ def _load_or_build(
     image_size: int,
     resize: str,
     window: tuple[float, float],
-    cache_dir: Path,
+    location: str,
     progress: bool,
-) -> tuple[dict[str, dict], np.ndarray, np.ndarray]:
-    """Return {sha256: {"rows", "mode", "size", "bits", "peak"} | {"error"}}, and the pixel and
-    hash arrays. "rows" holds, per slice of the file, its row or why it is not usable.
+    decode: ShardRunner | None,
+) -> tuple[dict[str, dict], CachedPixels, np.ndarray]:
+    """Return {sha256: {"rows", "mode", "size", "bits", "peak"} | {"error"}}, where the pixels
+    are, and the hash array. "rows" holds, per slice of the file, its row or why it is not usable.
 
     `frames` names each digest once, with how many slices its file holds; readable slices get
     rows in that order, so when it is the dataset's order the pixel array needs no reordering.
-    The pixels are a copy-on-write memory map of the cache file: pages are read on first use and
-    shared with every process on the node through the page cache, and writes stay private.
+    Missing shards are decoded by `decode` (decode_in_threads by default; a Ray cluster's cores
+    in `ctscan tune`), which must give the same rows whoever runs it.
 
     A failure that another run may not repeat (out of memory, an OS read error) is reported like
-    any other but keeps the cache entry from being committed, so the next run decodes again.
+    any other but keeps the entry (and its shard) from being committed, so the next run decodes
+    those files again.
     """
     order = list(frames)
-    key = hashlib.sha256(
-        f"{CACHE_FORMAT}|{image_size}|{resize}|{window[0]:g},{window[1]:g}|"
-        f"{','.join(sorted(order))}".encode()
-    ).hexdigest()
-    meta_file = cache_dir / f"{image_size}px-{resize}-{key[:20]}.npz"
-    try:
-        with np.load(meta_file, allow_pickle=False) as npz:
-            entries, phash = json.loads(str(npz["entries"])), npz["phash"]
-            pixels_file = cache_dir / str(npz["pixels"])
-        return entries, _open_pixels(pixels_file, len(phash)), phash
-    except FileNotFoundError:
-        pass
+    spec = f"{CACHE_FORMAT}|{image_size}|{resize}|{window[0]:g},{window[1]:g}|"
+    stem = f"{image_size}px-{resize}-{_digest(spec + ','.join(sorted(order)))}"
+    meta_file = runfolder.join(location, f"{stem}.npz")
+    local = _node_dir(location)
+    # One build of an entry at a time on a node: a second process waits, then loads it.
+    with _locked(local / f".{stem}.lock"):
+        saved = runfolder.read_bytes(meta_file)
+        if saved is not None:
+            with np.load(io.BytesIO(saved), allow_pickle=False) as npz:
+                entries, phash = json.loads(str(npz["entries"])), npz["phash"]
+                shards = tuple((str(n), int(r)) for n, r in json.loads(str(npz["shards"])))
+            pixels = CachedPixels(location, stem, shards, image_size)
+            if pixels.available():
+                return entries, pixels, phash
 
-    path_of = {digest: path for path, digest in digests.items()}
-    decode = functools.partial(_decode_file, image_size=image_size, resize=resize, window=window)
+        path_of = {digest: str(path) for path, digest in digests.items()}
+        jobs = [ShardJob(location, f"{image_size}px-{resize}-{_digest(spec + ','.join(chunk))}",
+                         tuple((d, path_of[d], frames[d]) for d in chunk),
+                         image_size, resize, tuple(window))
+                for chunk in _chunks(order, frames)]
+        manifests = {job.name: _read_manifest(location, job.name) for job in jobs}
+        missing = [job for job in jobs if manifests[job.name] is None]
+        total = sum(frames.values())  # what the headers promise; a file may hold fewer
+        done = total - sum(n for job in missing for *_, n in job.files)
+        with tqdm(total=total, initial=done, desc="decoding", unit="img",
+                  disable=not progress) as bar:
+            built = (decode or decode_in_threads)(missing, bar.update)
+        manifests.update(zip((job.name for job in missing), built, strict=True))
 
-    # Each build gets its own pixel file, named in the metadata that commits it, so two runs
-    # building one entry at once never pair one's metadata with the other's rows.
-    pixels_file = cache_dir / f"{meta_file.stem}-{secrets.token_hex(4)}.npy"
-    total = sum(frames.values())  # what the headers promise; a file may hold fewer
-    shape = (total, image_size, image_size)
-    entries, hashes, rows, transient = {}, np.zeros((total, 32), np.uint8), 0, False
-    with atomic_write(pixels_file) as f, tqdm(total=total, desc="decoding", unit="img",
-                                              disable=not progress) as bar:
-        np.lib.format.write_array_header_1_0(
-            f, {"descr": "|u1", "fortran_order": False, "shape": shape})
-        data_start = f.tell()
-        # libpng and Pillow release the GIL while inflating and resizing, so threads use every
-        # core. Worker processes measured ~10% faster on 2 cores, but a process pool re-runs the
-        # caller's main module, which breaks any script that calls this without a __main__
-        # guard. Rows are written as each chunk decodes, with plain writes rather than through a
-        # memory map, so this process holds one chunk of pixels, never the array.
-        with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
-            for chunk in _chunks(order, frames):
-                paths = [path_of[digest] for digest in chunk]
-                for digest, result in zip(chunk, pool.map(decode, paths), strict=True):
-                    bar.update(frames[digest])
-                    if "error" in result:
-                        entries[digest] = {"error": result["error"]}
-                        transient |= "transient" in result
-                        continue
-                    slice_rows = []
-                    for decoded in result.pop("slices")[:frames[digest]]:
-                        if isinstance(decoded, str):
-                            slice_rows.append(decoded)
-                            continue
-                        f.write(decoded[0].tobytes())
-                        hashes[rows] = decoded[1]
-                        slice_rows.append(rows)
-                        rows += 1
-                    entries[digest] = {"rows": slice_rows, **result}
-        # Unreadable slices get no row: the array's last total - rows rows are never read.
-        f.truncate(data_start + int(np.prod(shape)))
-    pixels = _open_pixels(pixels_file, rows)
-    if transient:
-        # The map stays readable after the unlink; the disk space is freed when it is closed.
-        pixels_file.unlink()
-        return entries, pixels, hashes[:rows]
-    with atomic_write(meta_file) as f:
-        np.savez(f, phash=hashes[:rows], entries=np.array(json.dumps(entries)),
-                 pixels=np.array(pixels_file.name))
-    for other in cache_dir.glob(f"{meta_file.stem}-*.npy"):
-        # Pixels of a concurrent build of this entry. Should its metadata land after ours, the
-        # next load finds its pixels gone and builds again: a wasted decode, never wrong rows.
-        if other != pixels_file:
-            other.unlink(missing_ok=True)
-    return entries, pixels, hashes[:rows]
+        entries, hashes, shards, start = {}, [], [], 0
+        for job in jobs:
+            manifest = manifests[job.name]
+            for digest, entry in manifest["entries"].items():
+                if "rows" in entry:  # shard rows -> the entry's rows
+                    entry = {**entry, "rows": [r + start if isinstance(r, int) else r
+                                               for r in entry["rows"]]}
+                entries[digest] = entry
+            hashes.append(manifest["phash"])
+            shards.append((job.name, len(manifest["phash"])))
+            start += len(manifest["phash"])
+        phash = np.concatenate(hashes) if hashes else np.zeros((0, 32), np.uint8)
+        pixels = CachedPixels(location, stem, tuple(shards), image_size)
+        pixels.fetch()
+        if any(m["transient"] for m in manifests.values()):
+            return entries, pixels, phash
+        buffer = io.BytesIO()
+        np.savez(buffer, phash=phash, entries=np.array(json.dumps(entries)),
+                 shards=np.array(json.dumps(shards)))
+        runfolder.write_bytes(meta_file, buffer.getvalue())
+        if not runfolder.is_uri(location):
+            # A folder's entry is its one pixel file: the shards would only double the disk
+            # used, as would the pixels of an uncommitted build. A bucket keeps its shards: each
+            # node fetches its copy from them.
+            for name, _ in shards:
+                for suffix in (".npy", ".npz"):
+                    (local / SHARDS / f"{name}{suffix}").unlink(missing_ok=True)
+            for other in local.glob(f"{stem}-*.npy"):
+                if other != pixels.local_path():
+                    other.unlink(missing_ok=True)
+        return entries, pixels, phash
+
+
+def decode_in_threads(jobs: list[ShardJob], advance: Callable[[int], None]) -> list[dict]:
+    """Shards one after another, each in a pool of this machine's cores: libpng and Pillow
+    release the GIL while inflating and resizing, so threads use every core. Worker processes
+    measured ~10% faster on 2 cores, but a process pool re-runs the caller's main module, which
+    breaks any script that calls this without a __main__ guard; Ray's workers have no such
+    problem (tuning.cluster.decode_on_cluster)."""
+    return [build_shard(job, os.cpu_count() or 1, advance) for job in jobs]
+
+
+def build_shard(job: ShardJob, threads: int = 1,
+                advance: Callable[[int], None] | None = None) -> dict:
+    """Decode a shard's files in `threads` threads and write its pixels and then, unless a
+    failure may not repeat (transient_failure), its manifest, which commits it. Returns the
+    manifest: {"entries": {sha256: as _load_or_build's, rows counted in the shard}, "phash",
+    "transient"}."""
+    decode = functools.partial(_decode_file, image_size=job.image_size, resize=job.resize,
+                               window=job.window)
+    size = job.image_size
+    pixels = np.empty((sum(n for *_, n in job.files), size, size), np.uint8)
+    hashes = np.empty((len(pixels), 32), np.uint8)
+    entries, rows, transient = {}, 0, False
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        results = pool.map(decode, [Path(path) for _, path, _ in job.files])
+        for (digest, _, frames), result in zip(job.files, results, strict=True):
+            if advance is not None:
+                advance(frames)
+            if "error" in result:
+                entries[digest] = {"error": result["error"]}
+                transient |= "transient" in result
+                continue
+            slice_rows = []
+            for decoded in result.pop("slices")[:frames]:
+                if isinstance(decoded, str):
+                    slice_rows.append(decoded)
+                    continue
+                pixels[rows], hashes[rows] = decoded
+                slice_rows.append(rows)
+                rows += 1
+            entries[digest] = {"rows": slice_rows, **result}
+    # Unreadable slices get no row.
+    _save(runfolder.join(job.location, SHARDS, f"{job.name}.npy"), np.save, pixels[:rows])
+    manifest = {"entries": entries, "phash": hashes[:rows], "transient": transient}
+    if not transient:
+        _save(runfolder.join(job.location, SHARDS, f"{job.name}.npz"), np.savez,
+              phash=hashes[:rows], entries=np.array(json.dumps(entries)))
+    return manifest
+
+
+def _read_manifest(location: str, name: str) -> dict | None:
+    data = runfolder.read_bytes(runfolder.join(location, SHARDS, f"{name}.npz"))
+    if data is None:
+        return None
+    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
+        return {"entries": json.loads(str(npz["entries"])), "phash": npz["phash"],
+                "transient": False}
+
+
+def _save(location: str, save: Callable, *args, **kwargs) -> None:
+    buffer = io.BytesIO()
+    save(buffer, *args, **kwargs)
+    runfolder.write_bytes(location, buffer.getvalue())
+
+
+def _node_dir(location: str) -> Path:
+    """Where this node keeps what it derives from the data: the cache folder itself, or this
+    node's default cache folder when the cache is in a bucket."""
+    return default_cache_dir() if runfolder.is_uri(location) else Path(location)
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` among this node's processes (flock: released if one dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _decode_file(path: Path, image_size: int, resize: str, window: tuple[float, float]) -> dict:
@@ -318,20 +516,17 @@ def _decode_file(path: Path, image_size: int, resize: str, window: tuple[float, 
 
 
 def _chunks(order: list[str], frames: dict[str, int]) -> list[list[str]]:
-    """Files in runs of about DECODE_CHUNK slices (a volume counts its slices), so the decoded
-    pixels held at once stay bounded whatever the files hold."""
+    """Files in runs of about a shard's slices (a volume counts its slices): the shards."""
+    total = sum(frames.values())
+    limit = min(SHARD_SLICES, max(MIN_SHARD_SLICES, -(-total // SHARDS_WANTED)))
     chunks, size = [[]], 0
     for digest in order:
-        if size >= DECODE_CHUNK:
+        if size >= limit:
             chunks.append([])
             size = 0
         chunks[-1].append(digest)
         size += frames[digest]
     return chunks
-
-
-def _open_pixels(path: Path, rows: int) -> np.ndarray:
-    return np.load(path, mmap_mode="c")[:rows]
 
 
 def transient_failure(error: BaseException) -> bool:

@@ -45,7 +45,7 @@ import numpy as np
 from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import connected_components
 
-from data_utils.cache import CTDataset, load_dataset
+from data_utils.cache import CTDataset, ShardRunner, load_dataset
 from data_utils.files import atomic_write, write_json
 from data_utils.identity import check_key, load_key
 from data_utils.sources import DataError
@@ -309,31 +309,32 @@ def _group_counts(n: int, ratios: tuple[float, float, float], rng: np.random.Gen
 
 
 def load_and_split(data: Path, image_size: int, resize: str, options: dict,
-                   cache_dir: Path | None = None, recorded: dict | None = None,
-                   where: str = "the run") -> tuple[CTDataset, Split]:
+                   cache_dir: str | Path | None = None, recorded: dict | None = None,
+                   where: str = "the run",
+                   decode: ShardRunner | None = None) -> tuple[CTDataset, Split]:
     """The dataset, decoded (or read from the cache), and its split; `options` are split.json's
     and search.json's: ratios, seed, group_by and positive_class. With `recorded` (a run's
     split.json) the slices it lists keep the side and group it gave them, whatever rule made
     it: a run continues on the split it started with."""
-    ds = load_data_options(data, image_size, resize, options, cache_dir, recorded, where)
+    ds = load_data_options(data, image_size, resize, options, cache_dir, recorded, where, decode)
     split = split_dataset(ds, tuple(options["ratios"]), options["seed"], options["group_by"])
     return ds, split if recorded is None else follow_record(split, ds, recorded)
 
 
 def load_data_options(data: Path, image_size: int, resize: str, options: dict,
-                      cache_dir: Path | None = None, recorded: dict | None = None,
-                      where: str = "the run") -> CTDataset:
+                      cache_dir: str | Path | None = None, recorded: dict | None = None,
+                      where: str = "the run", decode: ShardRunner | None = None) -> CTDataset:
     """load_dataset with how a run reads its data (split.json's options): the positive class,
     the HU window and slice rule of DICOM and NIfTI files, and the pseudonym key, which must be
     the one `recorded` (the run's split.json) has the fingerprint of (runs of ctscan 0.3 kept
-    the key itself)."""
+    the key itself). `decode` as load_dataset's."""
     legacy = options.get("identity_key")
     key = bytes.fromhex(legacy) if legacy else load_key()
     if not legacy and recorded is not None:
         check_key(recorded.get("key_fingerprint"), key, where)
     return load_dataset(data, image_size, resize, cache_dir, options.get("positive_class"),
                         window=tuple(options.get("window", DEFAULT_WINDOW)),
-                        slices=options.get("slices", "all"), identity_key=key)
+                        slices=options.get("slices", "all"), identity_key=key, decode=decode)
 
 
 def follow_record(split: Split, ds: CTDataset, record: dict) -> Split:

@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import pickle
 import struct
 import time
 import zlib
@@ -56,16 +57,22 @@ def tiny_trial_data(tmp_path: Path):
 
 def recording_trainable(folder: Path) -> Callable:
     """The real trainable, noting first in `folder`, for each trial (a file named by its number),
-    its process, when it started, and whether the arrays it was given are read-only views of
-    Ray's shared memory (not private copies)."""
+    its process, node and start time, the size of the data it was handed through Ray, and the
+    file its pixels are a memory map of (None if they are not one) beside its node's copy of the
+    cache."""
+    import ray
+
     from tuning.search import trainable
     from tuning.space import NUMBER
 
     def record_then_train(params, data, options):
-        arrays = (data.train_images, data.val_images)
+        images = data.images()
         (folder / str(params[NUMBER])).write_text(json.dumps({
             "pid": os.getpid(), "start": time.time(),
-            "zero_copy": [not a.flags.writeable and not a.flags.owndata for a in arrays]}))
+            "node": ray.get_runtime_context().get_node_id(),
+            "handed_bytes": len(pickle.dumps(data)),
+            "mapped": str(images.filename) if isinstance(images, np.memmap) else None,
+            "node_copy": str(data.pixels.local_path())}))
         trainable(params, data, options)
 
     return record_then_train

@@ -184,7 +184,7 @@ def test_parallel_decode_is_byte_identical_to_serial(tmp_path, monkeypatch):
     files = {}
     for workers in (1, 4):
         monkeypatch.setattr(cache_module.os, "cpu_count", lambda w=workers: w)
-        monkeypatch.setattr(cache_module, "DECODE_CHUNK", 5)  # several chunks, one partial
+        monkeypatch.setattr(cache_module, "SHARD_SLICES", 5)  # several shards, one partial
         cache = tmp_path / f"cache{workers}"
         ds = load_dataset(root, image_size=32, cache_dir=cache, progress=False)
         [npy] = cache.glob("*.npy")

@@ -32,6 +32,7 @@ from tuning.monitor import (
 )
 from tuning.records import SearchOptions
 from tuning.space import load_space
+from tuning.train import TrialData
 from tuning.trial_tensorboard import EXPERIMENT_EVENTS, TrialTensorBoard, declare_search_once
 
 # Integers (batch_size), lists (head), ranges that differ by branch (lr), a key only one branch
@@ -155,8 +156,8 @@ def test_every_session_of_a_search_ends_with_how_its_trial_ended(tmp_path):
     (tmp_path / "space.yaml").write_text(SPACE)
     space = load_space(tmp_path / "space.yaml")
     options = SearchOptions(data="unused", base_config={"image_size": 32})
-    data = SimpleNamespace(train_images=np.zeros((8, 32, 32), np.uint8),
-                           train_labels=np.arange(8) % 2)
+    data = TrialData.from_arrays(np.zeros((8, 32, 32), np.uint8), np.arange(8) % 2,
+                                 np.zeros((2, 32, 32), np.uint8), np.arange(2) % 2)
     callback = TrialTensorBoard(space, options, data)
     trials = [FakeTrial(tmp_path, name, lr) for name, lr in
               [("completed", 1e-3), ("stopped", 2e-3), ("failed", 3e-3), ("cut", 4e-3)]]
@@ -191,8 +192,8 @@ def test_a_resumed_search_continues_its_sessions_and_declares_nothing_twice(tmp_
     run = tmp_path / "run"
     declare_search_once(str(run), space.spec)
     options = SearchOptions(data="unused", base_config={"image_size": 32})
-    data = SimpleNamespace(train_images=np.zeros((8, 32, 32), np.uint8),
-                           train_labels=np.arange(8) % 2)
+    data = TrialData.from_arrays(np.zeros((8, 32, 32), np.uint8), np.arange(8) % 2,
+                                 np.zeros((2, 32, 32), np.uint8), np.arange(2) % 2)
     first = TrialTensorBoard(space, options, data)
     trial = FakeTrial(run, "t", 1e-3)
     first.on_trial_start(0, [trial], trial)

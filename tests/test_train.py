@@ -193,14 +193,17 @@ def test_ema_validates_and_keeps_the_averaged_weights(demo, tmp_path):
 def test_training_never_sees_the_test_split(demo, tmp_path, monkeypatch):
     ds, split = demo
     touched = []
+    def read(images, rows):  # what the loop gathers: its images are the whole cache
+        return images if rows is None else images.index_select(0, rows)
+
     real = train_module.train_batches
     monkeypatch.setattr(train_module, "train_batches",
-                        lambda images, *a, **k: touched.append(images.clone()) or real(images, *a,
-                                                                                        **k))
+                        lambda images, *a, **k: touched.append(read(images, k["rows"]))
+                        or real(images, *a, **k))
     real_predict = train_module.predict_proba
     monkeypatch.setattr(train_module, "predict_proba",
-                        lambda model, images, *a: touched.append(images.clone())
-                        or real_predict(model, images, *a))
+                        lambda model, images, *a, **k: touched.append(read(images, k["rows"]))
+                        or real_predict(model, images, *a, **k))
     train_trial(make_config(TINY), trial_data(ds, split), tmp_path)
     seen = {bytes(img.numpy()) for batch in touched for img in batch}
     test_images = {bytes(ds.images[i]) for i in split.indices("test")}
@@ -210,13 +213,14 @@ def test_training_never_sees_the_test_split(demo, tmp_path, monkeypatch):
 
 
 def test_resnet18_learns_the_demo_task(tmp_path):
-    """Within 4 epochs at 32 px the training loss falls by half and val AUC climbs above
-    chance. Val holds other slices of the training patients (group_by none): 4 epochs do not
-    generalise to unseen demo patients reliably (their val AUC ranges 0.4-0.9 by split seed),
-    and this test is about the loop learning, not about the demo's difficulty."""
+    """Within 6 epochs at 32 px the training loss falls by half and val AUC climbs above
+    chance (at 4 it can still be in the dip after the first epoch). Val holds other slices of
+    the training patients (group_by none): a few epochs do not generalise to unseen demo
+    patients reliably (their val AUC ranges 0.4-0.9 by split seed), and this test is about the
+    loop learning, not about the demo's difficulty."""
     root = make_demo_data(tmp_path / "data", n_per_class=150, size=128)
     ds = load_dataset(root, 32, cache_dir=tmp_path / "cache", progress=False)
-    config = make_config({"image_size": 32, "epochs": 4, "batch_size": 32, "lr": 2e-3,
+    config = make_config({"image_size": 32, "epochs": 6, "batch_size": 32, "lr": 2e-3,
                           "aug_strength": 0.3, "seed": 0, "patience": 99, "num_workers": 2})
     seen = []
     best = train_trial(config, trial_data(ds, split_dataset(ds, seed=0, group_by="none")),

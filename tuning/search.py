@@ -6,12 +6,16 @@ trial is judged by its best val AUC so far: ASHA's rungs and Optuna's values use
 is not punished for the epochs after its peak; the checkpoint Ray keeps is still the best
 epoch's. `time_budget_s` stops the whole search on time (Ray's own budget).
 
-The decoded dataset goes into Ray's object store once (`tune.with_parameters`); every trial reads
-its train/val arrays from there, zero-copy on a node. Each trial reports every epoch, with a
-checkpoint when its weights improved or its resume state was due (`SearchOptions.resume_every`);
-Ray keeps two per trial: the latest (with the best weights) and the newest resume state. A
-killed driver resumes with `Tuner.restore`, which restores finished trials, unfinished ones from
-their resume states, and the Optuna searcher's state.
+Trials get the dataset as row numbers and where the cache is (`TrialData`, a few hundred bytes in
+Ray's object store, `tune.with_parameters`), never the pixels: each trial memory-maps its node's
+copy of the cache and gathers its batches by row, so the node's page cache holds the pixels once
+for all its trials and the head's memory does not grow with the data.
+
+Each trial reports every epoch, with a checkpoint when its weights improved or its resume state
+was due (`SearchOptions.resume_every`); Ray keeps two per trial: the latest (with the best
+weights) and the newest resume state. A killed driver resumes with `Tuner.restore`, which
+restores finished trials, unfinished ones from their resume states, and the Optuna searcher's
+state.
 """
 
 from __future__ import annotations
@@ -123,11 +127,8 @@ def trainable(params: dict, data: TrialData, options: SearchOptions) -> None:
                              CHECKPOINT_METRIC: metrics["epoch"] if resumable else 0},
                             checkpoint=tune.Checkpoint.from_directory(snapshot))
 
-        with warnings.catch_warnings():
-            # Arrays from the object store are read-only; training never writes to them.
-            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-            train_trial(config, data, Path(work), report, gpu_share=resources.get("GPU") or 1.0,
-                        checkpoint_every=options.resume_every)
+        train_trial(config, data, Path(work), report, gpu_share=resources.get("GPU") or 1.0,
+                    checkpoint_every=options.resume_every)
 
 
 def fetch_resume_state(checkpoint: tune.Checkpoint, work: Path) -> None:

@@ -28,7 +28,7 @@ from data_utils.files import atomic_write
 from tuning.config import ConfigError, TrainConfig
 
 if TYPE_CHECKING:  # not imported at run time: a GPU box may lack imagehash, this loop does not
-    from data_utils.cache import CTDataset
+    from data_utils.cache import CachedPixels, CTDataset
     from data_utils.split import Split
 
 # report(metrics of the epoch, history so far, names of the files saved that epoch)
@@ -42,17 +42,45 @@ DEVICE_DATA_FRACTION = 0.25
 
 @dataclass
 class TrialData:
-    """The train and val rows of a dataset. The test split is not in here, by construction."""
+    """Which pixel rows a trial trains and validates on, and their labels.
 
-    train_images: np.ndarray  # uint8 [N, S, S]
+    `pixels` are the cache's rows (CachedPixels: a few hundred bytes that every trial opens as a
+    memory map of its node's copy), or an array in memory. Nothing here names a test row: the
+    cache file holds the test slices too, but no trial is given their rows or labels."""
+
+    pixels: CachedPixels | np.ndarray  # uint8 [M, S, S] rows, or where to open them
+    train_rows: np.ndarray  # int64 [N]: rows of `pixels`
     train_labels: np.ndarray  # int64 [N]
-    val_images: np.ndarray
+    val_rows: np.ndarray
     val_labels: np.ndarray
+
+    @classmethod
+    def from_arrays(cls, train_images: np.ndarray, train_labels: np.ndarray,
+                    val_images: np.ndarray, val_labels: np.ndarray) -> TrialData:
+        n = len(train_images)
+        return cls(np.concatenate([train_images, val_images]), np.arange(n), train_labels,
+                   np.arange(n, n + len(val_images)), val_labels)
+
+    def images(self) -> np.ndarray:
+        """The pixel rows: this node's memory map of the cache, or the array given."""
+        return self.pixels if isinstance(self.pixels, np.ndarray) else self.pixels.open()
+
+    def first_train_images(self, n: int) -> np.ndarray:
+        return self.images()[self.train_rows[:n]]
 
 
 def trial_data(ds: CTDataset, split: Split) -> TrialData:
     train, val = split.indices("train"), split.indices("val")
-    return TrialData(ds.images[train], ds.labels[train], ds.images[val], ds.labels[val])
+    return TrialData(ds.pixels, ds.rows[train], ds.labels[train], ds.rows[val], ds.labels[val])
+
+
+def rows_to_device(pixels: torch.Tensor, rows: torch.Tensor, device: torch.device,
+                   chunk: int = 4096) -> torch.Tensor:
+    """pixels[rows] on `device`, gathered a chunk at a time: the host never holds them all."""
+    out = torch.empty((len(rows), *pixels.shape[1:]), dtype=pixels.dtype, device=device)
+    for start in range(0, len(rows), chunk):
+        out[start : start + chunk] = pixels.index_select(0, rows[start : start + chunk]).to(device)
+    return out
 
 
 def pick_device(name: str) -> torch.device:
@@ -94,20 +122,23 @@ def train_one_epoch(
     progress: str | None = None,
     ema: AveragedModel | None = None,
     device: torch.device | None = None,
+    rows: torch.Tensor | None = None,
 ) -> tuple[float, int]:
-    """Returns (mean train loss, images seen). `device` as in `train_batches`: None when the
-    images live on the training device, else the training device for images kept on the host."""
+    """Returns (mean train loss, images seen). `device` and `rows` as in `train_batches`: device
+    None when the images live on the training device, else the training device for images kept
+    on the host; the training images are images[rows] (all of them without rows)."""
     model.train()
     for module in model.modules():  # a frozen BatchNorm keeps its running statistics too
         if isinstance(module, nn.modules.batchnorm._BatchNorm) and not module.weight.requires_grad:
             module.eval()
     description = config.description()
     batches = train_batches(images, labels, config.batch_size, config.aug_strength,
-                            description.mean, description.std, generator, device=device)
+                            description.mean, description.std, generator, device=device,
+                            rows=rows)
     device = images.device if device is None else device  # where the batches are
     precision = resolve_precision(config.precision, device)
     total, seen = torch.zeros((), device=device), 0
-    steps = len(batch_sizes(len(images), config.batch_size))
+    steps = len(batch_sizes(len(labels), config.batch_size))
     # Closed on Ctrl-C too: the bar's line is cleared before the CLI says it was interrupted.
     with tqdm(batches, total=steps, desc=progress, leave=False,
               disable=progress is None) as bar:
@@ -130,10 +161,12 @@ def train_one_epoch(
 
 
 def evaluate(model: nn.Module, images: torch.Tensor, labels: torch.Tensor,
-             description: ModelDescription, precision: str = "fp32") -> dict[str, float]:
-    """Val loss, accuracy at 0.5, ROC AUC and F1 of `model`, fed as `description` says, its
-    forward pass at `precision` (as in resolve_precision; the logits are fp32 either way)."""
-    prob = predict_proba(model, images, description, precision)
+             description: ModelDescription, precision: str = "fp32",
+             rows: torch.Tensor | None = None) -> dict[str, float]:
+    """Val loss, accuracy at 0.5, ROC AUC and F1 of `model` on images[rows] (all of them
+    without rows), fed as `description` says, its forward pass at `precision` (as in
+    resolve_precision; the logits are fp32 either way)."""
+    prob = predict_proba(model, images, description, precision, rows=rows)
     y = labels.float()
     loss = nn.functional.binary_cross_entropy(prob.clamp(1e-7, 1 - 1e-7), y).item()
     prob, y = prob.cpu().numpy(), labels.cpu().numpy()
@@ -226,10 +259,11 @@ def train_trial(
     After every epoch, report(metrics, history, saved) with `saved` the names of the files
     written that epoch, so a caller (Ray Tune) can snapshot them as a checkpoint.
 
-    The uint8 train and val images go to a GPU only when they fit in DEVICE_DATA_FRACTION of the
-    trial's `gpu_share` of its memory; otherwise they stay on the host (the caller's arrays, not
-    copied) and each batch is gathered there and copied over. Both give the same results for a
-    seed. `data_on_device` forces the choice (None: by that budget; on a CPU it is always true).
+    The uint8 train and val rows go to a GPU only when they fit in DEVICE_DATA_FRACTION of the
+    trial's `gpu_share` of its memory; otherwise they stay on the host (`data.images()`, the
+    node's memory map of the cache: never a copy) and each batch is gathered there by row and
+    copied over. Both give the same results for a seed. `data_on_device` forces the choice (None:
+    by that budget; on a CPU it is always true, and batches are gathered from the memory map).
     """
     out_dir = Path(out_dir)
     device = pick_device(config.device)
@@ -247,21 +281,24 @@ def train_trial(
                                                                          device=device))
     optimizer = make_optimizer(model, config)
     steps_per_epoch = len(batch_sizes(len(data.train_labels), config.batch_size))
+    pixels = torch.from_numpy(data.images())
     scheduler = make_scheduler(optimizer, config, steps_per_epoch)
     ema = make_ema(model, steps_per_epoch) if config.ema else None
     validated = model if ema is None else ema.module  # the weights scored, kept and exported
 
     if data_on_device is None:
-        nbytes = data.train_images.nbytes + data.val_images.nbytes
+        nbytes = (len(data.train_rows) + len(data.val_rows)) * pixels[0].nbytes
         data_on_device = device.type != "cuda" or fits_on_device(
             nbytes, torch.cuda.get_device_properties(device).total_memory, gpu_share)
-    # A dataset that fits moves to the device once and batches are gathered there; otherwise they
-    # are gathered on the host. The labels are small and always move.
-    images_at = device if data_on_device else torch.device("cpu")
+    # A dataset that fits on a GPU moves there once and batches are gathered there; otherwise
+    # they are gathered by row from the host's pixels. The labels are small and always move.
+    train_rows, val_rows = torch.from_numpy(data.train_rows), torch.from_numpy(data.val_rows)
+    train_x = val_x = pixels
     batch_device = None if data_on_device else device
-    train_x = torch.from_numpy(data.train_images).to(images_at)
+    if data_on_device and device.type != "cpu":
+        train_x, train_rows = rows_to_device(pixels, train_rows, device), None
+        val_x, val_rows = rows_to_device(pixels, val_rows, device), None
     train_y = torch.from_numpy(data.train_labels).to(device)
-    val_x = torch.from_numpy(data.val_images).to(images_at)
     val_y = torch.from_numpy(data.val_labels).to(device)
 
     start_epoch, best, stale, history = 0, {"val_auc": -math.inf}, 0, []
@@ -289,12 +326,13 @@ def train_trial(
         started = time.perf_counter()
         desc = f"epoch {epoch + 1}/{config.epochs}" if progress else None
         train_loss, seen = train_one_epoch(model, criterion, optimizer, scheduler, train_x,
-                                           train_y, config, generator, desc, ema, batch_device)
+                                           train_y, config, generator, desc, ema, batch_device,
+                                           train_rows)
         train_time = time.perf_counter() - started
         metrics = {
             "epoch": epoch + 1,
             "train_loss": train_loss,
-            **evaluate(validated, val_x, val_y, description, precision),
+            **evaluate(validated, val_x, val_y, description, precision, val_rows),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time": time.perf_counter() - started,
             "images_per_sec": seen / train_time,

@@ -46,7 +46,7 @@ class TrialTensorBoard(tune.Callback):
 
     def __init__(self, space: SearchSpace, options: SearchOptions, data: TrialData):
         self.space, self.options = space, options
-        self.grid_images = torch.from_numpy(data.train_images[:64].copy())
+        self.grid_images = torch.from_numpy(data.first_train_images(64))
         self.grid_labels = torch.from_numpy(data.train_labels[:64].copy())
         self.writers = {}
 
