@@ -278,7 +278,7 @@ def measure_head(manifest: Path, cache: Path) -> dict:
     before = memory()
     private = PrivatePeak()
     cores = os.cpu_count() or 1
-    ray.init(num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
     hashing, shards, joining = [], [], []
     timed(cache_module, "_hash_files", hashing)
     timed(cluster_module, "decode_on_cluster", shards)

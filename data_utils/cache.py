@@ -7,7 +7,7 @@ a folder every node mounts or a bucket (s3://..., the run's storage).
 
 An entry is built in shards of about SHARD_SLICES slices, each decoded by whoever runs it: this
 process's threads, or one Ray task per shard on any core of a cluster (`ctscan tune`). A shard is
-written to the cache location as a .npy of its pixels and a small .npz manifest (hashes and
+written to the cache location as a file of its pixel rows and a small .npz manifest (hashes and
 per-file metadata) that commits it, so an interrupted build keeps the shards it finished. A small
 .npz of the whole entry then commits the entry. In a folder the shards are joined into the
 entry's one .npy and removed; in a bucket they stay, and each node joins them into its own copy
@@ -27,12 +27,14 @@ import hashlib
 import io
 import json
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import imagehash
 import numpy as np
@@ -55,6 +57,8 @@ SHARD_SLICES = 1024
 MIN_SHARD_SLICES = 64
 SHARDS_WANTED = 64
 SHARDS = "shards"  # the cache location's folder of shards
+PIXELS = ".u8"  # a shard's pixels: its rows' bytes, nothing else (its manifest says how many)
+COPY_BUFFER = 8 << 20
 CLUSTER_CACHE = "ctscan-cache"  # a cluster's cache, in the storage path its nodes all reach
 # How long after its last write a file's (size, mtime_ns) is trusted to stand for its content:
 # within the filesystem's timestamp granularity (2 s on FAT) a write may leave mtime unchanged.
@@ -71,7 +75,7 @@ class ShardJob:
     """One shard to decode: names only, so it travels cheaply to whichever process builds it."""
 
     location: str  # the cache location: a folder or a bucket URI
-    name: str  # the shard's files are SHARDS/{name}.npy and .npz; the name is its content's hash
+    name: str  # the shard's files are SHARDS/{name}.u8 and .npz; the name is its content's hash
     files: tuple[tuple[str, str, int], ...]  # (sha256, path, slices its header promises), in order
     image_size: int
     resize: str
@@ -133,19 +137,22 @@ class CachedPixels:
         with atomic_write(path) as f:
             np.lib.format.write_array_header_1_0(
                 f, {"descr": "|u1", "fortran_order": False, "shape": (self.rows, size, size)})
-            for name, rows in self.shards:  # one shard in memory at a time
-                where = runfolder.join(self.location, SHARDS, f"{name}.npy")
-                data = runfolder.read_bytes(where)
-                if data is None:
+            for name, rows in self.shards:
+                where = runfolder.join(self.location, SHARDS, f"{name}{PIXELS}")
+                start = f.tell()
+                try:
+                    if runfolder.is_uri(where):
+                        with runfolder.input_stream(where) as shard:
+                            shutil.copyfileobj(shard, f, COPY_BUFFER)
+                    else:
+                        _copy_file(Path(where), f)
+                except FileNotFoundError as e:
                     raise CacheError(f"{where}: a shard of the cache is gone (deleted while it "
-                                     "was read?); run again to rebuild it")
-                header = io.BytesIO(data)
-                np.lib.format.read_magic(header)
-                shape, _, _ = np.lib.format.read_array_header_1_0(header)
-                if shape != (rows, size, size):
-                    raise CacheError(f"{where}: holds {shape}, not the {rows} rows of "
-                                     f"{size} x {size} its entry lists; run again to rebuild it")
-                f.write(memoryview(data)[header.tell():])
+                                     "was read?); run again to rebuild it") from e
+                if f.tell() - start != rows * size * size:
+                    raise CacheError(f"{where}: holds {f.tell() - start} bytes, not the {rows} "
+                                     f"rows of {size} x {size} its entry lists; run again to "
+                                     "rebuild it")
 
 
 @dataclass
@@ -405,7 +412,7 @@ def _load_or_build(
             # used, as would the pixels of an uncommitted build. A bucket keeps its shards: each
             # node fetches its copy from them.
             for name, _ in shards:
-                for suffix in (".npy", ".npz"):
+                for suffix in (PIXELS, ".npz"):
                     (local / SHARDS / f"{name}{suffix}").unlink(missing_ok=True)
             for other in local.glob(f"{stem}-*.npy"):
                 if other != pixels.local_path():
@@ -430,12 +437,14 @@ def build_shard(job: ShardJob, threads: int = 1,
     "transient"}."""
     decode = functools.partial(_decode_file, image_size=job.image_size, resize=job.resize,
                                window=job.window)
-    size = job.image_size
-    pixels = np.empty((sum(n for *_, n in job.files), size, size), np.uint8)
-    hashes = np.empty((len(pixels), 32), np.uint8)
+    hashes = np.empty((sum(n for *_, n in job.files), 32), np.uint8)
     entries, rows, transient = {}, 0, False
-    with ThreadPoolExecutor(max_workers=threads) as pool:
-        results = pool.map(decode, [Path(path) for _, path, _ in job.files])
+    # Each row is written as it is decoded, so a shard's pixels are never all in memory. One
+    # thread decodes inline: handing each file to a pool thread would cost more than it saves.
+    with (runfolder.output_stream(runfolder.join(job.location, SHARDS, f"{job.name}{PIXELS}"))
+          as out, ThreadPoolExecutor(max_workers=threads) as pool):
+        paths = [Path(path) for _, path, _ in job.files]
+        results = pool.map(decode, paths) if threads > 1 else map(decode, paths)
         for (digest, _, frames), result in zip(job.files, results, strict=True):
             if advance is not None:
                 advance(frames)
@@ -445,19 +454,20 @@ def build_shard(job: ShardJob, threads: int = 1,
                 continue
             slice_rows = []
             for decoded in result.pop("slices")[:frames]:
-                if isinstance(decoded, str):
+                if isinstance(decoded, str):  # an unreadable slice gets no row
                     slice_rows.append(decoded)
                     continue
-                pixels[rows], hashes[rows] = decoded
+                out.write(decoded[0].data)
+                hashes[rows] = decoded[1]
                 slice_rows.append(rows)
                 rows += 1
             entries[digest] = {"rows": slice_rows, **result}
-    # Unreadable slices get no row.
-    _save(runfolder.join(job.location, SHARDS, f"{job.name}.npy"), np.save, pixels[:rows])
     manifest = {"entries": entries, "phash": hashes[:rows], "transient": transient}
     if not transient:
-        _save(runfolder.join(job.location, SHARDS, f"{job.name}.npz"), np.savez,
-              phash=hashes[:rows], entries=np.array(json.dumps(entries)))
+        buffer = io.BytesIO()
+        np.savez(buffer, phash=hashes[:rows], entries=np.array(json.dumps(entries)))
+        runfolder.write_bytes(runfolder.join(job.location, SHARDS, f"{job.name}.npz"),
+                              buffer.getbuffer())
     return manifest
 
 
@@ -470,10 +480,18 @@ def _read_manifest(location: str, name: str) -> dict | None:
                 "transient": False}
 
 
-def _save(location: str, save: Callable, *args, **kwargs) -> None:
-    buffer = io.BytesIO()
-    save(buffer, *args, **kwargs)
-    runfolder.write_bytes(location, buffer.getvalue())
+def _copy_file(source: Path, out: IO[bytes]) -> None:
+    """Append `source` to `out` inside the kernel (copy_file_range: no pass through this
+    process's memory)."""
+    out.flush()
+    with open(source, "rb") as f:
+        left = os.fstat(f.fileno()).st_size
+        while left > 0:
+            copied = os.copy_file_range(f.fileno(), out.fileno(), left)
+            if copied == 0:
+                break
+            left -= copied
+    out.seek(0, os.SEEK_END)
 
 
 def _node_dir(location: str) -> Path:

@@ -156,18 +156,39 @@ def parse_json(text: str, location: str | Path) -> Any:
                            f"{e.msg}); was it edited or cut short?") from e
 
 
-def write_bytes(location: str | Path, data: bytes) -> None:
+@contextmanager
+def output_stream(location: str | Path) -> Iterator[Any]:
+    """A binary file to write `location` through, published whole when the block ends: a local
+    file by atomic_write, an object as its upload completes (a crash leaves the old one)."""
     if not is_uri(location):
         with atomic_write(Path(location)) as f:
-            f.write(data)
+            yield f
         return
     fs, path = _fs(location)
     with _naming(location):
         fs.create_dir(path.rsplit("/", 1)[0], recursive=True)
-        # An object store publishes an upload only when it completes; a crash leaves the old
-        # object.
         with fs.open_output_stream(path) as f:
-            f.write(data)
+            yield f
+
+
+@contextmanager
+def input_stream(location: str | Path) -> Iterator[Any]:
+    """A binary file to read `location` from; FileNotFoundError names it if it is missing."""
+    if not is_uri(location):
+        with open(location, "rb") as f:
+            yield f
+        return
+    fs, path = _fs(location)
+    with _naming(location):
+        if fs.get_file_info(path).type != pyarrow.fs.FileType.File:
+            raise FileNotFoundError(f"{location}: not found")
+        with fs.open_input_stream(path) as f:
+            yield f
+
+
+def write_bytes(location: str | Path, data: bytes | memoryview) -> None:
+    with output_stream(location) as f:
+        f.write(data)
 
 
 def write_text(location: str | Path, text: str) -> None:

@@ -6,10 +6,10 @@ trial is judged by its best val AUC so far: ASHA's rungs and Optuna's values use
 is not punished for the epochs after its peak; the checkpoint Ray keeps is still the best
 epoch's. `time_budget_s` stops the whole search on time (Ray's own budget).
 
-Trials get the dataset as row numbers and where the cache is (`TrialData`, a few hundred bytes in
-Ray's object store, `tune.with_parameters`), never the pixels: each trial memory-maps its node's
-copy of the cache and gathers its batches by row, so the node's page cache holds the pixels once
-for all its trials and the head's memory does not grow with the data.
+Trials get the dataset as row numbers, labels and where the cache is (`TrialData`, 16 bytes a
+slice in Ray's object store, `tune.with_parameters`), never the pixels: each trial memory-maps
+its node's copy of the cache and gathers its batches by row, so the node's page cache holds them
+once for all its trials and the head's memory does not grow with the data.
 
 Each trial reports every epoch, with a checkpoint when its weights improved or its resume state
 was due (`SearchOptions.resume_every`); Ray keeps two per trial: the latest (with the best

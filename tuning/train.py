@@ -44,9 +44,10 @@ DEVICE_DATA_FRACTION = 0.25
 class TrialData:
     """Which pixel rows a trial trains and validates on, and their labels.
 
-    `pixels` are the cache's rows (CachedPixels: a few hundred bytes that every trial opens as a
-    memory map of its node's copy), or an array in memory. Nothing here names a test row: the
-    cache file holds the test slices too, but no trial is given their rows or labels."""
+    `pixels` are the cache's rows (CachedPixels: a few hundred bytes, which every trial opens as
+    a memory map of its node's copy), or an array in memory; with the rows and labels, 16 bytes
+    a slice go to each trial. Nothing here names a test row: the cache file holds the test
+    slices too, but no trial is given their rows or labels."""
 
     pixels: CachedPixels | np.ndarray  # uint8 [M, S, S] rows, or where to open them
     train_rows: np.ndarray  # int64 [N]: rows of `pixels`
