@@ -110,7 +110,7 @@ def test_every_node_decodes_and_each_trial_reads_its_own_nodes_copy(tmp_path, s3
                         decode=record_nodes)
     threads = load_dataset(root, 32, cache_dir=tmp_path / "local", progress=False)
     assert len(built) == 12 and len({m["node"] for m in built}) == 2
-    shards = [k for k in bucket_keys(s3_bucket, "cache/shards/") if k.endswith(".npy")]
+    shards = [k for k in bucket_keys(s3_bucket, "cache/shards/") if k.endswith(".u8")]
     assert len(shards) == 12  # kept in the bucket: each node fetches from them
     np.testing.assert_array_equal(ours.images, threads.images)
     np.testing.assert_array_equal(ours.phash, threads.phash)
