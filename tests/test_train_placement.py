@@ -13,6 +13,7 @@ from tuning.train import (
     DEVICE_DATA_FRACTION,
     fits_on_device,
     load_checkpoint,
+    rows_to_device,
     train_trial,
     trial_data,
 )
@@ -46,6 +47,24 @@ def test_host_batches_equal_device_batches():
     assert len(there) == len(copied) == 5  # 4 + 4 + 4 + 4 + 5: the last image joins a batch
     for (x, y), (hx, hy) in zip(there, copied, strict=True):
         assert torch.equal(x, hx) and torch.equal(y, hy)
+
+
+@pytest.mark.parametrize("host", [False, True])
+def test_batches_gathered_by_row_equal_batches_of_the_rows_copied(host):
+    """A trial reads its rows out of the whole cache (train_batches' rows): the same batches as
+    from a copy of just those rows, gathered where the images are or on the host."""
+    cache = torch.randint(0, 256, (40, 24, 24), dtype=torch.uint8)
+    rows = torch.tensor([31, 2, 17, 5, 8, 39, 23, 11, 0, 14, 26])
+    labels = torch.arange(len(rows)) % 2
+    device = torch.device("cpu") if host else None
+    by_row = list(train_batches(cache, labels, 4, 1.0, NORM_MEAN, NORM_STD,
+                                torch.Generator().manual_seed(5), device=device, rows=rows))
+    copied = list(train_batches(cache[rows], labels, 4, 1.0, NORM_MEAN, NORM_STD,
+                                torch.Generator().manual_seed(5), device=device))
+    assert len(by_row) == len(copied) == 3
+    for (x, y), (cx, cy) in zip(by_row, copied, strict=True):
+        assert torch.equal(x, cx) and torch.equal(y, cy)
+    assert torch.equal(rows_to_device(cache, rows, torch.device("cpu"), chunk=3), cache[rows])
 
 
 @pytest.mark.parametrize("ema", [False, True])
