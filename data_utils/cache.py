@@ -27,6 +27,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -370,7 +371,9 @@ def _load_or_build(
                 entries, phash = json.loads(str(npz["entries"])), npz["phash"]
                 shards = tuple((str(n), int(r)) for n, r in json.loads(str(npz["shards"])))
             pixels = CachedPixels(location, stem, shards, image_size)
-            if pixels.available():
+            # A shard is named by the entry, never by a path: a bucket may be shared.
+            named = all(re.fullmatch(r"\w[\w.-]*", name) for name, _ in shards)
+            if named and pixels.available():
                 return entries, pixels, phash
 
         path_of = {digest: str(path) for path, digest in digests.items()}

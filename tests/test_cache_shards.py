@@ -1,6 +1,10 @@
 """The cache's shards: the same bytes whoever decodes them (this process's threads, Ray tasks), a
 build that keeps the shards it finished, and a cache in a bucket that each node fetches once."""
 
+import io
+import json
+
+import boto3
 import nibabel as nib
 import numpy as np
 import pytest
@@ -104,3 +108,22 @@ def test_a_cache_in_a_bucket_is_fetched_once_per_node(tmp_path, s3_bucket, isola
     same_dataset(first, second)
     assert copy.exists()
     same_dataset(first, load_dataset(root, 32, cache_dir=tmp_path / "folder", progress=False))
+
+
+def test_an_entry_naming_a_shard_outside_its_folder_is_rebuilt(tmp_path, s3_bucket):
+    """A bucket may be shared: an entry whose shard names a path is not followed."""
+    root = mixed_data(tmp_path / "data")
+    cache = f"{s3_bucket}/cache"
+    first = load_dataset(root, 32, cache_dir=cache, progress=False)
+    bucket, s3 = s3_bucket.removeprefix("s3://"), boto3.client("s3")
+    [key] = [k for k in bucket_keys(s3_bucket, "cache/")
+             if k.count("/") == 1 and k.endswith(".npz")]  # the entry
+    with np.load(io.BytesIO(s3.get_object(Bucket=bucket, Key=key)["Body"].read())) as npz:
+        saved = dict(npz)
+    saved["shards"] = np.array(json.dumps([["../../outside", len(first.phash)]]))
+    buffer = io.BytesIO()
+    np.savez(buffer, **saved)
+    s3.put_object(Bucket=bucket, Key=key, Body=buffer.getvalue())
+    again = load_dataset(root, 32, cache_dir=cache, progress=False)
+    assert ".." not in json.dumps(again.pixels.shards)  # made again from its shards
+    same_dataset(first, again)

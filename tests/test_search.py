@@ -149,7 +149,7 @@ def demo_search(tmp_path_factory, local_ray):
     root = make_demo_data(tmp / "data", n_per_class=40, size=64)
     ds = load_dataset(root, 32, cache_dir=tmp / "cache", progress=False)
     split = split_dataset(ds, seed=0)
-    hidden = root.rename(tmp / "hidden")  # trials get pixels from Ray's object store, not PNGs
+    hidden = root.rename(tmp / "hidden")  # trials read pixels from the cache, never PNGs
     (tmp / "space.yaml").write_text(TINY_SPACE)
     options = SearchOptions(
         data=str(root), num_samples=6, max_epochs=3, grace_period=1, reduction_factor=2,
