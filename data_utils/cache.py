@@ -148,8 +148,10 @@ class CachedPixels:
                     else:
                         _copy_file(Path(where), f)
                 except FileNotFoundError as e:
-                    raise CacheError(f"{where}: a shard of the cache is gone (deleted while it "
-                                     "was read?); run again to rebuild it") from e
+                    raise CacheError(f"{where}: a shard of the cache is not there (deleted "
+                                     "while it was read, or a cache folder this node does not "
+                                     "see: on a cluster give a bucket or a folder every node "
+                                     "mounts); run again to rebuild it") from e
                 if f.tell() - start != rows * size * size:
                     raise CacheError(f"{where}: holds {f.tell() - start} bytes, not the {rows} "
                                      f"rows of {size} x {size} its entry lists; run again to "
