@@ -389,7 +389,7 @@ def report_variant(variant: str, heads: list[dict], decoders: list[dict]) -> tup
     cores = large["cores"]
     print(f"\n== {VARIANTS[variant]}, {SOURCE_SIZE} x {SOURCE_SIZE}, cached at {IMAGE_SIZE} px, "
           f"{cores} cores ==")
-    print(f"{'stage':40}" + "".join(f"{f'wall s @{n}':>13}" for n in sizes)
+    print(f"{'stage':40}" + "".join(f"{f'wall s @{n}':>14}" for n in sizes)
           + f"{'core-ms/slice':>14}{'core-min@431k':>14}")
     slopes, at_target = {}, {}
     for stage in large["seconds"]:
@@ -397,14 +397,14 @@ def report_variant(variant: str, heads: list[dict], decoders: list[dict]) -> tup
         slope = (core[-1] - core[0]) / (sizes[-1] - sizes[0])
         fixed = core[0] - slope * sizes[0]
         slopes[stage], at_target[stage] = slope, fixed + slope * TARGET_SLICES
-        print(f"  {stage:38}" + "".join(f"{h['seconds'][stage]:13.2f}" for h in heads)
+        print(f"  {stage:38}" + "".join(f"{h['seconds'][stage]:14.2f}" for h in heads)
               + f"{slope * 1e3:14.3f}{at_target[stage] / 60:14.1f}")
     ours = sum(slopes[s] for s in LOAD_STAGES)
     decoder = float(np.mean([d["core_ms"] for d in decoders])) / 1e3
-    print(f"  {'load, all its stages (ours)':38}" + " " * 13 * len(heads)
+    print(f"  {'load, all its stages (ours)':38}" + " " * 14 * len(heads)
           + f"{ours * 1e3:14.3f}{sum(at_target[s] for s in LOAD_STAGES) / 60:14.1f}")
     print(f"  {'the decoder alone (libpng + resize)':38}"
-          + "".join(f"{d['core_ms']:13.3f}" for d in decoders) + f"{decoder * 1e3:14.3f}"
+          + "".join(f"{d['core_ms']:14.3f}" for d in decoders) + f"{decoder * 1e3:14.3f}"
           + f"{decoder * TARGET_SLICES / 60:14.1f}")
     print(f"    (core-ms per file, {decoders[0]['processes']} processes, up to {DECODER_FILES} "
           "files of each size)")
