@@ -37,6 +37,7 @@ from data_utils.split import (
     write_split,
 )
 from data_utils.volumes import DEFAULT_WINDOW, parse_slices, parse_window
+from results.aggregate import AGGREGATES, CHOOSE_AGGREGATE
 from tuning.config import PRECISIONS, RANGES, Interval, TrainConfig, load_config, save_config
 from tuning.records import RESUME_EVERY_LOCAL, RESUME_EVERY_REMOTE, SearchOptions
 from tuning.space import CPU_SPACE, DEFAULT_SPACE, DEMO_SPACE, load_space
@@ -195,6 +196,12 @@ def _evaluation_options() -> argparse.ArgumentParser:
     p.add_argument("--calibrate", action="store_true",
                    help="fit a temperature on val so the probabilities match observed "
                         "frequencies; applied in the export (default: off)")
+    p.add_argument("--patient-aggregate", choices=[*AGGREGATES, CHOOSE_AGGREGATE],
+                   default="mean",
+                   help="how a patient's (series', volume's) slice probabilities become one: "
+                        "fixed in advance (mean, top25: the top quarter's mean, max), or "
+                        "choose: the best on val by ROC AUC, reported beside what slice count "
+                        "alone reaches (default: %(default)s)")
     p.add_argument("--bootstrap", type=number(int, Interval(MIN_BOOTSTRAP, math.inf)),
                    default=1000,
                    help="bootstrap resamples for the test metrics' confidence intervals, at "
@@ -384,7 +391,8 @@ def _tune(args: argparse.Namespace, joined: bool) -> int:
 
     print_results(options.run_dir, report_run(options.run_dir, resamples=args.bootstrap,
                                               cache_dir=cache, ensemble=args.ensemble,
-                                              calibrate=args.calibrate))
+                                              calibrate=args.calibrate,
+                                              aggregate=args.patient_aggregate))
     return 0
 
 
@@ -394,7 +402,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     refuse_writes_inside([Path(load_options(args.run_dir).data)], _cache_dir(args))
     out = report_run(args.run_dir, args.threshold, args.bootstrap, args.seed, args.cache_dir,
-                     ensemble=args.ensemble, calibrate=args.calibrate)
+                     ensemble=args.ensemble, calibrate=args.calibrate,
+                     aggregate=args.patient_aggregate)
     print_results(args.run_dir, out)
     return 0
 
@@ -415,14 +424,26 @@ def print_results(run_dir: str, out: Path) -> None:
 
         patient = metrics["patient"]
         units = patient.get("unit", "patients")
+        aggregate = ("fixed in advance" if patient.get("chosen_by") == "fixed"
+                     else f"chosen on val {units}")
         print(f"per {SINGULAR[units]}: {patient['test']['n']} test {units}; "
-              f"{patient['aggregate']} of their slices' probabilities, threshold "
-              f"{patient['threshold']['value']:.3f} (both chosen on val {units})")
+              f"{patient['aggregate']} of their slices' probabilities ({aggregate}), threshold "
+              f"{patient['threshold']['value']:.3f} ("
+              + ("fixed by --threshold" if patient["threshold"]["method"] == "fixed"
+                 else f"chosen on val {units}") + ")")
+        counted = patient.get("slice_count_auc")
+        if counted:
+            print(f"  slice count alone reaches ROC AUC {counted['val']:.3f} on val {units}, "
+                  f"{counted['test']:.3f} on test {units}: a choice of aggregate can reward it")
         if units != "patients":
             print(f"  note: {UNIT_CAVEATS[units]}")
         _print_metrics(patient["test"]["metrics"])
     if metrics.get("calibration_not_applied"):
         print(f"--calibrate: no temperature applied, since {metrics['calibration_not_applied']}")
+    elif metrics.get("temperature_ci95"):
+        low, high = metrics["temperature_ci95"]
+        print(f"--calibrate: temperature {metrics['temperature']:.3g}, fitted on val (95% "
+              f"interval over resamples of val: {low:.3g} to {high:.3g})")
     _print_earlier_evaluations(metrics.get("evaluations"))
     report, export = f"{runfolder.RESULTS}/{runfolder.REPORT}", runfolder.EXPORT
     page = f"{runfolder.RESULTS}/{runfolder.REPORT_HTML}"
@@ -456,8 +477,9 @@ def _print_paired(compared: dict | None) -> None:
     """The exported model minus the one it is compared with, on the same test resamples."""
     if not compared or "paired" not in compared:
         return
-    name = ("the best trial alone" if compared["k"] == 1
-            else f"the ensemble of {compared['k']} trials")
+    # Runs evaluated before the role was recorded compared with the best trial or a mean.
+    name = compared.get("role", "the best trial alone" if compared["k"] == 1
+                        else f"the ensemble of {compared['k']} trials")
     paired = compared["paired"]
     differences = ", ".join(
         f"{key} {paired[key]['value']:+.3f} ({paired[key]['ci95'][0]:+.3f} to "

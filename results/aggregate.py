@@ -10,6 +10,7 @@ import numpy as np
 # How a patient's slice probabilities become one, in order of preference on a tie: the mean is
 # the least noisy, the maximum the noisiest (one odd slice decides it).
 AGGREGATES = ("mean", "top25", "max")
+CHOOSE_AGGREGATE = "choose"  # instead of one of AGGREGATES: the best on val (results.evaluate)
 
 
 def aggregate_by_group(prob: np.ndarray, groups: np.ndarray, method: str

@@ -24,8 +24,9 @@ from data_utils.errors import RunFolderError
 from data_utils.files import write_json
 from data_utils.sources import DataError
 from data_utils.split import PERSON_UNITS, load_data_options, recorded_unit, slice_key
-from results.aggregate import AGGREGATES, aggregate_by_group
+from results.aggregate import AGGREGATES, CHOOSE_AGGREGATE, aggregate_by_group
 from results.metrics import paired_bootstrap, score, youden_threshold
+from results.wording import COMPARED_BEST, COMPARED_RUNNER_UP
 from tuning.config import make_config
 from tuning.records import SearchOptions, load_options
 
@@ -177,28 +178,55 @@ def choose_ensemble(y_val: np.ndarray, member_probs: Sequence[np.ndarray],
 
 
 LOG_T_BOUND = 3.0  # the temperature is searched in [e^-3, e^3], about [0.05, 20]
+# The prior on log T: normal, centred on T = 1 (no change), sd 0.5: T in [0.37, 2.7] at 95%,
+# which holds the temperatures Guo et al. (2017) report for ResNets (1.1 to 3). Beside the
+# likelihood of a few hundred val slices it weighs little; on 63 it narrows the scatter of T
+# (tests/test_model_choice.py), and where val says nothing it keeps T = 1.
+LOG_T_PRIOR_SD = 0.5
+TEMPERATURE_RESAMPLES = 200  # bootstrap refits of the temperature, for its interval
 
 
 def fit_temperature(y_val: np.ndarray, prob_val: np.ndarray) -> tuple[float, str | None]:
-    """(T, None) with T the temperature minimising the val log-loss of sigmoid(logit(p) / T)
-    (Guo et al. 2017, for one logit): T > 1 softens overconfident probabilities, T < 1 sharpens
-    them. Or (1.0, why) when no temperature should be applied: on a perfectly separated val
-    split the log-loss falls without end as T goes to 0, which would make the exported model
-    certain of everything, and a T at the bound of its search is no minimum either."""
+    """(T, None), T the temperature of sigmoid(logit(p) / T) (Guo et al. 2017, for one logit):
+    T > 1 softens overconfident probabilities, T < 1 sharpens them.
+
+    T is fitted as Platt (1999) fitted his sigmoid: to the regularised targets (N+ + 1)/(N+ + 2)
+    for positives and 1/(N- + 2) for negatives rather than 1 and 0, so a val split the model
+    separates perfectly still has a finite best T, and a small one cannot make the exported
+    model certain of everything; with a normal prior on log T (LOG_T_PRIOR_SD), which draws T
+    towards 1 when val is small or says little (a maximum a posteriori fit). (1.0, why) is left
+    as a check: a fit at the bound of its search is no optimum, and is not applied."""
     logits = _logit(prob_val)
-    positive, negative = logits[y_val == 1], logits[y_val == 0]
-    if len(positive) and len(negative) and positive.min() > negative.max():
-        return 1.0, ("the validation split is perfectly separated, so its log-loss keeps "
-                     "falling as the temperature goes to 0")
+    positives = int(np.sum(y_val == 1))
+    negatives = len(y_val) - positives
+    target = np.where(y_val == 1, (positives + 1) / (positives + 2), 1 / (negatives + 2))
 
     def loss(log_t: float) -> float:
-        return log_loss(y_val, expit(logits / np.exp(log_t)), labels=[0, 1])
+        z = logits / np.exp(log_t)
+        # The targets' cross-entropy, summed: -t log sigmoid(z) - (1 - t) log sigmoid(-z).
+        fit = np.sum(target * np.logaddexp(0, -z) + (1 - target) * np.logaddexp(0, z))
+        return float(fit + 0.5 * (log_t / LOG_T_PRIOR_SD) ** 2)
 
     log_t = minimize_scalar(loss, bounds=(-LOG_T_BOUND, LOG_T_BOUND), method="bounded").x
     if abs(log_t) > LOG_T_BOUND - 0.01:
         return 1.0, (f"the fitted temperature ran to the bound of its search "
-                     f"({np.exp(log_t):.3g}), not to a minimum of the validation log-loss")
+                     f"({np.exp(log_t):.3g}), not to an optimum on the validation split")
     return float(np.exp(log_t)), None
+
+
+def temperature_interval(y_val: np.ndarray, prob_val: np.ndarray, groups: np.ndarray,
+                         resamples: int = TEMPERATURE_RESAMPLES, seed: int = 0) -> list[float]:
+    """95% percentile interval of fit_temperature over bootstrap resamples of the val groups
+    (slices the split keeps together come and go together): how well val pins T down."""
+    ids, inverse = np.unique(groups, return_inverse=True)
+    members = [np.flatnonzero(inverse == k) for k in range(len(ids))]
+    rng = np.random.default_rng(seed)
+    fitted = []
+    for _ in range(resamples):
+        rows = np.concatenate([members[k] for k in rng.integers(0, len(ids), len(ids))])
+        if len(np.unique(y_val[rows])) == 2:
+            fitted.append(fit_temperature(y_val[rows], prob_val[rows])[0])
+    return [float(v) for v in np.percentile(fitted, [2.5, 97.5])] if fitted else [np.nan] * 2
 
 
 def combine(member_probs: Sequence[np.ndarray | None], weights: Sequence[float],
@@ -242,16 +270,29 @@ def per_patient(y: np.ndarray, prob: np.ndarray, groups: np.ndarray, aggregate: 
 
 
 def choose_patient_level(y_val: np.ndarray, prob_val: np.ndarray, val_groups: np.ndarray,
-                         threshold: float | None = None) -> dict:
-    """{"aggregate", "val_auc_by_aggregate", "threshold"}, all chosen on the val patients: the
-    aggregate whose patient probabilities have the best val ROC AUC (the first of AGGREGATES
-    on a tie), then the patient threshold as the slice level chooses its own."""
+                         threshold: float | None = None, aggregate: str = "mean") -> dict:
+    """{"aggregate", "chosen_by", "val_auc_by_aggregate", "threshold"[, "slice_count_auc"]} for
+    the val patients, then the patient threshold as the slice level chooses its own.
+
+    The aggregate is fixed in advance (`aggregate`; the mean by default: the least noisy, and
+    unlike the maximum or the top quarter it does not grow with a patient's number of slices),
+    or with CHOOSE_AGGREGATE the one whose patient probabilities have the best val ROC AUC (the
+    first of AGGREGATES on a tie). A choice can reward a confound: where slice counts differ by
+    class, the maximum of more slices is higher whatever they show. So a choice also records
+    the val ROC AUC that a patient's slice count alone reaches ("slice_count_auc"; evaluation
+    adds the test one)."""
     patients = {m: per_patient(y_val, prob_val, val_groups, m) for m in AGGREGATES}
     aucs = {m: float(roc_auc_score(p["label"], p["prob"])) for m, p in patients.items()}
-    aggregate = max(AGGREGATES, key=aucs.__getitem__)  # max keeps the first of equals
-    chosen = patients[aggregate]
-    return {"aggregate": aggregate, "val_auc_by_aggregate": aucs,
-            "threshold": choose_threshold(chosen["label"], chosen["prob"], threshold)}
+    choose = aggregate == CHOOSE_AGGREGATE
+    # max keeps the first of equals
+    picked = max(AGGREGATES, key=aucs.__getitem__) if choose else aggregate
+    chosen = patients[picked]
+    return {"aggregate": picked, "chosen_by": "val_auc" if choose else "fixed",
+            "val_auc_by_aggregate": aucs,
+            "threshold": choose_threshold(chosen["label"], chosen["prob"], threshold),
+            **({"slice_count_auc": {"val": float(roc_auc_score(chosen["label"],
+                                                               chosen["slices"]))}}
+               if choose else {})}
 
 
 def score_patients(choice: dict, y: np.ndarray, prob: np.ndarray, groups: np.ndarray,
@@ -267,43 +308,56 @@ def score_patients(choice: dict, y: np.ndarray, prob: np.ndarray, groups: np.nda
     return entry, patients
 
 
-def _compared_weights(choice: dict) -> list[float]:
-    """The model the chosen one is compared with: the search's best trial alone, or when that is
-    the chosen model, the equal mean of every candidate."""
+def _compared_weights(choice: dict) -> tuple[list[float], str]:
+    """The model the chosen one is compared with, and what it is: the search's best trial alone,
+    or, when that is the chosen model, the runner-up trial alone. One trial, each time, so the
+    comparison is with what a search without selection would have exported, never with a mean
+    that selection was free to beat."""
     count = len(choice["weights"])
     best_alone = np.eye(count)[0].tolist()
-    return best_alone if choice["weights"] != best_alone else [1 / count] * count
+    if choice["weights"] != best_alone:
+        return best_alone, COMPARED_BEST
+    return np.eye(count)[1].tolist(), COMPARED_RUNNER_UP
 
 
 def _fixed_on_val(y_val: np.ndarray, member_val: list[np.ndarray], weights: Sequence[float],
-                  calibrate: bool, threshold: float | None) -> dict:
-    """One model fixed on val: its weights, temperature (and why none), val probabilities and
-    threshold."""
-    temperature, not_calibrated = (fit_temperature(y_val, combine(member_val, weights))
+                  calibrate: bool, threshold: float | None, groups: np.ndarray) -> dict:
+    """One model fixed on val: its weights, temperature (and why none, and its interval over
+    resamples of the val `groups`), val probabilities and threshold."""
+    uncalibrated = combine(member_val, weights)
+    temperature, not_calibrated = (fit_temperature(y_val, uncalibrated)
                                    if calibrate else (1.0, None))
     prob_val = combine(member_val, weights, temperature)
     return {"weights": list(weights), "k": sum(w > 0 for w in weights),
             "temperature": temperature, "not_calibrated": not_calibrated, "prob_val": prob_val,
+            "temperature_ci95": (temperature_interval(y_val, uncalibrated, groups)
+                                 if calibrate and not not_calibrated else None),
             "threshold": choose_threshold(y_val, prob_val, threshold)}
 
 
 def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
                   test_rows: np.ndarray, threshold: float | None = None,
                   calibrate: bool = False, val_patients: np.ndarray | None = None,
-                  val_groups: np.ndarray | None = None) -> dict:
+                  val_groups: np.ndarray | None = None, aggregate: str = "mean") -> dict:
     """Everything is chosen on val first: the weights of `members` (best trial first; see
     choose_ensemble, which keeps `val_groups` whole), the temperature, and the thresholds of
     that model and of the one it is compared with, each calibrated the same way; with
-    `val_patients` (the patient of each val row) also the patient-level aggregate and threshold.
+    `val_patients` (the patient of each val row) also the patient-level threshold, and the
+    aggregate (`aggregate`, as choose_patient_level takes it).
     Only then are the test probabilities computed, of the members either model uses."""
     y_val = ds.labels[val_rows]
     member_val = [_proba(m, ds, val_rows) for m in members]
     choice = choose_ensemble(y_val, member_val, val_groups)
-    chosen = _fixed_on_val(y_val, member_val, choice["weights"], calibrate, threshold)
-    compared = (_fixed_on_val(y_val, member_val, _compared_weights(choice), calibrate, threshold)
-                if len(members) > 1 else None)
+    groups = np.arange(len(y_val)) if val_groups is None else val_groups
+    chosen = _fixed_on_val(y_val, member_val, choice["weights"], calibrate, threshold, groups)
+    compared = None
+    if len(members) > 1:
+        weights, role = _compared_weights(choice)
+        compared = {**_fixed_on_val(y_val, member_val, weights, calibrate, threshold, groups),
+                    "role": role}
     patient = (None if val_patients is None
-               else choose_patient_level(y_val, chosen["prob_val"], val_patients, threshold))
+               else choose_patient_level(y_val, chosen["prob_val"], val_patients, threshold,
+                                         aggregate))
     used = {i for model in (chosen, compared) if model
             for i, w in enumerate(model["weights"]) if w > 0}
     member_test = [_proba(m, ds, test_rows) if i in used else None
@@ -337,7 +391,7 @@ def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: 
 
 def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
                  seed: int = 0, cache_dir: Path | None = None, ensemble: int = 5,
-                 calibrate: bool = False) -> tuple[dict, dict]:
+                 calibrate: bool = False, aggregate: str = "mean") -> tuple[dict, dict]:
     """Score the chosen model (the best trial, or the ensemble of the top trials that val
     prefers) and the one it is compared with; returns (metrics.json content, arrays for plots
     and export)."""
@@ -357,7 +411,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     unit = recorded_unit(split_json)
     by_patient = unit in PERSON_UNITS  # then also scored per patient (or volume, study...)
     scored = val_then_test(members, ds, val_rows, test_rows, threshold, calibrate,
-                           val_groups if by_patient else None, val_groups)
+                           val_groups if by_patient else None, val_groups, aggregate)
     temperature, weights = scored["temperature"], scored["weights"]
     chosen, y_val, prob_val = scored["threshold"], scored["y_val"], scored["prob_val"]
     y_test, prob_test = scored["y_test"], scored["prob_test"]
@@ -367,6 +421,9 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         test_entry, test_patients = score_patients(choice, y_test, prob_test, test_groups,
                                                    resamples, seed)
         val_entry, _ = score_patients(choice, y_val, prob_val, val_groups, resamples, seed)
+        if "slice_count_auc" in choice:  # what slice count alone reaches on the test patients
+            choice["slice_count_auc"]["test"] = float(roc_auc_score(
+                test_patients["label"], test_patients["slices"]))
         patient = {"patient": {**choice, "unit": unit, "test": test_entry, "val": val_entry}}
 
     def at(y: np.ndarray, prob: np.ndarray, value: float, groups: np.ndarray) -> dict:
@@ -391,6 +448,9 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
                      **{key: value for key, value in scored["selection"].items()
                         if key != "weights"}},
         "temperature": temperature,
+        # How well val pins the temperature down: refitted on resamples of its groups.
+        **({"temperature_ci95": scored["temperature_ci95"]}
+           if scored["temperature_ci95"] else {}),
         # Asked for with --calibrate, then not applied: why (the report says it).
         **({"calibration_not_applied": scored["not_calibrated"]}
            if scored["not_calibrated"] else {}),
@@ -419,7 +479,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     if compared:  # the model set beside the exported one (see _compared_weights)
         value = compared["threshold"]["value"]
         metrics["compared"] = {
-            "k": compared["k"], "threshold": compared["threshold"],
+            "role": compared["role"], "k": compared["k"], "threshold": compared["threshold"],
             "temperature": compared["temperature"],
             "members": [m["trial_id"] for m in _weighted(candidates, compared["weights"])],
             "weights": [w for w in compared["weights"] if w > 0],

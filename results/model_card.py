@@ -62,12 +62,17 @@ def model_card(meta: dict) -> str:
         lines.append(f"- Patient (or CT series) decision (`{aggregate}`): its probability is "
                      f"{AGGREGATE_MEANING.get(aggregate, aggregate)}; >= "
                      f"{patient['threshold']:.4g} -> `{positive}`, else `{negative}`. The "
-                     f"aggregate was chosen by ROC AUC on the validation patients, "
+                     f"aggregate was "
+                     + ("fixed in advance"
+                        if meta.get("patient_aggregate_chosen_by") == "fixed" else
+                        "chosen by ROC AUC on the validation patients")
+                     + ", "
                      f"{threshold_how}; `ctscan predict` calls each DICOM series or NIfTI "
                      f"volume so")
     if meta.get("temperature", 1.0) != 1.0:
         lines.append(f"- Calibrated: logits divided by a temperature of "
-                     f"{meta['temperature']:.4g}, fitted on the validation split")
+                     f"{meta['temperature']:.4g}, fitted on the validation split to Platt's "
+                     f"regularised targets, with a weak prior towards 1")
     if meta.get("searched"):
         searched = ", ".join(f"{k}={_fmt(v)}" for k, v in meta["searched"].items())
         lines.append(f"- Searched hyperparameters of the best trial: {searched}")

@@ -41,13 +41,13 @@ def _trial_label(trial: dict) -> str:
 
 def report_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
                seed: int = 0, cache_dir: Path | None = None, gradcams: int = 4,
-               ensemble: int = 5, calibrate: bool = False) -> Path:
+               ensemble: int = 5, calibrate: bool = False, aggregate: str = "mean") -> Path:
     """Everything `ctscan evaluate` writes into the run folder's results/ and export/; returns
     the local results folder (the run's own, or a copy of a bucket's under ./runs/NAME)."""
     metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
-                                   calibrate)
+                                   calibrate, aggregate)
     options = {"ensemble": ensemble, "calibrate": calibrate, "threshold": threshold,
-               "bootstrap": resamples, "seed": seed}
+               "bootstrap": resamples, "seed": seed, "patient_aggregate": aggregate}
     earlier = read_ledger(run_dir)
     metrics["evaluations"] = {"count": len(earlier) + 1, "options": options,
                               "earlier": [{k: e[k] for k in ("time", "options")}
@@ -132,6 +132,8 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
         # How `ctscan predict` calls a whole CT series from its slices, and the card's numbers.
         rule = {"aggregate": patient["aggregate"], "threshold": patient["threshold"]["value"]}
         extra["patient_threshold_method"] = patient["threshold"]["method"]
+        # Evaluations before 0.4 chose the aggregate on val.
+        extra["patient_aggregate_chosen_by"] = patient.get("chosen_by", "val_auc")
         extra["patient_test"] = {k: patient["test"][k]
                                  for k in ("n", "positives", "negatives", "metrics")}
     return export_model(out, [(net, make_config(m["config"]))

@@ -20,6 +20,7 @@ from results.ledger import describe_options
 from results.wording import (
     AGGREGATE_MEANING,
     AGGREGATE_NAMES,
+    COMPARED_RUNNER_UP,
     METRIC_NAMES,
     SINGULAR,
     bootstrap_unit_text,
@@ -182,10 +183,18 @@ def _exported(metrics: dict) -> list[str]:
                  f"half of the validation split and scored on the other, selection gave a "
                  f"log-loss of {_num(held_out, 4)}, what its gain is worth on slices it did not "
                  f"choose on. ")
+    if compared.get("role"):
+        why = (" (the best trial is the exported model)"
+               if compared["role"] == COMPARED_RUNNER_UP else "")
+        text += f"The exported model is compared with {compared['role']}{why}, calibrated alike. "
     if metrics.get("temperature", 1.0) != 1.0 or compared.get("temperature", 1.0) != 1.0:
-        text += (f"Probabilities are calibrated by a temperature fitted on the validation split: "
-                 f"{metrics.get('temperature', 1.0):.3g} for the exported model, "
-                 f"{compared.get('temperature', 1.0):.3g} for the compared one. ")
+        interval = metrics.get("temperature_ci95")
+        text += (f"Probabilities are calibrated by a temperature fitted on the validation split "
+                 f"(to Platt's regularised targets, with a weak prior towards 1): "
+                 f"{metrics.get('temperature', 1.0):.3g} for the exported model"
+                 + (f" (95% interval over resamples of the validation split "
+                    f"{interval[0]:.3g} to {interval[1]:.3g})" if interval else "")
+                 + f", {compared.get('temperature', 1.0):.3g} for the compared one. ")
     if metrics.get("calibration_not_applied"):
         text += (f"Calibration was asked for but not applied: "
                  f"{metrics['calibration_not_applied']}. ")
@@ -347,11 +356,22 @@ def _patients(metrics: dict) -> list[str]:
     tried = ", ".join(f"{AGGREGATE_NAMES.get(m, m)} {_num(auc)}"
                       for m, auc in patient.get("val_auc_by_aggregate", {}).items())
     aggregate = patient["aggregate"]
-    how = (f"A {unit}'s probability is {AGGREGATE_MEANING.get(aggregate, aggregate)}. This way "
-           f"of combining slices was chosen on the validation {units}, before the test split "
-           f"was scored, as the one with the best ROC AUC there ({tried}; a tie goes to the "
-           f"first of these). "
-           f"{_threshold_text(threshold, positive, unit)}")
+    how = f"A {unit}'s probability is {AGGREGATE_MEANING.get(aggregate, aggregate)}. "
+    if patient.get("chosen_by") == "fixed":
+        how += (f"This way of combining slices was fixed before anything was scored (the mean "
+                f"by default: unlike the maximum it does not grow with a {unit}'s number of "
+                f"slices); for information, the validation ROC AUCs of each way: {tried}. ")
+    else:
+        counted = patient.get("slice_count_auc", {})
+        how += (f"This way of combining slices was chosen on the validation {units}, before the "
+                f"test split was scored, as the one with the best ROC AUC there ({tried}; a tie "
+                f"goes to the first of these). ")
+        if counted:
+            how += (f"A choice can reward slice counts that differ by class, which the maximum "
+                    f"feeds on: a {unit}'s number of slices alone reaches a ROC AUC of "
+                    f"{_num(counted.get('val'))} on the validation {units} and "
+                    f"{_num(counted.get('test'))} on the test {units}. ")
+    how += _threshold_text(threshold, positive, unit)
     caveat = ([f"These groups are {units}, not proven patients ({UNIT_CAVEATS[units]}).", ""]
               if units != "patients" else [])
     keys = [k for k in METRIC_NAMES if k in test["metrics"]]

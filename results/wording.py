@@ -14,6 +14,10 @@ METRIC_NAMES = {
     "pr_auc": "PR AUC (average precision)",
 }
 
+# What the exported model is compared with (results.evaluate._compared_weights).
+COMPARED_BEST = "the best trial alone"
+COMPARED_RUNNER_UP = "the runner-up trial alone"
+
 # How a patient's slice probabilities were combined (results.aggregate.AGGREGATES): a short
 # name, and what the patient's probability then is.
 AGGREGATE_NAMES = {"mean": "mean", "top25": "top-quarter mean", "max": "maximum"}

@@ -79,30 +79,52 @@ def _val_where_top25_wins(patients: int = 6) -> tuple[np.ndarray, np.ndarray, np
     return np.array(y), np.array(prob), np.array(groups)
 
 
-def test_the_aggregate_with_the_best_val_auc_is_chosen_then_its_threshold():
+def test_the_aggregate_is_the_mean_fixed_in_advance_unless_a_choice_is_asked_for():
     y, prob, groups = _val_where_top25_wins()
-    choice = choose_patient_level(y, prob, groups)
-    assert choice["aggregate"] == "top25"
+    fixed = choose_patient_level(y, prob, groups)
+    assert (fixed["aggregate"], fixed["chosen_by"]) == ("mean", "fixed")
+    assert "slice_count_auc" not in fixed
+    assert choose_patient_level(y, prob, groups, aggregate="max")["aggregate"] == "max"
+
+
+def test_a_chosen_aggregate_is_the_best_on_val_then_its_threshold():
+    y, prob, groups = _val_where_top25_wins()
+    choice = choose_patient_level(y, prob, groups, aggregate="choose")
+    assert (choice["aggregate"], choice["chosen_by"]) == ("top25", "val_auc")
     assert choice["val_auc_by_aggregate"] == {"mean": 0.0, "top25": 1.0, "max": 0.0}
     assert choice["threshold"]["method"] == "youden"
     patients = per_patient(y, prob, groups, "top25")
     called = patients["prob"] >= choice["threshold"]["value"]
     assert called.tolist() == patients["label"].astype(bool).tolist()  # it separates them
-    fixed = choose_patient_level(y, prob, groups, threshold=0.5)
+    fixed = choose_patient_level(y, prob, groups, threshold=0.5, aggregate="choose")
     assert fixed["aggregate"] == "top25" and fixed["threshold"] == {"method": "fixed",
                                                                     "value": 0.5}
+
+
+def test_a_choice_reports_what_slice_count_alone_reaches():
+    """Uninformative slices, but positive patients have more of them: the maximum grows with
+    the count and wins the choice, and the slice count's own AUC (1.0 here) shows why."""
+    rng = np.random.default_rng(3)
+    sizes = np.where(np.arange(40) % 2, 12, 3)  # positives: 12 slices, negatives: 3
+    y = np.repeat(np.arange(40) % 2, sizes)
+    groups = np.repeat(np.arange(40), sizes)
+    prob = rng.random(len(y))  # says nothing about the label
+    choice = choose_patient_level(y, prob, groups, aggregate="choose")
+    assert choice["aggregate"] == "max" and choice["val_auc_by_aggregate"]["max"] > 0.7
+    assert choice["slice_count_auc"] == {"val": 1.0}
+    assert choose_patient_level(y, prob, groups)["val_auc_by_aggregate"]["mean"] < 0.75
 
 
 def test_ties_go_to_the_mean():
     # One slice a patient: every aggregate is the slice itself.
     y = np.array([0, 1, 0, 1, 1, 0])
     prob = np.array([.2, .7, .6, .4, .9, .1])
-    choice = choose_patient_level(y, prob, np.arange(6) * 3)
+    choice = choose_patient_level(y, prob, np.arange(6) * 3, aggregate="choose")
     assert choice["aggregate"] == "mean" and len(set(choice["val_auc_by_aggregate"].values())) == 1
     # Several slices, every aggregate separating the patients perfectly.
     y, prob, groups = np.repeat([0, 1, 0, 1], 4), np.repeat([.1, .8, .2, .9], 4), np.repeat(
         [1, 2, 3, 4], 4)
-    assert choose_patient_level(y, prob, groups)["aggregate"] == "mean"
+    assert choose_patient_level(y, prob, groups, aggregate="choose")["aggregate"] == "mean"
 
 
 def _test_patients(patients: int = 40, seed: int = 1) -> tuple[np.ndarray, ...]:
@@ -154,7 +176,7 @@ def test_the_patient_choice_is_made_on_val_before_any_test_probability(monkeypat
     monkeypatch.setattr(evaluate_module, "choose_patient_level", lambda *a: events.append(
         "patient choice") or real(*a))
     scored = val_then_test(["model"], types.SimpleNamespace(labels=labels), val_rows, test_rows,
-                           val_patients=val_groups)
+                           val_patients=val_groups, aggregate="choose")
     assert events == ["val", "patient choice", "test"]
     assert scored["patient"]["aggregate"] == "top25"
     assert val_then_test(["model"], types.SimpleNamespace(labels=labels), val_rows,
@@ -164,7 +186,8 @@ def test_the_patient_choice_is_made_on_val_before_any_test_probability(monkeypat
 def _patient_entry() -> dict:
     y_val, prob_val, val_groups = _val_where_top25_wins()
     y, prob, groups = _test_patients()
-    choice = choose_patient_level(y_val, prob_val, val_groups)
+    choice = choose_patient_level(y_val, prob_val, val_groups, aggregate="choose")
+    choice["slice_count_auc"]["test"] = 0.625  # as evaluation adds it
     test, _ = score_patients(choice, y, prob, groups, resamples=100)
     val, _ = score_patients(choice, y_val, prob_val, val_groups, resamples=100)
     return {**choice, "test": test, "val": val}
@@ -191,6 +214,8 @@ def test_report_shows_patient_results_only_when_there_are_patients(tmp_path):
     assert "mean of the highest quarter of its slices' probabilities" in section
     assert ("(mean 0.000, top-quarter mean 1.000, maximum 0.000; a tie goes to the first of "
             "these)") in section
+    assert ("a patient's number of slices alone reaches a ROC AUC of 0.500 on the validation "
+            "patients and 0.625 on the test patients") in section
     assert "chosen on the validation patients by Youden's J" in section
     (tn, fp), (fn, tp) = test["confusion_matrix"]
     assert f"| **true COVID** | {fn} (FN) | {tp} (TP) |" in section
@@ -295,9 +320,9 @@ def test_evaluate_scores_patients_when_the_groups_are_patients(manifest_run, gro
     assert patient["unit"] == (unit or "patients")
     test_groups = {e["group"] for e in split_json["files"] if e["split"] == "test"}
     val_groups = {e["group"] for e in split_json["files"] if e["split"] == "val"}
-    assert list(patient) == ["aggregate", "val_auc_by_aggregate", "threshold", "unit", "test",
-                             "val"]
-    assert patient["aggregate"] in ("mean", "top25", "max")
+    assert list(patient) == ["aggregate", "chosen_by", "val_auc_by_aggregate", "threshold",
+                             "unit", "test", "val"]
+    assert (patient["aggregate"], patient["chosen_by"]) == ("mean", "fixed")
     assert patient["test"]["n"] == len(test_groups) == 6 and patient["val"]["n"] == 6
     assert patient["test"]["positives"] + patient["test"]["negatives"] == 6
     write_patient_predictions(tmp_path / "test_patients.json", arrays)
