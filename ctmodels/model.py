@@ -63,12 +63,15 @@ def normalize(images: torch.Tensor, mean: float, std: float) -> torch.Tensor:
 
 class Ensemble(nn.Module):
     """Several networks as one: the logit of their weighted mean probability (one member: its
-    logit), divided by a temperature fitted on validation data (1: uncalibrated). The weights
+    logit), divided by a temperature fitted on validation data (1: uncalibrated). Each member's
+    logit is first divided by its own temperature (`member_temperatures`, 1 when not given), so
+    the mean is of calibrated probabilities, as ensemble selection weighed them. The weights
     (equal when not given) are those ensemble selection chose on validation data; they are
     normalised to sum to 1."""
 
     def __init__(self, members: list[nn.Module], temperature: float = 1.0,
-                 weights: list[float] | None = None):
+                 weights: list[float] | None = None,
+                 member_temperatures: list[float] | None = None):
         super().__init__()
         self.members = nn.ModuleList(members)
         self.temperature = float(temperature)
@@ -77,14 +80,21 @@ class Ensemble(nn.Module):
             raise ValueError(f"{len(members)} members need as many positive weights, got "
                              f"{weights}")
         self.weights = [w / sum(weights) for w in weights]  # a list: TorchScript keeps floats
+        temperatures = ([1.0] * len(members) if member_temperatures is None
+                        else [float(t) for t in member_temperatures])
+        if len(temperatures) != len(members) or min(temperatures) <= 0:
+            raise ValueError(f"{len(members)} members need as many positive temperatures, got "
+                             f"{temperatures}")
+        self.member_temperatures = temperatures
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if len(self.members) == 1:
-            logits = self.members[0](x)
+            logits = self.members[0](x) / self.member_temperatures[0]
         else:
             prob = torch.zeros(())
             for i, member in enumerate(self.members):  # TorchScript can't zip a ModuleList
-                prob = prob + self.weights[i] * torch.sigmoid(member(x).float())
+                logit = member(x).float() / self.member_temperatures[i]
+                prob = prob + self.weights[i] * torch.sigmoid(logit)
             logits = torch.logit(prob, eps=1e-7)
         return logits / self.temperature
 
@@ -201,8 +211,10 @@ def load_model(path: Path) -> tuple[nn.Module, ModelDescription]:
     if len(inputs) > 1:
         raise WeightsError(f"{path}: its members expect different inputs {sorted(inputs)}")
     temperature = float(saved.get("temperature", 1.0))
-    model = (members[0] if len(members) == 1 and temperature == 1.0
-             else Ensemble(members, temperature, [e.get("weight", 1.0) for e in entries]))
+    temperatures = [float(e.get("temperature", 1.0)) for e in entries]  # none before 0.4
+    model = (members[0] if len(members) == 1 and temperature == 1.0 == temperatures[0]
+             else Ensemble(members, temperature, [e.get("weight", 1.0) for e in entries],
+                           temperatures))
     return model.eval(), ModelDescription.from_dict(entries[0]["description"], str(path))
 
 

@@ -84,6 +84,9 @@ def load_checkpoint_model(checkpoint: str) -> Member:
 def choose_threshold(y_val: np.ndarray, prob_val: np.ndarray, fixed: float | None) -> dict:
     if fixed is not None:
         return {"method": "fixed", "value": float(fixed)}
+    if len(np.unique(y_val)) < 2:
+        raise DataError("the validation split holds one class only, so no threshold can be "
+                        "chosen on it; give one with --threshold, or split with more data")
     return {"method": "youden", "value": youden_threshold(y_val, prob_val)}
 
 
@@ -96,7 +99,8 @@ def _log_loss(y: np.ndarray, prob: np.ndarray) -> float:
 
 
 def caruana_weights(y: np.ndarray, member_probs: Sequence[np.ndarray],
-                    rounds: int = ENSEMBLE_ROUNDS) -> tuple[np.ndarray, float]:
+                    rounds: int = ENSEMBLE_ROUNDS,
+                    calibrated: bool = False) -> tuple[np.ndarray, float]:
     """Ensemble selection (Caruana et al., ICML 2004) as auto-sklearn and AutoGluon run it:
     greedy forward selection with replacement. Each round adds to a bag the member whose
     addition gives the bag's mean probability the lowest log-loss (the better-ranked member on
@@ -105,12 +109,21 @@ def caruana_weights(y: np.ndarray, member_probs: Sequence[np.ndarray],
 
     Log-loss, not AUC: a proper score rewards probabilities that are right, so it still tells
     models apart where every AUC is near 1, and it is what the mean of probabilities, unlike a
-    ranking, can improve."""
+    ranking, can improve. `calibrated`: each bag's mean is scored after its own temperature
+    (fit_temperature), as the exported ensemble's is: a mean of calibrated members is less
+    confident than the evidence it pools, and scored as it is, it would undervalue members
+    that err differently."""
     probs = np.asarray(member_probs, dtype=np.float64)
     counts, total = np.zeros(len(probs)), np.zeros(probs.shape[1])
     best_loss, best_counts = np.inf, counts
+
+    def bag_loss(mean: np.ndarray) -> float:
+        if not calibrated:
+            return _log_loss(y, mean)
+        return _log_loss(y, combine([mean], [1], fit_temperature(y, mean)[0]))
+
     for size in range(1, rounds + 1):
-        losses = [_log_loss(y, (total + p) / size) for p in probs]
+        losses = [bag_loss((total + p) / size) for p in probs]
         pick = int(np.argmin(losses))  # the first of equals: the better-ranked trial
         counts[pick] += 1
         total += probs[pick]
@@ -135,23 +148,50 @@ def val_halves(y: np.ndarray, groups: np.ndarray, seed: int = 0
 
 
 def cross_fitted(y: np.ndarray, member_probs: Sequence[np.ndarray],
-                 halves: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
-    """Each val row's probability under the ensemble selected on the other half: what
-    selection on val would give on data it did not select on."""
+                 halves: tuple[np.ndarray, np.ndarray], calibrated: bool = False) -> np.ndarray:
+    """Each val row's probability under the ensemble selected on the other half (and, when
+    `calibrated`, given its temperature there): what selection on val would give on data it
+    did not select on."""
     probs = np.asarray(member_probs, dtype=np.float64)
     out = np.empty(len(y))
     for fit, held in (halves, halves[::-1]):
-        weights, _ = caruana_weights(y[fit], probs[:, fit])
-        out[held] = weights @ probs[:, held]
+        weights, _ = caruana_weights(y[fit], probs[:, fit], calibrated=calibrated)
+        temperature = fit_temperature(y[fit], weights @ probs[:, fit])[0] if calibrated else 1.0
+        out[held] = combine([weights @ probs[:, held]], [1], temperature)
+    return out
+
+
+def calibrated_members(y_val: np.ndarray, member_probs: Sequence[np.ndarray],
+                       halves: tuple[np.ndarray, np.ndarray] | None) -> list[np.ndarray]:
+    """Each member's val probabilities calibrated by fit_temperature, cross-fitted: each half's
+    with the temperature fitted on the other half (on the whole of val when it has no halves),
+    so a member is judged on rows its calibration did not see."""
+    if halves is None:
+        return [combine([p], [1], fit_temperature(y_val, p)[0]) for p in member_probs]
+    out = [np.empty(len(y_val)) for _ in member_probs]
+    for fit, held in (halves, halves[::-1]):
+        for p, o in zip(member_probs, out, strict=True):
+            o[held] = combine([p[held]], [1], fit_temperature(y_val[fit], p[fit])[0])
     return out
 
 
 def choose_ensemble(y_val: np.ndarray, member_probs: Sequence[np.ndarray],
                     val_groups: np.ndarray | None = None) -> dict:
-    """The weights of the candidates (best trial first), chosen on val by caruana_weights:
-    {"weights": one per candidate, "chosen": "ensemble" or "single", "why", "val_log_loss"
-    ({"ensemble", "single"}), "cross_fitted_log_loss": selection run on each half of val
-    (`val_groups` kept whole) and scored on the other (None when not measured)}.
+    """The weights of the candidates (best trial first), chosen on val by caruana_weights on
+    the members' calibrated probabilities (calibrated_members): {"weights": one per candidate,
+    "member_temperatures": each candidate's, fitted on all of val, applied in an ensemble of two
+    or more (all 1 when one is kept), "chosen": "ensemble" or "single", "why", "val_log_loss"
+    ({"ensemble", "single"}, calibrated), "cross_fitted_log_loss": selection run on each half
+    of val (`val_groups` kept whole) and scored on the other (None when not measured)}.
+
+    Calibrated first, because log-loss judges calibration as much as ranking: an overconfident
+    member that ranks best would otherwise lose to a weak one whose probabilities were kept
+    from 0 and 1 (label smoothing), and the mean of probabilities on different scales is
+    dominated by the most confident member. Temperatures do not change a member's ranking, so
+    after calibration selection weighs what each member knows; and each bag's mean is scored
+    after its own temperature (caruana_weights' `calibrated`), which the exported ensemble gets
+    too (ensemble_temperature). bench/ensemble_selection.py compares this with selection on raw
+    probabilities.
 
     What keeps selection from fitting val: it picks among the top K trials only, in weights of
     1/ENSEMBLE_ROUNDS, keeping the bag of its best round; and the cross-fitted log-loss shows
@@ -159,30 +199,38 @@ def choose_ensemble(y_val: np.ndarray, member_probs: Sequence[np.ndarray],
     the ensemble only when it wins there) was measured in bench/ensemble_selection.py: it gave
     up more test log-loss where ensembles help than it saved where they do not, so it is
     reported, not acted on."""
-    weights, loss = caruana_weights(y_val, member_probs)
-    single_loss = _log_loss(y_val, member_probs[0])
     groups = np.arange(len(y_val)) if val_groups is None else val_groups
-    halves = val_halves(y_val, groups) if weights[0] < 1 else None
+    halves = val_halves(y_val, groups)
+    calibrated = calibrated_members(y_val, member_probs, halves)
+    weights, loss = caruana_weights(y_val, calibrated, calibrated=True)
+    single_loss = _log_loss(y_val, calibrated[0])
     used = np.flatnonzero(weights)
+    temperatures = ([fit_temperature(y_val, p)[0] for p in member_probs] if len(used) > 1
+                    else [1.0] * len(member_probs))
     return {
         "method": "caruana", "metric": "log_loss", "rounds": ENSEMBLE_ROUNDS,
-        "weights": weights.tolist(), "chosen": "ensemble" if len(used) > 1 else "single",
+        "calibrated_members": True,
+        "weights": weights.tolist(), "member_temperatures": temperatures,
+        "chosen": "ensemble" if len(used) > 1 else "single",
         "why": (f"ensemble selection gave weight to {len(used)} of the {len(weights)} trials"
                 if len(used) > 1 else "ensemble selection kept the best trial alone"
                 if used[0] == 0 else f"ensemble selection kept the trial ranked {used[0] + 1} "
-                "alone, whose probabilities had a lower log-loss than the best trial's"),
+                "alone, whose calibrated probabilities had a lower log-loss than the best "
+                "trial's"),
         "val_log_loss": {"ensemble": loss, "single": single_loss},
-        "cross_fitted_log_loss": (None if halves is None else _log_loss(
-            y_val, cross_fitted(y_val, member_probs, halves))),
+        "cross_fitted_log_loss": (None if halves is None or weights[0] == 1 else _log_loss(
+            y_val, cross_fitted(y_val, calibrated, halves, calibrated=True))),
     }
 
 
 LOG_T_BOUND = 3.0  # the temperature is searched in [e^-3, e^3], about [0.05, 20]
-# The prior on log T: normal, centred on T = 1 (no change), sd 0.5: T in [0.37, 2.7] at 95%,
-# which holds the temperatures Guo et al. (2017) report for ResNets (1.1 to 3). Beside the
-# likelihood of a few hundred val slices it weighs little; on 63 it narrows the scatter of T
-# (tests/test_model_choice.py), and where val says nothing it keeps T = 1.
-LOG_T_PRIOR_SD = 0.5
+# The prior on log T: normal, centred on T = 1 (no change), sd 1: T in [0.14, 7.1] at 95%, which
+# holds the temperatures Guo et al. (2017) report for ResNets (1.1 to 3) and the larger ones of
+# a trial trained to be overconfident. Beside the likelihood of a few hundred val slices it
+# weighs little; on 63 it narrows the scatter of T (tests/test_model_choice.py), and where val
+# says nothing it keeps T = 1. (sd 0.5 narrowed it more but held a 6-times overconfident trial
+# near T = 2.7: bench/ensemble_selection.py, val 63.)
+LOG_T_PRIOR_SD = 1.0
 TEMPERATURE_RESAMPLES = 200  # bootstrap refits of the temperature, for its interval
 
 
@@ -214,6 +262,19 @@ def fit_temperature(y_val: np.ndarray, prob_val: np.ndarray) -> tuple[float, str
     return float(np.exp(log_t)), None
 
 
+def ensemble_temperature(y_val: np.ndarray, member_val: Sequence[np.ndarray],
+                         weights: Sequence[float], member_temperatures: Sequence[float]) -> float:
+    """The temperature of a mean of calibrated members (1 for one member, which its own
+    temperature, if any, already calibrates): averaging members that are each calibrated gives
+    a mean less confident than the evidence it pools, so the mean gets a temperature of its own
+    (below 1 where the members disagree in their errors)."""
+    if sum(w > 0 for w in weights) < 2:
+        return 1.0
+    temperature, why = fit_temperature(y_val, combine(member_val, weights, 1.0,
+                                                      member_temperatures))
+    return 1.0 if why else temperature
+
+
 def temperature_interval(y_val: np.ndarray, prob_val: np.ndarray, groups: np.ndarray,
                          resamples: int = TEMPERATURE_RESAMPLES, seed: int = 0) -> list[float]:
     """95% percentile interval of fit_temperature over bootstrap resamples of the val groups
@@ -230,14 +291,19 @@ def temperature_interval(y_val: np.ndarray, prob_val: np.ndarray, groups: np.nda
 
 
 def combine(member_probs: Sequence[np.ndarray | None], weights: Sequence[float],
-            temperature: float = 1.0) -> np.ndarray:
-    """The members' weighted mean probability, its logit divided by the temperature: what
+            temperature: float = 1.0,
+            member_temperatures: Sequence[float] | None = None) -> np.ndarray:
+    """The members' weighted mean probability, each member's logit first divided by its
+    temperature (1 when not given), the mean's logit divided by `temperature`: what
     `ctmodels.Ensemble` outputs, from probabilities already computed. Members of weight 0 are
     left out (their probabilities may be None)."""
     used = [i for i, w in enumerate(weights) if w > 0]
-    if len(used) == 1 and temperature == 1.0:
+    scale = member_temperatures or [1.0] * len(weights)
+    if len(used) == 1 and temperature == 1.0 == scale[used[0]]:
         return member_probs[used[0]]
-    mean = np.average([member_probs[i] for i in used], axis=0, weights=[weights[i] for i in used])
+    calibrated = [member_probs[i] if scale[i] == 1.0 else expit(_logit(member_probs[i]) / scale[i])
+                  for i in used]
+    mean = np.average(calibrated, axis=0, weights=[weights[i] for i in used])
     return expit(_logit(mean) / temperature)
 
 
@@ -321,17 +387,23 @@ def _compared_weights(choice: dict) -> tuple[list[float], str]:
 
 
 def _fixed_on_val(y_val: np.ndarray, member_val: list[np.ndarray], weights: Sequence[float],
-                  calibrate: bool, threshold: float | None, groups: np.ndarray) -> dict:
-    """One model fixed on val: its weights, temperature (and why none, and its interval over
-    resamples of the val `groups`), val probabilities and threshold."""
-    uncalibrated = combine(member_val, weights)
-    temperature, not_calibrated = (fit_temperature(y_val, uncalibrated)
-                                   if calibrate else (1.0, None))
-    prob_val = combine(member_val, weights, temperature)
-    return {"weights": list(weights), "k": sum(w > 0 for w in weights),
+                  calibrate: bool, threshold: float | None, groups: np.ndarray,
+                  member_temperatures: Sequence[float] | None = None) -> dict:
+    """One model fixed on val: its weights and member temperatures, temperature (and why none,
+    and its interval over resamples of the val `groups`), val probabilities and threshold."""
+    uncalibrated = combine(member_val, weights, 1.0, member_temperatures)
+    if calibrate:
+        temperature, not_calibrated = fit_temperature(y_val, uncalibrated)
+    else:  # a mean of calibrated members gets its own temperature: ensemble_temperature
+        temperature, not_calibrated = (ensemble_temperature(y_val, member_val, weights,
+                                                            member_temperatures)
+                                       if member_temperatures else 1.0), None
+    prob_val = combine(member_val, weights, temperature, member_temperatures)
+    return {"weights": list(weights), "member_temperatures": member_temperatures,
+            "k": sum(w > 0 for w in weights),
             "temperature": temperature, "not_calibrated": not_calibrated, "prob_val": prob_val,
             "temperature_ci95": (temperature_interval(y_val, uncalibrated, groups)
-                                 if calibrate and not not_calibrated else None),
+                                 if temperature != 1.0 else None),
             "threshold": choose_threshold(y_val, prob_val, threshold)}
 
 
@@ -349,7 +421,8 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
     member_val = [_proba(m, ds, val_rows) for m in members]
     choice = choose_ensemble(y_val, member_val, val_groups)
     groups = np.arange(len(y_val)) if val_groups is None else val_groups
-    chosen = _fixed_on_val(y_val, member_val, choice["weights"], calibrate, threshold, groups)
+    chosen = _fixed_on_val(y_val, member_val, choice["weights"], calibrate, threshold, groups,
+                           choice["member_temperatures"])
     compared = None
     if len(members) > 1:
         weights, role = _compared_weights(choice)
@@ -364,7 +437,8 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
                    for i, m in enumerate(members)]
     for model in (chosen, compared):
         if model:
-            model["prob_test"] = combine(member_test, model["weights"], model["temperature"])
+            model["prob_test"] = combine(member_test, model["weights"], model["temperature"],
+                                         model["member_temperatures"])
     return {**chosen, "selection": choice, "y_val": y_val, "y_test": ds.labels[test_rows],
             "compared": compared, "patient": patient}
 
@@ -444,9 +518,10 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         "val": {"n": len(y_val), **at(y_val, prob_val, chosen["value"], val_groups)},
         **patient,  # only when the split's groups are patients
         "ensemble": {"k": scored["k"], "candidates": len(candidates),
-                     "members": _weighted(candidates, weights),
+                     "members": _weighted(candidates, weights,
+                                          scored["selection"]["member_temperatures"]),
                      **{key: value for key, value in scored["selection"].items()
-                        if key != "weights"}},
+                        if key not in ("weights", "member_temperatures")}},
         "temperature": temperature,
         # How well val pins the temperature down: refitted on resamples of its groups.
         **({"temperature_ci95": scored["temperature_ci95"]}
@@ -497,9 +572,12 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     return metrics, arrays
 
 
-def _weighted(candidates: list[dict], weights: Sequence[float]) -> list[dict]:
-    """The candidates a model uses, each with its weight."""
-    return [{**c, "weight": w} for c, w in zip(candidates, weights, strict=True) if w > 0]
+def _weighted(candidates: list[dict], weights: Sequence[float],
+              temperatures: Sequence[float] | None = None) -> list[dict]:
+    """The candidates a model uses, each with its weight (and its temperature, when given)."""
+    temperatures = temperatures or [None] * len(weights)
+    return [{**c, "weight": w, **({"temperature": t} if t is not None else {})}
+            for c, w, t in zip(candidates, weights, temperatures, strict=True) if w > 0]
 
 
 def write_predictions(path: Path, arrays: dict) -> None:

@@ -49,11 +49,13 @@ def export_model(
     temperature: float = 1.0,
     patient: dict | None = None,
     weights: Sequence[float] | None = None,
+    member_temperatures: Sequence[float] | None = None,
 ) -> Path:
     """Write the model folder (each file atomically) and return its path. `members` is one
-    (network, its training config) pair, or several for an ensemble (the mean probability,
-    weighted by `weights` when given, as ensemble selection chose them); the output logit is
-    divided by `temperature` (calibration fitted on val). `patient`
+    (network, its training config) pair, or several for an ensemble (the mean probability of
+    the members, each calibrated by its `member_temperatures` entry, weighted by `weights` when
+    given, as ensemble selection chose them); the output logit is divided by `temperature`
+    (calibration fitted on val). `patient`
     ({"aggregate", "threshold"}, chosen on val patients) is how to call a whole patient or CT
     series from its slices' probabilities, when the evaluation had patients.
 
@@ -69,16 +71,18 @@ def export_model(
     networks = [copy.deepcopy(m).to("cpu", memory_format=torch.contiguous_format).eval()
                 for m, _ in members]
     descriptions = [config.description() for _, config in members]
-    model = (networks[0] if len(networks) == 1 and temperature == 1.0
-             else Ensemble(networks, temperature, weights))
+    temperatures = list(member_temperatures or [1.0] * len(networks))
+    model = (networks[0] if len(networks) == 1 and temperature == 1.0 == temperatures[0]
+             else Ensemble(networks, temperature, weights, temperatures))
     weights = getattr(model, "weights", [1.0])  # normalised by Ensemble
     meta = _plain(export_config([c for _, c in members], class_names, threshold, extra,
-                                member_extra, temperature, patient, weights))
+                                member_extra, temperature, patient, weights, temperatures))
 
     with atomic_write(out_dir / FILES["state_dict"]) as f:
         torch.save({"members": [{"description": d.to_dict(), "model": n.state_dict(),
-                                 "weight": w}
-                                for d, n, w in zip(descriptions, networks, weights, strict=True)],
+                                 "weight": w, "temperature": float(t)}
+                                for d, n, w, t in zip(descriptions, networks, weights,
+                                                      temperatures, strict=True)],
                     "temperature": float(temperature)}, f)
     uint8_model = UInt8Classifier(model, descriptions[0]).eval()
     with atomic_write(out_dir / FILES["torchscript"]) as f:
@@ -96,15 +100,19 @@ def export_model(
 def export_config(configs: Sequence[TrainConfig], class_names: tuple[str, str],
                   threshold: float, extra: dict, member_extra: Sequence[dict] = (),
                   temperature: float = 1.0, patient: dict | None = None,
-                  weights: Sequence[float] | None = None) -> dict[str, Any]:
+                  weights: Sequence[float] | None = None,
+                  member_temperatures: Sequence[float] | None = None) -> dict[str, Any]:
     """The content of config.json: everything needed to rebuild, feed and judge the model;
     "patient" ({"aggregate", "threshold"}) only when `patient` is given. Each member's
-    "weight" is its share of the mean probability (equal when `weights` is None)."""
+    "weight" is its share of the mean probability (equal when `weights` is None), and its
+    "temperature" what its logit is divided by first (1 when not given)."""
     negative, positive = class_names
     first = configs[0].description()
     weights = weights or [1.0] * len(configs)
+    temperatures = member_temperatures or [1.0] * len(configs)
     members = [{**config.description().to_dict(), **(member_extra[i] if member_extra else {}),
-                "weight": weights[i] / sum(weights), "train_config": dataclasses.asdict(config)}
+                "weight": weights[i] / sum(weights), "temperature": float(temperatures[i]),
+                "train_config": dataclasses.asdict(config)}
                for i, config in enumerate(configs)]
     meta: dict[str, Any] = {
         "format": FORMAT,
@@ -125,7 +133,8 @@ def export_config(configs: Sequence[TrainConfig], class_names: tuple[str, str],
             "formula": "x = (pixels / 255 - mean) / std, as float [B, 1, S, S]",
         },
         "output": "one logit per image for the positive class (of the members' mean "
-                  "probability, weighted by their weights, divided by the temperature); "
+                  "probability, each member's logit first divided by its own temperature, "
+                  "weighted by their weights, divided by the temperature); "
                   "probability = sigmoid(logit)",
         "temperature": float(temperature),
         "threshold": float(threshold),

@@ -1,8 +1,12 @@
-"""Binary classification metrics with bootstrap confidence intervals (scikit-learn underneath)."""
+"""Binary classification metrics with confidence intervals (scikit-learn underneath), and the
+decision thresholds chosen on validation."""
 
 from __future__ import annotations
 
 import numpy as np
+from scipy.special import expit, logit
+from scipy.stats import norm
+from scipy.stats import t as student_t
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -12,7 +16,6 @@ from sklearn.metrics import (
     precision_score,
     recall_score,
     roc_auc_score,
-    roc_curve,
 )
 
 METRICS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc")
@@ -191,15 +194,162 @@ def ranking_scores(y: np.ndarray, prob: np.ndarray, counts: np.ndarray) -> dict[
     return {"roc_auc": auc, "pr_auc": ap}
 
 
+Z95 = float(norm.ppf(0.975))
+# The proportions of METRICS: (successes, trials) counted per slice by _counted.
+PROPORTIONS = ("accuracy", "precision", "recall", "specificity")
+
+
+def wilson_interval(successes: float, trials: float, z: float = Z95) -> list[float]:
+    """Wilson's (1927) score interval of a proportion: the values p whose score test against
+    successes / trials does not reject. Unlike a percentile bootstrap it neither collapses to a
+    point at 0 or `trials` successes nor leaves [0, 1], and its coverage stays near nominal
+    down to a few trials (Brown, Cai & DasGupta 2001); no trials give [0, 1]. Successes and
+    trials may be effective (non-integer) counts."""
+    spread = successes * (trials - successes) / trials if trials > 0 else 0.0
+    centre = (successes + z * z / 2) / (trials + z * z)
+    half = z * np.sqrt(spread + z * z / 4) / (trials + z * z)
+    # At 0 or all successes the bound is the estimate itself, exactly (not to the last bit).
+    return [0.0 if successes <= 0 else float(centre - half),
+            1.0 if successes >= trials else float(centre + half)]
+
+
+def _counted(y: np.ndarray, prob: np.ndarray, threshold: float
+             ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Each of PROPORTIONS as (success, trial) indicators per slice."""
+    positive, predicted = y == 1, prob >= threshold
+    return {"accuracy": (predicted == positive, np.ones(len(y), bool)),
+            "precision": (predicted & positive, predicted),
+            "recall": (predicted & positive, positive),
+            "specificity": (~predicted & ~positive, ~positive)}
+
+
+def proportion_ci(y: np.ndarray, prob: np.ndarray, threshold: float,
+                  groups: np.ndarray | None = None) -> dict[str, list[float]]:
+    """95% Wilson intervals of PROPORTIONS at `threshold`.
+
+    Without `groups` each row is an independent observation (a patient, at patient level) and
+    the interval is Wilson's on the counts. With them (slices of patients) the slices of a group
+    are not independent and a Wilson interval on slice counts would undercover; it is taken at
+    the effective counts of _effective_counts instead."""
+    counted = _counted(y, prob, threshold)
+    if groups is None:
+        return {m: wilson_interval(float(x.sum()), float(n.sum()))
+                for m, (x, n) in counted.items()}
+    group = np.unique(groups, return_inverse=True)[1]
+    return {m: wilson_interval(*_effective_counts(np.bincount(group, x), np.bincount(group, n)))
+            for m, (x, n) in counted.items()}
+
+
+def _effective_counts(successes: np.ndarray, trials: np.ndarray) -> tuple[float, float]:
+    """(successes, trials) of a proportion pooled over groups (per-group counts), scaled to the
+    number of independent observations they are worth: Kish's design effect of the ratio
+    estimator, from the groups' linearised (cluster-robust) variance and truncated at 1, with
+    Korn & Graubard's (1998) degrees-of-freedom correction n_eff * (z / t_df)^2, t_df _t95's.
+
+    Satterthwaite's df rather than Korn & Graubard's groups - 1: when a few groups hold all the
+    errors (sensitivity 0.95, errors in 2 of 30 patients) the variance rests on those few, and
+    with groups - 1 the coverage of sensitivity fell to 0.87 (60 patients of 10 slices,
+    intraclass correlation 0.8, simulated as bench/interval_coverage.py does). The effective
+    number lies between Kish's effective number of groups (sum n_g)^2 / sum n_g^2, what the
+    groups are worth if their slices are all alike, and the number of slices; at 0 or all
+    successes (or residuals all 0) nothing measures the design effect and it is the former.
+    """
+    used = trials > 0
+    successes, trials = successes[used], trials[used]
+    total = trials.sum()
+    if total == 0:
+        return 0.0, 0.0
+    rate = successes.sum() / total
+    alike = total ** 2 / np.sum(trials ** 2)
+    squares = (successes - rate * trials) ** 2
+    if not squares.any():
+        return rate * alike, alike
+    groups = len(trials)
+    design_effect = groups / (groups - 1) * squares.sum() / (total * rate * (1 - rate))
+    effective = total / max(design_effect, 1.0) * (Z95 / _t95(squares)) ** 2
+    effective = float(np.clip(effective, alike, total))
+    return rate * effective, effective
+
+
+def _t95(squares: np.ndarray) -> float:
+    """The 97.5% t quantile for a variance summed from these groups' squared residuals, at
+    Satterthwaite's (1946) df (sum s)^2 / sum s^2, scaled by (groups - 1) / groups so that equal
+    residuals give Korn & Graubard's (1998) groups - 1 (as do residuals all 0)."""
+    groups, total = len(squares), squares.sum()
+    df = (total ** 2 / np.sum(squares ** 2) if total > 0 else groups) * (groups - 1) / groups
+    return float(student_t.ppf(0.975, df))
+
+
+def auc_ci(y: np.ndarray, prob: np.ndarray, groups: np.ndarray | None = None
+           ) -> tuple[list[float], str]:
+    """95% interval of ROC AUC and the method that made it.
+
+    "delong": DeLong, DeLong & Clarke-Pearson's (1988) variance from the placements of each
+    positive among the negatives and each negative among the positives. "obuchowski": with
+    `groups`, Obuchowski's (1997) clustered form of it, the placements summed within each group,
+    so slices of a patient are not counted as independent; a t quantile with Satterthwaite's df
+    (as in _effective_counts) in place of z. Either is taken on the logit scale (Pepe 2003,
+    5.2), which keeps the interval inside (0, 1) and reaches further down than up, as the AUC's
+    sampling distribution does near 1. "hanley_mcneil": where that variance is 0 or undefined
+    (a separable split, fewer than two groups of a class), Wilson's interval at the effective
+    number of pairs that Hanley & McNeil's (1982) variance gives at this AUC in Newcombe's
+    (2006) form, each class counted in Kish's effective number of groups (as _effective_counts
+    does at 0 or all successes). [nan, nan] for one class.
+    """
+    positive = y == 1
+    n_pos, n_neg = int(positive.sum()), int(len(y) - positive.sum())
+    if not n_pos or not n_neg:
+        return [float("nan")] * 2, "delong" if groups is None else "obuchowski"
+    group = np.arange(len(y)) if groups is None else np.unique(groups, return_inverse=True)[1]
+    pos_sorted, neg_sorted = np.sort(prob[positive]), np.sort(prob[~positive])
+    # Placements, a tie counting half: the share of negatives below each positive, and of
+    # positives above each negative. Their mean is the AUC.
+    below = (np.searchsorted(neg_sorted, prob[positive], "left")
+             + np.searchsorted(neg_sorted, prob[positive], "right")) / (2 * n_neg)
+    above = (2 * n_pos - np.searchsorted(pos_sorted, prob[~positive], "left")
+             - np.searchsorted(pos_sorted, prob[~positive], "right")) / (2 * n_pos)
+    auc = float(below.mean())
+    n_groups = group.max() + 1
+    pos_sum = np.bincount(group[positive], below - auc, n_groups)
+    neg_sum = np.bincount(group[~positive], above - auc, n_groups)
+    pos_rows = np.bincount(group[positive], minlength=n_groups)
+    neg_rows = np.bincount(group[~positive], minlength=n_groups)
+    k_pos, k_neg = np.count_nonzero(pos_rows), np.count_nonzero(neg_rows)
+    if k_pos > 1 and k_neg > 1 and 0 < auc < 1:
+        # Obuchowski's S10 / m + S01 / n + 2 S11 / (mn); with one row per group, DeLong's.
+        variance = (k_pos / (k_pos - 1) * np.sum(pos_sum ** 2) / n_pos ** 2
+                    + k_neg / (k_neg - 1) * np.sum(neg_sum ** 2) / n_neg ** 2
+                    + 2 * n_groups / (n_groups - 1) * np.sum(pos_sum * neg_sum) / (n_pos * n_neg))
+        if variance > 0:
+            quantile = Z95 if groups is None else _t95((pos_sum / n_pos + neg_sum / n_neg) ** 2)
+            half = quantile * np.sqrt(variance) / (auc * (1 - auc))
+            return ([float(expit(logit(auc) - half)), float(expit(logit(auc) + half))],
+                    "delong" if groups is None else "obuchowski")
+    m, n = n_pos ** 2 / np.sum(pos_rows ** 2), n_neg ** 2 / np.sum(neg_rows ** 2)
+    pairs = m * n / (1 + ((m + n) / 2 - 1) * ((1 - auc) / (2 - auc) + auc / (1 + auc)))
+    return wilson_interval(auc * pairs, pairs), "hanley_mcneil"
+
+
 def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 1000,
           seed: int = 0, groups: np.ndarray | None = None) -> dict:
     """{"metrics": {name: {"value", "ci95"}}, "confusion_matrix": [[tn, fp], [fn, tp]],
     "calibration": {"brier", "ece": {"value", "ci95"}, "bins": [...]}, "resamples_dropped": how
-    many resamples drew one class only and were left out of the AUCs' intervals}."""
+    many resamples drew one class only and were left out of PR AUC's interval, "intervals":
+    {name: the method of its ci95}}.
+
+    PROPORTIONS get Wilson intervals ("wilson"; "wilson_design_effect" with `groups`), ROC AUC
+    auc_ci's; F1, PR AUC, Brier and ECE percentile intervals of bootstrap_ci ("bootstrap"),
+    resampling groups when there are some. bench/interval_coverage.py measures their coverage.
+    """
     values = {**binary_metrics(y, prob, threshold),
               **{m: v[0] for m, v in ranking_scores(y, prob, np.ones((1, len(y)))).items()}}
     intervals = bootstrap_ci(y, prob, threshold, resamples, seed, groups)
     dropped = intervals.pop("resamples_dropped")
+    intervals.update(proportion_ci(y, prob, threshold, groups))
+    intervals["roc_auc"], auc_method = auc_ci(y, prob, groups)
+    methods = {**{m: "bootstrap" for m in METRICS + CALIBRATION},
+               **{m: "wilson" if groups is None else "wilson_design_effect" for m in PROPORTIONS},
+               "roc_auc": auc_method}
     calibrated = calibration(y, prob)
     cm = confusion_matrix(y, (prob >= threshold).astype(int), labels=[0, 1])
     return {
@@ -208,11 +358,54 @@ def score(y: np.ndarray, prob: np.ndarray, threshold: float, resamples: int = 10
         "calibration": {**{m: {"value": calibrated[m], "ci95": intervals[m]}
                            for m in CALIBRATION}, "bins": calibrated["bins"]},
         "resamples_dropped": dropped,
+        "intervals": methods,
     }
 
 
+def _cuts(y: np.ndarray, prob: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The distinct scores, highest first, and the true and false positives of the rule
+    "positive when prob >= score" at each."""
+    scores, at = np.unique(prob, return_inverse=True)
+    positive = y == 1
+    tp = np.cumsum(np.bincount(at, positive, len(scores))[::-1])
+    fp = np.cumsum(np.bincount(at, ~positive, len(scores))[::-1])
+    return scores[::-1], tp, fp
+
+
+def _between(scores: np.ndarray, k: int) -> float:
+    """A threshold that calls scores[k] (scores highest first) and those above it positive and
+    the rest negative: midway to the next lower score, or to 0 (the lowest probability) below
+    the lowest. On scores[k] itself, a positive of val's right at the cut, new positives scored
+    a little lower would be missed: with 63 val slices sensitivity then lost 0.019 more than
+    specificity on new data, at the midpoint neither more (bench/threshold_bias.py)."""
+    upper = float(scores[k])
+    lower = float(scores[k + 1]) if k + 1 < len(scores) else 0.0
+    cut = (upper + lower) / 2
+    return cut if cut > lower else upper  # adjacent floats: no number lies between
+
+
 def youden_threshold(y: np.ndarray, prob: np.ndarray) -> float:
-    """The threshold maximising sensitivity + specificity - 1 (Youden's J) on these labels."""
-    fpr, tpr, thresholds = roc_curve(y, prob)
-    best = int(np.argmax(tpr - fpr))
-    return float(min(thresholds[best], 1.0))  # roc_curve's first threshold is +inf
+    """The threshold maximising Youden's (1950) J = sensitivity + specificity - 1 on these
+    labels, placed midway between the lowest score it calls positive and the next lower score
+    (0 below the lowest). Among cuts of equal J it takes the middle one in score order; of an
+    even number, the lower of the middle two (the more sensitive). At least one slice is called
+    positive."""
+    scores, tp, fp = _cuts(y, prob)
+    if not tp[-1] or not fp[-1]:
+        raise ValueError("Youden's J needs both classes")
+    j = tp * fp[-1] - fp * tp[-1]  # J * positives * negatives: integers, so ties are exact
+    best = np.flatnonzero(j == j.max())
+    return _between(scores, int(best[len(best) // 2]))
+
+
+def sensitivity_threshold(y: np.ndarray, prob: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity on these labels is at least `target` (in (0, 1]),
+    a rule fixed before the data are seen, placed midway between adjacent scores as
+    youden_threshold's."""
+    if not 0 < target <= 1:
+        raise ValueError(f"target sensitivity {target} is not in (0, 1]")
+    scores, tp, _ = _cuts(y, prob)
+    if not tp[-1]:
+        raise ValueError("sensitivity needs positives")
+    # The first cut, from the top, that reaches the target; the lowest reaches sensitivity 1.
+    return _between(scores, int(np.argmax(tp / tp[-1] >= target)))

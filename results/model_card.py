@@ -87,7 +87,10 @@ def model_card(meta: dict) -> str:
         lines += ["## Patient-level test metrics", "",
                   f"On {patient_test['n']} test patients ({patient_test['positives']} "
                   f"{positive}, {patient_test['negatives']} {negative}), each one observation; "
-                  "95% CIs from a bootstrap over patients.", "",
+                  "95% CIs: Wilson score intervals for accuracy, sensitivity, specificity and "
+                  "precision, DeLong's on the logit scale for ROC AUC (Hanley & McNeil's "
+                  "variance where the classes do not overlap), a percentile bootstrap over "
+                  "patients for F1 and PR AUC.", "",
                   *_metric_table(patient_test["metrics"])]
     lines += ["## Limitations", ""]
     lines += [f"- {title}: {text}" for title, text in

@@ -142,4 +142,5 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
                         [{"trial_id": m["trial_id"], "precision": m.get("precision")}
                          for m in chosen],
                         metrics.get("temperature", 1.0), rule,
-                        [m.get("weight", 1.0) for m in chosen])
+                        [m.get("weight", 1.0) for m in chosen],
+                        [m.get("temperature", 1.0) for m in chosen])

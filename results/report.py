@@ -27,6 +27,7 @@ from results.wording import (
     grouping_meaning,
     groups_are,
     interval_limitation,
+    interval_methods,
     limitations,
 )
 from tuning.config import make_config
@@ -176,7 +177,12 @@ def _exported(metrics: dict) -> list[str]:
             f"AutoGluon use it) weighed the best checkpoints of the top {ensemble['candidates']} "
             f"trials to minimise the log-loss of their mean probability on the validation "
             f"split, a proper score that rewards probabilities that are right rather than only "
-            f"well ranked. It {gave} (log-loss {_num(losses.get('ensemble'), 4)}, against "
+            f"well ranked. "
+            + ("Each trial's probabilities were first calibrated by a temperature of its own, "
+               "fitted on the other half of the validation split, so that selection weighs what "
+               "each trial ranks rather than how confident it was trained to be. "
+               if ensemble.get("calibrated_members") else "")
+            + f"It {gave} (log-loss {_num(losses.get('ensemble'), 4)}, against "
             f"{_num(losses.get('single'), 4)} for the best trial alone). ")
     if held_out is not None:
         text += (f"Weights chosen and judged on the same slices flatter themselves: run on each "
@@ -310,9 +316,9 @@ def _results(metrics: dict, plots: dict[str, str]) -> list[str]:
     how = THRESHOLD_METHODS.get(threshold["method"], threshold["method"])
     lines = [f"## Test results at threshold {threshold['value']:.3g} ({how})", ""]
     lines += _table(header, _metric_rows(test["metrics"], keys, val["metrics"] if val else None))
-    lines += [f"95% CIs: percentile bootstrap ({boot.get('resamples', '?')} resamples, seed "
-              f"{boot.get('seed', '?')}) over {_bootstrap_unit(metrics)}{_dropped(test)}. ROC AUC "
-              f"and PR AUC do not "
+    calibrated = [m for m in ("brier", "ece") if m in test.get("calibration", {})]
+    lines += [f"95% CIs: {_interval_methods(test, keys + calibrated, boot)}; all over "
+              f"{_bootstrap_unit(metrics)}{_dropped(test)}. ROC AUC and PR AUC do not "
               f"depend on the threshold. The validation column is the split the model (and a "
               f"tuned threshold) was chosen on; a large gap to the test value is a warning "
               f"sign.", ""]
@@ -383,9 +389,8 @@ def _patients(metrics: dict) -> list[str]:
         f"The test split holds {test['n']} {units} ({test['positives']} {positive}, "
         f"{test['negatives']} {negative}); each counts once, however many slices it has.", "",
         *_table(header, _metric_rows(test["metrics"], keys, val["metrics"] if val else None)),
-        f"95% CIs: percentile bootstrap ({boot.get('resamples', '?')} resamples, seed "
-        f"{boot.get('seed', '?')}) over test {units}, each {unit} one observation"
-        f"{_dropped(test)}.", "",
+        f"95% CIs: {_interval_methods(test, keys, boot)}; all over test {units}, each {unit} "
+        f"one observation{_dropped(test)}.", "",
         f"### Confusion matrix in {units}", "",
         _confusion_text(test["confusion_matrix"], threshold["value"], negative, positive,
                         units), "",
@@ -398,10 +403,18 @@ def _plural(unit: str) -> str:
 
 
 def _dropped(entry: dict) -> str:
-    """What the AUCs' intervals left out: resamples that drew one class only."""
+    """What the bootstrapped AUCs' intervals left out: resamples that drew one class only."""
     dropped = entry.get("resamples_dropped", 0)
-    return (f" ({dropped} resamples drew one class only and are left out of the AUCs' "
-            "intervals)" if dropped else "")
+    bootstrapped = entry.get("intervals", {}).get("roc_auc", "bootstrap") == "bootstrap"
+    which = "AUCs' intervals" if bootstrapped else "PR AUC's interval"
+    return (f" ({dropped} resamples drew one class only and are left out of the {which})"
+            if dropped else "")
+
+
+def _interval_methods(entry: dict, keys: list[str], boot: dict) -> str:
+    """Which method made the intervals of a scored entry's metrics `keys`, in words."""
+    return interval_methods(entry.get("intervals", {}), keys, f"({boot.get('resamples', '?')} "
+                            f"resamples, seed {boot.get('seed', '?')})")
 
 
 def _bootstrap_unit(metrics: dict) -> str:

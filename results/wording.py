@@ -14,6 +14,38 @@ METRIC_NAMES = {
     "pr_auc": "PR AUC (average precision)",
 }
 
+# How each 95% CI was made, by the names of metrics.json's "intervals" (results.metrics.score).
+INTERVAL_METHODS = {
+    "wilson": "Wilson score intervals",
+    "wilson_design_effect": ("Wilson score intervals at the number of independent slices that the "
+                             "groups' design effect leaves (Korn & Graubard)"),
+    "delong": "DeLong's interval on the logit scale",
+    "obuchowski": "DeLong's interval on the logit scale, summed within groups (Obuchowski)",
+    "hanley_mcneil": ("Wilson's interval at the pairs Hanley & McNeil's variance is worth (where "
+                      "DeLong's is 0, as when the classes do not overlap)"),
+    "bootstrap": "percentile bootstrap",
+}
+
+
+def interval_methods(methods: dict[str, str], keys: list[str], bootstrap: str) -> str:
+    """Which method made the intervals of the metrics `keys`, in words: "Wilson score intervals
+    for accuracy and specificity; percentile bootstrap (1000 resamples) for F1 score". `methods`
+    is metrics.json's "intervals"; a metric it does not name was bootstrapped, as every one was
+    before they were recorded. `bootstrap` follows the bootstrap's name."""
+    named = {**{key: name if name[:2].isupper() else name[0].lower() + name[1:]
+                for key, name in METRIC_NAMES.items()},  # "accuracy", "ROC AUC", "F1 score"
+             "brier": "Brier score", "ece": "expected calibration error"}
+    by_method: dict[str, list[str]] = {}
+    for key in keys:
+        by_method.setdefault(methods.get(key, "bootstrap"), []).append(named.get(key, key))
+    order = list(INTERVAL_METHODS)  # the bootstrap last
+    return "; ".join(
+        f"{INTERVAL_METHODS.get(method, method)}{' ' + bootstrap if method == 'bootstrap' else ''}"
+        f" for {', '.join(names[:-1]) + ' and ' + names[-1] if len(names) > 1 else names[0]}"
+        for method, names in sorted(by_method.items(), key=lambda item: order.index(item[0])
+                                    if item[0] in order else len(order)))
+
+
 # What the exported model is compared with (results.evaluate._compared_weights).
 COMPARED_BEST = "the best trial alone"
 COMPARED_RUNNER_UP = "the runner-up trial alone"
@@ -63,14 +95,15 @@ def grouping_meaning(data: dict) -> str:
 
 
 def _bootstrap_units(unit: str) -> str:
-    """What the bootstrap drew whole: the split's groups."""
+    """What the intervals took whole (the bootstrap resampled, the design effect pooled): the
+    split's groups."""
     if unit == "patients":
-        return ("patients: all slices of a patient are drawn together, so the intervals "
+        return ("patients: all slices of a patient are taken together, so the intervals "
                 "reflect the number of test patients")
     if unit == "files":
-        return ("single slices (only byte-identical files are drawn together): slices of one "
+        return ("single slices (only byte-identical files are taken together): slices of one "
                 "patient are treated as independent, so the intervals are optimistic")
-    return (f"{unit} (the split's groups), each drawn whole ({UNIT_CAVEATS.get(unit, '')}), so "
+    return (f"{unit} (the split's groups), each taken whole ({UNIT_CAVEATS.get(unit, '')}), so "
             "the intervals may be somewhat narrow")
 
 
@@ -105,15 +138,15 @@ def interval_limitation(data: dict) -> tuple[str, str]:
     are (`data`: metrics' or an export's)."""
     unit = groups_are(data)
     if unit == "patients":
-        return ("Confidence intervals", "They come from bootstrap resamples of test patients; "
-                "they cover the sampling of patients, not differences between hospitals or "
-                "scanners.")
-    return ("Confidence intervals may be optimistic", f"They resample {_bootstrap_units(unit)}. "
+        return ("Confidence intervals", "They count test patients, not slices, as the independent "
+                "observations; they cover the sampling of patients, not differences between "
+                "hospitals or scanners.")
+    return ("Confidence intervals may be optimistic", f"They count {_bootstrap_units(unit)}. "
             "Slices of one patient that share the test split are not independent, so the true "
             "uncertainty is larger than the intervals show; an ID per patient (a DICOM patient "
             "ID, or a manifest's `group` column) fixes this.")
 
 
 def bootstrap_unit_text(data: dict) -> str:
-    """What a bootstrap over the test split's groups resampled, in words."""
+    """What the intervals over the test split's groups took whole, in words."""
     return _bootstrap_units(groups_are(data))

@@ -94,8 +94,9 @@ def test_export_round_trip(exported):
 
 
 def test_an_ensemble_exports_as_one_model_in_every_format(tmp_path):
-    """Two members of different heads, weighted 3:1: model.pt, TorchScript and ONNX all give the
-    logit of the members' weighted mean probability, divided by the temperature."""
+    """Two members of different heads, weighted 3:1, each calibrated by its own temperature:
+    model.pt, TorchScript and ONNX all give the logit of the members' weighted mean calibrated
+    probability, divided by the temperature."""
     from results.model_folder import onnx_predictor
 
     torch.manual_seed(1)
@@ -103,11 +104,12 @@ def test_an_ensemble_exports_as_one_model_in_every_format(tmp_path):
     nets = [c.description().build().eval() for c in configs]
     model_dir = export_model(tmp_path / "m", list(zip(nets, configs, strict=True)), CLASSES,
                              0.4, {}, [{"trial_id": "a"}, {"trial_id": "b"}], temperature=2.0,
-                             weights=[0.75, 0.25])
+                             weights=[0.75, 0.25], member_temperatures=[1.5, 0.8])
     images = torch.randint(0, 256, (3, 32, 32), dtype=torch.uint8)
     with torch.no_grad():
         x = normalize(images, NORM_MEAN, NORM_STD)
-        probs = torch.stack([torch.sigmoid(n(x).squeeze(1)) for n in nets])
+        probs = torch.stack([torch.sigmoid(n(x).squeeze(1) / t)
+                             for n, t in zip(nets, (1.5, 0.8), strict=True)])
     expected = torch.sigmoid(torch.logit(0.75 * probs[0] + 0.25 * probs[1]) / 2.0)
     loaded, description = load_model(model_dir / "model.pt")
     assert isinstance(loaded, Ensemble) and description.image_size == 32
@@ -117,8 +119,8 @@ def test_an_ensemble_exports_as_one_model_in_every_format(tmp_path):
     torch.testing.assert_close(torch.sigmoid(script(images)), expected, rtol=0, atol=1e-6)
     assert np.abs(onnx_predictor(model_dir)(images.numpy()) - expected.numpy()).max() < 1e-4
     config = json.loads((model_dir / "config.json").read_text())
-    assert [(m["trial_id"], m["weight"]) for m in config["members"]] == [("a", 0.75),
-                                                                          ("b", 0.25)]
+    assert [(m["trial_id"], m["weight"], m["temperature"]) for m in config["members"]] == [
+        ("a", 0.75, 1.5), ("b", 0.25, 0.8)]
     card = (model_dir / "model_card.md").read_text()
     assert "ensemble of 2" in card and "temperature of 2" in card
     assert "(trial a, weight 0.75)" in card and "(trial b, weight 0.25)" in card

@@ -6,7 +6,7 @@ import pytest
 import torch
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
-from sklearn.metrics import log_loss
+from sklearn.metrics import log_loss, roc_auc_score
 
 from ctmodels import Ensemble
 from results.evaluate import (
@@ -75,12 +75,11 @@ def test_val_halves_keep_groups_whole_and_both_classes_in_each():
     assert not set(groups[first]) & set(groups[second])
     assert set(y[first]) == set(y[second]) == {0, 1}
     assert val_halves(np.array([0, 1, 1]), np.array([0, 1, 2])) is None  # one negative only
-    # Too small to halve: no cross-fitted figure. Here the second-ranked trial alone has the
-    # lower log-loss, and selection keeps it.
+    # Too small to halve: no cross-fitted figure. Here the second-ranked trial ranks the three
+    # slices right and the first does not: selection gives it the larger share.
     choice = choose_ensemble(np.array([0, 1, 1]), [np.array([0.6, 0.4, 0.9]),
                                                     np.array([0.1, 0.9, 0.5])])
-    assert choice["weights"] == [0.0, 1.0] and choice["cross_fitted_log_loss"] is None
-    assert "kept the trial ranked 2 alone" in choice["why"]
+    assert choice["weights"][1] > choice["weights"][0] and choice["cross_fitted_log_loss"] is None
 
 
 def test_temperature_softens_overconfident_probabilities_and_lowers_the_log_loss():
@@ -119,7 +118,7 @@ def plain_temperature(y: np.ndarray, prob: np.ndarray) -> float:
 
 def test_on_small_val_splits_the_temperature_of_a_calibrated_model_stays_nearer_1():
     """A model already calibrated (T = 1 is right), val splits of 63 slices: the fitted T
-    scatters less about 1 than the plain fit's (5-95%: 0.46-1.37 in the issue's measurement)."""
+    scatters less about 1 than the plain fit's (the spread of log T: 0.63 against 0.79)."""
     rng = np.random.default_rng(0)
     new, old = [], []
     for _ in range(200):
@@ -129,7 +128,7 @@ def test_on_small_val_splits_the_temperature_of_a_calibrated_model_stays_nearer_
         new.append(fit_temperature(y, prob)[0])
         old.append(plain_temperature(y, prob))
     spread = [np.subtract(*np.percentile(np.log(t), [95, 5])) for t in (new, old)]
-    assert spread[0] < 0.8 * spread[1]
+    assert spread[0] < 0.85 * spread[1]
     assert np.median(new) == pytest.approx(1.0, abs=0.15)
 
 
@@ -152,6 +151,34 @@ def test_the_exported_model_is_compared_with_the_best_trial_or_else_the_runner_u
                                                                COMPARED_RUNNER_UP)
 
 
+def _strong_overconfident_and_weak_smoothed(n: int, rng: np.random.Generator):
+    """Labels, a member that ranks well (AUC about 0.87) with logits 8 times too large, and one
+    that ranks poorly (about 0.77) with probabilities kept near 0.5, as label smoothing does."""
+    truth = rng.normal(0, 2.5, n)
+    y = (rng.random(n) < expit(truth)).astype(int)
+    return (y, expit(8 * (truth + rng.normal(0, 0.7, n))),
+            expit(0.3 * (truth + rng.normal(0, 2.5, n))))
+
+
+def test_calibrated_selection_lets_an_overconfident_strong_member_win():
+    """On raw probabilities the strong member's log-loss (1.65) is far worse than the weak
+    one's (0.57), and selection gives it half the weight; each calibrated first (its own
+    temperature, cross-fitted on val halves), it takes most of it, and the exported mean of
+    calibrated members scores better on fresh data."""
+    rng = np.random.default_rng(0)
+    y, strong, weak = _strong_overconfident_and_weak_smoothed(400, rng)
+    raw, _ = caruana_weights(y, [strong, weak])
+    choice = choose_ensemble(y, [strong, weak])
+    assert raw.tolist() == [0.5, 0.5] and choice["weights"][0] > 0.75
+    assert choice["member_temperatures"][0] > 4  # its logits are 8 times too large
+    y_new, strong_new, weak_new = _strong_overconfident_and_weak_smoothed(20_000, rng)
+    calibrated_first = combine([strong_new, weak_new], choice["weights"], 1.0,
+                               choice["member_temperatures"])
+    as_before = combine([strong_new, weak_new], raw.tolist())
+    assert log_loss(y_new, calibrated_first) < log_loss(y_new, np.clip(as_before, 1e-7, 1))
+    assert roc_auc_score(y_new, calibrated_first) > roc_auc_score(y_new, as_before)
+
+
 def test_combine_computes_what_the_exported_ensemble_outputs():
     torch.manual_seed(0)
     members = [torch.nn.Linear(4, 1), torch.nn.Linear(4, 1)]
@@ -159,7 +186,10 @@ def test_combine_computes_what_the_exported_ensemble_outputs():
     with torch.no_grad():
         probs = [torch.sigmoid(m(x)).squeeze(1).numpy() for m in members]
         exported = torch.sigmoid(Ensemble(members, 1.7, [0.7, 0.3])(x)).squeeze(1).numpy()
+        calibrated = torch.sigmoid(Ensemble(members, 1.7, [0.7, 0.3], [2.0, 0.5])(x))
     np.testing.assert_allclose(combine(probs, [0.7, 0.3], 1.7), exported, atol=1e-6)
+    np.testing.assert_allclose(combine(probs, [0.7, 0.3], 1.7, [2.0, 0.5]),
+                               calibrated.squeeze(1).numpy(), atol=1e-6)
     assert combine(probs[:1], [1.0]) is probs[0]  # one member, uncalibrated: its own
     assert combine([probs[0], None], [1.0, 0.0]) is probs[0]  # weight 0: never computed
 

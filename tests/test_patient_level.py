@@ -254,12 +254,13 @@ def test_export_run_passes_the_patient_rule(monkeypatch, tmp_path):
     monkeypatch.setattr(pipeline, "export_model", lambda *args: seen.update(args=args))
     metrics = {**copy.deepcopy(METRICS), "searched": {}, "patient": _patient_entry()}
     pipeline.export_run("unused", tmp_path, metrics, [(None, None)])
-    *_, extra, _, _, rule, weights = seen["args"]
+    *_, extra, _, _, rule, weights, temperatures = seen["args"]
     assert rule == {"aggregate": "top25", "threshold": metrics["patient"]["threshold"]["value"]}
-    assert extra["patient_test"]["n"] == 40 and weights == [1.0]  # metrics with no weights
+    # Metrics with no weights and no member temperatures (evaluations before 0.4).
+    assert extra["patient_test"]["n"] == 40 and weights == temperatures == [1.0]
     del metrics["patient"]
     pipeline.export_run("unused", tmp_path, metrics, [(None, None)])
-    assert seen["args"][-2] is None and "patient_test" not in seen["args"][4]
+    assert seen["args"][-3] is None and "patient_test" not in seen["args"][4]
 
 
 @pytest.fixture(scope="module")

@@ -201,7 +201,9 @@ def test_report_shows_calibration_and_which_unit_the_intervals_resampled(tmp_pat
     y = rng.integers(0, 2, 60)
     prob = np.clip(0.3 * y + 0.7 * rng.random(60), 0, 1)
     metrics = copy.deepcopy(METRICS)
-    metrics["test"]["calibration"] = score(y, prob, 0.5, resamples=100)["calibration"]
+    scored = score(y, prob, 0.5, resamples=100)
+    metrics["test"]["calibration"] = scored["calibration"]
+    metrics["test"]["intervals"] = scored["intervals"]
     metrics["bootstrap"] = {"resamples": 100, "seed": 0, "unit": "manifest", "test_groups": 31}
     fig = plots.plot_reliability(metrics["test"]["calibration"], tmp_path / "reliability.png")
     assert (tmp_path / "reliability.png").stat().st_size > 0
@@ -212,14 +214,24 @@ def test_report_shows_calibration_and_which_unit_the_intervals_resampled(tmp_pat
     brier = metrics["test"]["calibration"]["brier"]
     assert f"| Brier score | {brier['value']:.3f} | {brier['ci95'][0]:.3f}–" in text
     assert "](reliability.png)" in text
-    assert "over patients: all slices of a patient are drawn together" in text
+    assert ("95% CIs: Wilson score intervals for accuracy, sensitivity (recall), specificity "
+            "and precision (PPV); DeLong's interval on the logit scale for ROC AUC; percentile "
+            "bootstrap (100 resamples, seed 0) for F1 score, PR AUC (average precision), Brier "
+            "score and expected calibration error; all over patients: all slices of a patient "
+            "are taken together") in text
     assert "(31 groups" in text
-    assert "resamples of test patients" in text[text.index("## Limitations"):]
+    assert "They count test patients, not slices" in text[text.index("## Limitations"):]
     assert "drew one class only" not in text  # none dropped here
 
     metrics["test"]["resamples_dropped"] = 7
     write_report(tmp_path / "report.md", metrics, LEADERBOARD, PLOTS)
     text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "(7 resamples drew one class only and are left out of the PR AUC's interval)" in text
+    # metrics.json from before the methods were recorded: every interval was bootstrapped.
+    del metrics["test"]["intervals"]
+    write_report(tmp_path / "report.md", metrics, LEADERBOARD, PLOTS)
+    text = (tmp_path / "report.md").read_text(encoding="utf-8")
+    assert "95% CIs: percentile bootstrap (100 resamples, seed 0) for accuracy," in text
     assert "(7 resamples drew one class only and are left out of the AUCs' intervals)" in text
 
 
