@@ -87,6 +87,16 @@ def number(kind: type, interval: Interval) -> Callable[[str], float]:
 
 
 positive_int = number(int, Interval(1, math.inf))
+fixed_threshold = number(float, Interval(0, 1, high_closed=True))
+
+
+def threshold_rule(text: str) -> float | str:
+    """--threshold: a fixed threshold, or "sensitivity:S" with S in (0, 1]."""
+    if not text.startswith("sensitivity:"):
+        return fixed_threshold(text)
+    target = text.removeprefix("sensitivity:")
+    fixed_threshold(target)  # the same range, the same message
+    return f"sensitivity:{float(target):g}"
 # Fewer resamples leave a handful in each 2.5% tail: an "interval" that may exclude its own
 # point estimate.
 MIN_BOOTSTRAP = 200
@@ -412,8 +422,9 @@ def print_results(run_dir: str, out: Path) -> None:
     """The headline of results/metrics.json and where everything is."""
     metrics = json.loads((out / runfolder.METRICS).read_text(encoding="utf-8"))
     test, threshold = metrics["test"], metrics["threshold"]
-    how = ("fixed by --threshold" if threshold["method"] == "fixed"
-           else f"{threshold['method']}, chosen on val")
+    how = ("fixed by --threshold" if threshold["method"] == "fixed" else
+           f"sensitivity {threshold['target']:g} on val, a target set by --threshold"
+           if threshold["method"] == "sensitivity" else f"{threshold['method']}, chosen on val")
     print(f"test split: {test['n']} images never used for training or model selection; "
           f"threshold {threshold['value']:.3f} ({how})")
     _print_choice(metrics)
@@ -763,8 +774,10 @@ def build_parser() -> argparse.ArgumentParser:
                                  "test split: metrics with 95%% CIs, plots, report, export")
     p.add_argument("run_dir", help="the search's run folder (STORAGE_PATH/NAME), a local path or "
                    "a URI like s3://BUCKET/runs/NAME; results/ and export/ are written into it")
-    p.add_argument("--threshold", type=number(float, Interval(0, 1, high_closed=True)),
-                   help="fixed decision threshold (default: maximise Youden's J on val)")
+    p.add_argument("--threshold", type=threshold_rule, metavar="T|sensitivity:S",
+                   help="the decision threshold: a fixed T in (0, 1], or sensitivity:S, the "
+                        "highest threshold reaching sensitivity S on val, a target set in "
+                        "advance (default: maximise Youden's J on val)")
     p.add_argument("--seed", type=seed, default=0, help="bootstrap seed (default: 0)")
     p.add_argument("--cache-dir", type=Path, help="decoded-dataset cache (default: as for tune)")
     p.set_defaults(func=cmd_evaluate)

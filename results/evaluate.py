@@ -25,7 +25,7 @@ from data_utils.files import write_json
 from data_utils.sources import DataError
 from data_utils.split import PERSON_UNITS, load_data_options, recorded_unit, slice_key
 from results.aggregate import AGGREGATES, CHOOSE_AGGREGATE, aggregate_by_group
-from results.metrics import paired_bootstrap, score, youden_threshold
+from results.metrics import paired_bootstrap, score, sensitivity_threshold, youden_threshold
 from results.wording import COMPARED_BEST, COMPARED_RUNNER_UP
 from tuning.config import make_config
 from tuning.records import SearchOptions, load_options
@@ -81,12 +81,22 @@ def load_checkpoint_model(checkpoint: str) -> Member:
         return load_model(local)
 
 
-def choose_threshold(y_val: np.ndarray, prob_val: np.ndarray, fixed: float | None) -> dict:
-    if fixed is not None:
-        return {"method": "fixed", "value": float(fixed)}
+SENSITIVITY_RULE = "sensitivity:"  # --threshold sensitivity:0.95, a rule fixed in advance
+
+
+def choose_threshold(y_val: np.ndarray, prob_val: np.ndarray, rule: float | str | None) -> dict:
+    """The decision threshold by `rule`: a number, fixed; "sensitivity:S", the highest
+    threshold that reaches sensitivity S on val (a target set before the data are seen); or
+    None, Youden's J on val (results.metrics places both between adjacent val scores)."""
+    if isinstance(rule, (int, float)):
+        return {"method": "fixed", "value": float(rule)}
     if len(np.unique(y_val)) < 2:
         raise DataError("the validation split holds one class only, so no threshold can be "
                         "chosen on it; give one with --threshold, or split with more data")
+    if isinstance(rule, str) and rule.startswith(SENSITIVITY_RULE):
+        target = float(rule.removeprefix(SENSITIVITY_RULE))
+        return {"method": "sensitivity", "target": target,
+                "value": sensitivity_threshold(y_val, prob_val, target)}
     return {"method": "youden", "value": youden_threshold(y_val, prob_val)}
 
 

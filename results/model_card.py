@@ -57,7 +57,9 @@ def model_card(meta: dict) -> str:
     if patient:
         aggregate, method = patient["aggregate"], meta.get("patient_threshold_method")
         threshold_how = {"youden": "the threshold by Youden's J on the same patients",
-                         "fixed": "the threshold was fixed in advance"}.get(
+                         "fixed": "the threshold was fixed in advance",
+                         "sensitivity": "the threshold by a target sensitivity set in advance, "
+                                        "on the same patients"}.get(
             method, f"the threshold by the `{method}` method")
         lines.append(f"- Patient (or CT series) decision (`{aggregate}`): its probability is "
                      f"{AGGREGATE_MEANING.get(aggregate, aggregate)}; >= "

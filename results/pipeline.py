@@ -124,6 +124,8 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
         "searched": metrics["searched"],
         "test_metrics": metrics["test"]["metrics"],
         "threshold_method": metrics["threshold"]["method"],
+        **({"threshold_target_sensitivity": metrics["threshold"]["target"]}
+           if "target" in metrics["threshold"] else {}),
         "data": metrics["data"],
     }
     patient = metrics.get("patient")

@@ -33,7 +33,9 @@ from results.wording import (
 from tuning.config import make_config
 
 THRESHOLD_FREE = ("roc_auc", "pr_auc")  # the same at every threshold
-THRESHOLD_METHODS = {"youden": "Youden's J on the validation split", "fixed": "fixed"}
+THRESHOLD_METHODS = {"youden": "Youden's J on the validation split", "fixed": "fixed",
+                     "sensitivity": "a target sensitivity set in advance, on the validation "
+                                    "split"}
 LEADERBOARD_ROWS = 10
 MAX_SKIPPED_LISTED = 50
 
@@ -103,6 +105,10 @@ def _threshold_text(threshold: dict, positive: str, unit: str = "slice") -> str:
                 f"that maximises sensitivity + specificity − 1), never on the test split.")
     if method == "fixed":
         return f"{rule}, a fixed threshold set in advance rather than tuned on any data."
+    if method == "sensitivity":
+        return (f"{rule}, the highest threshold that reaches a sensitivity of "
+                f"{threshold['target']:.3g} on {validation}, a target set in advance, never "
+                f"on the test split.")
     return f"{rule}, a threshold chosen by the `{method}` method."
 
 

@@ -1,3 +1,4 @@
+import argparse
 import json
 import os
 import signal
@@ -288,6 +289,16 @@ def test_a_search_interrupted_before_its_first_trial_is_resumed_or_its_name_reus
     assert main(["tune", "--resume", str(run), "--bootstrap", "200", "--ensemble", "1"]) == 0
     assert f"search early in {run} never started a trial: starting it" in capsys.readouterr().out
     assert json.loads((run / "best.json").read_text())["trials"] == 1
+
+
+def test_threshold_takes_a_number_or_a_target_sensitivity():
+    from ctscan.cli import threshold_rule
+
+    assert threshold_rule("0.4") == 0.4
+    assert threshold_rule("sensitivity:0.950") == "sensitivity:0.95"
+    for bad in ("sensitivity:2", "sensitivity:", "1.5", "youden"):
+        with pytest.raises(argparse.ArgumentTypeError, match="expected a number in"):
+            threshold_rule(bad)
 
 
 @pytest.mark.parametrize("method, said", [("fixed", "threshold 1.000 (fixed by --threshold)"),

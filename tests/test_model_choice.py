@@ -245,3 +245,16 @@ def test_the_compared_model_is_calibrated_as_the_chosen_one(monkeypatch):
     assert compared["temperature"] == expected
     np.testing.assert_allclose(compared["prob_test"], combine(
         [members["a"][test], members["b"][test]], weights, expected))
+
+
+def test_a_threshold_rule_fixed_in_advance_reaches_its_sensitivity_on_val():
+    from results.evaluate import choose_threshold
+
+    rng = np.random.default_rng(4)
+    y = rng.integers(0, 2, 200)
+    prob = np.clip(0.5 + (y - 0.5) * 0.3 + rng.normal(0, 0.2, 200), 0, 1)
+    rule = choose_threshold(y, prob, "sensitivity:0.95")
+    assert rule["method"] == "sensitivity" and rule["target"] == 0.95
+    assert np.mean(prob[y == 1] >= rule["value"]) >= 0.95
+    assert choose_threshold(y, prob, 0.3) == {"method": "fixed", "value": 0.3}
+    assert choose_threshold(y, prob, None)["method"] == "youden"
