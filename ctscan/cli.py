@@ -453,8 +453,10 @@ def print_results(run_dir: str, out: Path) -> None:
         print(f"--calibrate: no temperature applied, since {metrics['calibration_not_applied']}")
     elif metrics.get("temperature_ci95"):
         low, high = metrics["temperature_ci95"]
-        print(f"--calibrate: temperature {metrics['temperature']:.3g}, fitted on val (95% "
-              f"interval over resamples of val: {low:.3g} to {high:.3g})")
+        asked = metrics.get("evaluations", {}).get("options", {}).get("calibrate")
+        whose = "--calibrate" if asked else "the ensemble's, as its members are calibrated"
+        print(f"temperature {metrics['temperature']:.3g} ({whose}, fitted on val; 95% interval "
+              f"over resamples of val: {low:.3g} to {high:.3g})")
     _print_earlier_evaluations(metrics.get("evaluations"))
     report, export = f"{runfolder.RESULTS}/{runfolder.REPORT}", runfolder.EXPORT
     page = f"{runfolder.RESULTS}/{runfolder.REPORT_HTML}"
