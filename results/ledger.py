@@ -17,14 +17,28 @@ from data_utils.files import atomic_write
 from results.export import package_versions
 
 EVALUATIONS = "evaluations.jsonl"  # in results/
-CHOICE_OPTIONS = ("ensemble", "calibrate", "threshold")  # options that change what is scored
+# Options that change what is scored.
+CHOICE_OPTIONS = ("ensemble", "calibrate", "threshold", "patient_aggregate")
 
 
 def read_ledger(run_dir: str) -> list[dict]:
-    """The run's earlier evaluations, oldest first; none for a run never evaluated."""
+    """The run's earlier evaluations, oldest first; none for a run never evaluated. A line that
+    is not such a record stops here, in one line naming the file: read before the test split
+    is, so a damaged ledger never lets an evaluation go uncounted."""
     location = runfolder.join(run_dir, runfolder.RESULTS, EVALUATIONS)
     text = runfolder.read_text(location) or ""
-    return [runfolder.parse_json(line, location) for line in text.splitlines() if line.strip()]
+    entries = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        entry = runfolder.parse_json(line, location)
+        if not isinstance(entry, dict) or not {"time", "options"} <= set(entry):
+            raise runfolder.StorageError(
+                f"{location}: line {number} is not a record of an evaluation (time, options); "
+                "was it edited or cut short? It counts every look at the test split: restore "
+                "it before evaluating again")
+        entries.append(entry)
+    return entries
 
 
 def ledger_entry(metrics: dict, options: dict) -> dict:
@@ -56,5 +70,9 @@ def describe_options(options: dict) -> str:
     if options.get("calibrate"):
         flags.append("--calibrate")
     if options.get("threshold") is not None:
-        flags.append(f"--threshold {options['threshold']:g}")
+        threshold = options["threshold"]
+        flags.append(f"--threshold {threshold:g}" if isinstance(threshold, (int, float))
+                     else f"--threshold {threshold}")
+    if options.get("patient_aggregate", "mean") != "mean":
+        flags.append(f"--patient-aggregate {options['patient_aggregate']}")
     return " ".join(flags)

@@ -83,6 +83,11 @@ def model_card(meta: dict) -> str:
     lines += [f"- Grouping: {grouping_meaning(data) if data else 'not recorded'}", "",
               "## Test metrics", ""]
     metrics = meta.get("test_metrics") or {}
+    scored = meta.get("test_split_scored")
+    if scored:
+        lines += [f"The test split has been scored {scored} time{'s' * (scored > 1)}, this "
+                  "evaluation included" + (": the first evaluation is the one to report."
+                                           if scored > 1 else "."), ""]
     lines += _metric_table(metrics) if metrics else ["Not recorded in this export.", ""]
     patient_test = meta.get("patient_test")
     if patient_test:

@@ -44,11 +44,11 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
                ensemble: int = 5, calibrate: bool = False, aggregate: str = "mean") -> Path:
     """Everything `ctscan evaluate` writes into the run folder's results/ and export/; returns
     the local results folder (the run's own, or a copy of a bucket's under ./runs/NAME)."""
+    earlier = read_ledger(run_dir)  # a damaged ledger stops here, before the test is read
     metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
                                    calibrate, aggregate)
     options = {"ensemble": ensemble, "calibrate": calibrate, "threshold": threshold,
                "bootstrap": resamples, "seed": seed, "patient_aggregate": aggregate}
-    earlier = read_ledger(run_dir)
     metrics["evaluations"] = {"count": len(earlier) + 1, "options": options,
                               "earlier": [{k: e[k] for k in ("time", "options")}
                                           for e in earlier]}
@@ -127,6 +127,8 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
         **({"threshold_target_sensitivity": metrics["threshold"]["target"]}
            if "target" in metrics["threshold"] else {}),
         "data": metrics["data"],
+        # How many times this run's test split has been scored, this evaluation included.
+        "test_split_scored": metrics.get("evaluations", {}).get("count", 1),
     }
     patient = metrics.get("patient")
     rule = None

@@ -258,3 +258,9 @@ def test_a_threshold_rule_fixed_in_advance_reaches_its_sensitivity_on_val():
     assert np.mean(prob[y == 1] >= rule["value"]) >= 0.95
     assert choose_threshold(y, prob, 0.3) == {"method": "fixed", "value": 0.3}
     assert choose_threshold(y, prob, None)["method"] == "youden"
+    # The ledger names the rule as the flag that set it.
+    from results.ledger import describe_options
+
+    assert describe_options({"ensemble": 5, "threshold": "sensitivity:0.95",
+                             "patient_aggregate": "choose"}) == (
+        "--ensemble 5 --threshold sensitivity:0.95 --patient-aggregate choose")

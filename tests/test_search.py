@@ -16,6 +16,7 @@ import results.evaluate as evaluate_module
 from ctscan.cli import print_results
 from data_utils.cache import load_dataset
 from data_utils.demo import make_demo_data
+from data_utils.runfolder import StorageError
 from data_utils.sources import DataError
 from data_utils.split import split_dataset
 from results.pipeline import report_run
@@ -362,6 +363,23 @@ def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns
     assert ledger[1]["test"]["roc_auc"] == metrics["test"]["metrics"]["roc_auc"]["value"]
     assert metrics["evaluations"]["count"] == 2
     assert "has been scored 2 times" in (run / "results/report.md").read_text()
+    assert ("The test split has been scored 2 times, this evaluation included: the first "
+            "evaluation is the one to report.") in (run / "export/model_card.md").read_text()
+
+
+def test_a_damaged_ledger_stops_evaluation_before_the_test_split_is_read(copied_run, tmp_path,
+                                                                        monkeypatch):
+    import results.pipeline as pipeline
+
+    evaluated_once, _ = copied_run
+    run = shutil.copytree(evaluated_once, tmp_path / "run")
+    ledger = run / "results/evaluations.jsonl"
+    monkeypatch.setattr(pipeline, "evaluate_run", lambda *a, **k: pytest.fail("test split read"))
+    for damage in ('{"time": "2026-12-07T10:00:00+00:00"}\n', "{cut short\n"):
+        ledger.write_text(ledger.read_text().splitlines()[0] + "\n" + damage)
+        with pytest.raises(StorageError, match=r"evaluations.jsonl: (line 2 is not a record|not "
+                                               r"valid JSON \(line 1)"):
+            report_run(str(run), resamples=200, gradcams=0)
 
 
 @pytest.fixture(scope="module")
