@@ -18,7 +18,13 @@ from results.evaluate import (
 )
 from results.explain import explain_slices
 from results.export import export_model
-from results.ledger import EVALUATIONS, ledger_entry, read_ledger, write_ledger
+from results.ledger import (
+    EVALUATIONS,
+    earlier_evaluations,
+    ledger_entry,
+    test_split_ledger,
+    write_ledger,
+)
 from results.plots import (
     plot_confusion,
     plot_hparam_scatter,
@@ -44,7 +50,11 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
                ensemble: int = 5, calibrate: bool = False, aggregate: str = "mean") -> Path:
     """Everything `ctscan evaluate` writes into the run folder's results/ and export/; returns
     the local results folder (the run's own, or a copy of a bucket's under ./runs/NAME)."""
-    earlier = read_ledger(run_dir)  # a damaged ledger stops here, before the test is read
+    # Every earlier look at this test split, in this run or any other; a damaged ledger stops
+    # here, before the test split is read.
+    split_json = runfolder.read_json(runfolder.join(run_dir, runfolder.SPLIT))
+    split_ledger = test_split_ledger(split_json, cache_dir) if split_json else None
+    earlier = earlier_evaluations(run_dir, split_ledger)
     metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
                                    calibrate, aggregate)
     options = {"ensemble": ensemble, "calibrate": calibrate, "threshold": threshold,
@@ -53,7 +63,10 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
                               "earlier": [{k: e[k] for k in ("time", "options")}
                                           for e in earlier]}
     out = runfolder.local_copy_dir(run_dir) / runfolder.RESULTS
-    write_ledger(out / EVALUATIONS, [*earlier, ledger_entry(metrics, options)])
+    ledger = [*earlier, ledger_entry(metrics, options, runfolder.name_of(run_dir))]
+    write_ledger(out / EVALUATIONS, ledger)
+    if split_ledger:
+        write_ledger(split_ledger, ledger)
     write_json(out / runfolder.METRICS, metrics)
     write_predictions(out / runfolder.TEST_PREDICTIONS, arrays)
     if arrays["test_patients"] is not None:

@@ -367,6 +367,26 @@ def test_every_look_at_the_test_split_is_on_record_and_a_change_of_choices_warns
             "evaluation is the one to report.") in (run / "export/model_card.md").read_text()
 
 
+def test_the_ledger_follows_the_test_split_into_another_run_or_a_deleted_results(copied_run,
+                                                                                tmp_path):
+    """The count belongs to the test split: a copy of the run whose results/ was deleted, and
+    then another copy under another name (as a new search on the same split would be), each
+    continue it from the ledger kept with the cache."""
+    evaluated_once, _ = copied_run
+    counts = []
+    for name in ("again", "another"):
+        run = shutil.copytree(evaluated_once, tmp_path / name)
+        shutil.rmtree(run / "results")
+        report_run(str(run), resamples=200, gradcams=0, cache_dir=tmp_path / "cache")
+        counts.append(json.loads((run / "results/metrics.json").read_text())["evaluations"])
+    assert [c["count"] for c in counts] == [1, 2]
+    ledger = [json.loads(line) for line in (run / "results/evaluations.jsonl").read_text()
+              .splitlines()]
+    assert [e["run"] for e in ledger] == ["again", "another"]
+    [shared] = (tmp_path / "cache" / "test-ledgers").iterdir()
+    assert shared.read_text() == (run / "results/evaluations.jsonl").read_text()
+
+
 def test_a_damaged_ledger_stops_evaluation_before_the_test_split_is_read(copied_run, tmp_path,
                                                                         monkeypatch):
     import results.pipeline as pipeline
