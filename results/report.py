@@ -198,7 +198,7 @@ def _exported(metrics: dict) -> list[str]:
     if compared.get("role"):
         why = (" (the best trial is the exported model)"
                if compared["role"] == COMPARED_RUNNER_UP else "")
-        text += f"The exported model is compared with {compared['role']}{why}, calibrated alike. "
+        text += f"The exported model is compared with {compared['role']}{why}. "
     if metrics.get("temperature", 1.0) != 1.0 or compared.get("temperature", 1.0) != 1.0:
         interval = metrics.get("temperature_ci95")
         text += (f"Probabilities are calibrated by a temperature fitted on the validation split "

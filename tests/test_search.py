@@ -327,7 +327,10 @@ def copied_run(demo_search, tmp_path_factory) -> tuple[Path, dict]:
     shutil.copytree(options.run_dir, copy, ignore=shutil.ignore_patterns("results", "export"))
     gone = Path(options.run_dir).rename(tmp / "original-gone")
     try:
-        out = report_run(str(copy), resamples=200, gradcams=2, ensemble=2)
+        # A module fixture is set up before the test's isolated cache: its own, so no ledger of
+        # the user's cache (nor an earlier session's) counts this test split's looks.
+        out = report_run(str(copy), resamples=200, gradcams=2, ensemble=2,
+                         cache_dir=tmp / "cache")
     finally:
         gone.rename(options.run_dir)  # the module's other tests read the original
     assert out == copy / "results"
