@@ -41,6 +41,8 @@ bench: $(VENV)/.installed
 	$(BIN)/python bench/search_vs_baseline.py
 	$(BIN)/python bench/ema_gap.py
 	$(BIN)/python bench/ensemble_selection.py
+	$(BIN)/python bench/threshold_bias.py
+	$(BIN)/python bench/interval_coverage.py
 	$(BIN)/python bench/split_bias.py
 	$(BIN)/python bench/onnx_latency.py
 	$(BIN)/python bench/scale.py
