@@ -781,7 +781,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "highest threshold reaching sensitivity S on val, a target set in "
                         "advance (default: maximise Youden's J on val)")
     p.add_argument("--seed", type=seed, default=0, help="bootstrap seed (default: 0)")
-    p.add_argument("--cache-dir", type=Path, help="decoded-dataset cache (default: as for tune)")
+    p.add_argument("--cache-dir", metavar="FOLDER_OR_URI",
+                   help="decoded-dataset cache, a folder or a bucket (default: as for tune; give "
+                        "a cluster search's, e.g. s3://BUCKET/RUNS/ctscan-cache, to reuse it)")
     p.set_defaults(func=cmd_evaluate)
 
     p = commands.add_parser("export", help="write the evaluated winner: state_dict, TorchScript, "
