@@ -539,10 +539,11 @@ def _decode_file(path: Path, image_size: int, resize: str, window: tuple[float, 
 
 
 def _chunks(order: list[str], frames: dict[str, int]) -> list[list[str]]:
-    """Files in runs of about a shard's slices (a volume counts its slices): the shards."""
+    """Files in runs of about a shard's slices (a volume counts its slices): the shards. No
+    files, no shard: a shard without files would only be written and joined for nothing."""
     total = sum(frames.values())
     limit = min(SHARD_SLICES, max(MIN_SHARD_SLICES, -(-total // SHARDS_WANTED)))
-    chunks, size = [[]], 0
+    chunks, size = [], limit
     for digest in order:
         if size >= limit:
             chunks.append([])

@@ -127,3 +127,9 @@ def test_an_entry_naming_a_shard_outside_its_folder_is_rebuilt(tmp_path, s3_buck
     again = load_dataset(root, 32, cache_dir=cache, progress=False)
     assert ".." not in json.dumps(again.pixels.shards)  # made again from its shards
     same_dataset(first, again)
+
+
+def test_shards_hold_whole_files_and_none_is_empty():
+    frames = {"a": 3, "b": 70, "c": 1, "d": 64}
+    assert cache_module._chunks(list(frames), frames) == [["a", "b"], ["c", "d"]]
+    assert cache_module._chunks([], {}) == []  # nothing readable: nothing to decode
