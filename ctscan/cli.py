@@ -344,6 +344,7 @@ def _tune(args: argparse.Namespace, joined: bool) -> int:
         restore = search_started(options.run_dir)
         print(f"resuming search {options.name} from {options.run_dir}" if restore else
               f"search {options.name} in {options.run_dir} never started a trial: starting it")
+        _warn_if_evaluated(options.run_dir)
     else:
         _demo_data(args, "tune")
         options = _search_options(args)
@@ -404,6 +405,19 @@ def _tune(args: argparse.Namespace, joined: bool) -> int:
                                               calibrate=args.calibrate,
                                               aggregate=args.patient_aggregate))
     return 0
+
+
+def _warn_if_evaluated(run_dir: str) -> None:
+    """Resuming a search whose test split was scored changes the model after a look at the test
+    figures: say so before it starts (its next evaluation records the change)."""
+    from results.ledger import EVALUATIONS, read_ledger, scorings
+
+    count = len(scorings(read_ledger(runfolder.join(run_dir, runfolder.RESULTS, EVALUATIONS))))
+    if count:
+        print(f"ctscan: warning: the test split of {run_dir} was scored {count} time"
+              f"{'s' if count > 1 else ''}; resuming changes the model after that, and its next "
+              "evaluation is recorded as one of a changed model: report the first",
+              file=sys.stderr)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -502,20 +516,20 @@ def _print_paired(compared: dict | None) -> None:
 
 def _print_earlier_evaluations(evaluations: dict | None) -> None:
     """One line when the test split was scored before; a warning when with other choices."""
-    from results.ledger import describe_options, with_other_choices
+    from results.ledger import describe_look, with_other_choices
 
     if not evaluations or evaluations["count"] == 1:
         return
-    earlier = evaluations["earlier"]
-    other = with_other_choices(earlier, evaluations.get("options", {}))
+    model = evaluations.get("model")
+    other = with_other_choices(evaluations["earlier"], evaluations.get("options", {}), model)
     if not other:
-        print(f"evaluation {evaluations['count']} of this test split, with the same choices as "
-              "before (results/evaluations.jsonl)")
+        print(f"evaluation {evaluations['count']} of this test split, with the same choices "
+              "and model as before (results/evaluations.jsonl)")
         return
-    looks = "; ".join(f"{e['time']} {describe_options(e['options'])}" for e in other)
-    print(f"ctscan: warning: this test split was scored before with other choices ({looks}); "
-          "report the first evaluation: a later one may keep what the test split favoured",
-          file=sys.stderr)
+    looks = "; ".join(describe_look(e, model) for e in other)
+    print(f"ctscan: warning: this test split was scored before with other choices or another "
+          f"model ({looks}); report the first evaluation: a later one may keep what the test "
+          "split favoured", file=sys.stderr)
 
 
 def _print_metrics(metrics: dict) -> None:
@@ -544,7 +558,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     with runfolder.local_path(args.model_dir) as model_dir:
         rows = predict_paths(model_dir, args.paths, per_slice=args.per_slice,
                              show_paths=args.show_paths)
-        positive = read_config(model_dir)["class_names"][1]
+        config = read_config(model_dir)
+    _note_test_look(config, args.paths, "predict")
+    positive = config["class_names"][1]
     for r in rows:
         if r["error"] is None:
             series = "" if r["slices"] is None else f"\t{r['slices']} slices"
@@ -560,12 +576,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def cmd_explain(args: argparse.Namespace) -> int:
     """Exit code 1 if any image could not be explained, as for predict."""
     from results.explain import explain_paths
+    from results.model_folder import read_config
 
     with runfolder.local_path(args.model_dir) as model_dir:
         written, failed = explain_paths(model_dir, args.paths, args.out,
                                         show_paths=args.show_paths)
+        config = read_config(model_dir)
+    _note_test_look(config, args.paths, "explain")
     print(f"wrote {len(written)} Grad-CAM overlays to {args.out}")
     return 0 if written and not failed else 1
+
+
+def _note_test_look(config: dict, paths: list[Path], kind: str) -> None:
+    """A look at test-split files through the exported model goes on its ledger, with a notice."""
+    from results.ledger import record_test_look
+    from results.predict import expand_paths
+
+    notice = record_test_look(config, expand_paths(paths), kind)
+    if notice:
+        print(notice, file=sys.stderr)
 
 
 def cmd_locate(args: argparse.Namespace) -> int:

@@ -453,24 +453,44 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
             "compared": compared, "patient": patient}
 
 
+def kept_out(trial: dict, grace_period: int) -> str | None:
+    """Why a trial may not join an ensemble, or None: a trial no better than chance on val
+    (whose weight could only come from fitting val's noise), or one ASHA stopped at its first
+    rung (judged weak after `grace_period` epochs, so barely trained)."""
+    if not trial["val_auc"] > 0.5:  # also NaN: no val AUC at all
+        return f"no better than chance on val (val AUC {trial['val_auc']:.3f})"
+    if trial["status"] == "stopped early" and trial["epochs"] <= grace_period:
+        return (f"stopped by ASHA at its first rung, after {trial['epochs']} epoch"
+                f"{'s' if trial['epochs'] != 1 else ''}")
+    return None
+
+
 def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: int
-                        ) -> list[dict]:
-    """The best trial, then the next best by val AUC whose checkpoint is there: up to `size`
-    {"trial_id", "checkpoint", "config", "precision"} (precision: None in runs that did not record
-    it). (A trial that failed on resuming may name a checkpoint Ray had already replaced.)"""
+                        ) -> tuple[list[dict], list[dict]]:
+    """The best trial, then the next best by val AUC whose checkpoint is there and that is not
+    `kept_out`: up to `size` {"trial_id", "checkpoint", "config", "precision"} (precision: None in
+    runs that did not record it); and the trials kept out on the way, {"trial_id", "val_auc",
+    "epochs", "reason"}. (A trial that failed on resuming may name a checkpoint Ray had already
+    replaced.)"""
     trials = runfolder.read_json(runfolder.join(run_dir, runfolder.TRIALS)) or []
     winner = {**{k: best[k] for k in ("trial_id", "checkpoint", "config")},
               "precision": best.get("precision")}
-    candidates = [winner]
+    candidates, excluded = [winner], []
     for t in trials:
         if len(candidates) == size:
             break
-        if (t.get("checkpoint") and t["trial_id"] != best["trial_id"]
-                and runfolder.exists(runfolder.in_run(run_dir, t["checkpoint"]))):
-            candidates.append({"trial_id": t["trial_id"], "checkpoint": t["checkpoint"],
-                               "config": asdict(options.trial_config(t["params"])),
-                               "precision": t.get("precision")})
-    return candidates
+        if (not t.get("checkpoint") or t["trial_id"] == best["trial_id"]
+                or not runfolder.exists(runfolder.in_run(run_dir, t["checkpoint"]))):
+            continue
+        reason = kept_out(t, options.grace_period)
+        if reason:
+            excluded.append({"trial_id": t["trial_id"], "val_auc": t["val_auc"],
+                             "epochs": t["epochs"], "reason": reason})
+            continue
+        candidates.append({"trial_id": t["trial_id"], "checkpoint": t["checkpoint"],
+                           "config": asdict(options.trial_config(t["params"])),
+                           "precision": t.get("precision")})
+    return candidates, excluded
 
 
 def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
@@ -487,7 +507,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
                            cache_dir, split_json, run_dir)
     val_rows = recorded_rows(ds, split_json, "val")
     test_rows = recorded_rows(ds, split_json, "test")
-    candidates = ensemble_candidates(run_dir, options, best, ensemble)
+    candidates, excluded = ensemble_candidates(run_dir, options, best, ensemble)
     members = [load_checkpoint_model(runfolder.in_run(run_dir, c["checkpoint"]))
                for c in candidates]
     test_groups = recorded_groups(split_json, "test")
@@ -527,7 +547,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
         },
         "val": {"n": len(y_val), **at(y_val, prob_val, chosen["value"], val_groups)},
         **patient,  # only when the split's groups are patients
-        "ensemble": {"k": scored["k"], "candidates": len(candidates),
+        "ensemble": {"k": scored["k"], "candidates": len(candidates), "excluded": excluded,
                      "members": _weighted(candidates, weights,
                                           scored["selection"]["member_temperatures"]),
                      **{key: value for key, value in scored["selection"].items()

@@ -20,10 +20,14 @@ from results.explain import explain_slices
 from results.export import export_model
 from results.ledger import (
     EVALUATIONS,
+    completed_entry,
     earlier_evaluations,
-    ledger_entry,
+    model_state,
+    opening_entry,
+    record,
+    scorings,
     test_split_ledger,
-    write_ledger,
+    test_split_record,
 )
 from results.plots import (
     plot_confusion,
@@ -55,18 +59,29 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     split_json = runfolder.read_json(runfolder.join(run_dir, runfolder.SPLIT))
     split_ledger = test_split_ledger(split_json, cache_dir) if split_json else None
     earlier = earlier_evaluations(run_dir, split_ledger)
-    metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
-                                   calibrate, aggregate)
     options = {"ensemble": ensemble, "calibrate": calibrate, "threshold": threshold,
                "bootstrap": resamples, "seed": seed, "patient_aggregate": aggregate}
-    metrics["evaluations"] = {"count": len(earlier) + 1, "options": options,
-                              "earlier": [{k: e[k] for k in ("time", "options")}
-                                          for e in earlier]}
     out = runfolder.local_copy_dir(run_dir) / runfolder.RESULTS
-    ledger = [*earlier, ledger_entry(metrics, options, runfolder.name_of(run_dir))]
-    write_ledger(out / EVALUATIONS, ledger)
-    if split_ledger:
-        write_ledger(split_ledger, ledger)
+    # This evaluation is on record (also in a bucket) before the test split is read.
+    ledgers = list(dict.fromkeys([str(out / EVALUATIONS),
+                                  runfolder.join(run_dir, runfolder.RESULTS, EVALUATIONS),
+                                  *([split_ledger] if split_ledger else [])]))
+    opening = opening_entry(options, runfolder.name_of(run_dir), model_state(run_dir))
+    record(ledgers, [*earlier, opening])
+    metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
+                                   calibrate, aggregate)
+    earlier_scorings = scorings(earlier)
+    metrics["evaluations"] = {
+        "count": len(earlier_scorings) + 1, "options": options, "model": opening["model"],
+        "earlier": [{k: e[k] for k in ("time", "options", "model", "test") if k in e}
+                    for e in earlier_scorings],
+        # predict's and explain's looks at test files (not scorings, but looks all the same)
+        "other_looks": [{k: e.get(k) for k in ("time", "kind", "files")}
+                        for e in earlier if e not in earlier_scorings],
+        **({"test_split": test_split_record(split_json, split_ledger,
+                                            runfolder.name_of(run_dir))}
+           if split_json else {})}
+    record(ledgers, [*earlier, completed_entry(opening, metrics)])
     write_json(out / runfolder.METRICS, metrics)
     write_predictions(out / runfolder.TEST_PREDICTIONS, arrays)
     if arrays["test_patients"] is not None:
@@ -142,6 +157,9 @@ def export_run(run_dir: str, out: Path, metrics: dict | None = None,
         "data": metrics["data"],
         # How many times this run's test split has been scored, this evaluation included.
         "test_split_scored": metrics.get("evaluations", {}).get("count", 1),
+        # So that predict and explain can tell (and record) a look at this test split's files.
+        **({"test_split": metrics["evaluations"]["test_split"]}
+           if "test_split" in metrics.get("evaluations", {}) else {}),
     }
     patient = metrics.get("patient")
     rule = None

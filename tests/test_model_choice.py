@@ -198,26 +198,36 @@ def test_candidates_are_the_best_trial_then_the_next_best_whose_checkpoint_is_th
     from data_utils.files import write_json
     from results.evaluate import ensemble_candidates
 
-    def trial(trial_id: str, exists: bool = True) -> dict:
+    def trial(trial_id: str, exists: bool = True, val_auc: float = 0.8,
+              status: str = "completed", epochs: int = 4) -> dict:
         checkpoint = tmp_path / trial_id / "last.pt"
         if exists:
             checkpoint.parent.mkdir()
             checkpoint.write_bytes(b"weights")
-        return {"trial_id": trial_id, "checkpoint": str(checkpoint), "params": {"lr": 0.01}}
+        return {"trial_id": trial_id, "checkpoint": str(checkpoint), "params": {"lr": 0.01},
+                "val_auc": val_auc, "status": status, "epochs": epochs}
 
     # trials.json lists trials best first; "gone" failed on resume after Ray replaced its
-    # checkpoint, and "never" reported nothing.
-    trials = [trial("a"), trial("gone", exists=False), trial("b"), trial("c"),
-              {"trial_id": "never", "checkpoint": None, "params": {}}]
+    # checkpoint, "never" reported nothing, "rung" was stopped by ASHA at its first rung (one
+    # epoch, the grace period), "later" at a later rung, and "chance" is worse than chance.
+    trials = [trial("a", val_auc=0.95), trial("gone", exists=False), trial("b"),
+              trial("rung", status="stopped early", epochs=1),
+              trial("later", status="stopped early", epochs=2), trial("c", val_auc=0.6),
+              trial("chance", val_auc=0.4),
+              {"trial_id": "never", "checkpoint": None, "params": {}, "val_auc": float("nan"),
+               "status": "error", "epochs": 0}]
     write_json(tmp_path / "trials.json", trials)
     best = {"trial_id": "a", "checkpoint": trials[0]["checkpoint"], "config": {"lr": 0.001}}
-    search = SearchOptions(data="/data", base_config={"image_size": 32})
-    got = ensemble_candidates(str(tmp_path), search, best, size=5)
-    assert [c["trial_id"] for c in got] == ["a", "b", "c"]
+    search = SearchOptions(data="/data", base_config={"image_size": 32}, grace_period=1)
+    got, excluded = ensemble_candidates(str(tmp_path), search, best, size=5)
+    assert [c["trial_id"] for c in got] == ["a", "b", "later", "c"]
     assert got[0]["config"] == {"lr": 0.001} and got[1]["config"]["lr"] == 0.01
     assert got[1]["config"]["image_size"] == 32
-    assert [c["trial_id"] for c in ensemble_candidates(str(tmp_path), search, best, 2)] == [
-        "a", "b"]
+    assert {e["trial_id"]: e["reason"] for e in excluded} == {
+        "rung": "stopped by ASHA at its first rung, after 1 epoch",
+        "chance": "no better than chance on val (val AUC 0.400)"}
+    got, excluded = ensemble_candidates(str(tmp_path), search, best, 2)
+    assert [c["trial_id"] for c in got] == ["a", "b"] and excluded == []
 
 
 def test_the_compared_model_is_calibrated_as_the_chosen_one(monkeypatch):

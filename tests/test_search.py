@@ -405,6 +405,99 @@ def test_a_damaged_ledger_stops_evaluation_before_the_test_split_is_read(copied_
             report_run(str(run), resamples=200, gradcams=0)
 
 
+def _resumed(run: Path) -> None:
+    """What `ctscan tune --resume` leaves when it trains the best trial on: a new checkpoint,
+    named in best.json and trials.json."""
+    best = json.loads((run / "best.json").read_text())
+    old = Path(best["checkpoint"]).parent
+    shutil.copytree(run / old, run / old.parent / "checkpoint_000099")
+    for name in ("best.json", "trials.json"):
+        text = (run / name).read_text().replace(f"{old.as_posix()}/",
+                                                 f"{old.parent.as_posix()}/checkpoint_000099/")
+        (run / name).write_text(text)
+
+
+def test_an_evaluation_after_the_search_was_resumed_counts_as_one_of_a_changed_model(
+        copied_run, tmp_path, capsys):
+    from ctscan.cli import _warn_if_evaluated
+
+    evaluated_once, first = copied_run
+    run = shutil.copytree(evaluated_once, tmp_path / "run")
+    _warn_if_evaluated(str(run))
+    assert "was scored 1 time; resuming changes the model" in capsys.readouterr().err
+    _resumed(run)
+    options = first["evaluations"]["options"]
+    print_results(str(run), report_run(str(run), resamples=options["bootstrap"], gradcams=0,
+                                       ensemble=options["ensemble"]))
+    err = capsys.readouterr().err
+    assert "scored before with other choices or another model" in err
+    assert "a model that has changed since" in err
+    metrics = json.loads((run / "results/metrics.json").read_text())
+    assert metrics["evaluations"]["count"] == 2
+    ledger = [json.loads(line) for line in
+              (run / "results/evaluations.jsonl").read_text().splitlines()]
+    assert ledger[0]["options"] == ledger[1]["options"]
+    assert ledger[0]["model"] != ledger[1]["model"]
+    assert "a model that has changed since" in (run / "results/report.md").read_text()
+
+
+def test_an_evaluation_is_on_record_before_the_test_split_is_read(copied_run, tmp_path,
+                                                                  monkeypatch):
+    import results.pipeline as pipeline
+
+    evaluated_once, _ = copied_run
+    run = shutil.copytree(evaluated_once, tmp_path / "run")
+    ledger = run / "results/evaluations.jsonl"
+
+    def stopped(*args, **kwargs):
+        entries = [json.loads(line) for line in ledger.read_text().splitlines()]
+        assert len(entries) == 2 and entries[1]["test"] is None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate_run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        report_run(str(run), resamples=200, gradcams=0, ensemble=2)
+    monkeypatch.undo()
+    report_run(str(run), resamples=200, gradcams=0, ensemble=2)
+    metrics = json.loads((run / "results/metrics.json").read_text())
+    assert metrics["evaluations"]["count"] == 3  # the one stopped half-way counts
+    assert "stopped before it finished scoring" in (run / "results/report.md").read_text()
+
+
+def test_predict_and_explain_on_test_files_are_recorded_with_a_notice(demo_search, copied_run,
+                                                                     tmp_path, capsys):
+    from ctscan.cli import main
+
+    options, *_ = demo_search
+    evaluated_once, _ = copied_run
+    run = shutil.copytree(evaluated_once, tmp_path / "run")
+    split = json.loads((run / "split.json").read_text())
+    root = Path(options.data)
+    test_file, train_file = (root / next(e["path"] for e in split["files"] if e["split"] == name)
+                             for name in ("test", "train"))
+    ledger = Path(json.loads((run / "export/config.json").read_text())["test_split"]["ledger"])
+    before = ledger.read_text()
+    capsys.readouterr()
+    assert main(["predict", str(run / "export"), str(train_file)]) == 0
+    assert "notice" not in capsys.readouterr().err and ledger.read_text() == before
+    assert main(["predict", str(run / "export"), str(test_file), str(train_file)]) == 0
+    assert ("notice: 1 of these files are in the test split this model was scored on (1 time); "
+            f"this look is recorded in {ledger}") in capsys.readouterr().err
+    assert main(["explain", str(run / "export"), str(test_file), "--out",
+                 str(tmp_path / "cams")]) == 0
+    assert "notice: 1 of these files" in capsys.readouterr().err
+    looks = [json.loads(line) for line in ledger.read_text().splitlines()][-2:]
+    assert [(e["kind"], e["files"], e["run"]) for e in looks] == [("predict", 1, "copied"),
+                                                                  ("explain", 1, "copied")]
+    # The next evaluation lists them, and they are not counted as scorings.
+    report_run(str(run), resamples=200, gradcams=0, ensemble=2,
+               cache_dir=ledger.parent.parent)
+    metrics = json.loads((run / "results/metrics.json").read_text())
+    assert metrics["evaluations"]["count"] == 2
+    assert [e["kind"] for e in metrics["evaluations"]["other_looks"]] == ["predict", "explain"]
+    assert "`ctscan predict` on 1 of its files" in (run / "results/report.md").read_text()
+
+
 @pytest.fixture(scope="module")
 def evaluated(copied_run) -> Path:
     """The results folder of the module's one evaluation; its export is beside it."""

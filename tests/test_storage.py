@@ -3,6 +3,7 @@
 import json
 
 import boto3
+import pytest
 from helpers import bucket_keys
 
 from ctscan.cli import main
@@ -78,8 +79,22 @@ def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_tri
     predictions = json.loads(_read(f"{run}/results/test_predictions.json"))
     capsys.readouterr()
     assert main(["predict", f"{run}/export", str(root / predictions[0]["path"])]) == 0
-    path, prob, _ = capsys.readouterr().out.strip().split("\t")
+    out, err = capsys.readouterr()
+    path, prob, _ = out.strip().split("\t")
     assert float(prob) == round(predictions[0]["prob"], 4)
+    assert "notice: 1 of these files are in the test split this model was scored on" in err
+
+    # A later evaluation's line is in the bucket before the test split is read.
+    import results.pipeline as pipeline
+
+    def stopped(*args, **kwargs):
+        lines = _read(f"{run}/results/evaluations.jsonl").decode().splitlines()
+        assert len(lines) == 2 and json.loads(lines[1])["test"] is None
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "evaluate_run", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        pipeline.report_run(run, resamples=200, gradcams=0)
 
 
 def test_a_search_in_which_no_trial_reports_fails_in_one_line(tmp_path, local_ray, capsys):
