@@ -43,11 +43,14 @@ def test_split_fingerprint(split_json: dict) -> str:
     return hashlib.sha256("\n".join(keys).encode()).hexdigest()[:20]
 
 
-def test_split_ledger(split_json: dict, cache_dir: str | Path | None) -> str:
-    """Where the ledger of split.json's test split is: in the cache location (a folder or a
-    bucket), named by its fingerprint."""
-    location = str(cache_dir) if cache_dir else str(default_cache_dir())
-    return runfolder.join(location, TEST_LEDGERS, f"{test_split_fingerprint(split_json)}.jsonl")
+def test_split_ledgers(split_json: dict, cache_dir: str | Path | None) -> list[str]:
+    """Where the ledger of split.json's test split is kept, named by its fingerprint: in the
+    cache location (a folder or a bucket), and also in this machine's default one, so that an
+    evaluation with another --cache-dir still finds the looks made here."""
+    name = f"{test_split_fingerprint(split_json)}.jsonl"
+    locations = [str(cache_dir) if cache_dir else "", str(default_cache_dir())]
+    return [runfolder.join(location, TEST_LEDGERS, name)
+            for location in dict.fromkeys(filter(None, locations))]
 
 
 def test_split_record(split_json: dict, ledger: str, run: str) -> dict:
@@ -58,12 +61,13 @@ def test_split_record(split_json: dict, ledger: str, run: str) -> dict:
             "sha256": sorted({e["sha256"] for e in split_json["files"] if e["split"] == "test"})}
 
 
-def earlier_evaluations(run_dir: str, split_ledger: str | None) -> list[dict]:
+def earlier_evaluations(run_dir: str, split_ledgers: list[str]) -> list[dict]:
     """Every earlier look at this run's test split, oldest first: the run's own ledger and the
-    test split's (when known), each look once (its completed line over its opening one)."""
+    test split's, each look once (its completed line over its opening one)."""
     looks: dict[tuple, dict] = {}
-    for entry in [*read_ledger(runfolder.join(run_dir, runfolder.RESULTS, EVALUATIONS)),
-                  *(read_ledger(split_ledger) if split_ledger else [])]:
+    run_ledger = runfolder.join(run_dir, runfolder.RESULTS, EVALUATIONS)
+    for entry in [entry for location in [run_ledger, *split_ledgers]
+                  for entry in read_ledger(location)]:
         key = entry.get("id") or (entry["time"], entry.get("run"),
                                   json.dumps(entry["options"], sort_keys=True))
         if key not in looks or entry.get("test") is not None:

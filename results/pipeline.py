@@ -26,7 +26,7 @@ from results.ledger import (
     opening_entry,
     record,
     scorings,
-    test_split_ledger,
+    test_split_ledgers,
     test_split_record,
 )
 from results.plots import (
@@ -57,15 +57,15 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     # Every earlier look at this test split, in this run or any other; a damaged ledger stops
     # here, before the test split is read.
     split_json = runfolder.read_json(runfolder.join(run_dir, runfolder.SPLIT))
-    split_ledger = test_split_ledger(split_json, cache_dir) if split_json else None
-    earlier = earlier_evaluations(run_dir, split_ledger)
+    split_ledgers = test_split_ledgers(split_json, cache_dir) if split_json else []
+    earlier = earlier_evaluations(run_dir, split_ledgers)
     options = {"ensemble": ensemble, "calibrate": calibrate, "threshold": threshold,
                "bootstrap": resamples, "seed": seed, "patient_aggregate": aggregate}
     out = runfolder.local_copy_dir(run_dir) / runfolder.RESULTS
     # This evaluation is on record (also in a bucket) before the test split is read.
     ledgers = list(dict.fromkeys([str(out / EVALUATIONS),
                                   runfolder.join(run_dir, runfolder.RESULTS, EVALUATIONS),
-                                  *([split_ledger] if split_ledger else [])]))
+                                  *split_ledgers]))
     opening = opening_entry(options, runfolder.name_of(run_dir), model_state(run_dir))
     record(ledgers, [*earlier, opening])
     metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
@@ -78,7 +78,7 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
         # predict's and explain's looks at test files (not scorings, but looks all the same)
         "other_looks": [{k: e.get(k) for k in ("time", "kind", "files")}
                         for e in earlier if e not in earlier_scorings],
-        **({"test_split": test_split_record(split_json, split_ledger,
+        **({"test_split": test_split_record(split_json, split_ledgers[0],
                                             runfolder.name_of(run_dir))}
            if split_json else {})}
     record(ledgers, [*earlier, completed_entry(opening, metrics)])

@@ -44,6 +44,16 @@ def session_key(tmp_path_factory) -> Iterator[Path]:
         os.environ[KEY_FILE_ENV] = saved
 
 
+@pytest.fixture(autouse=True, scope="session")
+def session_cache(tmp_path_factory) -> Iterator[Path]:
+    """Module fixtures are set up before a test's isolated cache: they get the session's, never
+    the user's ~/.cache/ctscan (whose test-split ledgers would carry counts between sessions)."""
+    with pytest.MonkeyPatch.context() as patch:
+        cache = tmp_path_factory.mktemp("session-cache")
+        patch.setenv("CTSCAN_CACHE_DIR", str(cache))
+        yield cache
+
+
 @pytest.fixture(autouse=True)
 def isolated_cache(tmp_path_factory, monkeypatch) -> Path:
     """No test reads or writes the user's ~/.cache/ctscan."""

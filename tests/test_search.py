@@ -329,8 +329,10 @@ def copied_run(demo_search, tmp_path_factory) -> tuple[Path, dict]:
     try:
         # A module fixture is set up before the test's isolated cache: its own, so no ledger of
         # the user's cache (nor an earlier session's) counts this test split's looks.
-        out = report_run(str(copy), resamples=200, gradcams=2, ensemble=2,
-                         cache_dir=tmp / "cache")
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("CTSCAN_CACHE_DIR", str(tmp / "cache"))
+            out = report_run(str(copy), resamples=200, gradcams=2, ensemble=2,
+                             cache_dir=tmp / "cache")
     finally:
         gone.rename(options.run_dir)  # the module's other tests read the original
     assert out == copy / "results"
