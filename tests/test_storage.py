@@ -84,12 +84,15 @@ def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_tri
     assert float(prob) == round(predictions[0]["prob"], 4)
     assert "notice: 1 of these files are in the test split this model was scored on" in err
 
-    # A later evaluation's line is in the bucket before the test split is read.
+    # A later evaluation's line is in the bucket before the test split is read (after the
+    # search's evaluation and predict's look).
     import results.pipeline as pipeline
 
     def stopped(*args, **kwargs):
-        lines = _read(f"{run}/results/evaluations.jsonl").decode().splitlines()
-        assert len(lines) == 2 and json.loads(lines[1])["test"] is None
+        lines = [json.loads(line) for line in
+                 _read(f"{run}/results/evaluations.jsonl").decode().splitlines()]
+        assert [e["kind"] for e in lines] == ["evaluate", "predict", "evaluate"]
+        assert lines[0]["test"] and lines[2]["test"] is None
         raise KeyboardInterrupt
 
     monkeypatch.setattr(pipeline, "evaluate_run", stopped)
