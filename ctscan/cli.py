@@ -379,12 +379,13 @@ def _tune(args: argparse.Namespace, joined: bool) -> int:
     data = trial_data(ds, split)  # rows and where the cache is: never the pixels
     budget = (f" or {options.time_budget_s:.0f} s, whichever ends first"
               if options.time_budget_s else "")
+    from tuning.monitor import start_tensorboard, tensorboard_url
+
     print(f"search {options.name}: {options.num_samples} trials{budget}, up to "
           f"{options.max_epochs} epochs each, results in {options.run_dir}\n"
-          f"watch it with: tensorboard --logdir {options.run_dir}")
+          f"watch it with: tensorboard --logdir {options.run_dir}\n"
+          f"  and open {tensorboard_url()} (unsmoothed curves of the trials' runs)")
     if args.tensorboard:
-        from tuning.monitor import start_tensorboard
-
         print(start_tensorboard(options.run_dir))
     best = run_search(options, data, resume=restore)
     if not joined:  # its memory and cores go to the evaluation

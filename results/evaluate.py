@@ -26,7 +26,7 @@ from data_utils.sources import DataError
 from data_utils.split import PERSON_UNITS, load_data_options, recorded_unit, slice_key
 from results.aggregate import AGGREGATES, CHOOSE_AGGREGATE, aggregate_by_group
 from results.metrics import paired_bootstrap, score, sensitivity_threshold, youden_threshold
-from results.wording import COMPARED_BEST, COMPARED_RUNNER_UP
+from results.wording import COMPARED_BEST, COMPARED_RUNNER_UP, source_of_files
 from tuning.config import make_config
 from tuning.records import SearchOptions, load_options
 
@@ -564,6 +564,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
                       "test_groups": len(np.unique(test_groups))},
         "data": {
             "path": str(ds.root), "images": len(ds),
+            # demo data, the SARS-CoV-2 CT-scan data set or unknown: what the report may say
+            "source": source_of_files(e["path"] for e in split_json["files"]),
             "skipped": [{"path": s.path, "reason": s.reason} for s in ds.skipped],
             # How DICOM and NIfTI slices were read: predict reads them the same way.
             "window": list(ds.window), "slices": ds.slices,

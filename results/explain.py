@@ -6,7 +6,9 @@ spatially averaged gradient of the logit, sum, ReLU, upsample to the input size.
 
 from __future__ import annotations
 
+import re
 import sys
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -112,6 +114,9 @@ def explain_slices(model_dir: Path, images: np.ndarray, names: list[str], out_di
                                     strict=True)), config, out_dir)
 
 
+SLICE_NAME = re.compile(r"(.+)#(\d+)")  # a volume's slice K, as data_utils.sources names it
+
+
 def _write_overlays(items: list[tuple[str, np.ndarray, np.ndarray, float]], config: dict,
                     out_dir: Path) -> list[Path]:
     """One `<stem>_gradcam.png` per (name, image, cam, probability), titled with the name, the
@@ -121,11 +126,14 @@ def _write_overlays(items: list[tuple[str, np.ndarray, np.ndarray, float]], conf
     used: set[str] = set()
     for name, image, cam, prob in items:
         label = positive if prob >= config["threshold"] else negative
-        file, _, frame = name.rpartition("#") if "#" in name else (name, "", "")
+        # A volume's slice is named FILE#K; a "#" elsewhere in a name is the name's own.
+        file, frame = match.groups() if (match := SLICE_NAME.fullmatch(name)) else (name, None)
         where = f"slice {frame} of " if frame else ""
-        target = out_dir / _unique_name(Path(file).name.split(".")[0], used)
-        _write_overlay(target, image, cam, f"{where}{Path(file).name}\n{label}  "
-                                           f"p({positive})={prob:.3f}")
+        file_name = Path(file).name
+        target = out_dir / _unique_name(file_name.removesuffix(".gz").rsplit(".", 1)[0], used)
+        # The whole name, wrapped, however long: the title is the only place it is shown.
+        title = textwrap.fill(f"{where}{file_name}", 48, break_on_hyphens=False)
+        _write_overlay(target, image, cam, f"{title}\n{label}  p({positive})={prob:.3f}")
         written.append(target)
     return written
 
@@ -154,11 +162,14 @@ def _write_overlay(path: Path, image: np.ndarray, cam: np.ndarray, title: str) -
     # A bare Figure (no pyplot) needs no GUI backend and keeps no global state between images.
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(4, 4.4), dpi=100)
-    ax = fig.add_axes((0, 0, 1, 0.88))
+    band = 0.2 * (title.count("\n") + 1)  # inches of title above the 4-inch image
+    fig = Figure(figsize=(4, 4 + band), dpi=100)
+    ax = fig.add_axes((0, 0, 1, 4 / (4 + band)))
     ax.imshow(image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
     ax.imshow(cam, cmap="jet", alpha=0.4, vmin=0, vmax=1, interpolation="bilinear")
     ax.set_axis_off()
-    fig.text(0.5, 0.94, title, ha="center", va="center", fontsize=9)
+    # parse_math off: a "$" in a file name is text, not the start of a formula.
+    fig.text(0.5, 1 - band / 2 / (4 + band), title, ha="center", va="center", fontsize=9,
+             parse_math=False)
     with atomic_write(path, "wb") as f:
         fig.savefig(f, format="png", facecolor="white")

@@ -10,9 +10,13 @@ from typing import Any
 from results.model_folder import FILES
 from results.wording import (
     AGGREGATE_MEANING,
+    data_folder,
+    data_named,
+    glossary,
     grouping_meaning,
     interval_limitation,
     limitations,
+    md_text,
 )
 
 
@@ -20,7 +24,8 @@ def model_card(meta: dict) -> str:
     """Markdown model card built from the exported config."""
     data = meta.get("data", {})
     size, members = meta["image_size"], meta["members"]
-    positive, negative = meta["positive_class"], meta["negative_class"]
+    # Class names are folder names: user text, shown as written (md_text).
+    positive, negative = md_text(meta["positive_class"]), md_text(meta["negative_class"])
     patient = meta.get("patient")  # {"aggregate", "threshold"} when evaluated per patient
     subject = "single CT slices, and patients from their slices," if patient else "single CT slices"
     what = (members[0]["arch"] if len(members) == 1
@@ -38,7 +43,7 @@ def model_card(meta: dict) -> str:
                      "checkpoints of the search's top trials, weighted by ensemble selection on "
                      "the validation split")
     for m in members:
-        trial = f" (trial {m['trial_id']}" if "trial_id" in m else ""
+        trial = f" (trial {md_text(m['trial_id'])}" if "trial_id" in m else ""
         if len(members) > 1 and "weight" in m:
             trial = f"{trial or ' ('}{', ' if trial else ''}weight {m['weight']:.2f}"
         trial += ")" if trial else ""
@@ -50,9 +55,9 @@ def model_card(meta: dict) -> str:
     lines += [
         f"- Input: one grayscale slice, {size} x {size} px ({meta['resize']} resize), uint8; "
         f"normalised as (pixels / 255 - {norm['mean']}) / {norm['std']}",
-        f"- Output: one logit for `{positive}`; probability = sigmoid(logit)",
-        f"- Decision threshold: probability >= {meta['threshold']:.4g} -> `{positive}`, else "
-        f"`{negative}`",
+        f"- Output: one logit for {positive}; probability = sigmoid(logit)",
+        f"- Decision threshold: probability >= {meta['threshold']:.4g} -> {positive}, else "
+        f"{negative}",
     ]
     if patient:
         aggregate, method = patient["aggregate"], meta.get("patient_threshold_method")
@@ -63,7 +68,7 @@ def model_card(meta: dict) -> str:
             method, f"the threshold by the `{method}` method")
         lines.append(f"- Patient (or CT series) decision (`{aggregate}`): its probability is "
                      f"{AGGREGATE_MEANING.get(aggregate, aggregate)}; >= "
-                     f"{patient['threshold']:.4g} -> `{positive}`, else `{negative}`. The "
+                     f"{patient['threshold']:.4g} -> {positive}, else {negative}. The "
                      f"aggregate was "
                      + ("fixed in advance"
                         if meta.get("patient_aggregate_chosen_by") == "fixed" else
@@ -76,10 +81,14 @@ def model_card(meta: dict) -> str:
                      f"{meta['temperature']:.4g}, fitted on the validation split to Platt's "
                      f"regularised targets, with a weak prior towards 1")
     if meta.get("searched"):
-        searched = ", ".join(f"{k}={_fmt(v)}" for k, v in meta["searched"].items())
+        searched = ", ".join(f"{k}={md_text(_fmt(v))}" for k, v in meta["searched"].items())
         lines.append(f"- Searched hyperparameters of the best trial: {searched}")
     lines += ["", "## Data", ""]
-    lines += _bullets(data) if data else ["- Not recorded in this export."]
+    # The folder by its name only, never where a machine keeps it; its source in words.
+    lines += ([f"- Source: {data_named(data)}",
+               *_bullets({**{k: v for k, v in data.items() if k != "source"},
+                          "path": data_folder(data)})] if data
+              else ["- Not recorded in this export."])
     lines += [f"- Grouping: {grouping_meaning(data) if data else 'not recorded'}", "",
               "## Test metrics", ""]
     metrics = meta.get("test_metrics") or {}
@@ -101,7 +110,7 @@ def model_card(meta: dict) -> str:
                   *_metric_table(patient_test["metrics"])]
     lines += ["## Limitations", ""]
     lines += [f"- {title}: {text}" for title, text in
-              [*limitations(patient is not None), interval_limitation(data)]]
+              [*limitations(patient is not None, data), interval_limitation(data)]]
     lines += [
         "",
         "## How to load", "",
@@ -123,6 +132,8 @@ def model_card(meta: dict) -> str:
         "(weights_only=True), then `ctmodels.predict_proba(model, images)`; or `ctscan predict "
         "MODEL_DIR IMAGES...`.", "",
     ]
+    terms = glossary("\n".join(lines))
+    lines += ["## Glossary", "", *(f"- **{term}**: {meaning}" for term, meaning in terms), ""]
     return "\n".join(lines)
 
 
@@ -139,12 +150,12 @@ def _bullets(d: dict, indent: str = "") -> list[str]:
     lines = []
     for k, v in d.items():
         if isinstance(v, dict):
-            lines += [f"{indent}- {k}:", *_bullets(v, indent + "  ")]
+            lines += [f"{indent}- {md_text(k)}:", *_bullets(v, indent + "  ")]
         elif isinstance(v, list) and any(isinstance(x, dict | list) for x in v):
             # e.g. the skipped files: a card lists how many, config.json keeps them all
-            lines.append(f"{indent}- {k}: {len(v)} (listed in {FILES['config_json']})")
+            lines.append(f"{indent}- {md_text(k)}: {len(v)} (listed in {FILES['config_json']})")
         else:
-            lines.append(f"{indent}- {k}: {_fmt(v)}")
+            lines.append(f"{indent}- {md_text(k)}: {md_text(_fmt(v))}")
     return lines
 
 

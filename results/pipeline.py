@@ -13,11 +13,13 @@ from results.evaluate import (
     TEST_PATIENTS,
     evaluate_run,
     load_checkpoint_model,
+    recorded_groups,
     write_patient_predictions,
     write_predictions,
 )
 from results.explain import explain_slices
 from results.export import export_model
+from results.gradcam_picks import pick_slices
 from results.ledger import (
     EVALUATIONS,
     completed_entry,
@@ -50,7 +52,7 @@ def _trial_label(trial: dict) -> str:
 
 
 def report_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
-               seed: int = 0, cache_dir: Path | None = None, gradcams: int = 4,
+               seed: int = 0, cache_dir: Path | None = None, gradcams: int = 8,
                ensemble: int = 5, calibrate: bool = False, aggregate: str = "mean") -> Path:
     """Everything `ctscan evaluate` writes into the run folder's results/ and export/; returns
     the local results folder (the run's own, or a copy of a bucket's under ./runs/NAME)."""
@@ -105,8 +107,10 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
 
     export_dir = runfolder.local_copy_dir(run_dir) / runfolder.EXPORT
     export_run(run_dir, export_dir, metrics, arrays["members"])
-    # A few test slices of each class, so the report shows where the model looked.
-    picks = [i for label in (1, 0) for i in np.flatnonzero(y == label)[: gradcams // 2]]
+    # Where the model looked: its surest mistakes first, then right calls, from several
+    # patients (the split's groups, in the order of the test arrays).
+    groups = recorded_groups(split_json, "test")
+    picks = pick_slices(y, prob, value, groups, gradcams)
     rows = arrays["test_rows"][picks]
     shown = explain_slices(export_dir, arrays["images"][rows],
                            [arrays["test_paths"][i] for i in picks], out / "gradcam")
@@ -116,10 +120,13 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     failures = [{k: t[k] for k in ("trial_id", "epochs", "error", "error_file")}
                 for t in trials if "error" in t]
     write_report(out / runfolder.REPORT, metrics, leaderboard, {k: f"{k}.png" for k in figures},
-                 [str(p.relative_to(out)) for p in shown], failures)
+                 [{"image": str(p.relative_to(out)), "name": arrays["test_paths"][i],
+                   "label": int(y[i]), "prob": float(prob[i]), "group": int(groups[i])}
+                  for p, i in zip(shown, picks, strict=True)], failures)
     write_report_html(out / runfolder.REPORT, out / runfolder.REPORT_HTML)
-    # A run of the winner's report next to the trials' runs, named after the winning trial.
-    log_report(out / f"winner_trial_{metrics['trial_id']}", figures, shown,
+    # Each trial's run marked with its weight, status and epochs, and a run of the exported
+    # model's report next to them, named for what it is (exported_model, exported_ensemble_of_K).
+    log_report(run_dir, out, metrics, trials, figures, shown,
                (out / runfolder.REPORT).read_text(encoding="utf-8"))
     runfolder.publish(out, run_dir, runfolder.RESULTS)
     runfolder.publish(export_dir, run_dir, runfolder.EXPORT)

@@ -188,14 +188,14 @@ def _natural_key(label: str) -> list[tuple[int, int | str]]:
             for tok in re.findall(r"\d+|[^\d\W]+", label)]
 
 
-def _is_categorical(values: list) -> bool:
+def is_categorical(values: list) -> bool:
     if any(isinstance(v, (str, list, tuple, dict, bool)) or v is None for v in values):
         return True
     # A choice among a few integers (batch size, frozen epochs) reads better as columns.
     return all(float(v).is_integer() for v in values) and len(set(values)) <= 5
 
 
-def _category(value: object) -> str:
+def category_label(value: object) -> str:
     if isinstance(value, float) and value.is_integer():
         return str(int(value))  # 32.0 from a JSON round trip is the batch size 32
     return str(value)
@@ -229,8 +229,8 @@ def plot_hparam_scatter(trials: list[dict], keys: list[str], path: Path,
             continue
         values = [t[key] for t in points]
         y = np.array([t[metric] for t in points], dtype=float)
-        if _is_categorical(values):
-            labels = [_category(v) for v in values]
+        if is_categorical(values):
+            labels = [category_label(v) for v in values]
             categories = sorted(set(labels), key=_natural_key)
             x = np.array([categories.index(s) for s in labels], float)
             x += rng.uniform(-0.15, 0.15, len(x))

@@ -16,19 +16,27 @@ import yaml
 
 from data_utils.files import atomic_write
 from data_utils.split import UNIT_CAVEATS
-from results.ledger import describe_options
+from results.importance import MIN_TRIALS, parameter_importance
+from results.ledger import describe_look
+from results.report_html import github_slug
 from results.wording import (
     AGGREGATE_MEANING,
     AGGREGATE_NAMES,
     COMPARED_RUNNER_UP,
+    DEMO_SOURCE,
     METRIC_NAMES,
     SINGULAR,
     bootstrap_unit_text,
+    data_named,
+    data_source,
+    glossary,
     grouping_meaning,
     groups_are,
     interval_limitation,
     interval_methods,
     limitations,
+    md_text,
+    scope,
 )
 from tuning.config import make_config
 
@@ -38,13 +46,32 @@ THRESHOLD_METHODS = {"youden": "Youden's J on the validation split", "fixed": "f
                                     "split"}
 LEADERBOARD_ROWS = 10
 MAX_SKIPPED_LISTED = 50
+# The four figures the headline box gives, with their intervals.
+HEADLINE_KEYS = ("recall", "specificity", "roc_auc", "accuracy")
+# A threshold this close to 0 or 1 gets a sentence on what it means: the probabilities are
+# squeezed towards one end, and "p = 0.3%" reads as "unlikely" where it is a positive call.
+EXTREME_THRESHOLD = 0.05
+# An expected calibration error above this gets a hint: probabilities off by more than 10
+# points on average should not be read as chances.
+LARGE_ECE = 0.1
+CALIBRATE_HINT = ("`ctscan evaluate RUN_DIR --calibrate` fits a temperature on the validation "
+                  "split that brings the probabilities closer to observed frequencies")
+# Joins the settings in a leaderboard cell; inside a setting, spaces are non-breaking, so the
+# cell wraps between settings and never inside "head=[512, 128]".
+SETTINGS_SEPARATOR = " · "
+NBSP = "\u00a0"
 
 
-GRADCAM_NOTE = (
-    "Grad-CAM colours the regions that most raised the model's COVID score. Heat over the lung "
-    "parenchyma is what one hopes for; heat over borders, text, the scanner table or outside the "
-    "body suggests the model uses a shortcut. It shows where the model looked, not whether it "
-    "was right.")
+def _gradcam_note(positive: str) -> str:
+    return (
+        f"Grad-CAM colours the regions that most raised the model's {positive} score. Heat over "
+        "the lung parenchyma is what one hopes for; heat over borders, text, the scanner table or "
+        "outside the body suggests the model uses a shortcut. It shows where the model looked, "
+        f"not whether it was right. **A map with no colour** means that nothing in the slice "
+        f"raised the {positive} score (Grad-CAM keeps only what raises it), as is usual for a "
+        f"slice called not {positive} with confidence; it is not a fault. The slices shown are "
+        "the most confident mistakes first, then the most confident right calls, each from a "
+        "different group of the split (a patient, where the split has them) while there is one.")
 
 
 def _num(value: float | None, digits: int = 3) -> str:
@@ -77,7 +104,7 @@ def _cell(value: object) -> str:
             text = f"{value:.4g}"
     else:
         text = str(value)
-    return text.replace("|", "\\|")
+    return md_text(text)
 
 
 def _table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
@@ -92,9 +119,31 @@ def _image(alt: str, rel_path: str) -> str:
 
 
 # What is called positive, by whose probability, with the threshold chosen on what.
-def _threshold_text(threshold: dict, positive: str, unit: str = "slice") -> str:
+def _threshold_text(threshold: dict, positive: str, unit: str = "slice",
+                    calibrated: bool = False) -> str:
     """`unit`: "slice", or what a group is ("patient", "volume"...): then its aggregate
-    probability, chosen on the validation groups."""
+    probability, chosen on the validation groups. `calibrated`: a temperature was applied."""
+    return _threshold_rule(threshold, positive, unit) + _extreme_threshold(
+        threshold["value"], positive, unit, calibrated)
+
+
+def _extreme_threshold(value: float, positive: str, unit: str, calibrated: bool) -> str:
+    """What a threshold near 0 or 1 means, in words; "" for one in between."""
+    if EXTREME_THRESHOLD <= value <= 1 - EXTREME_THRESHOLD:
+        return ""
+    low = value < EXTREME_THRESHOLD
+    text = (f" A threshold of {value:.3g} means that a {unit} is called {positive} as soon as "
+            f"the model gives it a probability of {value:.1%}" if low else
+            f" A threshold of {value:.3g} means that a {unit} is called {positive} only when "
+            f"the model gives it a probability of {value:.1%} or more")
+    text += (f": its probabilities sit close to {0 if low else 1} for most {_plural(unit)}, of "
+             f"either class, so the cut that best separates the classes lies there too. The "
+             f"ranking (ROC AUC) is not affected, but read these probabilities as scores, not "
+             f"as chances")
+    return text + ("." if calibrated else f"; {CALIBRATE_HINT}.")
+
+
+def _threshold_rule(threshold: dict, positive: str, unit: str) -> str:
     value, method = threshold["value"], threshold["method"]
     probability, validation = (("the model's predicted probability", "the validation split")
                                if unit == "slice" else
@@ -123,8 +172,10 @@ def _summary(metrics: dict) -> list[str]:
         f"{test['negatives']} {negative}) that were never used for training or for choosing the "
         f"model, {model} reached accuracy {_with_ci(m['accuracy'])}, sensitivity "
         f"{_with_ci(m['recall'])} and specificity {_with_ci(m['specificity'])}; its ROC AUC was "
-        f"{_with_ci(m['roc_auc'])}. {_threshold_text(metrics['threshold'], positive)} "
+        f"{_with_ci(m['roc_auc'])}. "
+        f"{_threshold_text(metrics['threshold'], positive, calibrated=_calibrated(metrics))} "
         f"{grouping} ")
+    where = scope(metrics.get("data", {}))
     patient = metrics.get("patient")
     if patient:
         p, pm = patient["test"], patient["test"]["metrics"]
@@ -136,18 +187,28 @@ def _summary(metrics: dict) -> list[str]:
             f"probabilities, it reached accuracy {_with_ci(pm['accuracy'])}, sensitivity "
             f"{_with_ci(pm['recall'])} and specificity {_with_ci(pm['specificity'])}; see "
             f"[{SINGULAR[unit].capitalize()}-level results]"
-            f"(#{SINGULAR[unit]}-level-results). These results come from a single "
-            f"centre, not a validated diagnostic test; see [Limitations](#limitations).")
+            f"(#{SINGULAR[unit]}-level-results). These results come {where} not a "
+            f"validated diagnostic test; see [Limitations](#limitations).")
     else:
-        text += ("These are slice-level results from a single centre, not a validated "
-                 "diagnostic test; see [Limitations](#limitations).")
+        text += (f"These are slice-level results {where} not a validated diagnostic test; see "
+                 "[Limitations](#limitations).")
     return ["## Summary", "", text, ""]
 
 
+def _calibrated(metrics: dict) -> bool:
+    return metrics.get("temperature", 1.0) != 1.0
+
+
+def _exported_list(metrics: dict) -> list[dict]:
+    """The exported members; evaluations before ensembles existed recorded the best trial."""
+    return metrics.get("ensemble", {}).get("members") or [
+        {"trial_id": metrics["trial_id"], "config": metrics.get("config", {}),
+         "checkpoint": metrics.get("checkpoint")}]
+
+
 def _model_name(metrics: dict) -> str:
-    members = metrics.get("ensemble", {}).get("members") or [
-        {"trial_id": metrics["trial_id"], "config": metrics.get("config", {})}]
-    calibrated = " with temperature scaling" if metrics.get("temperature", 1.0) != 1.0 else ""
+    members = _exported_list(metrics)
+    calibrated = " with temperature scaling" if _calibrated(metrics) else ""
     if len(members) > 1:
         return f"the weighted ensemble of {_members(members)}{calibrated}"
     arch = (members[0].get("config") or {}).get("arch")
@@ -253,29 +314,64 @@ _OneLineLists.add_representer(list, lambda dumper, value: dumper.represent_seque
     "tag:yaml.org,2002:seq", value, flow_style=True))
 
 
-def _exported_members(metrics: dict) -> list[str]:
+def _settings(values: dict, keys: Sequence[str]) -> str:
+    """One table cell of settings, `key=value` each, that wraps between settings only: a
+    leaderboard with a column per setting is wider than a laptop screen."""
+    return SETTINGS_SEPARATOR.join(f"{key}={_cell(values.get(key))}".replace(" ", NBSP)
+                                   for key in keys)
+
+
+def _val_aucs(metrics: dict, leaderboard: Sequence[dict]) -> dict[str, float]:
+    """Each trial's best validation AUC: the leaderboard's, or a member's own where recorded."""
+    aucs = {row["trial_id"]: row.get("val_auc") for row in leaderboard}
+    aucs.update({m["trial_id"]: m["val_auc"] for m in _exported_list(metrics) if "val_auc" in m})
+    return {t: auc for t, auc in aucs.items() if auc is not None and not math.isnan(auc)}
+
+
+def _below_chance(metrics: dict, leaderboard: Sequence[dict]) -> list[str]:
+    """A sentence per exported member whose validation AUC is at or below chance (0.5)."""
+    aucs = _val_aucs(metrics, leaderboard)
+    return [f"member {m['trial_id']} (weight {m.get('weight', 1.0):.2f}) has a validation AUC "
+            f"of {aucs[m['trial_id']]:.3f}, no better than chance"
+            for m in _exported_list(metrics) if aucs.get(m["trial_id"], 1.0) <= 0.5]
+
+
+def _kept_out(metrics: dict) -> list[str]:
+    """One phrase per candidate that evaluation kept out of selection, with why (metrics'
+    ensemble "excluded"; runs before it kept none out)."""
+    return [f"{e['trial_id']} (validation AUC {_num(e.get('val_auc'))} after "
+            f"{e.get('epochs', '?')} epoch{'' if e.get('epochs') == 1 else 's'}): "
+            f"{md_text(e.get('reason', ''))}"
+            for e in metrics.get("ensemble", {}).get("excluded") or []]
+
+
+def _exported_members(metrics: dict, leaderboard: Sequence[dict]) -> list[str]:
     """What was exported: each member's trial, weight and the settings that tell the members
-    apart, then the settings they share."""
-    members = metrics.get("ensemble", {}).get("members") or [
-        {"trial_id": metrics["trial_id"], "config": metrics.get("config", {}),
-         "checkpoint": metrics.get("checkpoint")}]
+    apart, then the settings they share; and the candidates kept out of selection."""
+    members = _exported_list(metrics)
     configs = [make_config(m.get("config") or {}).acting() for m in members]
     keys = list(dict.fromkeys(k for c in configs for k in c))
     differ = [k for k in keys if len({repr(c.get(k)) for c in configs}) > 1
               or k in metrics.get("searched", {})]
     shared = {k: configs[0][k] for k in keys if k not in differ and k in configs[0]}
+    aucs = _val_aucs(metrics, leaderboard)
     rows = [[m["trial_id"], f"{m.get('weight', 1 / len(members)):.2f}",
-             m.get("precision") or "—", *(_cell(c.get(k)) for k in differ)]
+             _num(aucs.get(m["trial_id"]), 4), m.get("precision") or "—", _settings(c, differ)]
             for m, c in zip(members, configs, strict=True)]
     lines = ["### Exported members", "",
              "Each member's searched settings (and any other that differs between members); "
              "the full config of each is in the export's `config.json`.", "",
-             *_table(["trial", "weight", "precision", *differ], rows)]
+             *_table(["trial", "weight", "val AUC", "precision", "settings"], rows)]
+    kept_out = _kept_out(metrics)
+    if kept_out:
+        lines += [f"Kept out of selection ({len(kept_out)}), so they have no weight:", "",
+                  *(f"- {phrase}" for phrase in kept_out), ""]
     if shared:
         lines += ["Settings every member shares (those that act on it):", "", "```yaml",
                   yaml.dump(shared, Dumper=_OneLineLists, sort_keys=False).rstrip(),
                   "```", ""]
-    lines += ["Checkpoints: " + ", ".join(f"`{m.get('checkpoint', 'n/a')}`" for m in members), ""]
+    lines += ["Checkpoints: " + ", ".join(md_text(m.get("checkpoint") or "n/a")
+                                          for m in members), ""]
     return lines
 
 
@@ -347,9 +443,9 @@ def _results(metrics: dict, plots: dict[str, str]) -> list[str]:
               "The red dot on the ROC curve is the operating point of the chosen threshold. On "
               "the PR curve the dashed line is the share of positives, what a model without "
               "skill would reach.", ""]
-    lines += _figure(plots, "roc", "ROC curve on the test split")
-    lines += _figure(plots, "pr", "Precision-recall curve on the test split")
-    lines += _calibration(test.get("calibration"), plots)
+    lines += _figures(plots, ("roc", "ROC curve on the test split"),
+                      ("pr", "Precision-recall curve on the test split"))
+    lines += _calibration(test.get("calibration"), plots, _calibrated(metrics))
     return lines
 
 
@@ -383,7 +479,7 @@ def _patients(metrics: dict) -> list[str]:
                     f"feeds on: a {unit}'s number of slices alone reaches a ROC AUC of "
                     f"{_num(counted.get('val'))} on the validation {units} and "
                     f"{_num(counted.get('test'))} on the test {units}. ")
-    how += _threshold_text(threshold, positive, unit)
+    how += _threshold_text(threshold, positive, unit, _calibrated(metrics))
     caveat = ([f"These groups are {units}, not proven patients ({UNIT_CAVEATS[units]}).", ""]
               if units != "patients" else [])
     keys = [k for k in METRIC_NAMES if k in test["metrics"]]
@@ -431,9 +527,21 @@ def _bootstrap_unit(metrics: dict) -> str:
     return f"{unit} ({groups} groups in the test split)" if groups else unit
 
 
-def _calibration(calibration: dict | None, plots: dict[str, str]) -> list[str]:
+def _calibration_hint(ece: float, calibrated: bool) -> str:
+    """What a large expected calibration error means and what to do; "" for a small one."""
+    if ece <= LARGE_ECE:
+        return ""
+    return (f"An ECE of {ece:.2f} is large: the probabilities are off by about "
+            f"{ece:.0%} on average, so read them as scores, not as chances"
+            + (" (even after the temperature applied here)." if calibrated else
+               f"; {CALIBRATE_HINT}."))
+
+
+def _calibration(calibration: dict | None, plots: dict[str, str],
+                 calibrated: bool) -> list[str]:
     if not calibration:
         return []
+    hint = _calibration_hint(calibration["ece"]["value"], calibrated)
     return ["### Calibration", "",
             "Whether the model's probabilities can be taken at their word: of the slices given "
             "a probability near 0.8, about 80% should be positive. The Brier score is the mean "
@@ -445,11 +553,18 @@ def _calibration(calibration: dict | None, plots: dict[str, str]) -> list[str]:
                       _ci(calibration["brier"])],
                      ["Expected calibration error", _num(calibration["ece"]["value"]),
                       _ci(calibration["ece"])]]),
+            *([hint, ""] if hint else []),
             *_figure(plots, "reliability", "Reliability diagram on the test split")]
 
 
 def _figure(plots: dict[str, str], name: str, alt: str) -> list[str]:
-    return [_image(alt, plots[name]), ""] if name in plots else []
+    return _figures(plots, (name, alt))
+
+
+def _figures(plots: dict[str, str], *figures: tuple[str, str]) -> list[str]:
+    """Figures (name, alt) in one paragraph: report.html sets two of them side by side."""
+    shown = [_image(alt, plots[name]) for name, alt in figures if name in plots]
+    return [*shown, ""] if shown else []
 
 
 def _evaluations(evaluations: dict | None) -> list[str]:
@@ -457,15 +572,19 @@ def _evaluations(evaluations: dict | None) -> list[str]:
     if not evaluations:  # evaluated before the ledger existed
         return []
     count, earlier = evaluations["count"], evaluations["earlier"]
+    others = evaluations.get("other_looks", [])
+    seen = ([f"Its files were also run through the exported model: "
+             f"{'; '.join(describe_look(e) for e in others)}."] if others else [])
     if count == 1:
-        return ["**The test split of this run has been scored 1 time**, by this evaluation: the "
-                "first, and the one to report (`results/evaluations.jsonl` records every one).",
-                ""]
-    looks = "; ".join(f"{e['time']} with `{describe_options(e['options'])}`" for e in earlier)
-    return [f"**The test split of this run has been scored {count} times**; this report is "
-            f"evaluation {count}. Earlier: {looks} (`results/evaluations.jsonl`). The first "
-            "evaluation is the one to report: a later one run with other options could keep "
-            "whatever the test split favoured.", ""]
+        return [" ".join(["**The test split of this run has been scored 1 time**, by this "
+                          "evaluation: the first, and the one to report "
+                          "(`results/evaluations.jsonl` records every one).", *seen]), ""]
+    looks = "; ".join(describe_look(e, evaluations.get("model")) for e in earlier)
+    return [" ".join([f"**The test split of this run has been scored {count} times**; this "
+                      f"report is evaluation {count}. Earlier: {looks} "
+                      "(`results/evaluations.jsonl`). The first evaluation is the one to report: "
+                      "a later one run with other options, or on a model changed since, could "
+                      "keep whatever the test split favoured.", *seen]), ""]
 
 
 def _search(metrics: dict, leaderboard: list[dict], plots: dict[str, str]) -> list[str]:
@@ -487,8 +606,9 @@ def _search(metrics: dict, leaderboard: list[dict], plots: dict[str, str]) -> li
                   "setting mattered; a flat cloud means it did not, within the range searched.",
                   ""]
         lines += _figure(plots, "hparams", "Searched hyperparameters vs best validation AUC")
-    lines += _leaderboard(leaderboard, metrics["trial_id"])
-    return lines + _exported_members(metrics)
+    lines += _importance(leaderboard)
+    lines += _leaderboard(leaderboard, metrics)
+    return lines + _exported_members(metrics, leaderboard)
 
 
 def _search_extent(search: dict) -> list[str]:
@@ -510,27 +630,72 @@ def _search_extent(search: dict) -> list[str]:
     return [text, ""]
 
 
-def _leaderboard(leaderboard: list[dict], winner: str) -> list[str]:
+LEADERBOARD_FIXED = ("trial_id", "val_auc", "epochs", "status")
+
+
+def _searched_keys(leaderboard: Sequence[dict]) -> list[str]:
+    return list(dict.fromkeys(k for row in leaderboard for k in row if k not in LEADERBOARD_FIXED))
+
+
+def _leaderboard(leaderboard: list[dict], metrics: dict) -> list[str]:
+    """The top trials by validation AUC, and every exported member below them: rank, status,
+    weight in the exported model (or why it was kept out) and settings."""
     if not leaderboard:
         return []
-    fixed = ("trial_id", "val_auc", "epochs", "status")
-    searched = list(dict.fromkeys(k for row in leaderboard for k in row if k not in fixed))
+    searched = _searched_keys(leaderboard)
+    weights = {m["trial_id"]: f"{m.get('weight', 1.0):.2f}" for m in _exported_list(metrics)}
+    kept_out = {e["trial_id"] for e in metrics.get("ensemble", {}).get("excluded") or []}
     rows = []
-    for rank, row in enumerate(leaderboard[:LEADERBOARD_ROWS], 1):
-        trial = f"**{row['trial_id']}**" if row["trial_id"] == winner else row["trial_id"]
+    ranked = list(enumerate(leaderboard, 1))
+    for rank, row in [(r, row) for r, row in ranked
+                      if r <= LEADERBOARD_ROWS or row["trial_id"] in weights]:
+        trial = (f"**{row['trial_id']}**" if row["trial_id"] == metrics["trial_id"]
+                 else row["trial_id"])
+        member = weights.get(row["trial_id"], "kept out" if row["trial_id"] in kept_out else "—")
         rows.append([rank, trial, _num(row.get("val_auc"), 4), _cell(row.get("epochs")),
-                     _cell(row.get("status"))] + [_cell(row.get(k)) for k in searched])
+                     _cell(row.get("status")), member, _settings(row, searched)])
     shown = min(len(leaderboard), LEADERBOARD_ROWS)
     # The statuses that say who ended a trial, explained for those in the table.
     meanings = {"stopped early": "were cut by ASHA for trailing the others",
                 "budget": "were still running when the time budget ended the search: cut by "
                           "the clock, never judged worse"}
     statuses = {row.get("status") for row in leaderboard[:LEADERBOARD_ROWS]}
-    legend = "; ".join(f"\"{status}\" trials {meaning}" for status, meaning in meanings.items()
-                       if status in statuses)
-    return ([f"### Leaderboard (top {shown} of {len(leaderboard)} trials, by validation AUC)", "",
-             *([f"{legend}.", ""] if legend else [])]
-            + _table(["#", "trial", "val AUC", "epochs", "status", *searched], rows))
+    legend = [f"\"{status}\" trials {meaning}" for status, meaning in meanings.items()
+              if status in statuses]
+    legend.append("\"weight\" is a trial's share of the exported model"
+                  + ("; \"kept out\" trials were not offered to ensemble selection (see "
+                     "Exported members)" if kept_out else ""))
+    beyond = len(rows) - shown
+    return ([f"### Leaderboard (top {shown} of {len(leaderboard)} trials, by validation AUC"
+             + (f", and {beyond} exported member{'s' * (beyond > 1)} below them)" if beyond
+                else ")"), "", "; ".join(legend) + ".", ""]
+            + _table(["#", "trial", "val AUC", "epochs", "status", "weight", "settings"], rows))
+
+
+def _importance(leaderboard: Sequence[dict]) -> list[str]:
+    """Which searched settings explain the spread in validation AUC (results.importance), or
+    why that is not estimated."""
+    keys = _searched_keys(leaderboard)
+    if not keys:
+        return []
+    found = parameter_importance(leaderboard, keys)
+    lines = ["### Which settings mattered", ""]
+    if not found["importance"]:
+        return [*lines, f"With {found['trials']} scored trials, fewer than the {MIN_TRIALS} that "
+                "fANOVA needs (a random forest fitted to fewer trials mostly fits their noise), "
+                "how much each setting mattered is not estimated; the figure above shows each "
+                "setting against validation AUC instead.", ""]
+    left_out = found["left_out"]
+    rows = [[md_text(key), f"{share:.2f}", "█" * round(20 * share) or "▏"]
+            for key, share in found["importance"].items()]
+    return [*lines,
+            f"Optuna's fANOVA (seed 0) fitted a random forest to the {found['trials']} scored "
+            "trials' settings and validation AUCs and split the spread of its predictions among "
+            "the settings: a larger share means the setting mattered more, within the range "
+            "searched. It shows how much, not in which direction (the figure above does)."
+            + (f" Left out: {', '.join(md_text(k) for k in left_out)} (not set on every trial, "
+               "or never varied)." if left_out else ""), "",
+            *_table(["setting", "share", ""], rows)]
 
 
 def _failures(failures: Sequence[dict]) -> list[str]:
@@ -540,8 +705,8 @@ def _failures(failures: Sequence[dict]) -> list[str]:
              "These trials raised an error; the search went on without them. A trial that failed "
              "after some epochs still competed with the epochs it finished.", ""]
     for f in failures:
-        lines.append(f"- `{f['trial_id']}` after {f['epochs']} epochs: `{f['error']}` "
-                     f"(full error: `{f['error_file']}`)")
+        lines.append(f"- {f['trial_id']} after {f['epochs']} epochs: {md_text(f['error'])} "
+                     f"(full error: {md_text(f['error_file'])})")
     return [*lines, ""]
 
 
@@ -554,7 +719,7 @@ def _data(metrics: dict) -> list[str]:
     kinds = data.get("group_kinds") or {}
     of = (f" ({', '.join(f'{n} {k}' for k, n in kinds.items())})" if len(kinds) > 1 else "")
     lines = ["## Data", "",
-             f"`{data.get('path', '?')}`: {data.get('images', '?')} readable images, split by "
+             f"Data: {data_named(data)}. {data.get('images', '?')} readable images, split by "
              f"`group_by: {data.get('group_by', '?')}` with seed {data.get('split_seed', '?')}"
              f"; the split's groups are {units}{of}"
              # Splits before ctscan 0.4 (no recorded unit) dealt the largest groups first.
@@ -576,7 +741,8 @@ def _data(metrics: dict) -> list[str]:
         lines += [f"What grouping by {units} does not guarantee: {UNIT_CAVEATS[units]}.", ""]
     skipped = data.get("skipped", [])
     lines += [f"Skipped files (could not be decoded): {len(skipped) or 'none'}", ""]
-    lines += [f"- `{s['path']}`: {s['reason']}" for s in skipped[:MAX_SKIPPED_LISTED]]
+    lines += [f"- {md_text(s['path'])}: {md_text(s['reason'])}"
+              for s in skipped[:MAX_SKIPPED_LISTED]]
     if len(skipped) > MAX_SKIPPED_LISTED:
         lines.append(f"- … and {len(skipped) - MAX_SKIPPED_LISTED} more")
     if skipped:
@@ -584,14 +750,32 @@ def _data(metrics: dict) -> list[str]:
     return lines
 
 
-def _gradcams(gradcams: Sequence[str]) -> list[str]:
+def _gradcams(gradcams: Sequence[str | dict], metrics: dict) -> list[str]:
+    """A grid of Grad-CAM thumbnails, each captioned with the slice's file name (as written),
+    its true class and the model's call. An entry is the overlay's path relative to report.md,
+    or {"image": that path, "name": the slice's path in the data, "label": its class index,
+    "prob": the exported model's probability, "group": its group in the split}."""
     if not gradcams:
         return []
-    lines = ["## Grad-CAM examples", "", GRADCAM_NOTE, ""]
-    for rel in gradcams:
-        name = Path(rel).stem.removesuffix("_gradcam")  # explain's `<stem>_gradcam.png`
-        lines += [f"**{name}**", "", _image(f"Grad-CAM of {name}", rel), ""]
-    return lines
+    positive, classes = metrics["positive_class"], metrics["class_names"]
+    unit = SINGULAR.get(groups_are(metrics.get("data", {})), "group")
+    lines = ["## Grad-CAM examples", "", _gradcam_note(positive), ""]
+    for i, entry in enumerate(gradcams, 1):
+        if isinstance(entry, str):  # explain's `<stem>_gradcam.png`: the stem is all we know
+            entry = {"image": entry, "name": Path(entry).stem.removesuffix("_gradcam")}
+        caption = md_text(entry["name"])
+        if "prob" in entry:
+            label = classes[entry["label"]]
+            called = positive if entry["prob"] >= metrics["threshold"]["value"] else _negative(
+                metrics)
+            verdict = (f"right: {called}" if called == label else
+                       f"**wrong**: {label}, called {called}")
+            caption = (f"{verdict} (p = {entry['prob']:.3f}), {unit} {entry['group']}: "
+                       f"{caption}")
+        # The alt text names no file: TensorBoard's text tab rewrites image links by a pattern
+        # that a name with brackets would break.
+        lines.append(f"- {_image(f'Grad-CAM overlay {i}', entry['image'])} {caption}")
+    return [*lines, ""]
 
 
 def _limitations(metrics: dict) -> list[str]:
@@ -599,7 +783,8 @@ def _limitations(metrics: dict) -> list[str]:
     return [
         "## Limitations", "",
         *(f"- **{title}.** {text}" for title, text in
-          [*limitations("patient" in metrics), interval_limitation(data)]),
+          [*limitations("patient" in metrics, metrics.get("data", {})),
+           interval_limitation(data)]),
         "- **Threshold.** The threshold was fixed before testing; on a population with a "
         "different prevalence or scanner, sensitivity and specificity at that threshold will "
         "shift, and precision with them.",
@@ -607,23 +792,91 @@ def _limitations(metrics: dict) -> list[str]:
     ]
 
 
+def _why(metrics: dict) -> str:
+    """Why the exported model was chosen, in one or two plain sentences."""
+    ensemble, members = metrics.get("ensemble", {}), _exported_list(metrics)
+    losses = ensemble.get("val_log_loss", {})
+    ours, single = _num(losses.get("ensemble"), 4), _num(losses.get("single"), 4)
+    fixed = (" It was fixed on the validation split; the test split played no part in the "
+             "choice.")
+    if len(members) > 1:
+        return (f"On the validation split, the weighted mean of these {len(members)} trials' "
+                f"probabilities came closer to the truth than the best trial's alone (log-loss "
+                f"{ours} against {single}; lower is better), so ensemble selection kept them "
+                "all." + fixed)
+    if members[0]["trial_id"] == metrics["trial_id"]:
+        return ("It is the trial with the best validation ROC AUC"
+                + (f", and no weighted mix of the top {ensemble['candidates']} trials gave "
+                   "probabilities closer to the truth on the validation split (lower log-loss)"
+                   if ensemble.get("candidates", 1) > 1 else "") + "." + fixed)
+    return (f"Its probabilities came closer to the truth on the validation split (log-loss "
+            f"{ours}) than those of the trial with the best validation ROC AUC "
+            f"({metrics['trial_id']}, {single}), so ensemble selection kept it alone." + fixed)
+
+
+def _headline(metrics: dict, leaderboard: Sequence[dict]) -> list[str]:
+    """The box under the title: the exported model, its four key test figures with their
+    intervals, why it was chosen, and what must not be missed."""
+    test, patient = metrics["test"], metrics.get("patient")
+    header = ["Test", f"Slices (n={test['n']})", "95% CI"]
+    if patient:
+        unit = patient.get("unit", "patients")
+        header.append(f"{SINGULAR[unit].capitalize()}s (n={patient['test']['n']}), 95% CI")
+    rows = [[METRIC_NAMES[key], _num(test["metrics"][key].get("value")),
+             _ci(test["metrics"][key]),
+             *([_with_ci(patient["test"]["metrics"][key])] if patient else [])]
+            for key in HEADLINE_KEYS if key in test["metrics"]]
+    notes = []
+    if data_source(metrics.get("data", {})) == DEMO_SOURCE:
+        notes.append("**Demo data.** These slices were generated by `ctscan make-demo-data`, "
+                     "not taken from patients: the figures show that the pipeline works, not "
+                     "how a model does on CT scans.")
+    below = _below_chance(metrics, leaderboard)
+    if below:
+        notes.append(f"**Worse than chance:** {'; '.join(below)}. Such a member adds noise to "
+                     "the exported model's probabilities; see [Exported members]"
+                     "(#exported-members).")
+    kept_out = _kept_out(metrics)
+    if kept_out:
+        notes.append(f"**Kept out of selection:** {'; '.join(kept_out)}.")
+    ece = test.get("calibration", {}).get("ece", {}).get("value")
+    hint = _calibration_hint(ece, _calibrated(metrics)) if ece is not None else ""
+    if hint:
+        notes.append(f"**Calibration.** {hint}")
+    box = [f"**Exported:** {_model_name(metrics)}; positive class **{metrics['positive_class']}**.",
+           "", *_table(header, rows), f"**Why this model:** {_why(metrics)}", "",
+           *(line for note in notes for line in (note, ""))]
+    return [f"> {line}".rstrip() for line in box[:-1]] + [""]
+
+
+def _contents(body: Sequence[str]) -> list[str]:
+    """Links to the report's sections, in one paragraph."""
+    headings = [line[3:] for line in body if line.startswith("## ")]
+    links = " · ".join(f"[{h}](#{github_slug(h.replace(chr(92), ''))})" for h in headings)
+    return [f"**Contents:** {links}", ""]
+
+
+def _glossary(text: str) -> list[str]:
+    terms = glossary(text)
+    if not terms:
+        return []
+    return ["## Glossary", "", *(f"- **{term}**: {meaning}" for term, meaning in terms), ""]
+
+
 def write_report(path: Path, metrics: dict, leaderboard: list[dict], plots: dict[str, str],
-                 gradcams: Sequence[str] = (), failures: Sequence[dict] = ()) -> None:
-    """Write report.md atomically; `plots` and `gradcams` are paths relative to its folder;
-    `failures` are trials.json's errored trials (trial_id, epochs, error, error_file)."""
-    positive = metrics["positive_class"]
-    lines = [f"# {positive} CT classifier: test report", "",
-             f"Positive class: **{positive}**. Exported: {_model_name(metrics)}; the search's "
-             f"best trial by validation AUC was `{metrics['trial_id']}`.", ""]
-    lines += _summary(metrics)
-    lines += _exported(metrics)
-    lines += _results(metrics, plots)
-    lines += _patients(metrics)
-    lines += _search(metrics, leaderboard, plots)
-    lines += _failures(failures)
-    lines += _data(metrics)
-    lines += _gradcams(gradcams)
-    lines += _limitations(metrics)
+                 gradcams: Sequence[str | dict] = (), failures: Sequence[dict] = ()) -> None:
+    """Write report.md atomically; `plots` and `gradcams` (see _gradcams) are paths relative
+    to its folder; `failures` are trials.json's errored trials (trial_id, epochs, error,
+    error_file)."""
+    # Class names are folder names: user text, escaped once here for every sentence below.
+    metrics = {**metrics, "positive_class": md_text(metrics["positive_class"]),
+               "class_names": [md_text(c) for c in metrics["class_names"]]}
+    body = [*_summary(metrics), *_exported(metrics), *_results(metrics, plots),
+            *_patients(metrics), *_search(metrics, leaderboard, plots), *_failures(failures),
+            *_data(metrics), *_gradcams(gradcams, metrics), *_limitations(metrics)]
+    body += _glossary("\n".join(body))
+    lines = [f"# {metrics['positive_class']} CT classifier: test report", "",
+             *_headline(metrics, leaderboard), *_contents(body), *body]
     text = "\n".join(lines).rstrip() + "\n"
     # Bytes, not text mode: the report has non-ASCII (São Paulo, −, –) whatever the locale is.
     with atomic_write(Path(path), "wb") as f:

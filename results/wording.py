@@ -2,7 +2,27 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
+from pathlib import PurePath
+
 from data_utils.split import UNIT_CAVEATS, recorded_unit
+
+# Markdown that a name could carry: backslash escapes (Python-Markdown's and CommonMark's) keep
+# links, images, emphasis, code and table cells from forming; &, < and > become entities, since
+# GitHub renders raw HTML in report.md and Python-Markdown knows no backslash escape for <.
+_MD_ESCAPED = re.compile(r"([\\`*_{}\[\]()#!|])")
+_MD_ENTITIES = {"&": "&amp;", "<": "&lt;", ">": "&gt;"}
+
+
+def md_text(value: object) -> str:
+    """`value` as Markdown text that shows exactly as written: a file name, class name or error
+    message can add no link, image, HTML tag, heading or table cell to report.md (nor to
+    report.html and TensorBoard's text, both rendered from it)."""
+    text = "".join(_MD_ENTITIES.get(c, c) for c in str(value))
+    text = _MD_ESCAPED.sub(r"\\\1", text)
+    return re.sub(r"[\r\n\t\f\v]", " ", text)  # a newline would end a table row or a block
+
 
 METRIC_NAMES = {
     "accuracy": "Accuracy",
@@ -107,8 +127,69 @@ def _bootstrap_units(unit: str) -> str:
             "the intervals may be somewhat narrow")
 
 
+# Where the data come from, as a run records it in metrics' and an export's "data"["source"]
+# (source_of_files); absent or None: a data set ctscan does not know, described by its folder.
+DEMO_SOURCE = "demo"
+SARSCOV2_SOURCE = "sarscov2-ct-scan"
+# The file names (split.json's, relative to the data folder) of each known source: the slices
+# and NIfTI volumes of data_utils.demo, and the SARS-CoV-2 CT-scan dataset as published on Kaggle
+# (plameneduardo/sarscov2-ctscan-dataset).
+SOURCE_FILES = {
+    DEMO_SOURCE: re.compile(r"(COVID|non-COVID)/(covid|noncovid)-p\d{3,}"
+                            r"(-s\d{2}\.png|\.nii\.gz(#\d+)?)"),
+    SARSCOV2_SOURCE: re.compile(r"COVID/Covid \(\d+\)\.png|non-COVID/Non-Covid \(\d+\)\.png"),
+}
+# The folder `ctscan ... --demo` makes its data in (ctscan.cli.DEMO_DATA): how a run recorded
+# before "source" existed is still known as demo data.
+DEMO_FOLDER = "demo-data"
+
+
+def source_of_files(paths: Iterable[str]) -> str | None:
+    """The known source that names every one of `paths` (split.json's "path"s) as it does, or
+    None: a source is recognised only by all of its files, never guessed from some."""
+    paths = list(paths)
+    return next((source for source, pattern in SOURCE_FILES.items()
+                 if paths and all(pattern.fullmatch(p) for p in paths)), None)
+
+
+def data_folder(data: dict) -> str:
+    """The data folder (or manifest) by its last component only: an absolute path would tell
+    every reader of a report or model card where a machine keeps its data."""
+    return PurePath(str(data.get("path") or "?").rstrip("/")).name or "?"
+
+
+def data_source(data: dict) -> str | None:
+    """DEMO_SOURCE, SARSCOV2_SOURCE or None (unknown), from metrics' or an export's "data"."""
+    if "source" in data:
+        return data["source"]
+    return DEMO_SOURCE if data_folder(data) == DEMO_FOLDER else None
+
+
+def data_named(data: dict) -> str:
+    """What the data are, in words, for "Trained and tested on ..."."""
+    source, folder = data_source(data), md_text(data_folder(data))
+    if source == DEMO_SOURCE:
+        return (f"generated demo data (folder {folder}, made by `ctscan make-demo-data`): "
+                "CT-like pictures, not scans of patients")
+    if source == SARSCOV2_SOURCE:
+        return (f"the SARS-CoV-2 CT-scan dataset (Soares et al. 2020; hospitals in São Paulo, "
+                f"Brazil; folder {folder})")
+    return f"the images in folder {folder}"
+
+
+def scope(data: dict) -> str:
+    """Where a result holds, ending "These results come ..." or "These are slice-level
+    results ..."."""
+    source = data_source(data)
+    if source == DEMO_SOURCE:
+        return "on generated demo data, not on patients,"
+    if source == SARSCOV2_SOURCE:
+        return "from a single centre,"
+    return "from one data set,"
+
+
 # (title, text) of what no number in a report or card can tell; `limitations` picks the
-# patient-level one when there are patient-level results.
+# patient-level one when there are patient-level results, and the data's own first item.
 SLICE_LEVEL = ("Slice-level, not patient-level", "Every number is about single CT slices, not "
                "patients or whole scans. A patient-level decision would need the slices of a "
                "scan combined, which was not evaluated here.")
@@ -116,21 +197,31 @@ PATIENT_LEVEL = ("Patient level from this dataset's slices", "The patient-level 
                  "the slices each patient has in this dataset, which may be a selection rather "
                  "than a whole scan; on complete CT series, with more slices per patient that "
                  "look normal, the chosen aggregate and threshold may behave differently.")
-LIMITATIONS = [
-    ("Single-centre data", "The SARS-CoV-2 CT-scan dataset comes from hospitals in São Paulo, "
-     "Brazil. Scanners, protocols and patients elsewhere differ; expect lower performance on "
-     "other data, and validate externally before drawing conclusions."),
-    SLICE_LEVEL,
-    ("Not a medical device", "This is a research result. It is not cleared or approved for "
-     "clinical use and must not guide diagnosis or treatment."),
-]
+NOT_A_DEVICE = ("Not a medical device", "This is a research result. It is not cleared or "
+                "approved for clinical use and must not guide diagnosis or treatment.")
+ELSEWHERE = ("Scanners, protocols and patients elsewhere differ; expect lower performance on "
+             "other data, and validate externally before drawing conclusions.")
 
 
-def limitations(patient_level: bool) -> list[tuple[str, str]]:
-    """LIMITATIONS, with the patient-level caveat in place of the slice-level one when there
-    are patient-level results."""
-    return [PATIENT_LEVEL if patient_level and item is SLICE_LEVEL else item
-            for item in LIMITATIONS]
+def _source_limitation(data: dict) -> tuple[str, str]:
+    source = data_source(data)
+    if source == DEMO_SOURCE:
+        return ("Demo data, not patients", "These slices were generated by `ctscan "
+                "make-demo-data`: CT-like pictures whose COVID class differs only by drawn "
+                "patches. The numbers show that the pipeline runs from end to end; they say "
+                "nothing about how a model does on real CT scans.")
+    if source == SARSCOV2_SOURCE:
+        return ("Single-centre data", "The SARS-CoV-2 CT-scan dataset comes from hospitals in "
+                f"São Paulo, Brazil. {ELSEWHERE}")
+    return ("One data set", f"All slices come from {data_named(data)}; this run does not "
+            f"record which hospitals, scanners or protocols made them. {ELSEWHERE}")
+
+
+def limitations(patient_level: bool, data: dict) -> list[tuple[str, str]]:
+    """What the numbers cannot tell, given whether there are patient-level results and what
+    the data are (`data`: metrics' or an export's)."""
+    return [_source_limitation(data), PATIENT_LEVEL if patient_level else SLICE_LEVEL,
+            NOT_A_DEVICE]
 
 
 def interval_limitation(data: dict) -> tuple[str, str]:
@@ -150,3 +241,64 @@ def interval_limitation(data: dict) -> tuple[str, str]:
 def bootstrap_unit_text(data: dict) -> str:
     """What the intervals over the test split's groups took whole, in words."""
     return _bootstrap_units(groups_are(data))
+
+
+# Plain words for each term the report or model card uses: (term, what in the text shows it is
+# used (lower case), meaning). `glossary` keeps those a text uses, in this order.
+GLOSSARY = [
+    ("Validation and test splits", ("validation",), "Slices kept out of training: the "
+     "validation split chooses (model, weights, threshold), the test split is scored once "
+     "afterwards, so its figures are not flattered by the choice."),
+    ("95% CI (confidence interval)", ("95% ci",), "The range that would hold the true value in "
+     "95 of 100 repetitions of the study; a wide one means the test split is too small to be "
+     "sure."),
+    ("Sensitivity and specificity", ("sensitivity",), "The share of positive slices the model "
+     "calls positive, and the share of negative ones it calls negative."),
+    ("ROC AUC", ("roc auc",), "The chance that the model gives a random positive slice a higher "
+     "probability than a random negative one: 0.5 is a coin toss, 1 a perfect ranking; it does "
+     "not depend on the threshold."),
+    ("Threshold", ("threshold",), "The probability from which a slice is called positive; "
+     "moving it trades sensitivity for specificity."),
+    ("Youden's J", ("youden",), "Sensitivity + specificity − 1; the threshold with the highest J "
+     "on the validation split is the one chosen."),
+    ("Brier score", ("brier",), "The mean squared gap between the predicted probability and "
+     "what happened (1 or 0): 0 is perfect, 0.25 is what always answering 0.5 gets."),
+    ("ECE (expected calibration error)", ("ece", "expected calibration error"), "How far, on "
+     "average, the predicted probabilities are from how often the slices given them are "
+     "positive."),
+    ("Temperature", ("temperature",), "One number the model's raw scores are divided by before "
+     "they become probabilities: above 1 makes them less sure, below 1 surer; the ranking, and "
+     "so the ROC AUC, stays the same."),
+    ("Log-loss", ("log-loss",), "The mean of −log(probability given to the true class): small "
+     "when the model is sure and right, very large when it is sure and wrong."),
+    ("Proper score", ("proper score",), "A score that only true probabilities can optimise, such "
+     "as log-loss and the Brier score (accuracy and AUC are not)."),
+    ("Caruana selection", ("caruana",), "Ensemble selection: trials are added one at a time, "
+     "repeats allowed, each time the one that most lowers the validation log-loss of the "
+     "average; how often a trial was added is its weight."),
+    ("Cross-fitted", ("cross-fitted", "each half of the validation split"), "Chosen on one half "
+     "of the validation split and scored on the other, then the other way round: a score from "
+     "slices the choice did not see."),
+    ("Perceptual hash", ("perceptual-hash", "perceptual hash"), "A short fingerprint of how an "
+     "image looks; near-identical slices get near-identical ones, which is how the split finds "
+     "and keeps them together."),
+    ("ASHA", ("asha",), "Asynchronous successive halving: at set epochs (rungs) it stops the "
+     "trials whose validation AUC trails the others', so the search spends its time on the "
+     "promising ones."),
+    ("bf16", ("bf16",), "bfloat16, a 16-bit number format that recent GPUs train in faster than "
+     "in the usual 32 bits (fp32), at a little less precision."),
+    ("Bootstrap", ("bootstrap",), "Redrawing the test split (a group at a time) many times with "
+     "replacement and recomputing a figure; the middle 95% of the results is its interval."),
+    ("Grad-CAM", ("grad-cam",), "A heat map of the regions whose features most raised the "
+     "model's positive score."),
+    ("fANOVA", ("fanova",), "Functional analysis of variance: a random forest fitted to the "
+     "trials' settings and scores tells how much of the spread in score each setting explains."),
+]
+
+
+def glossary(text: str) -> list[tuple[str, str]]:
+    """(term, meaning) of each GLOSSARY term that `text` uses (as a whole word: "ece" is not
+    in "recent")."""
+    lower = text.lower()
+    return [(term, meaning) for term, shows, meaning in GLOSSARY
+            if any(re.search(rf"\b{re.escape(s)}\b", lower) for s in shows)]

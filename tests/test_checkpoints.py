@@ -10,6 +10,7 @@ import pytest
 from helpers import read_events
 from ray import tune
 
+from tuning.monitor import SCALARS
 from tuning.records import HISTORY_KEYS, SearchOptions, trial_records
 from tuning.search import fetch_resume_state
 from tuning.trial_tensorboard import log_recovered_epochs
@@ -69,7 +70,7 @@ def test_epochs_missing_from_result_json_come_back_from_the_checkpoint(tmp_path)
 
     log_recovered_epochs(str(run), [record])
     events = read_events(trial)
-    [logged] = events.Scalars("val_auc")
+    [logged] = events.Scalars(SCALARS["val_auc"])
     assert logged.step == 1 and logged.value == pytest.approx(0.7)
 
 

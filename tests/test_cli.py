@@ -74,9 +74,9 @@ def test_train_writes_checkpoints_tensorboard_and_resumes(tmp_path, capsys):
     assert {p.name for p in run.iterdir()} >= {"split.json", "config.yaml", "best.pt", "last.pt",
                                                "tensorboard"}
     events = EventAccumulator(str(run / "tensorboard")).Reload()
-    assert {"val_auc", "val_loss", "train_loss", "lr", "images_per_sec"} <= set(
+    assert {"auc/val", "loss/val", "loss/train", "train/lr", "speed/images_per_sec"} <= set(
         events.Tags()["scalars"])
-    assert [e.step for e in events.Scalars("val_auc")] == [1, 2]
+    assert [e.step for e in events.Scalars("auc/val")] == [1, 2]
     assert events.Tags()["images"] == ["training_inputs_augmented"]
 
     # As a run of an older ctscan recorded it: no frames, units or group counts; ids renamed.

@@ -48,6 +48,7 @@ def _export(root: Path, size: int) -> tuple[Path, torch.nn.Module]:
         "searched": {"lr": 0.001, "head": [8]},
         "test_metrics": {"auc": {"value": np.float64(0.9), "ci95": [0.8, 0.97]}},
         "data": {"path": "/data/ct", "images": 4, "split_sha256": "ab" * 32,
+                 "source": "sarscov2-ct-scan",
                  "group_by": "duplicates", "split_counts": {"test": {"COVID": 2}},
                  "skipped": [{"path": "x.png", "reason": "empty file"}]},
         "trial_id": "trial_0001",
@@ -169,9 +170,10 @@ def test_config_and_model_card(exported):
     assert description.arch == "resnet18" and description.head == (8,)
     card = (model_dir / "model_card.md").read_text()
     for phrase in ("not a medical device", "Not for diagnosis", "São Paulo", "Slice-level",
-                   "optimistic", "torch.jit.load", "[0.8, 0.97]", "/data/ct",
+                   "optimistic", "torch.jit.load", "[0.8, 0.97]", "- path: ct",
                    "    - COVID: 2", "skipped: 1"):
         assert phrase in card, phrase
+    assert "/data/ct" not in card  # the data folder by its name only
 
 
 def test_text_files_are_utf8_whatever_the_locale(exported, tmp_path):
@@ -337,3 +339,15 @@ def test_explain_writes_pngs_only_into_out_dir(exported64, tmp_path, capsys):
     assert "skipped" in capsys.readouterr().err
     with pytest.raises(UserError, match="inside the data folder"):
         explain_paths(model_dir, [inputs], inputs / "cams")
+
+
+def test_an_overlay_title_keeps_the_whole_name_as_text(tmp_path):
+    """A "#" that is not a slice number, a "$" (matplotlib's formula sign) and dots stay in the
+    name; a volume's FILE#K is its slice K."""
+    from results.explain import _write_overlays
+
+    image, cam = np.zeros((32, 32), np.uint8), np.zeros((32, 32))
+    config = {"class_names": ["non-COVID", "COVID"], "threshold": 0.5}
+    names = ["COVID/[x](y) #1 $\\q$ 5.v2.png", "p001.nii.gz#12"]
+    written = _write_overlays([(name, image, cam, 0.7) for name in names], config, tmp_path)
+    assert [p.name for p in written] == ["[x](y) #1 $\\q$ 5.v2_gradcam.png", "p001_gradcam.png"]

@@ -133,7 +133,7 @@ METRICS = {
              "split_counts": {"train": {"non-COVID": 856, "COVID": 875},
                               "val": {"non-COVID": 250, "COVID": 250},
                               "test": {"non-COVID": 124, "COVID": 126}},
-             "group_by": "duplicates", "split_seed": 0},
+             "group_by": "duplicates", "split_seed": 0, "source": "sarscov2-ct-scan"},
     "config": {"arch": "resnet50", "lr": 0.0003, "head": [512, 128], "dropout": 0.2},
 }
 LEADERBOARD = [{"trial_id": f"t{i:02d}" if i else "a1b2c3", "val_auc": 0.95 - 0.01 * i,
@@ -157,13 +157,15 @@ def test_report_states_the_numbers_and_the_caveats(tmp_path):
     assert "| **true COVID** | 19 (FN) | 107 (TP) |" in text
     # Top 10 of 12 trials, the winner in bold, floats formatted for reading.
     assert "top 10 of 12 trials" in text
-    assert "| 1 | **a1b2c3** | 0.9500 | 10 | completed | resnet50 | 3.0e-04 | [512, 128] |" in text
+    # Settings share one cell that wraps between them, never inside one (a no-break space).
+    assert ("| 1 | **a1b2c3** | 0.9500 | 10 | completed | 1.00 | arch=resnet50 · lr=3.0e-04 · "
+            "head=\\[512,\u00a0128\\] |") in text
     assert "| 10 | t09 |" in text and "| 11 |" not in text
     for name in PLOTS:
         assert f"]({name}.png)" in text
-    assert "**Covid (1)**" in text and "](gradcam/Covid%20%281%29_gradcam.png)" in text
+    assert "](gradcam/Covid%20%281%29_gradcam.png) Covid \\(1\\)" in text
     assert "| **total** | 1230 | 1251 | 2481 |" in text
-    assert "`COVID/broken (7).png`: truncated PNG" in text
+    assert "- COVID/broken \\(7\\).png: truncated PNG" in text
     assert "```yaml\narch: resnet50\nhead: [512, 128]\ndropout: 0.2\n" in text
     limitations = text[text.index("## Limitations"):]
     for phrase in ("São Paulo", "Slice-level", "Not a medical device", "not independent"):
@@ -274,7 +276,8 @@ def test_report_sets_the_exported_ensemble_beside_the_best_trial_with_paired_dif
     assert "same 1000 bootstrap resamples" in section
     assert "the weighted ensemble of 2 trials (a1b2c3 0.65, t01 0.35)" in text  # the summary
     members = text[text.index("### Exported members"):]
-    assert "| trial | weight | precision | arch | lr |" in members  # searched or differing
-    assert "| t01 | 0.35 | bf16 | resnet18 | 1.0e-03 |" in members
+    assert "| trial | weight | val AUC | precision | settings |" in members
+    # Searched or differing settings, in one cell.
+    assert "| t01 | 0.35 | 0.9400 | bf16 | arch=resnet18 · lr=1.0e-03 |" in members
     assert "epochs: 30" in members  # shared, once
     assert "Winning configuration" not in text

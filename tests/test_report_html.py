@@ -136,3 +136,139 @@ def test_paths_with_spaces_and_parentheses_are_embedded(tmp_path):
     md, text = _report(folder, plots, [gradcam])
     assert "(my%20plots/roc%20%28test%20split%29.png)" in md
     assert [_embedded(a["src"]) for a in Page(text).attrs("img")] == [roc, heat]
+
+
+# What the layout check assumes of a browser: a character of the 16-px sans-serif body text at
+# its widest (DejaVu Sans, Chromium's fallback on Linux, is 0.64 em for digits; bold headers
+# are no wider at this rounding), a cell's padding and border, and the laptop's screen.
+CHAR_PX = 10.5
+CELL_PX = 2 * 0.6 * 16 + 1
+SCREEN_PX = 1366
+BOX_PX = 2 * (1.2 * 16 + 2)  # the headline box's padding and border
+MAX_NUMBER_CHARS = 28  # "0.900 (95% CI 0.860–0.940)": a value with its interval
+
+
+class Tables(HTMLParser):
+    """Each table's cells: (column, class, text, inside the headline box)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__()
+        self.tables: list[list[tuple[int, str, str, bool]]] = []
+        self._quote = self._column = 0
+        self._cell: list | None = None
+        self.feed(text)
+
+    def handle_starttag(self, tag, attrs):
+        if tag == "blockquote":
+            self._quote += 1
+        elif tag == "table":
+            self.tables.append([])
+        elif tag == "tr":
+            self._column = 0
+        elif tag in ("td", "th"):
+            self._cell = [self._column, dict(attrs).get("class") or tag, "", self._quote > 0]
+            self._column += 1
+
+    def handle_endtag(self, tag):
+        if tag == "blockquote":
+            self._quote -= 1
+        elif tag in ("td", "th") and self._cell:
+            self.tables[-1].append(tuple(self._cell))
+            self._cell = None
+
+    def handle_data(self, data):
+        if self._cell:
+            self._cell[2] += data
+
+
+def _narrowest(cells: list[tuple[int, str, str, bool]]) -> float:
+    """The narrowest a table can be laid out: per column, its widest unbreakable run (a whole
+    number cell, a value or its interval, else the longest word; a no-break space joins
+    words)."""
+    widest: dict[int, int] = {}
+    for column, kind, text, _ in cells:
+        text = text.strip()
+        runs = ([text] if kind == "num" else text.split(" (") if kind == "num ci"
+                else re.split(r"[ \n\t]+", text))
+        run = max(map(len, runs))
+        widest[column] = max(widest.get(column, 0), run)
+    return sum(CHAR_PX * chars + CELL_PX for chars in widest.values())
+
+
+def _column_px(css: str) -> float:
+    """The text column's width on the laptop: the body's max-width, or the screen less the
+    body's side padding."""
+    body = re.search(r"body \{([^}]*)\}", css)[1]
+    max_width = float(re.search(r"max-width: ([\d.]+)rem", body)[1]) * 16
+    return min(max_width, SCREEN_PX - 2 * 1.5 * 16)
+
+
+def _wide_report(folder: Path) -> str:
+    """report.html of an ensemble with patients and a search of ten settings."""
+    metrics = copy.deepcopy(METRICS)
+    metrics["patient"] = {
+        "aggregate": "mean", "threshold": {"method": "youden", "value": 0.5}, "unit": "patients",
+        "val_auc_by_aggregate": {"mean": 0.9},
+        "test": {"n": 40, "positives": 20, "negatives": 20, "confusion_matrix": [[17, 3], [4, 16]],
+                 "metrics": copy.deepcopy(METRICS["test"]["metrics"])}}
+    ids = [f"1f9e2_{i:05d}" for i in range(14)]
+    metrics["trial_id"] = ids[0]
+    metrics["searched"] = {"arch": "resnet50", "lr": 3e-4}
+    config = {"arch": "resnet101", "head": [512, 128], "lr": 0.00031, "label_smoothing": 0.05}
+    metrics["ensemble"] = {
+        "k": 3, "candidates": 5, "rounds": 20, "val_log_loss": {"ensemble": 0.2, "single": 0.23},
+        "calibrated_members": True, "cross_fitted_log_loss": 0.21,
+        "members": [{"trial_id": t, "weight": w, "precision": "bf16", "config": config}
+                    for t, w in zip(ids[:3], (0.5, 0.3, 0.2), strict=True)],
+        "excluded": [{"trial_id": ids[9], "val_auc": 0.41, "epochs": 1,
+                      "reason": "worse than chance on the validation split"}]}
+    metrics["compared"] = {
+        "role": "the best trial alone", "k": 1, "members": [ids[0]], "weights": [1.0],
+        "threshold": {"method": "youden", "value": 0.37}, "temperature": 1.0,
+        "test": {"metrics": copy.deepcopy(METRICS["test"]["metrics"]),
+                 "calibration": {"brier": {"value": 0.15}}},
+        "val": {"metrics": {"roc_auc": {"value": 0.91, "ci95": [0.88, 0.94]}}},
+        "paired": {key: {"value": -0.011, "ci95": [-0.02, -0.003]}
+                   for key in ("roc_auc", "accuracy", "brier")}}
+    settings = {"arch": "resnet101", "head": [512, 128], "dropout": 0.3125, "batch_size": 64,
+                "aug_strength": 0.731, "label_smoothing": 0.0512, "optimizer": "adamw",
+                "lr": 3.1e-4, "weight_decay": 1.2e-4, "momentum": None}
+    leaderboard = [{"trial_id": t, "val_auc": 0.97 - 0.01 * i, "epochs": 30 - i,
+                    "status": "stopped early", **settings} for i, t in enumerate(ids)]
+    folder.mkdir(parents=True)
+    write_report(folder / "report.md", metrics, leaderboard, {})
+    write_report_html(folder / "report.md", folder / "report.html")
+    return (folder / "report.html").read_text(encoding="utf-8")
+
+
+def test_no_table_is_wider_than_the_text_column_on_a_laptop(tmp_path):
+    text = _wide_report(tmp_path / "results")
+    css = Page(text).style
+    # Tables are laid out by their content, never wider than the column, never scrolled.
+    table = re.search(r"\ntable \{([^}]*)\}", css)[1]
+    assert "max-width: 100%" in table and "table-layout: auto" in table
+    assert "display: block" not in table and "overflow" not in table
+    assert "white-space: nowrap" in re.search(r"td\.num \{([^}]*)\}", css)[1]
+    column = _column_px(css)
+    tables = Tables(text).tables
+    assert len(tables) >= 8
+    for cells in tables:
+        inside_box = any(boxed for *_, boxed in cells)
+        assert _narrowest(cells) <= column - BOX_PX * inside_box, cells[:8]
+        # Numbers stay whole, and no whole number is long enough to widen a table by itself.
+        for _, kind, cell, _ in cells:
+            assert not (kind == "td" and re.fullmatch(r"[\d.,–+−-]+", cell.strip())), cell
+            if kind.startswith("num"):
+                assert len(cell.strip()) <= MAX_NUMBER_CHARS, cell
+
+    # The check has teeth: the leaderboard laid out a column per setting would not fit.
+    header = ["#", "trial", "val AUC", "epochs", "status", "weight", *[
+        "aug_strength", "label_smoothing", "weight_decay", "batch_size", "optimizer", "dropout",
+        "momentum", "arch", "head", "lr"]]
+    row = ["1", "1f9e2_00000", "0.9700", "30", "completed", "0.50", "0.7310", "0.0512",
+           "1.2e-04", "64", "adamw", "0.3125", "—", "resnet101", "[512, 128]", "3.1e-04"]
+    wide = tmp_path / "wide.md"
+    wide.write_text("\n".join(["| " + " | ".join(header) + " |", "|---" * len(header) + "|",
+                               "| " + " | ".join(row) + " |"]), encoding="utf-8")
+    assert _narrowest(Tables(write_report_html(wide, tmp_path / "wide.html").read_text(
+        encoding="utf-8")).tables[0]) > column

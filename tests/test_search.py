@@ -22,7 +22,14 @@ from data_utils.split import split_dataset
 from results.pipeline import report_run
 from results.predict import predict_paths
 from tuning.config import ConfigError, make_config
-from tuning.monitor import SCALARS
+from tuning.monitor import (
+    EPOCHS_TRAINED,
+    EXPERIMENT_EVENTS,
+    SCALARS,
+    STATUS_CODE,
+    WEIGHT,
+    exported_model_run,
+)
 from tuning.records import SearchOptions, prepare_run
 from tuning.search import PrunedAwareOptunaSearch, run_search, trainable
 from tuning.space import (
@@ -35,7 +42,6 @@ from tuning.space import (
     startup_trials,
 )
 from tuning.train import trial_data
-from tuning.trial_tensorboard import EXPERIMENT_EVENTS
 
 TINY_SPACE = """
 arch: resnet18
@@ -254,7 +260,7 @@ def test_tensorboard_shows_what_matters_per_trial_and_how_each_ended(demo_search
     assert [p.name for p in run.glob("*tfevents*")] == [EXPERIMENT_EVENTS]
     experiment = hparams_data(read_events(run), metadata.EXPERIMENT_TAG).experiment
     assert [h.name for h in experiment.hparam_infos] == ["head", "lr", "aug_strength"]
-    assert experiment.metric_infos[0].name.tag == "best_val_auc"
+    assert experiment.metric_infos[0].name.tag == SCALARS["best_val_auc"]
     trials = json.loads((run / "trials.json").read_text())
     folders = [run / f"trial_{t['number']:03d}-resnet18-{t['trial_id']}" for t in trials]
     assert sorted(folders) == sorted(run.glob("trial_*"))
@@ -262,12 +268,15 @@ def test_tensorboard_shows_what_matters_per_trial_and_how_each_ended(demo_search
              "budget": api_pb2.STATUS_RUNNING, "error": api_pb2.STATUS_FAILURE}
     for trial, folder in zip(trials, folders, strict=True):
         events = read_events(folder)
-        assert sorted(events.Tags()["scalars"]) == sorted(SCALARS)  # no Ray bookkeeping
+        # No Ray bookkeeping: the scalars and the marks HParams sorts trials by.
+        assert sorted(events.Tags()["scalars"]) == sorted(
+            [*SCALARS.values(), WEIGHT, STATUS_CODE, EPOCHS_TRAINED])
         assert events.Tags()["images"] == ["training_inputs_augmented"]
         # HParams shows a metric's last value: best_val_auc's is the trial's best epoch.
-        assert [e.step for e in events.Scalars("best_val_auc")] == list(
+        assert [e.step for e in events.Scalars(SCALARS["best_val_auc"])] == list(
             range(1, trial["epochs"] + 1))
-        assert events.Scalars("best_val_auc")[-1].value == pytest.approx(trial["val_auc"])
+        assert events.Scalars(SCALARS["best_val_auc"])[-1].value == pytest.approx(
+            trial["val_auc"])
         start = hparams_data(events, metadata.SESSION_START_INFO_TAG).session_start_info
         assert set(start.hparams) == {"head", "lr", "aug_strength"}
         end = hparams_data(events, metadata.SESSION_END_INFO_TAG).session_end_info
@@ -277,7 +286,7 @@ def test_tensorboard_shows_what_matters_per_trial_and_how_each_ended(demo_search
         assert "momentum" not in config  # AdamW's trials
         assert f"    lr: {trial['params']['lr']:.4g}" in config.splitlines()
     winner = read_events(next(run.glob(f"trial_*-{best['trial_id']}")))
-    assert winner.Scalars("best_val_auc")[-1].value == pytest.approx(
+    assert winner.Scalars(SCALARS["best_val_auc"])[-1].value == pytest.approx(
         best["val_metrics"]["val_auc"])
 
 
@@ -521,7 +530,8 @@ def test_evaluation_writes_metrics_plots_report_and_export(demo_search, evaluate
     export = evaluated.parent / "export"
     assert {"model.pt", "model.torchscript.pt", "config.json", "config.yaml",
             "model_card.md"} <= {p.name for p in export.iterdir()}
-    winner = read_events(evaluated / f"winner_trial_{best['trial_id']}")
+    winner = read_events(evaluated / exported_model_run(
+        {m["trial_id"]: m["weight"] for m in metrics["ensemble"]["members"]}))
     assert {f"results/{name}" for name in ("roc", "pr", "confusion", "training_curves",
                                            "hparams")} < set(winner.Tags()["images"])
     assert any(tag.startswith("gradcam/") for tag in winner.Tags()["images"])

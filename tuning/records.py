@@ -15,7 +15,14 @@ from data_utils import runfolder
 from data_utils.errors import RunFolderError
 from data_utils.split import Split, split_changes, split_record
 from tuning.config import TrainConfig, make_config
-from tuning.space import DEFAULT_SPACE, NUMBER, SearchSpace, decode_params, load_space
+from tuning.space import (
+    DEFAULT_SPACE,
+    NUMBER,
+    SearchSpace,
+    decode_params,
+    load_space,
+    params_in_force,
+)
 
 if TYPE_CHECKING:  # Ray's result types, only read here
     from ray.tune import ResultGrid
@@ -198,6 +205,7 @@ def trial_records(results: ResultGrid, run_dir: str) -> list[dict]:
             # A trial that failed before reporting has no metrics; its folder still names it.
             "trial_id": _trial_id(trial_dir),
             "number": config.get(NUMBER),  # 0: the first proposed
+            "folder": runfolder.recorded(run_dir, trial_dir),  # its TensorBoard run
             "params": decode_params(config),
             "status": status,
             "epochs": len(history),
@@ -227,22 +235,27 @@ def _no_trial_reported(records: list[dict], run_dir: str) -> SearchFailed:
 
 def summarize(options: SearchOptions, results: ResultGrid, records: list[dict],
               budget_reached: bool = False) -> dict:
-    """Write trials.json (`records`, from trial_records), and best.json: the best trial, its
-    best checkpoint and exactly that epoch's metrics (returned)."""
+    """Write trials.json (`records`, from trial_records, each trial's params with a value for
+    every searched key: `params_in_force`), and best.json: the best trial, its best checkpoint
+    and exactly that epoch's metrics (returned)."""
+    searched = load_search_space(options).searched_keys()
+    for record in records:
+        record["params"] = params_in_force(record["params"],
+                                           options.trial_config(record["params"]), searched)
     runfolder.write_json(runfolder.join(options.run_dir, runfolder.TRIALS), records)
     if not any(r["history"] for r in records):
         raise _no_trial_reported(records, options.run_dir)
     best = results.get_best_result(metric=METRIC, mode=MODE, scope="all")
     record = next(r for r in records if r["trial_id"] == _trial_id(runfolder.name_of(best.path)))
     top = best_row(record["history"])  # exactly the epoch whose weights best.pt holds
-    params = decode_params(best.config)
-    config = asdict(options.trial_config(params))
-    searched = load_search_space(options).searched_keys()
+    # From the params in force, as the other members' configs are (results.evaluate): every
+    # table of the report then reads one value per key (momentum 0 on an AdamW trial).
+    config = asdict(options.trial_config(record["params"]))
     statuses = [r["status"] for r in records]
     summary = {
         "trial_id": record["trial_id"],
         "config": config,
-        "searched": {k: config[k] for k in searched if k in params},
+        "searched": {k: record["params"][k] for k in searched},
         "val_metrics": {k: float(top[k]) for k in
                         ("val_auc", "val_loss", "val_accuracy", "val_f1", "train_loss")},
         "best_epoch": int(top["epoch"]),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,11 @@ RUN_KEYS = {"image_size": "--image-size", "resize": "--resize", "epochs": "--max
             "seed": "--seed", "device": "--gpus-per-trial", "num_workers": "--cpus-per-trial",
             "precision": "--precision"}
 NUMBER = "trial_number"  # Optuna's count of the trial (0 = first proposed), carried in its config
+# What a trial shows for a searched key that does not act on it (TrainConfig.acting: momentum
+# unless the optimizer is SGD, warmup_epochs under a constant schedule, freeze_backbone_epochs
+# with random weights): 0, each one's "off". All three are numbers, so the stand-in sits on the
+# axis of the values drawn for the others, and it is a valid value of each key.
+IDLE = 0
 
 
 @dataclass
@@ -272,6 +278,54 @@ def decode_params(params: dict) -> dict:
     """Config keys and values from a trial's parameter names and encoded values."""
     return {name.split("[")[0]: json.loads(v) if isinstance(v, str) and v[:1] in ("[", "{") else v
             for name, v in params.items() if name != NUMBER}
+
+
+def params_in_force(params: dict, config: TrainConfig, searched: Iterable[str]) -> dict:
+    """A trial's params (config keys, as `decode_params` gives them) with a value for every key
+    the space searches on any branch, so that every view lists every trial alike: TensorBoard's
+    HParams session, trials.json and what reads it (the report's leaderboard and figure).
+
+    config is the trial's training config. A searched key takes the value the trainer uses:
+    - drawn: as drawn;
+    - not drawn on the trial's branch (weight_decay on the demo space's SGD trials): the value in
+      force, the run's fixed keys' or TrainConfig's default (weight_decay 1e-4);
+    - pos_weight unset (None): 1.0, as the loss weighs positives then;
+    - not acting on the trial (momentum on an AdamW trial): IDLE (0), even where drawn.
+    Every value is a valid value of its key, so `SearchOptions.trial_config` of the result trains
+    the same model (with momentum 0 where it does not act, say).
+    """
+    acting = config.acting()
+    if acting["pos_weight"] is None:
+        acting["pos_weight"] = 1.0
+    return {**params, **{key: acting.get(key, IDLE) for key in searched}}
+
+
+def values_off_draw(spec: dict, base_config: dict) -> dict[str, list]:
+    """Searched key -> the values `params_in_force` gives it where it is not drawn (off a
+    branch, or not acting), on every branch of the space: TensorBoard's filters offer the
+    declared domain of a key, and a value outside it would hide its trial."""
+    searched = set(_searched(spec))
+    values: dict[str, list] = {}
+    for context, drawn in _branches(spec, {}, frozenset()):
+        config = make_config({**base_config, **context})
+        in_force = params_in_force({}, config, searched)
+        for key in sorted(searched):
+            if key not in drawn or key not in config.acting():
+                values.setdefault(key, []).append(in_force[key])
+    return values
+
+
+def _branches(spec: dict, context: dict, drawn: frozenset) -> Iterator[tuple[dict, frozenset]]:
+    """(the fixed values and branch options, the keys drawn) of each branch of a space: one
+    option of every choice with sub-spaces, at every level."""
+    context = {**context, **{k: v for k, v in spec.items() if not isinstance(v, dict)}}
+    paths = [(context, drawn | {k for k, v in spec.items() if isinstance(v, dict)})]
+    for key, value in spec.items():
+        options = value.get("choice") if isinstance(value, dict) else None
+        if isinstance(options, dict):
+            paths = [branch for above, keys in paths for option, sub in options.items()
+                     for branch in _branches(sub or {}, {**above, key: option}, keys)]
+    yield from paths
 
 
 def startup_trials(num_samples: int) -> int:

@@ -13,32 +13,26 @@ from torch.utils.tensorboard import SummaryWriter
 from data_utils import runfolder
 from tuning import monitor
 from tuning.records import SearchOptions
-from tuning.space import SearchSpace, decode_params
+from tuning.space import SearchSpace, decode_params, params_in_force
 from tuning.train import TrialData
-
-# The search's HParams experiment, in the run's root under a name of its own, so that a resumed
-# search finds it there (also in a bucket); TensorBoard reads any file with "tfevents" in its name.
-EXPERIMENT_EVENTS = "events.out.tfevents.hparams-experiment"
 
 
 def declare_search_once(run_dir: str, spec: dict) -> None:
-    """Declare the search's HParams experiment (`monitor.declare_search`) in the run's root,
-    unless an earlier session of the same search did."""
-    target = runfolder.join(run_dir, EXPERIMENT_EVENTS)
-    if runfolder.exists(target):
-        return
-    with tempfile.TemporaryDirectory() as folder:
-        monitor.declare_search(Path(folder), spec)
-        [events] = Path(folder).iterdir()
-        runfolder.write_bytes(target, events.read_bytes())
+    """Declare the search's HParams experiment in the run's root, with the run's fixed config
+    keys, unless an earlier session of the same search did (`monitor.declare_experiment`).
+    `ctscan tune` writes them (search.json) before the search starts; a search started without
+    (a test driving run_search) declares the space with TrainConfig's defaults."""
+    options = runfolder.read_json(runfolder.join(run_dir, runfolder.SEARCH)) or {}
+    monitor.declare_experiment(run_dir, spec, options.get("base_config", {}))
 
 
 class TrialTensorBoard(tune.Callback):
     """Logs each trial on the driver into the trial's folder (Ray syncs it to storage with the
     trial's other files, also to a bucket): the same scalars and input grid as `ctscan train`,
-    and an HParams session from its start to its end, with how it ended (the status of
-    trials.json: monitor.COMPLETED, STOPPED_EARLY, ENDED_BY_BUDGET or FAILED). Ray's own
-    TensorBoard logger is off: it logs every result key and marks every session a success.
+    and an HParams session from its start to its end, with a value for every searched key
+    (`params_in_force`), the epochs it trained and how it ended (the status of trials.json:
+    monitor.SESSION_STATUS). Ray's own TensorBoard logger is off: it logs every result key and
+    marks every session a success.
 
     Pickled with the tuner (so a resumed search logs the same way): only a sample of the training
     images for the grid is kept, not the dataset.
@@ -57,23 +51,27 @@ class TrialTensorBoard(tune.Callback):
         if trial.trial_id in self.writers:  # restarted after a failure: same run, same session
             return
         params = decode_params(trial.config)
-        writer = monitor.open_run(Path(trial.local_path), self.options.trial_config(params),
-                                  self.grid_images, self.grid_labels)
-        monitor.start_session(writer, params, self.space.searched_keys())
+        config = self.options.trial_config(params)
+        writer = monitor.open_run(Path(trial.local_path), config, self.grid_images,
+                                  self.grid_labels)
+        searched = self.space.searched_keys()
+        monitor.start_session(writer, params_in_force(params, config, searched), searched)
         self.writers[trial.trial_id] = writer
 
     def on_trial_result(self, iteration: int, trials: list, trial, result: dict,
                         **info) -> None:
         if trial.trial_id in self.writers:  # not a result replayed from before a resume
-            monitor.log_epoch(self.writers[trial.trial_id], result)
+            writer = self.writers[trial.trial_id]
+            monitor.log_epoch(writer, result)
+            monitor.log_marks(writer, result["epoch"], {monitor.EPOCHS_TRAINED: result["epoch"]})
 
     def on_trial_complete(self, iteration: int, trials: list, trial, **info) -> None:
         # A trial the scheduler stopped is "complete" to Ray, but it did not end by itself.
         ended = trial.last_result.get("final_epoch", False)
-        self._end(trial, monitor.COMPLETED if ended else monitor.STOPPED_EARLY)
+        self._end(trial, "completed" if ended else "stopped early")
 
     def on_trial_error(self, iteration: int, trials: list, trial, **info) -> None:
-        self._end(trial, monitor.FAILED)
+        self._end(trial, "error")
 
     def on_step_end(self, iteration: int, trials: list, **info) -> None:
         # When the time budget is spent, Ray marks every unfinished trial TERMINATED without
@@ -82,7 +80,7 @@ class TrialTensorBoard(tune.Callback):
         # events reach storage with Ray's last sync of the search.
         for trial in trials:
             if trial.status == Trial.TERMINATED and trial.trial_id in self.writers:
-                self._end(trial, monitor.ENDED_BY_BUDGET)
+                self._end(trial, "budget")
 
     def on_experiment_end(self, trials: list, **info) -> None:
         # Sessions still open here belong to an interrupted search (Ctrl-C): `--resume`
@@ -91,10 +89,10 @@ class TrialTensorBoard(tune.Callback):
             writer.close()
         self.writers.clear()
 
-    def _end(self, trial, status: int) -> None:
+    def _end(self, trial, status: str) -> None:
         writer = self.writers.pop(trial.trial_id, None)
         if writer is not None:
-            monitor.end_session(writer, status)
+            monitor.end_session(writer, status, trial.last_result.get("epoch", 0))
 
 
 def log_recovered_epochs(run_dir: str, records: list[dict]) -> None:
