@@ -7,7 +7,7 @@ first and then applied unchanged to the test split.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from pathlib import Path
 
@@ -420,13 +420,15 @@ def _fixed_on_val(y_val: np.ndarray, member_val: list[np.ndarray], weights: Sequ
 def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
                   test_rows: np.ndarray, threshold: float | None = None,
                   calibrate: bool = False, val_patients: np.ndarray | None = None,
-                  val_groups: np.ndarray | None = None, aggregate: str = "mean") -> dict:
+                  val_groups: np.ndarray | None = None, aggregate: str = "mean",
+                  before_test: Callable[[], None] = lambda: None) -> dict:
     """Everything is chosen on val first: the weights of `members` (best trial first; see
     choose_ensemble, which keeps `val_groups` whole), the temperature, and the thresholds of
     that model and of the one it is compared with, each calibrated the same way; with
     `val_patients` (the patient of each val row) also the patient-level threshold, and the
     aggregate (`aggregate`, as choose_patient_level takes it).
-    Only then are the test probabilities computed, of the members either model uses."""
+    Only then, after `before_test` (which puts the look on record), are the test probabilities
+    computed, of the members either model uses."""
     y_val = ds.labels[val_rows]
     member_val = [_proba(m, ds, val_rows) for m in members]
     choice = choose_ensemble(y_val, member_val, val_groups)
@@ -443,6 +445,7 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
                                          aggregate))
     used = {i for model in (chosen, compared) if model
             for i, w in enumerate(model["weights"]) if w > 0}
+    before_test()
     member_test = [_proba(m, ds, test_rows) if i in used else None
                    for i, m in enumerate(members)]
     for model in (chosen, compared):
@@ -453,28 +456,32 @@ def val_then_test(members: list[Member], ds: CTDataset, val_rows: np.ndarray,
             "compared": compared, "patient": patient}
 
 
-def kept_out(trial: dict, grace_period: int) -> str | None:
-    """Why a trial may not join an ensemble, or None: a trial no better than chance on val
-    (whose weight could only come from fitting val's noise), or one ASHA stopped at its first
-    rung (judged weak after `grace_period` epochs, so barely trained)."""
+def kept_out(trial: dict) -> str | None:
+    """Why a trial may not join an ensemble, or None: a trial no better than chance on val,
+    whose weight could only come from fitting val's noise."""
     if not trial["val_auc"] > 0.5:  # also NaN: no val AUC at all
         return f"no better than chance on val (val AUC {trial['val_auc']:.3f})"
-    if trial["status"] == "stopped early" and trial["epochs"] <= grace_period:
-        return (f"stopped by ASHA at its first rung, after {trial['epochs']} epoch"
-                f"{'s' if trial['epochs'] != 1 else ''}")
     return None
 
 
 def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: int
                         ) -> tuple[list[dict], list[dict]]:
     """The best trial, then the next best by val AUC whose checkpoint is there and that is not
-    `kept_out`: up to `size` {"trial_id", "checkpoint", "config", "precision"} (precision: None in
-    runs that did not record it); and the trials kept out on the way, {"trial_id", "val_auc",
-    "epochs", "reason"}. (A trial that failed on resuming may name a checkpoint Ray had already
-    replaced.)"""
+    `kept_out`: up to `size` {"trial_id", "checkpoint", "config", "precision", "val_auc",
+    "epochs", "first_rung"} (precision: None in runs that did not record it; first_rung: ASHA
+    stopped it at its first rung, after the grace period, which the report flags); and the
+    trials kept out on the way, {"trial_id", "val_auc", "epochs", "reason"}. (A trial that
+    failed on resuming may name a checkpoint Ray had already replaced.)"""
     trials = runfolder.read_json(runfolder.join(run_dir, runfolder.TRIALS)) or []
+
+    def facts(trial: dict) -> dict:
+        return {"val_auc": trial.get("val_auc"), "epochs": trial.get("epochs"),
+                "first_rung": (trial.get("status") == "stopped early"
+                               and trial.get("epochs", 0) <= options.grace_period)}
+
+    record = next((t for t in trials if t["trial_id"] == best["trial_id"]), {})
     winner = {**{k: best[k] for k in ("trial_id", "checkpoint", "config")},
-              "precision": best.get("precision")}
+              "precision": best.get("precision"), **facts(record)}
     candidates, excluded = [winner], []
     for t in trials:
         if len(candidates) == size:
@@ -482,23 +489,25 @@ def ensemble_candidates(run_dir: str, options: SearchOptions, best: dict, size: 
         if (not t.get("checkpoint") or t["trial_id"] == best["trial_id"]
                 or not runfolder.exists(runfolder.in_run(run_dir, t["checkpoint"]))):
             continue
-        reason = kept_out(t, options.grace_period)
+        reason = kept_out(t)
         if reason:
             excluded.append({"trial_id": t["trial_id"], "val_auc": t["val_auc"],
                              "epochs": t["epochs"], "reason": reason})
             continue
         candidates.append({"trial_id": t["trial_id"], "checkpoint": t["checkpoint"],
                            "config": asdict(options.trial_config(t["params"])),
-                           "precision": t.get("precision")})
+                           "precision": t.get("precision"), **facts(t)})
     return candidates, excluded
 
 
 def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 1000,
                  seed: int = 0, cache_dir: Path | None = None, ensemble: int = 5,
-                 calibrate: bool = False, aggregate: str = "mean") -> tuple[dict, dict]:
+                 calibrate: bool = False, aggregate: str = "mean",
+                 before_test: Callable[[], None] = lambda: None) -> tuple[dict, dict]:
     """Score the chosen model (the best trial, or the ensemble of the top trials that val
     prefers) and the one it is compared with; returns (metrics.json content, arrays for plots
-    and export)."""
+    and export). `before_test` is called once everything is fixed on val, just before the first
+    test probability is computed."""
     options = load_options(run_dir)
     best, _ = _read_json(run_dir, runfolder.BEST, BEST_KEYS)
     split_json, split_text = _read_json(run_dir, runfolder.SPLIT, SPLIT_KEYS)
@@ -515,7 +524,8 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     unit = recorded_unit(split_json)
     by_patient = unit in PERSON_UNITS  # then also scored per patient (or volume, study...)
     scored = val_then_test(members, ds, val_rows, test_rows, threshold, calibrate,
-                           val_groups if by_patient else None, val_groups, aggregate)
+                           val_groups if by_patient else None, val_groups, aggregate,
+                           before_test)
     temperature, weights = scored["temperature"], scored["weights"]
     chosen, y_val, prob_val = scored["threshold"], scored["y_val"], scored["prob_val"]
     y_test, prob_test = scored["y_test"], scored["prob_test"]

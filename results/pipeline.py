@@ -64,14 +64,16 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     options = {"ensemble": ensemble, "calibrate": calibrate, "threshold": threshold,
                "bootstrap": resamples, "seed": seed, "patient_aggregate": aggregate}
     out = runfolder.local_copy_dir(run_dir) / runfolder.RESULTS
-    # This evaluation is on record (also in a bucket) before the test split is read.
+    # This evaluation goes on record (also in a bucket) once everything is fixed on val, before
+    # the first test probability is computed: one refused on the way (a changed file, a missing
+    # key) never looked.
     ledgers = list(dict.fromkeys([str(out / EVALUATIONS),
                                   runfolder.join(run_dir, runfolder.RESULTS, EVALUATIONS),
                                   *split_ledgers]))
     opening = opening_entry(options, runfolder.name_of(run_dir), model_state(run_dir))
-    record(ledgers, [*earlier, opening])
     metrics, arrays = evaluate_run(run_dir, threshold, resamples, seed, cache_dir, ensemble,
-                                   calibrate, aggregate)
+                                   calibrate, aggregate,
+                                   before_test=lambda: record(ledgers, [*earlier, opening]))
     earlier_scorings = scorings(earlier)
     metrics["evaluations"] = {
         "count": len(earlier_scorings) + 1, "options": options, "model": opening["model"],

@@ -336,6 +336,15 @@ def _below_chance(metrics: dict, leaderboard: Sequence[dict]) -> list[str]:
             for m in _exported_list(metrics) if aucs.get(m["trial_id"], 1.0) <= 0.5]
 
 
+def _first_rung(metrics: dict) -> list[str]:
+    """A phrase per exported member that ASHA stopped at its first rung: judged weaker than
+    most trials after the grace period, and barely trained (members before 0.4 say nothing)."""
+    return [f"member {m['trial_id']} (weight {m.get('weight', 1.0):.2f}) was stopped by ASHA "
+            f"at its first rung, after {m.get('epochs', '?')} epoch"
+            f"{'' if m.get('epochs') == 1 else 's'}"
+            for m in _exported_list(metrics) if m.get("first_rung")]
+
+
 def _kept_out(metrics: dict) -> list[str]:
     """One phrase per candidate that evaluation kept out of selection, with why (metrics'
     ensemble "excluded"; runs before it kept none out)."""
@@ -835,6 +844,11 @@ def _headline(metrics: dict, leaderboard: Sequence[dict]) -> list[str]:
     if below:
         notes.append(f"**Worse than chance:** {'; '.join(below)}. Such a member adds noise to "
                      "the exported model's probabilities; see [Exported members]"
+                     "(#exported-members).")
+    barely = _first_rung(metrics)
+    if barely:
+        notes.append(f"**Barely trained:** {'; '.join(barely)}. Selection weighed it by its "
+                     "validation log-loss all the same; see [Exported members]"
                      "(#exported-members).")
     kept_out = _kept_out(metrics)
     if kept_out:

@@ -162,3 +162,29 @@ def hparams_data(events: EventAccumulator, tag: str) -> plugin_data_pb2.HParamsP
     """What the HParams plugin reads from a run: metadata.EXPERIMENT_TAG and the session tags."""
     return plugin_data_pb2.HParamsPluginData.FromString(
         events.SummaryMetadata(tag).plugin_data.content)
+
+
+def stop_at_the_first_test_probability(monkeypatch: pytest.MonkeyPatch,
+                                       check: Callable[[], None]) -> None:
+    """Make an evaluation call `check` and stop (KeyboardInterrupt) just as it is about to
+    compute its first test probability: what is on record by then was written before the test
+    split was read."""
+    import results.evaluate as evaluate
+
+    test_rows: list[np.ndarray] = []
+    real_rows, real_proba = evaluate.recorded_rows, evaluate._proba
+
+    def rows(ds, split_json: dict, name: str) -> np.ndarray:
+        found = real_rows(ds, split_json, name)
+        if name == "test":
+            test_rows.append(found)
+        return found
+
+    def proba(member, ds, rows_of: np.ndarray) -> np.ndarray:
+        if any(rows_of is test for test in test_rows):
+            check()
+            raise KeyboardInterrupt
+        return real_proba(member, ds, rows_of)
+
+    monkeypatch.setattr(evaluate, "recorded_rows", rows)
+    monkeypatch.setattr(evaluate, "_proba", proba)

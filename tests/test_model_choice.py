@@ -209,7 +209,8 @@ def test_candidates_are_the_best_trial_then_the_next_best_whose_checkpoint_is_th
 
     # trials.json lists trials best first; "gone" failed on resume after Ray replaced its
     # checkpoint, "never" reported nothing, "rung" was stopped by ASHA at its first rung (one
-    # epoch, the grace period), "later" at a later rung, and "chance" is worse than chance.
+    # epoch, the grace period: flagged), "later" at a later rung, and "chance" is worse than
+    # chance (kept out).
     trials = [trial("a", val_auc=0.95), trial("gone", exists=False), trial("b"),
               trial("rung", status="stopped early", epochs=1),
               trial("later", status="stopped early", epochs=2), trial("c", val_auc=0.6),
@@ -220,12 +221,16 @@ def test_candidates_are_the_best_trial_then_the_next_best_whose_checkpoint_is_th
     best = {"trial_id": "a", "checkpoint": trials[0]["checkpoint"], "config": {"lr": 0.001}}
     search = SearchOptions(data="/data", base_config={"image_size": 32}, grace_period=1)
     got, excluded = ensemble_candidates(str(tmp_path), search, best, size=5)
-    assert [c["trial_id"] for c in got] == ["a", "b", "later", "c"]
+    assert [c["trial_id"] for c in got] == ["a", "b", "rung", "later", "c"]
     assert got[0]["config"] == {"lr": 0.001} and got[1]["config"]["lr"] == 0.01
     assert got[1]["config"]["image_size"] == 32
-    assert {e["trial_id"]: e["reason"] for e in excluded} == {
-        "rung": "stopped by ASHA at its first rung, after 1 epoch",
-        "chance": "no better than chance on val (val AUC 0.400)"}
+    assert [c["first_rung"] for c in got] == [False, False, True, False, False]
+    assert got[0]["val_auc"] == 0.95 and got[3]["epochs"] == 2
+    assert excluded == []  # five found before "chance" was reached
+    got, excluded = ensemble_candidates(str(tmp_path), search, best, 6)
+    assert [c["trial_id"] for c in got] == ["a", "b", "rung", "later", "c"]
+    assert [(e["trial_id"], e["reason"]) for e in excluded] == [
+        ("chance", "no better than chance on val (val AUC 0.400)")]
     got, excluded = ensemble_candidates(str(tmp_path), search, best, 2)
     assert [c["trial_id"] for c in got] == ["a", "b"] and excluded == []
 

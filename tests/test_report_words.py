@@ -129,9 +129,10 @@ def _ensemble_metrics() -> dict:
     metrics["ensemble"] = {
         "k": 2, "candidates": 5, "rounds": 20, "val_log_loss": {"ensemble": 0.2, "single": 0.23},
         "members": [{"trial_id": "a1b2c3", "weight": 0.65, "config": config},
-                    {"trial_id": "t11", "weight": 0.35, "config": {**config, "lr": 0.01}}],
+                    {"trial_id": "t11", "weight": 0.35, "config": {**config, "lr": 0.01},
+                     "epochs": 1, "first_rung": True}],
         "excluded": [{"trial_id": "t07", "val_auc": 0.4, "epochs": 1,
-                      "reason": "ASHA stopped it at its first rung, worse than chance on val"}]}
+                      "reason": "no better than chance on val (val AUC 0.400)"}]}
     return metrics
 
 
@@ -150,8 +151,10 @@ def test_the_headline_says_why_and_flags_members_worse_than_chance_and_those_kep
             "0.2000 against 0.2300") in headline
     assert ("**Worse than chance:** member t11 (weight 0.35) has a validation AUC of 0.450, no "
             "better than chance") in headline
-    assert ("**Kept out of selection:** t07 (validation AUC 0.400 after 1 epoch): ASHA stopped "
-            "it at its first rung") in headline
+    assert ("**Kept out of selection:** t07 (validation AUC 0.400 after 1 epoch): no better "
+            "than chance on val") in headline
+    assert ("**Barely trained:** member t11 (weight 0.35) was stopped by ASHA at its first "
+            "rung, after 1 epoch.") in headline
     members = md[md.index("### Exported members"):]
     assert "Kept out of selection (1), so they have no weight:" in members
     # The leaderboard shows every member, the one ranked 12th too, with its weight.
@@ -167,8 +170,9 @@ def test_the_headline_says_why_and_flags_members_worse_than_chance_and_those_kep
 
     # Metrics from before "excluded" existed, and no member below chance: nothing flagged.
     del metrics["ensemble"]["excluded"]
+    del metrics["ensemble"]["members"][1]["first_rung"]
     md, _ = _write(tmp_path / "old", metrics)
-    assert "Kept out" not in md and "Worse than chance" not in md
+    assert "Kept out" not in md and "Worse than chance" not in md and "Barely" not in md
 
 
 def test_a_tiny_threshold_and_a_large_calibration_error_are_explained(tmp_path):

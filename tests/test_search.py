@@ -9,7 +9,13 @@ import numpy as np
 import optuna
 import pytest
 import torch
-from helpers import hparams_data, read_events, recording_trainable, tiny_trial_data
+from helpers import (
+    hparams_data,
+    read_events,
+    recording_trainable,
+    stop_at_the_first_test_probability,
+    tiny_trial_data,
+)
 from tensorboard.plugins.hparams import api_pb2, metadata
 
 import results.evaluate as evaluate_module
@@ -454,18 +460,15 @@ def test_an_evaluation_after_the_search_was_resumed_counts_as_one_of_a_changed_m
 
 def test_an_evaluation_is_on_record_before_the_test_split_is_read(copied_run, tmp_path,
                                                                   monkeypatch):
-    import results.pipeline as pipeline
-
     evaluated_once, _ = copied_run
     run = shutil.copytree(evaluated_once, tmp_path / "run")
     ledger = run / "results/evaluations.jsonl"
 
-    def stopped(*args, **kwargs):
+    def on_record():
         entries = [json.loads(line) for line in ledger.read_text().splitlines()]
         assert len(entries) == 2 and entries[1]["test"] is None
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "evaluate_run", stopped)
+    stop_at_the_first_test_probability(monkeypatch, on_record)
     with pytest.raises(KeyboardInterrupt):
         report_run(str(run), resamples=200, gradcams=0, ensemble=2)
     monkeypatch.undo()

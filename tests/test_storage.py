@@ -4,7 +4,7 @@ import json
 
 import boto3
 import pytest
-from helpers import bucket_keys
+from helpers import bucket_keys, stop_at_the_first_test_probability
 
 from ctscan.cli import main
 from data_utils import runfolder
@@ -86,18 +86,17 @@ def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_tri
 
     # A later evaluation's line is in the bucket before the test split is read (after the
     # search's evaluation and predict's look).
-    import results.pipeline as pipeline
+    from results.pipeline import report_run
 
-    def stopped(*args, **kwargs):
+    def on_record():
         lines = [json.loads(line) for line in
                  _read(f"{run}/results/evaluations.jsonl").decode().splitlines()]
         assert [e["kind"] for e in lines] == ["evaluate", "predict", "evaluate"]
         assert lines[0]["test"] and lines[2]["test"] is None
-        raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "evaluate_run", stopped)
+    stop_at_the_first_test_probability(monkeypatch, on_record)
     with pytest.raises(KeyboardInterrupt):
-        pipeline.report_run(run, resamples=200, gradcams=0)
+        report_run(run, resamples=200, gradcams=0)
 
 
 def test_a_search_in_which_no_trial_reports_fails_in_one_line(tmp_path, local_ray, capsys):
