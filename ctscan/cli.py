@@ -527,7 +527,7 @@ def _print_earlier_evaluations(evaluations: dict | None) -> None:
         print(f"evaluation {evaluations['count']} of this test split, with the same choices "
               "and model as before (results/evaluations.jsonl)")
         return
-    looks = "; ".join(describe_look(e, model) for e in other)
+    looks = "; ".join(describe_look(e, evaluations) for e in other)
     print(f"ctscan: warning: this test split was scored before with other choices or another "
           f"model ({looks}); report the first evaluation: a later one may keep what the test "
           "split favoured", file=sys.stderr)

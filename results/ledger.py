@@ -174,14 +174,18 @@ def describe_options(options: dict) -> str:
     return " ".join(flags)
 
 
-def describe_look(entry: dict, model: str | None = None) -> str:
-    """An earlier look in a few words: when, with which flags, and what set it apart."""
+def describe_look(entry: dict, evaluation: dict | None = None) -> str:
+    """An earlier look in a few words: when, with which flags, and what set it apart from
+    `evaluation` (metrics.json's "evaluations": this one's run and model)."""
     kind = entry.get("kind", EVALUATE)
     if kind != EVALUATE:
         return f"{entry['time']} `ctscan {kind}` on {entry.get('files', '?')} of its files"
+    evaluation = evaluation or {}
+    other_run = entry.get("run") and evaluation.get("run") and entry["run"] != evaluation["run"]
     notes = [note for note, applies in (
+        (f"in another run, {entry.get('run')}, on the same test split", other_run),
         ("a model that has changed since: the search was resumed or its checkpoints replaced",
-         changed_model(entry, model)),
+         not other_run and changed_model(entry, evaluation.get("model"))),
         ("stopped before it finished scoring", entry.get("test") is None and "model" in entry))
         if applies]
     return (f"{entry['time']} with `{describe_options(entry['options'])}`"

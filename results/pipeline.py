@@ -77,10 +77,11 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     earlier_scorings = scorings(earlier)
     metrics["evaluations"] = {
         "count": len(earlier_scorings) + 1, "options": options, "model": opening["model"],
-        "earlier": [{k: e[k] for k in ("time", "options", "model", "test") if k in e}
+        "run": opening["run"],
+        "earlier": [{k: e[k] for k in ("time", "run", "options", "model", "test") if k in e}
                     for e in earlier_scorings],
         # predict's and explain's looks at test files (not scorings, but looks all the same)
-        "other_looks": [{k: e.get(k) for k in ("time", "kind", "files")}
+        "other_looks": [{k: e.get(k) for k in ("time", "run", "kind", "files")}
                         for e in earlier if e not in earlier_scorings],
         **({"test_split": test_split_record(split_json, split_ledgers[0],
                                             runfolder.name_of(run_dir))}

@@ -588,7 +588,7 @@ def _evaluations(evaluations: dict | None) -> list[str]:
         return [" ".join(["**The test split of this run has been scored 1 time**, by this "
                           "evaluation: the first, and the one to report "
                           "(`results/evaluations.jsonl` records every one).", *seen]), ""]
-    looks = "; ".join(describe_look(e, evaluations.get("model")) for e in earlier)
+    looks = "; ".join(describe_look(e, evaluations) for e in earlier)
     return [" ".join([f"**The test split of this run has been scored {count} times**; this "
                       f"report is evaluation {count}. Earlier: {looks} "
                       "(`results/evaluations.jsonl`). The first evaluation is the one to report: "

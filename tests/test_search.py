@@ -412,6 +412,8 @@ def test_the_ledger_follows_the_test_split_into_another_run_or_a_deleted_results
     ledger = [json.loads(line) for line in (run / "results/evaluations.jsonl").read_text()
               .splitlines()]
     assert [e["run"] for e in ledger] == ["again", "another"]
+    assert "(in another run, again, on the same test split)" in (
+        run / "results/report.md").read_text()
     [shared] = (tmp_path / "cache" / "test-ledgers").iterdir()
     assert shared.read_text() == (run / "results/evaluations.jsonl").read_text()
 
@@ -448,7 +450,8 @@ def test_an_evaluation_after_the_search_was_resumed_counts_as_one_of_a_changed_m
     from ctscan.cli import _warn_if_evaluated
 
     evaluated_once, first = copied_run
-    run = shutil.copytree(evaluated_once, tmp_path / "run")
+    # The same run (its folder's name): a resumed search continues in its own folder.
+    run = shutil.copytree(evaluated_once, tmp_path / evaluated_once.name)
     _warn_if_evaluated(str(run))
     assert "was scored 1 time; resuming changes the model" in capsys.readouterr().err
     _resumed(run)
