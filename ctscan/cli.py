@@ -483,7 +483,10 @@ def print_results(run_dir: str, out: Path) -> None:
     else:
         print(f"report: {out / runfolder.REPORT}\nreport.html: {out / runfolder.REPORT_HTML}\n"
               f"exported model: {out.parent / export}")
-    print(f"tensorboard --logdir {run_dir}")
+    from tuning.monitor import tensorboard_url
+
+    print(f"tensorboard --logdir {run_dir}\n  and open {tensorboard_url()} (trials marked with "
+          "their ensemble weight, status and epochs in HPARAMS)")
 
 
 def _print_choice(metrics: dict) -> None:

@@ -460,7 +460,7 @@ def kept_out(trial: dict) -> str | None:
     """Why a trial may not join an ensemble, or None: a trial no better than chance on val,
     whose weight could only come from fitting val's noise."""
     if not trial["val_auc"] > 0.5:  # also NaN: no val AUC at all
-        return f"no better than chance on val (val AUC {trial['val_auc']:.3f})"
+        return "no better than chance on val (AUC 0.5 or less)"
     return None
 
 

@@ -230,7 +230,7 @@ def test_candidates_are_the_best_trial_then_the_next_best_whose_checkpoint_is_th
     got, excluded = ensemble_candidates(str(tmp_path), search, best, 6)
     assert [c["trial_id"] for c in got] == ["a", "b", "rung", "later", "c"]
     assert [(e["trial_id"], e["reason"]) for e in excluded] == [
-        ("chance", "no better than chance on val (val AUC 0.400)")]
+        ("chance", "no better than chance on val (AUC 0.5 or less)")]
     got, excluded = ensemble_candidates(str(tmp_path), search, best, 2)
     assert [c["trial_id"] for c in got] == ["a", "b"] and excluded == []
 

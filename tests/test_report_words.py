@@ -132,7 +132,7 @@ def _ensemble_metrics() -> dict:
                     {"trial_id": "t11", "weight": 0.35, "config": {**config, "lr": 0.01},
                      "epochs": 1, "first_rung": True}],
         "excluded": [{"trial_id": "t07", "val_auc": 0.4, "epochs": 1,
-                      "reason": "no better than chance on val (val AUC 0.400)"}]}
+                      "reason": "no better than chance on val (AUC 0.5 or less)"}]}
     return metrics
 
 
