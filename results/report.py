@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from urllib.parse import quote
 
 import yaml
@@ -714,8 +714,10 @@ def _failures(failures: Sequence[dict]) -> list[str]:
              "These trials raised an error; the search went on without them. A trial that failed "
              "after some epochs still competed with the epochs it finished.", ""]
     for f in failures:
+        # In the run folder, named from there: where a machine keeps it is nobody's business.
+        in_run = "/".join(PurePosixPath(str(f["error_file"])).parts[-2:])
         lines.append(f"- {f['trial_id']} after {f['epochs']} epochs: {md_text(f['error'])} "
-                     f"(full error: {md_text(f['error_file'])})")
+                     f"(full error: {md_text(in_run)} in the run folder)")
     return [*lines, ""]
 
 

@@ -249,9 +249,9 @@ GLOSSARY = [
     ("Validation and test splits", ("validation",), "Slices kept out of training: the "
      "validation split chooses (model, weights, threshold), the test split is scored once "
      "afterwards, so its figures are not flattered by the choice."),
-    ("95% CI (confidence interval)", ("95% ci",), "The range that would hold the true value in "
-     "95 of 100 repetitions of the study; a wide one means the test split is too small to be "
-     "sure."),
+    ("95% CI (confidence interval)", ("95% ci",), "A range computed so that, were the study "
+     "repeated many times, 95 in 100 such ranges would hold the true value; a wide one means "
+     "the test split is too small to be sure."),
     ("Sensitivity and specificity", ("sensitivity",), "The share of positive slices the model "
      "calls positive, and the share of negative ones it calls negative."),
     ("ROC AUC", ("roc auc",), "The chance that the model gives a random positive slice a higher "

@@ -9,6 +9,7 @@ from helpers import bucket_keys, stop_at_the_first_test_probability
 from ctscan.cli import main
 from data_utils import runfolder
 from data_utils.demo import make_demo_data
+from results.wording import md_text
 
 # The second trial's weights file is missing, as on an autoscaled worker without it: it fails
 # before its first report.
@@ -68,6 +69,8 @@ def test_a_search_in_a_bucket_leaves_everything_there_and_survives_a_failing_tri
     assert b"/nonexistent/resnet18.pt" in _read(failed["error_file"])
     report = _read(f"{run}/results/report.md").decode()
     assert "### Failed trials (1)" in report and failed["error"] in report
+    folder = failed["error_file"].split("/")[-2]  # named within the run folder, not by its URI
+    assert f"(full error: {md_text(folder + '/error.txt')} in the run folder)" in report
     assert failed["trial_id"] in report
 
     # Another working directory, no local copy: export and predict from the bucket.
