@@ -609,7 +609,7 @@ def evaluate_run(run_dir: str, threshold: float | None = None, resamples: int = 
     arrays = {"members": [m for m, w in zip(members, weights, strict=True) if w > 0],
               "y_test": y_test, "prob_test": prob_test,
               "test_paths": [ds.paths[i] for i in test_rows], "class_names": ds.class_names,
-              "images": ds.images, "test_rows": test_rows,
+              "images": ds.images, "test_rows": test_rows, "test_groups": test_groups,
               "test_patients": test_patients}
     return metrics, arrays
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import importlib.metadata
 import io
-import platform
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -32,7 +30,7 @@ from torch import nn
 from ctmodels import Ensemble, UInt8Classifier
 from data_utils.files import atomic_write, write_json
 from results.model_card import model_card
-from results.model_folder import FILES
+from results.model_folder import FILES, package_versions
 from tuning.config import TrainConfig
 
 FORMAT = "ctscan-model"
@@ -151,16 +149,6 @@ def export_config(configs: Sequence[TrainConfig], class_names: tuple[str, str],
     if clash:
         raise ValueError(f"extra keys {clash} would overwrite the exported model's own fields")
     return {**meta, **extra}
-
-
-def package_versions() -> dict[str, str | None]:
-    versions: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("torch", "torchvision", "numpy", "onnxruntime", "ctscan"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:  # e.g. run from a source tree
-            versions[name] = None
-    return versions
 
 
 def _save_torchscript(module: nn.Module, f: IO[bytes]) -> None:

@@ -18,7 +18,6 @@ of their own (kind "predict" or "explain"): a look at test images, though not a 
 from __future__ import annotations
 
 import hashlib
-import importlib.metadata
 import json
 import uuid
 from datetime import datetime, timezone
@@ -27,20 +26,13 @@ from pathlib import Path
 from data_utils import runfolder
 from data_utils.cache import default_cache_dir
 from data_utils.split import slice_key
+from results.model_folder import package_versions
 
 EVALUATIONS = "evaluations.jsonl"  # in results/
 TEST_LEDGERS = "test-ledgers"  # in the cache location: one ledger per test split
 # Options that change what is scored.
 CHOICE_OPTIONS = ("ensemble", "calibrate", "threshold", "patient_aggregate")
 EVALUATE = "evaluate"  # an entry's kind; entries before 0.4 have none and are all evaluations
-
-
-def _ctscan_version() -> str | None:
-    # Not results.export's package_versions: predict runs without torch, which that imports.
-    try:
-        return importlib.metadata.version("ctscan")
-    except importlib.metadata.PackageNotFoundError:  # run from a source tree
-        return None
 
 
 def test_split_fingerprint(split_json: dict) -> str:
@@ -125,7 +117,7 @@ def opening_entry(options: dict, run: str, model: str) -> dict:
     `completed_entry` fills it, so a line left so is an evaluation that stopped half-way."""
     return {"id": uuid.uuid4().hex[:16], "run": run,
             "time": datetime.now(timezone.utc).isoformat(timespec="seconds"), "kind": EVALUATE,
-            "ctscan": _ctscan_version(), "options": options,
+            "ctscan": package_versions()["ctscan"], "options": options,
             "model": model, "members": None, "test": None}
 
 
@@ -208,7 +200,7 @@ def record_test_look(config: dict, files: list[Path], kind: str) -> str | None:
         return None
     entry = {"id": uuid.uuid4().hex[:16],
              "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-             "run": split.get("run"), "kind": kind, "ctscan": _ctscan_version(),
+             "run": split.get("run"), "kind": kind, "ctscan": package_versions()["ctscan"],
              "options": {}, "files": hits}
     here = runfolder.join(str(default_cache_dir()), TEST_LEDGERS,
                           f"{split['fingerprint']}.jsonl")

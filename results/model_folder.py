@@ -7,7 +7,9 @@ onnxruntime, numpy and Pillow.
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
+import platform
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -56,6 +58,18 @@ def read_config(model_dir: Path) -> dict:
     if missing:
         raise ModelFolderError(f"{path}: missing keys {missing}")
     return meta
+
+
+def package_versions() -> dict[str, str | None]:
+    """The versions config.json records (and the ledger, of ctscan); here, not in export, so that
+    what runs without torch (predict on onnxruntime) can call it."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in ("torch", "torchvision", "numpy", "onnxruntime", "ctscan"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:  # e.g. run from a source tree
+            versions[name] = None
+    return versions
 
 
 def load_exported(model_dir: Path) -> tuple[nn.Module, ModelDescription, dict]:

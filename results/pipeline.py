@@ -13,7 +13,6 @@ from results.evaluate import (
     TEST_PATIENTS,
     evaluate_run,
     load_checkpoint_model,
-    recorded_groups,
     write_patient_predictions,
     write_predictions,
 )
@@ -112,7 +111,7 @@ def report_run(run_dir: str, threshold: float | None = None, resamples: int = 10
     export_run(run_dir, export_dir, metrics, arrays["members"])
     # Where the model looked: its surest mistakes first, then right calls, from several
     # patients (the split's groups, in the order of the test arrays).
-    groups = recorded_groups(split_json, "test")
+    groups = arrays["test_groups"]
     picks = pick_slices(y, prob, value, groups, gradcams)
     rows = arrays["test_rows"][picks]
     shown = explain_slices(export_dir, arrays["images"][rows],
